@@ -1,0 +1,1 @@
+"""Benchmarks: per-frame time and memory, per-stage timing."""

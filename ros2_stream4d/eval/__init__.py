@@ -1,0 +1,1 @@
+"""Evaluation: trajectory, depth and map metrics; reports with plots."""

@@ -1,0 +1,1 @@
+"""Frames in, geometry out: preprocessing, the streaming reconstructor, scale, map fusion (no rclpy)."""

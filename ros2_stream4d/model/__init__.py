@@ -1,0 +1,1 @@
+"""The streaming visual-geometry transformer (torch only; never imports rclpy)."""

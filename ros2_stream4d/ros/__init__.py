@@ -1,0 +1,1 @@
+"""rclpy adapters: the node, message conversion, TF, services, diagnostics, bag player."""

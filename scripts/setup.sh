@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a .venv with everything ros2_stream4d needs. Fast when all is there already.
+#   - system ROS 2 sourced (ROS_DISTRO set, rclpy importable): venv with --system-site-packages, no ROS wheels
+#   - otherwise: ROS 2 Kilted wheels from PyPI + tf2_msgs built locally
+#   - torch: STREAM4D_TORCH (default torch==2.13.0, the CPU build on machines without CUDA)
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+VENV="${STREAM4D_VENV:-$ROOT/.venv}"
+STAMP="$VENV/.stream4d-setup"
+T0=$(date +%s)
+say() { echo "[setup] $*"; }
+
+# Everything the last successful run installed is still in place: nothing to do.
+fingerprint() { cat requirements.txt requirements-ros.txt requirements-dev.txt setup.py scripts/setup.sh 2>/dev/null | sha1sum | cut -d' ' -f1; }
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(fingerprint)" ] && "$VENV/bin/python" -c "import ros2_stream4d, torch, rclpy, tf2_msgs.msg" 2>/dev/null; then
+  say "up to date ($VENV); nothing to install"
+  exit 0
+fi
+
+if ! ldconfig -p | grep -q libusb-1.0.so.0 || ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
+  say "apt: libusb-1.0-0 (Open3D), cmake, g++"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq || true
+  $SUDO apt-get install -y -qq libusb-1.0-0 cmake g++ >/dev/null
+fi
+
+SYSTEM_ROS=0
+if [ -n "${ROS_DISTRO:-}" ] && python3 -c "import rclpy" 2>/dev/null; then SYSTEM_ROS=1; fi
+if [ ! -x "$VENV/bin/python" ]; then
+  if [ $SYSTEM_ROS = 1 ]; then
+    say "system ROS 2 ($ROS_DISTRO) found: venv shares its site-packages"
+    python3 -m venv --system-site-packages "$VENV"
+  else
+    python3 -m venv "$VENV"
+  fi
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# this workplace's pip config lists local wheel folders that may be absent: hide those warnings, keep real errors
+pipq() { pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+if [ $SYSTEM_ROS = 0 ]; then
+  say "pip: ROS 2 Kilted wheels"
+  pipq -r requirements-ros.txt
+fi
+if ! python -c "import torch" 2>/dev/null; then
+  say "pip: ${STREAM4D_TORCH:-torch==2.13.0}"
+  pipq "${STREAM4D_TORCH:-torch==2.13.0}"
+fi
+say "pip: python dependencies"
+pipq -r requirements.txt -r requirements-dev.txt
+
+if [ $SYSTEM_ROS = 0 ] && ! python -c "from tf2_msgs.msg import TFMessage" 2>/dev/null; then
+  say "build: tf2_msgs (no wheel exists)"
+  python scripts/fix_ros_wheel_cmake.py
+  BUILD="$(mktemp -d)"
+  AMENT_PREFIX_PATH="$VIRTUAL_ENV" CMAKE_PREFIX_PATH="$VIRTUAL_ENV" cmake -S third_party/tf2_msgs -B "$BUILD" \
+    -DCMAKE_INSTALL_PREFIX="$VIRTUAL_ENV" -DPython3_EXECUTABLE="$VIRTUAL_ENV/bin/python" \
+    -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release >"$BUILD/configure.log" 2>&1 || { cat "$BUILD/configure.log"; exit 1; }
+  cmake --build "$BUILD" -j"$(nproc)" >"$BUILD/build.log" 2>&1 || { tail -50 "$BUILD/build.log"; exit 1; }
+  cmake --install "$BUILD" >/dev/null
+  rm -rf "$BUILD"
+  python -c "from tf2_msgs.msg import TFMessage"
+fi
+
+say "pip: ros2_stream4d (editable)"
+pipq --no-deps --no-build-isolation -e .
+# ament index + share/ros2_stream4d in the venv prefix so get_package_share_directory() finds launch/config/model
+python scripts/install_share.py "$VIRTUAL_ENV"
+
+fingerprint >"$STAMP"
+say "done in $(( $(date +%s) - T0 )) s; venv size $(du -sh "$VENV" | cut -f1)"

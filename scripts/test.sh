@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's test command: set up (idempotent), then lint and run the test suite with DDS kept on loopback.
+#   ./scripts/test.sh                 # default suite (excludes tests marked slow)
+#   ./scripts/test.sh -m slow         # extra pytest arguments are passed through
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+# shellcheck disable=SC1091
+. scripts/ros_env.sh
+export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST   # belt and braces: never let discovery leave this machine
+echo "[test] ruff"
+ruff check .
+echo "[test] pytest (ROS_DOMAIN_ID base $ROS_DOMAIN_ID, DDS on loopback)"
+if [ $# -eq 0 ]; then set -- -m "not slow"; fi
+python -m pytest "$@"
