@@ -25,6 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "stream4d = ros2_stream4d.cli:main",
+            "stream4d_node = ros2_stream4d.ros.node:main",
         ],
     },
 )

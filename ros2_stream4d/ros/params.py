@@ -1,0 +1,129 @@
+"""Every parameter of stream4d_node: name, default, unit and meaning, in one place.
+
+config/stream4d.yaml documents the same list (a test keeps them in step); the node declares exactly these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    unit: str
+    help: str
+    choices: tuple = ()
+
+
+PARAMS: tuple[Param, ...] = (
+    # --- model -------------------------------------------------------------------------------------------------
+    Param("model", "stream4d-tiny", "",
+          "model card name in the package's model/ folder, a checkpoint path (.safetensors/.pth/.pt), "
+          "'random-small' (random weights, for plumbing tests) or 'oracle' (ground truth from oracle_bag)"),
+    Param("oracle_bag", "", "path", "sim bag whose /ground_truth topics the 'oracle' model replays (tests, demos)"),
+    Param("allow_download", False, "", "let a model card fetch its weights from the Hugging Face hub"),
+    Param("device", "auto", "", "torch device: auto (cuda when available), cpu, cuda, cuda:N"),
+    Param("dtype", "auto", "", "compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16",
+          ("auto", "float32", "bfloat16")),
+    Param("attention_backend", "sdpa", "", "attention kernel: sdpa (torch), flash (flash-attn, CUDA), eager",
+          ("sdpa", "flash", "eager")),
+    Param("window", 16, "frames", "rolling KV cache: most recent frames kept besides the anchors; 0 = unlimited"),
+    Param("anchors", 1, "frames", "frames kept forever at the start of the stream (the first defines the world)"),
+    # --- input -------------------------------------------------------------------------------------------------
+    Param("image_topics", ["/camera/image_raw"], "",
+          "camera image topics, fed to the model in this order when taken at the same time"),
+    Param("camera_info_topics", [""], "",
+          "CameraInfo topic per camera ('' = <image topic namespace>/camera_info)"),
+    Param("image_transport", "raw", "", "raw (sensor_msgs/Image) or compressed (sensor_msgs/CompressedImage)",
+          ("raw", "compressed")),
+    Param("input_width", 518, "px", "model input width (multiple of 14); height follows the aspect ratio"),
+    Param("input_mode", "crop", "", "crop (official recipe) or pad (keeps the whole image)", ("crop", "pad")),
+    Param("intrinsics_source", "model", "",
+          "model (predicted field of view) or camera_info (the camera's calibration)", ("model", "camera_info")),
+    Param("points_source", "depth", "", "world points from depth + pose (depth) or the point head (point_head)",
+          ("depth", "point_head")),
+    Param("process_every_frame", False, "",
+          "false: one-slot queue per camera, a slow model drops old frames; true: process every frame (bags)"),
+    Param("gate_threshold", 0.0, "grey levels",
+          "skip frames whose mean absolute difference to the last processed one is below this (0 = off)"),
+    Param("gate_max_skip", 30, "frames", "process at least every N-th frame even when the gate would skip it"),
+    Param("max_image_side", 8192, "px", "images larger than this on either side are rejected"),
+    Param("no_image_warn_s", 2.0, "s", "diagnostics warn when no image arrived for this long"),
+    # --- outputs -----------------------------------------------------------------------------------------------
+    Param("publish_cloud", True, "", "per-frame PointCloud2 (~/cloud)"),
+    Param("cloud_frame", "map", "", "frame of ~/cloud: map or camera", ("map", "camera")),
+    Param("cloud_max_points", 200000, "points", "per-frame cloud cap (random subsample above it)"),
+    Param("conf_threshold", 0.0, "", "drop points whose confidence is below this (model confidence units)"),
+    Param("conf_percentile", 20.0, "%", "also drop this lowest fraction of each frame's points (0 = off)"),
+    Param("publish_map", True, "", "accumulated map PointCloud2 (~/map, reliable + transient_local)"),
+    Param("map_voxel_size", 0.02, "m (model units without scale)", "voxel edge of the accumulated map"),
+    Param("map_max_points", 1000000, "points", "accumulated map bound; oldest voxels are evicted beyond it"),
+    Param("map_publish_rate", 1.0, "Hz", "how often ~/map is published (0 = never)"),
+    Param("publish_depth", True, "", "depth Image 32FC1 (NaN = invalid) + CameraInfo (~/depth, ~/depth/camera_info)"),
+    Param("publish_confidence", True, "", "confidence Image 32FC1 + CameraInfo (~/confidence)"),
+    Param("depth_geometry", "camera", "",
+          "camera: depth resampled to the input image's pixels; model: the model's resolution", ("camera", "model")),
+    Param("publish_camera_pose", True, "", "~/camera_pose PoseStamped: the camera optical frame in map_frame"),
+    Param("publish_odometry", True, "", "nav_msgs/Odometry (~/odometry)"),
+    Param("publish_path", True, "", "nav_msgs/Path (~/path)"),
+    Param("path_max_length", 10000, "poses", "path length bound"),
+    Param("publish_tf", True, "", "publish the TF of REP-105 (see tf_mode)"),
+    Param("tf_mode", "auto", "",
+          "auto: map->odom when odom->base_link has another publisher, else odom->base_link (robot) or "
+          "map->camera (camera only); or force map_to_camera | odom_to_base | map_to_odom",
+          ("auto", "map_to_camera", "odom_to_base", "map_to_odom")),
+    # --- frames ------------------------------------------------------------------------------------------------
+    Param("map_frame", "map", "", "fixed frame of the map, clouds and path"),
+    Param("odom_frame", "odom", "", "odometry frame (REP-105)"),
+    Param("base_frame", "", "", "robot base frame (e.g. base_link); empty = camera-only set-up"),
+    Param("camera_frame", "", "", "camera optical frame; empty = the image header's frame_id"),
+    # --- scale -------------------------------------------------------------------------------------------------
+    Param("scale_source", "none", "",
+          "none (model units), fixed, depth (sensor depth topic, robust median ratio), odometry "
+          "(translation ratio against odom->base_link)", ("none", "fixed", "depth", "odometry")),
+    Param("fixed_scale", 1.0, "m per model unit", "scale for scale_source=fixed"),
+    Param("depth_topic", "", "", "metric depth Image (16UC1 mm or 32FC1 m) for scale_source=depth"),
+    # --- services, diagnostics, lifecycle ------------------------------------------------------------------------
+    Param("map_save_path", "", "path", "where ~/save_map writes (.ply or .pcd); empty = ~/.ros/stream4d_map.ply"),
+    Param("save_map_on_shutdown", False, "", "write the map to map_save_path on SIGINT/SIGTERM"),
+    Param("reset_on_time_jump", True, "", "a stamp going backwards (a bag looping) starts a new stream and map"),
+    Param("diagnostics_rate", 1.0, "Hz", "rate of /diagnostics"),
+)
+
+BY_NAME = {p.name: p for p in PARAMS}
+
+
+def _yaml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render_yaml(node_name: str = "stream4d") -> str:
+    """config/stream4d.yaml: every parameter with its default, unit and meaning (regenerate with
+    `python -m ros2_stream4d.ros.params > config/stream4d.yaml`)."""
+    lines = [
+        "# stream4d_node parameters: every one with its default, unit and meaning.",
+        "# Generated from ros2_stream4d/ros/params.py (python -m ros2_stream4d.ros.params > config/stream4d.yaml).",
+        f"{node_name}:",
+        "  ros__parameters:",
+    ]
+    for p in PARAMS:
+        unit = f" [{p.unit}]" if p.unit else ""
+        choices = f" (one of: {', '.join(p.choices)})" if p.choices else ""
+        lines.append(f"    # {p.help}{unit}{choices}")
+        lines.append(f"    {p.name}: {_yaml_value(p.default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_yaml(), end="")

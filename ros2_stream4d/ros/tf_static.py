@@ -1,0 +1,216 @@
+"""A small TF reader for machines without tf2_ros (the pip ROS wheels have none).
+
+`TfBuffer` keeps the latest transform of every parent->child edge (static and dynamic), answers
+`lookup(target, source)` by chaining edges through the common ancestor (latest values; no interpolation),
+and `has_parent(frame)`, which the node uses to learn whether something else already publishes
+odom -> base_link. `TfListener` feeds a buffer from /tf_static (reliable, transient_local: latched) and /tf.
+`make_tf_listener(node)` prefers tf2_ros when importable and falls back to this reader.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ros2_stream4d.ros.conversions import time_to_ns, transform_to_matrix
+
+
+class TransformNotFound(LookupError):
+    """No chain of transforms connects the two frames (yet)."""
+
+
+@dataclass
+class Edge:
+    parent: str
+    matrix: np.ndarray   # parent_from_child
+    stamp_ns: int
+    static: bool
+
+
+def _strip(frame: str) -> str:
+    return frame.lstrip("/")  # tf2 ignores a leading slash
+
+
+def _invert(m: np.ndarray) -> np.ndarray:
+    inv = np.eye(4)
+    inv[:3, :3] = m[:3, :3].T
+    inv[:3, 3] = -m[:3, :3].T @ m[:3, 3]
+    return inv
+
+
+class TfBuffer:
+    """Latest transform per child frame. Thread-safe: ROS callbacks write, the model thread reads."""
+
+    MAX_DEPTH = 100  # guards against cycles from inconsistent publishers
+
+    def __init__(self) -> None:
+        self._edges: dict[str, Edge] = {}
+        self._lock = threading.Lock()
+
+    def set_transform(self, msg: Any, static: bool = False) -> None:
+        """Store a geometry_msgs/TransformStamped (header.frame_id = parent, child_frame_id = child)."""
+        parent, child = _strip(msg.header.frame_id), _strip(msg.child_frame_id)
+        if not parent or not child or parent == child:
+            raise ValueError(f"invalid transform edge {parent!r} -> {child!r}")
+        matrix = transform_to_matrix(msg)
+        with self._lock:
+            self._edges[child] = Edge(parent, matrix, time_to_ns(msg.header.stamp), static)
+
+    def set_transforms(self, tf_message: Any, static: bool = False) -> None:
+        """Store every transform of a tf2_msgs/TFMessage; malformed entries are skipped, not fatal."""
+        for transform in tf_message.transforms:
+            try:
+                self.set_transform(transform, static)
+            except ValueError:
+                continue
+
+    def clear(self, dynamic_only: bool = True) -> None:
+        """Forget dynamic edges (e.g. after a backwards time jump); static ones stay unless dynamic_only=False."""
+        with self._lock:
+            self._edges = {c: e for c, e in self._edges.items() if dynamic_only and e.static}
+
+    def parent_of(self, frame: str) -> str | None:
+        with self._lock:
+            edge = self._edges.get(_strip(frame))
+        return edge.parent if edge else None
+
+    def has_parent(self, frame: str) -> bool:
+        return self.parent_of(frame) is not None
+
+    def frames(self) -> set[str]:
+        with self._lock:
+            return set(self._edges) | {e.parent for e in self._edges.values()}
+
+    def edges(self) -> dict[str, Edge]:
+        with self._lock:
+            return dict(self._edges)
+
+    def _chain_to_root(self, frame: str, edges: dict[str, Edge]) -> list[tuple[str, np.ndarray]]:
+        """[(ancestor, ancestor_from_frame)] from `frame` itself (identity) up to the root of its tree."""
+        chain = [(frame, np.eye(4))]
+        for _ in range(self.MAX_DEPTH):
+            edge = edges.get(chain[-1][0])
+            if edge is None:
+                return chain
+            chain.append((edge.parent, edge.matrix @ chain[-1][1]))
+        raise TransformNotFound(f"TF tree has a cycle or is deeper than {self.MAX_DEPTH} above {frame!r}")
+
+    def lookup(self, target: str, source: str) -> np.ndarray:
+        """target_from_source 4x4 (maps points in `source` into `target`), like tf2's lookupTransform(target, source)."""
+        target, source = _strip(target), _strip(source)
+        if target == source:
+            return np.eye(4)
+        edges = self.edges()
+        up_from_source = self._chain_to_root(source, edges)
+        up_from_target = dict(self._chain_to_root(target, edges))
+        for ancestor, ancestor_from_source in up_from_source:
+            if ancestor in up_from_target:
+                return _invert(up_from_target[ancestor]) @ ancestor_from_source
+        raise TransformNotFound(f"no TF chain between {target!r} and {source!r} (known frames: "
+                                f"{sorted(self.frames())})")
+
+    def can_transform(self, target: str, source: str) -> bool:
+        try:
+            self.lookup(target, source)
+            return True
+        except TransformNotFound:
+            return False
+
+
+def tf_static_qos():
+    """/tf_static QoS as tf2_ros uses it: reliable, transient_local (latched), keep last."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    return QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def tf_qos():
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    return QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+class TfListener:
+    """Subscribes /tf_static and /tf on `node` and keeps a TfBuffer; the same reading API as the buffer."""
+
+    def __init__(self, node: Any, buffer: TfBuffer | None = None, dynamic: bool = True,
+                 tf_topic: str = "/tf", tf_static_topic: str = "/tf_static") -> None:
+        from tf2_msgs.msg import TFMessage
+        self.buffer = buffer or TfBuffer()
+        self._subscriptions = [node.create_subscription(
+            TFMessage, tf_static_topic, lambda msg: self.buffer.set_transforms(msg, static=True), tf_static_qos())]
+        if dynamic:
+            self._subscriptions.append(node.create_subscription(
+                TFMessage, tf_topic, lambda msg: self.buffer.set_transforms(msg, static=False), tf_qos()))
+        self._node = node
+
+    def lookup(self, target: str, source: str) -> np.ndarray:
+        return self.buffer.lookup(target, source)
+
+    def can_transform(self, target: str, source: str) -> bool:
+        return self.buffer.can_transform(target, source)
+
+    def has_parent(self, frame: str) -> bool:
+        return self.buffer.has_parent(frame)
+
+    def parent_of(self, frame: str) -> str | None:
+        return self.buffer.parent_of(frame)
+
+    def destroy(self) -> None:
+        for subscription in self._subscriptions:
+            self._node.destroy_subscription(subscription)
+        self._subscriptions = []
+
+
+class Tf2RosListener:
+    """The same reading API on top of tf2_ros (used on full ROS installs)."""
+
+    def __init__(self, node: Any) -> None:
+        import tf2_ros
+        self._tf2_ros = tf2_ros
+        self._buffer = tf2_ros.Buffer()
+        self._listener = tf2_ros.TransformListener(self._buffer, node)
+
+    def lookup(self, target: str, source: str) -> np.ndarray:
+        from rclpy.time import Time
+        try:
+            msg = self._buffer.lookup_transform(_strip(target), _strip(source), Time())
+        except self._tf2_ros.TransformException as exc:
+            raise TransformNotFound(str(exc)) from exc
+        return transform_to_matrix(msg)
+
+    def can_transform(self, target: str, source: str) -> bool:
+        try:
+            self.lookup(target, source)
+            return True
+        except TransformNotFound:
+            return False
+
+    def parent_of(self, frame: str) -> str | None:
+        import yaml
+        frames = yaml.safe_load(self._buffer.all_frames_as_yaml()) or {}
+        entry = frames.get(_strip(frame)) if isinstance(frames, dict) else None
+        return entry.get("parent") if isinstance(entry, dict) else None
+
+    def has_parent(self, frame: str) -> bool:
+        return self.parent_of(frame) is not None
+
+    def destroy(self) -> None:
+        unregister = getattr(self._listener, "unregister", None)
+        if unregister:
+            unregister()
+
+
+def make_tf_listener(node: Any, prefer_tf2_ros: bool = True) -> TfListener | Tf2RosListener:
+    """tf2_ros when importable (and preferred), otherwise this module's reader."""
+    if prefer_tf2_ros:
+        try:
+            import tf2_ros  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            return Tf2RosListener(node)
+    return TfListener(node)

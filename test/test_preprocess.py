@@ -1,0 +1,181 @@
+"""Preprocessor and PixelMapping: geometry of crop/pad, pixel and intrinsics round trips, resampling, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from ros2_stream4d.mapping.preprocess import PixelMapping, Preprocessor
+
+SIZES = [(480, 640), (720, 1280), (333, 517), (1000, 300), (17, 29), (1, 1), (392, 518)]
+
+
+def gaussian_blob(h, w, u0, v0, sigma):
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    g = np.exp(-((u - u0) ** 2 + (v - v0) ** 2) / (2 * sigma**2))
+    return np.repeat((g * 255).round().astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def centroid(img):
+    g = img if img.ndim == 2 else img.mean(axis=0)
+    g = g - np.median(g)
+    g = np.clip(g, 0, None)
+    v, u = np.mgrid[0 : g.shape[0], 0 : g.shape[1]]
+    return (g * u).sum() / g.sum(), (g * v).sum() / g.sum()
+
+
+def test_official_crop_recipe_sizes():
+    pre = Preprocessor(518, "crop")
+    for (h, w), expect in [((480, 640), (392, 518)), ((1080, 1920), (294, 518)), ((640, 480), (518, 518)),
+                           ((350, 518), (350, 518))]:
+        t, m = pre.prepare(np.zeros((h, w, 3), np.uint8))
+        assert tuple(t.shape) == (3, *expect) and m.model_hw == expect
+        assert t.dtype == torch.float32
+    # 640 wide, 480 tall: resized to 518 x 392 (392 = round(480 * 518 / 640 / 14) * 14), no crop
+    m = pre.plan((480, 640))[1]
+    assert m.scale_x == pytest.approx(518 / 640) and m.scale_y == pytest.approx(392 / 480) and m.offset_y == 0
+    # portrait: resized to 518 x 686, centre crop of (686 - 518) // 2 = 84 rows
+    (rh, rw), m = pre.plan((640, 480))
+    assert (rh, rw) == (686, 518) and m.offset_y == -84
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+@pytest.mark.parametrize("hw", SIZES)
+def test_output_is_multiple_of_patch_and_in_unit_range(mode, hw):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    t, m = Preprocessor(518, mode).prepare(img)
+    assert t.shape[1] % 14 == 0 and t.shape[2] % 14 == 0 and t.shape[2] == 518
+    assert float(t.min()) >= 0 and float(t.max()) <= 1
+    assert m.source_hw == hw and m.model_hw == tuple(t.shape[1:])
+
+
+@pytest.mark.parametrize("mode,height", [("crop", None), ("pad", None), ("crop", 392), ("pad", 392)])
+@pytest.mark.parametrize("hw", [(480, 640), (333, 517), (700, 400), (100, 60)])
+def test_known_pixel_lands_where_the_mapping_says(mode, height, hw):
+    pre = Preprocessor(518, mode, height=height)
+    # A blob in the source placed so that it stays visible after a crop.
+    u_s, v_s = hw[1] * 0.46 + 0.3, hw[0] * 0.54 - 0.2
+    t, m = pre.prepare(gaussian_blob(*hw, u_s, v_s, sigma=max(1.5, min(hw) / 60)))
+    u_m, v_m = m.source_to_model_pixels(u_s, v_s)
+    img = t.numpy()
+    if mode == "pad":  # the white padding would bias the centroid: look at the content only
+        img = np.where(m.valid_model_mask()[None], img, 0)
+    cu, cv = centroid(img)
+    assert abs(cu - u_m) < 0.06 and abs(cv - v_m) < 0.06
+
+
+def test_checker_colours_match_through_the_mapping():
+    h, w, cell = 300, 420, 30
+    v, u = np.mgrid[0:h, 0:w]
+    checker = (((u // cell) + (v // cell)) % 2 * 255).astype(np.uint8)
+    t, m = Preprocessor(518, "pad").prepare(checker)
+    uu, vv = np.meshgrid(np.arange(518), np.arange(t.shape[1]))
+    us, vs = m.model_to_source_pixels(uu, vv)
+    inside = m.valid_model_mask()
+    # far from cell edges (2 source px) the model colour must equal the checker colour at the mapped position
+    fu, fv = np.mod(us + 0.5, cell), np.mod(vs + 0.5, cell)
+    safe = inside & (fu > 2) & (fu < cell - 2) & (fv > 2) & (fv < cell - 2)
+    expect = (((np.floor(us + 0.5) // cell) + (np.floor(vs + 0.5) // cell)) % 2).astype(np.float32)
+    assert safe.sum() > 1000
+    assert np.abs(t.numpy()[0][safe] - expect[safe]).max() < 0.05
+    assert np.all(t.numpy()[:, ~inside] == 1.0)  # padding value of the official pad mode
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+@pytest.mark.parametrize("hw", SIZES)
+def test_pixel_and_K_round_trips(mode, hw):
+    m = Preprocessor(518, mode).plan(hw)[1]
+    rng = np.random.default_rng(1)
+    u, v = rng.uniform(-0.5, hw[1] - 0.5, 50), rng.uniform(-0.5, hw[0] - 0.5, 50)
+    u2, v2 = m.model_to_source_pixels(*m.source_to_model_pixels(u, v))
+    np.testing.assert_allclose(u2, u, atol=1e-9)
+    np.testing.assert_allclose(v2, v, atol=1e-9)
+    K = np.array([[500.0, 0, hw[1] / 2 - 0.3], [0, 510.0, hw[0] / 2 + 0.7], [0, 0, 1]])
+    np.testing.assert_allclose(m.model_to_source_K(m.source_to_model_K(K)), K, atol=1e-9)
+    # a 3-D point projects consistently: project with K_src then map == project with K_model
+    X = np.array([0.3, -0.2, 2.0])
+    p_src = K @ X
+    p_mod = m.source_to_model_K(K) @ X
+    um, vm = m.source_to_model_pixels(p_src[0] / p_src[2], p_src[1] / p_src[2])
+    np.testing.assert_allclose([um, vm], p_mod[:2] / p_mod[2], atol=1e-9)
+
+
+def test_image_corners_map_to_edges():
+    m = Preprocessor(518, "crop").plan((480, 640))[1]
+    u, v = m.source_to_model_pixels([-0.5, 639.5], [-0.5, 479.5])
+    np.testing.assert_allclose(u, [-0.5, 517.5])
+    np.testing.assert_allclose(v, [-0.5, 391.5])
+
+
+def test_resample_round_trip_crop_mode_and_nan_outside():
+    hw = (640, 480)  # portrait: rows get cropped
+    m = Preprocessor(518, "crop").plan(hw)[1]
+    depth_src = np.fromfunction(lambda r, c: 1.0 + r * 0.01 + c * 0.001, hw, dtype=np.float32)
+    depth_model = m.resample_to_model(depth_src)
+    assert depth_model.shape == m.model_hw and np.isfinite(depth_model).all()
+    back = m.resample_to_source(depth_model)
+    valid = m.valid_source_mask()
+    x0, y0, x1, y1 = m.valid_source_region()
+    assert (x0, x1) == (0, 480) and 0 < y0 < y1 < 640
+    assert valid[y0:y1, x0:x1].all() and valid.sum() == (y1 - y0) * (x1 - x0)
+    assert np.isnan(back[~valid]).all() and np.isfinite(back[valid]).all()
+    # nearest sampling: values are copies of source values; error below one source-pixel gradient step
+    assert np.abs(back[valid] - depth_src[valid]).max() <= 0.011 + 1e-6
+    assert np.isin(depth_model, depth_src).all()
+
+
+def test_resample_pad_mode_marks_padding_nan_and_keeps_channels():
+    m = Preprocessor(518, "pad").plan((200, 518))[1]
+    assert m.model_hw == (210, 518) and m.offset_y == 5
+    rgb = np.full((200, 518, 3), 7, np.uint8)
+    out = m.resample_to_model(rgb, fill=255)
+    assert out.shape == (210, 518, 3) and (out[:5] == 255).all() and (out[5:205] == 7).all()
+    d = m.resample_to_model(np.ones((200, 518), np.float32))
+    assert np.isnan(d[:5]).all() and np.isnan(d[205:]).all()
+    assert np.isfinite(m.resample_to_source(d)).all()  # the whole camera image is seen in pad mode
+    with pytest.raises(TypeError, match="fill"):
+        m.resample_to_model(rgb)
+    with pytest.raises(ValueError, match="shape"):
+        m.resample_to_source(np.ones((10, 10)))
+
+
+def test_fixed_height_modes():
+    for mode in ("crop", "pad"):
+        t, m = Preprocessor(518, mode, height=392).prepare(np.zeros((720, 1280, 3), np.uint8))
+        assert tuple(t.shape) == (3, 392, 518)
+        assert m.scale_x == pytest.approx(m.scale_y, rel=5e-3)
+
+
+def test_grey_input_is_replicated():
+    t, _ = Preprocessor().prepare(np.full((100, 100), 128, np.uint8))
+    assert torch.allclose(t[0], t[1]) and torch.allclose(t[1], t[2])
+
+
+def test_bad_input_raises_clear_errors():
+    pre = Preprocessor()
+    with pytest.raises(TypeError, match="uint8"):
+        pre.prepare(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        pre.prepare(np.zeros((10, 10, 4), np.uint8))
+    with pytest.raises(ValueError, match="at least 1x1"):
+        pre.prepare(np.zeros((0, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match="too wide"):
+        pre.prepare(np.zeros((1, 1000, 3), np.uint8))
+    with pytest.raises(ValueError, match="too tall"):
+        pre.prepare(np.zeros((100000, 10, 3), np.uint8))
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 20000, 3))  # no memory behind it
+    with pytest.raises(ValueError, match="pixel limit"):
+        pre.prepare(huge)
+    with pytest.raises(ValueError, match="multiple"):
+        Preprocessor(width=500)
+    with pytest.raises(ValueError, match="mode"):
+        Preprocessor(mode="stretch")
+    with pytest.raises(ValueError, match="3x3"):
+        pre.plan((10, 10))[1].source_to_model_K(np.eye(4))
+
+
+def test_mapping_is_a_plain_dataclass():
+    m = PixelMapping((10, 20), (14, 28), 1.4, 1.4, 0.0, 0.0)
+    assert m.scale == pytest.approx(1.4)
+    u, v = m.source_to_model_pixels(np.array([0.0]), np.array([0.0]))
+    assert u[0] == pytest.approx(0.5 * 1.4 - 0.5)
