@@ -30,6 +30,8 @@ def generate_launch_description():
         PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", "stream4d.launch.py"])),
         launch_arguments={
             "use_sim_time": "true",
+            "process_every_frame": "true",
+            "input_qos": "reliable",
             "image": LaunchConfiguration("image"),
             "camera_info": LaunchConfiguration("camera_info"),
             "model": LaunchConfiguration("model"),

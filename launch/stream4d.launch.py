@@ -23,6 +23,10 @@ def generate_launch_description():
                               description="follow /clock (bag replay)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),
         DeclareLaunchArgument("rviz", default_value="false", choices=["true", "false"], description="start RViz"),
+        DeclareLaunchArgument("process_every_frame", default_value="false", choices=["true", "false"],
+                              description="true: never drop frames (bag replay); false: latest frame wins (live)"),
+        DeclareLaunchArgument("input_qos", default_value="sensor_data", choices=["sensor_data", "reliable"],
+                              description="image subscription QoS"),
         DeclareLaunchArgument("log_level", default_value="info", description="ROS log level"),
     ]
     node = Node(
@@ -37,6 +41,8 @@ def generate_launch_description():
                 "model": LaunchConfiguration("model"),
                 "device": LaunchConfiguration("device"),
                 "use_sim_time": LaunchConfiguration("use_sim_time"),
+                "process_every_frame": LaunchConfiguration("process_every_frame"),
+                "input_qos": LaunchConfiguration("input_qos"),
             },
         ],
         # the node's default input topics, remapped to the camera's

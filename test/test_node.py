@@ -51,11 +51,14 @@ def start_node(ros_process, *params):
 
 
 def publisher_pair(ros_node):
-    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
 
-    image_pub = ros_node.create_publisher(Image, "/camera/image_raw", qos_profile_sensor_data)
-    info_pub = ros_node.create_publisher(CameraInfo, "/camera/camera_info", qos_profile_sensor_data)
+    # reliable publishers serve best-effort and reliable subscriptions alike
+    image_pub = ros_node.create_publisher(Image, "/camera/image_raw",
+                                          QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+    info_pub = ros_node.create_publisher(CameraInfo, "/camera/camera_info",
+                                         QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
     wait_for_subscribers(ros_node, image_pub, timeout=20)
     wait_for_subscribers(ros_node, info_pub, timeout=20)
     return image_pub, info_pub
@@ -139,6 +142,12 @@ def test_random_model_end_to_end_outputs_are_well_formed(ros_node, ros_process, 
                                               durability=DurabilityPolicy.TRANSIENT_LOCAL))
     latched.wait_for(1, timeout=20)
     assert latched.messages[0].width > 0
+    map_info = ros_node.get_publishers_info_by_topic("/stream4d/map")
+    assert map_info and map_info[0].qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL
+    assert map_info[0].qos_profile.reliability == ReliabilityPolicy.RELIABLE
+    image_subs = ros_node.get_subscriptions_info_by_topic("/camera/image_raw")
+    assert any(i.node_name == "stream4d" and i.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
+               for i in image_subs), "live camera input uses SensorDataQoS"
 
     def latest_diagnostics():
         values = {}
@@ -164,7 +173,7 @@ def test_bad_images_are_skipped_and_counted(ros_node, ros_process):
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseStamped
 
-    node = start_node(ros_process)
+    node = start_node(ros_process, "input_qos:=reliable")  # a deep reliable queue: no bad message is dropped unseen
     pose = MessageCollector(ros_node, PoseStamped, "/stream4d/camera_pose")
     diag = MessageCollector(ros_node, DiagnosticArray, "/diagnostics")
     image_pub, info_pub = publisher_pair(ros_node)

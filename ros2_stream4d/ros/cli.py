@@ -1,4 +1,4 @@
-"""`stream4d` sub-commands of the ROS layer: play (here), run and process (added by the node's author).
+"""`stream4d` sub-commands of the ROS layer: play (here), run and process (ros/process.py).
 
 Imports of rclpy and the node happen inside the commands, so `stream4d --help` stays fast and ROS-free.
 """
@@ -10,9 +10,10 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ros2_stream4d.ros import process
+
+    process.register(subparsers)  # run, process
     _register_play(subparsers)
-    # `run` (start the node with a params file) and `process` (offline IN_BAG -> OUT_BAG) are registered here
-    # by the node's module, e.g. `_register_run(subparsers)` and `_register_process(subparsers)`.
 
 
 # ------------------------------------------------------------------------------------------------ play

@@ -118,8 +118,12 @@ class FrameProcessor:
             if self._external_odom is None:  # decided before we ever publish odom->base ourselves
                 self._external_odom = self.tf.has_parent(base)
             if self._external_odom or self.p["scale_source"] == "odometry":
+                wait = getattr(self.tf, "wait_for_stamp", None)
+                if wait is not None and not wait(self.p["odom_frame"], base, stamp_ns, self.p["tf_timeout"]):
+                    self.warnings.warn("late odometry", f"no {self.p['odom_frame']} -> {base} at the image stamp "
+                                                        f"within {self.p['tf_timeout']} s; using the latest")
                 try:
-                    T_odom_base = self.tf.lookup(self.p["odom_frame"], base)
+                    T_odom_base = self.tf.lookup(self.p["odom_frame"], base, stamp_ns)  # at the image's time
                 except TransformNotFound:
                     self.warnings.warn("no odometry", f"no TF {self.p['odom_frame']} -> {base} yet")
 

@@ -40,6 +40,7 @@ from ros2_stream4d.ros.params import PARAMS
 from ros2_stream4d.ros.tf_static import make_tf_listener
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+INPUT_RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
@@ -68,17 +69,16 @@ class Stream4DNode(Node):
         self.processor = FrameProcessor(self.p, self.pipeline, self.tf, self.warnings, self.get_logger(),
                                         num_cameras=len(image_topics))
         compressed = self.p["image_transport"] == "compressed"
+        input_qos = qos_profile_sensor_data if self.p["input_qos"] == "sensor_data" else INPUT_RELIABLE
         for cam, topic in enumerate(image_topics):
             if compressed:
                 topic = topic if topic.endswith("/compressed") else topic + "/compressed"
             self.create_subscription(CompressedImage if compressed else Image, topic,
-                                     lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data)
+                                     lambda m, c=cam: self._on_image(c, m), input_qos)
             info_topic = info_topics[cam] or image_topics[cam].rsplit("/", 1)[0] + "/camera_info"
-            self.create_subscription(CameraInfo, info_topic, lambda m, c=cam: self._on_info(c, m),
-                                     qos_profile_sensor_data)
+            self.create_subscription(CameraInfo, info_topic, lambda m, c=cam: self._on_info(c, m), input_qos)
         if self.p["scale_source"] == "depth" and self.p["depth_topic"]:
-            self.create_subscription(Image, self.p["depth_topic"], self.processor.set_sensor_depth,
-                                     qos_profile_sensor_data)
+            self.create_subscription(Image, self.p["depth_topic"], self.processor.set_sensor_depth, input_qos)
 
         self.publishers_by_key = {
             "cloud": self.create_publisher(PointCloud2, "~/cloud", RELIABLE),

@@ -47,6 +47,9 @@ PARAMS: tuple[Param, ...] = (
           ("depth", "point_head")),
     Param("process_every_frame", False, "",
           "false: one-slot queue per camera, a slow model drops old frames; true: process every frame (bags)"),
+    Param("input_qos", "sensor_data", "",
+          "sensor_data (best effort, drops under load: live cameras) or reliable (bag replay, process_every_frame)",
+          ("sensor_data", "reliable")),
     Param("gate_threshold", 0.0, "grey levels",
           "skip frames whose mean absolute difference to the last processed one is below this (0 = off)"),
     Param("gate_max_skip", 30, "frames", "process at least every N-th frame even when the gate would skip it"),
@@ -75,6 +78,7 @@ PARAMS: tuple[Param, ...] = (
           "auto: map->odom when odom->base_link has another publisher, else odom->base_link (robot) or "
           "map->camera (camera only); or force map_to_camera | odom_to_base | map_to_odom",
           ("auto", "map_to_camera", "odom_to_base", "map_to_odom")),
+    Param("tf_timeout", 0.1, "s", "how long a frame waits for odom->base_link at its stamp before using the latest"),
     # --- frames ------------------------------------------------------------------------------------------------
     Param("map_frame", "map", "", "fixed frame of the map, clouds and path"),
     Param("odom_frame", "odom", "", "odometry frame (REP-105)"),

@@ -1,7 +1,8 @@
 """A small TF reader for machines without tf2_ros (the pip ROS wheels have none).
 
-`TfBuffer` keeps the latest transform of every parent->child edge (static and dynamic), answers
-`lookup(target, source)` by chaining edges through the common ancestor (latest values; no interpolation),
+`TfBuffer` keeps every parent->child edge (static, and a bounded history of each dynamic one), answers
+`lookup(target, source, stamp_ns=None)` by chaining edges through the common ancestor (latest values, or each
+dynamic edge interpolated at the stamp: translation linear, rotation slerp, clamped to the history's ends),
 and `has_parent(frame)`, which the node uses to learn whether something else already publishes
 odom -> base_link. `TfListener` feeds a buffer from /tf_static (reliable, transient_local: latched) and /tf.
 `make_tf_listener(node)` prefers tf2_ros when importable and falls back to this reader.
@@ -10,12 +11,15 @@ odom -> base_link. `TfListener` feeds a buffer from /tf_static (reliable, transi
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ros2_stream4d.ros.conversions import time_to_ns, transform_to_matrix
+from ros2_stream4d.ros.conversions import matrix_to_quaternion, quaternion_to_matrix, time_to_ns, transform_to_matrix
+
+HISTORY = 1000  # samples kept per dynamic edge (20 s of 50 Hz odometry)
 
 
 class TransformNotFound(LookupError):
@@ -28,6 +32,35 @@ class Edge:
     matrix: np.ndarray   # parent_from_child
     stamp_ns: int
     static: bool
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (stamp_ns, matrix), dynamic only
+
+    def at(self, stamp_ns: int | None) -> np.ndarray:
+        """parent_from_child at `stamp_ns` (None or static: the latest)."""
+        if stamp_ns is None or self.static or len(self.history) < 2:
+            return self.matrix
+        stamps = [s for s, _ in self.history]
+        i = int(np.searchsorted(stamps, stamp_ns))
+        if i <= 0:
+            return self.history[0][1]
+        if i >= len(stamps):
+            return self.history[-1][1]
+        (s0, m0), (s1, m1) = self.history[i - 1], self.history[i]
+        return _interpolate(m0, m1, (stamp_ns - s0) / max(s1 - s0, 1))
+
+
+def _interpolate(m0: np.ndarray, m1: np.ndarray, w: float) -> np.ndarray:
+    q0, q1 = matrix_to_quaternion(m0[:3, :3]), matrix_to_quaternion(m1[:3, :3])
+    if np.dot(q0, q1) < 0:
+        q1 = -q1
+    angle = np.arccos(np.clip(np.dot(q0, q1), -1.0, 1.0))
+    if angle < 1e-9:
+        q = q0
+    else:
+        q = (np.sin((1 - w) * angle) * q0 + np.sin(w * angle) * q1) / np.sin(angle)
+    out = np.eye(4)
+    out[:3, :3] = quaternion_to_matrix(q)
+    out[:3, 3] = (1 - w) * m0[:3, 3] + w * m1[:3, 3]
+    return out
 
 
 def _strip(frame: str) -> str:
@@ -56,8 +89,17 @@ class TfBuffer:
         if not parent or not child or parent == child:
             raise ValueError(f"invalid transform edge {parent!r} -> {child!r}")
         matrix = transform_to_matrix(msg)
+        stamp = time_to_ns(msg.header.stamp)
         with self._lock:
-            self._edges[child] = Edge(parent, matrix, time_to_ns(msg.header.stamp), static)
+            old = self._edges.get(child)
+            edge = Edge(parent, matrix, stamp, static)
+            if not static:
+                if old is not None and not old.static and old.parent == parent:
+                    edge.history = old.history
+                    if edge.history and stamp < edge.history[-1][0]:
+                        edge.history.clear()  # time went backwards (a bag looping): old samples are void
+                edge.history.append((stamp, matrix))
+            self._edges[child] = edge
 
     def set_transforms(self, tf_message: Any, static: bool = False) -> None:
         """Store every transform of a tf2_msgs/TFMessage; malformed entries are skipped, not fatal."""
@@ -88,24 +130,27 @@ class TfBuffer:
         with self._lock:
             return dict(self._edges)
 
-    def _chain_to_root(self, frame: str, edges: dict[str, Edge]) -> list[tuple[str, np.ndarray]]:
+    def _chain_to_root(self, frame: str, edges: dict[str, Edge], stamp_ns: int | None = None
+                       ) -> list[tuple[str, np.ndarray]]:
         """[(ancestor, ancestor_from_frame)] from `frame` itself (identity) up to the root of its tree."""
         chain = [(frame, np.eye(4))]
         for _ in range(self.MAX_DEPTH):
             edge = edges.get(chain[-1][0])
             if edge is None:
                 return chain
-            chain.append((edge.parent, edge.matrix @ chain[-1][1]))
+            chain.append((edge.parent, edge.at(stamp_ns) @ chain[-1][1]))
         raise TransformNotFound(f"TF tree has a cycle or is deeper than {self.MAX_DEPTH} above {frame!r}")
 
-    def lookup(self, target: str, source: str) -> np.ndarray:
-        """target_from_source 4x4 (maps points in `source` into `target`), like tf2's lookupTransform(target, source)."""
+    def lookup(self, target: str, source: str, stamp_ns: int | None = None) -> np.ndarray:
+        """target_from_source 4x4 (maps points in `source` into `target`), like tf2's lookupTransform(target, source);
+        at `stamp_ns` when given (dynamic edges interpolated), else the latest."""
         target, source = _strip(target), _strip(source)
         if target == source:
             return np.eye(4)
-        edges = self.edges()
-        up_from_source = self._chain_to_root(source, edges)
-        up_from_target = dict(self._chain_to_root(target, edges))
+        with self._lock:  # the history deques are shared with the writer: copy under the lock
+            edges = {c: Edge(e.parent, e.matrix, e.stamp_ns, e.static, deque(e.history)) for c, e in self._edges.items()}
+        up_from_source = self._chain_to_root(source, edges, stamp_ns)
+        up_from_target = dict(self._chain_to_root(target, edges, stamp_ns))
         for ancestor, ancestor_from_source in up_from_source:
             if ancestor in up_from_target:
                 return _invert(up_from_target[ancestor]) @ ancestor_from_source
@@ -118,6 +163,22 @@ class TfBuffer:
             return True
         except TransformNotFound:
             return False
+
+    def wait_for_stamp(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> bool:
+        """Wait (polling) until every dynamic edge between the frames has a sample at or after stamp_ns, so
+        lookup(..., stamp_ns) interpolates instead of holding the last value. False on timeout."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            edges = self.edges()
+            chain = self._chain_to_root(_strip(source), edges) + self._chain_to_root(_strip(target), edges)
+            dynamic = [edges[f] for f, _ in chain if f in edges and not edges[f].static]
+            if all(e.stamp_ns >= stamp_ns for e in dynamic):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
 
 def tf_static_qos():
@@ -147,14 +208,17 @@ class TfListener:
                 TFMessage, tf_topic, lambda msg: self.buffer.set_transforms(msg, static=False), tf_qos()))
         self._node = node
 
-    def lookup(self, target: str, source: str) -> np.ndarray:
-        return self.buffer.lookup(target, source)
+    def lookup(self, target: str, source: str, stamp_ns: int | None = None) -> np.ndarray:
+        return self.buffer.lookup(target, source, stamp_ns)
 
     def can_transform(self, target: str, source: str) -> bool:
         return self.buffer.can_transform(target, source)
 
     def has_parent(self, frame: str) -> bool:
         return self.buffer.has_parent(frame)
+
+    def wait_for_stamp(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> bool:
+        return self.buffer.wait_for_stamp(target, source, stamp_ns, timeout_s)
 
     def parent_of(self, frame: str) -> str | None:
         return self.buffer.parent_of(frame)
@@ -174,10 +238,11 @@ class Tf2RosListener:
         self._buffer = tf2_ros.Buffer()
         self._listener = tf2_ros.TransformListener(self._buffer, node)
 
-    def lookup(self, target: str, source: str) -> np.ndarray:
+    def lookup(self, target: str, source: str, stamp_ns: int | None = None) -> np.ndarray:
         from rclpy.time import Time
         try:
-            msg = self._buffer.lookup_transform(_strip(target), _strip(source), Time())
+            when = Time() if stamp_ns is None else Time(nanoseconds=stamp_ns)
+            msg = self._buffer.lookup_transform(_strip(target), _strip(source), when)
         except self._tf2_ros.TransformException as exc:
             raise TransformNotFound(str(exc)) from exc
         return transform_to_matrix(msg)
@@ -188,6 +253,22 @@ class Tf2RosListener:
             return True
         except TransformNotFound:
             return False
+
+    def wait_for_stamp(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> bool:
+        """Wait (polling) until every dynamic edge between the frames has a sample at or after stamp_ns, so
+        lookup(..., stamp_ns) interpolates instead of holding the last value. False on timeout."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            edges = self.edges()
+            chain = self._chain_to_root(_strip(source), edges) + self._chain_to_root(_strip(target), edges)
+            dynamic = [edges[f] for f, _ in chain if f in edges and not edges[f].static]
+            if all(e.stamp_ns >= stamp_ns for e in dynamic):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
     def parent_of(self, frame: str) -> str | None:
         import yaml

@@ -1,0 +1,176 @@
+"""Exact geometry through the whole ROS path: a sim bag is played over real DDS (loopback) into stream4d_node
+running the oracle model (ground truth in the model's output format). TF, odometry, depth and clouds must land
+where the ground truth says. Offline processing (`stream4d process`) writes a bag rosbags reads back in full."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ros_harness import MessageCollector, python_command, wait_until
+
+from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse
+
+FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def sim_bag(tmp_path_factory):
+    from ros2_stream4d.sim.bag import SimConfig, write_sim_bag
+
+    out = tmp_path_factory.mktemp("sim") / "bag"
+    write_sim_bag(out, SimConfig(scene="room", trajectory="ground_robot", frames=FRAMES, width=160, height=120,
+                                 seed=3), progress=False)
+    return out
+
+
+def _stamps_ns(msgs):
+    from ros2_stream4d.ros.conversions import time_to_ns
+
+    return [time_to_ns(m.header.stamp) for m in msgs]
+
+
+def _replay(ros_node, ros_process, bag, *params):
+    """Start the node (oracle, sim time, every frame) and play the bag into it; returns collectors."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseStamped
+    from nav_msgs.msg import Odometry
+    from rclpy.qos import QoSProfile
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+    from tf2_msgs.msg import TFMessage
+
+    args = []
+    for p in ("model:=oracle", f"oracle_bag:={bag}", "use_sim_time:=true", "process_every_frame:=true", "input_qos:=reliable",
+              "input_width:=112", "conf_percentile:=0.0", *params):
+        args += ["-p", p]
+    node = ros_process(python_command("-m", "ros2_stream4d.ros.node", "--ros-args", *args), name="stream4d_node")
+    node.wait_for_output("model ready", timeout=60)
+    c = {
+        "pose": MessageCollector(ros_node, PoseStamped, "/stream4d/camera_pose"),
+        "odom": MessageCollector(ros_node, Odometry, "/stream4d/odometry"),
+        "depth": MessageCollector(ros_node, Image, "/stream4d/depth"),
+        "depth_info": MessageCollector(ros_node, CameraInfo, "/stream4d/depth/camera_info"),
+        "cloud": MessageCollector(ros_node, PointCloud2, "/stream4d/cloud"),
+        "tf": MessageCollector(ros_node, TFMessage, "/tf", qos=QoSProfile(depth=200)),
+        "diag": MessageCollector(ros_node, DiagnosticArray, "/diagnostics"),
+    }
+    wait_until(lambda: c["pose"].subscription.get_publisher_count() > 0, 20, ros_node, "node publishers")
+    player = ros_process(python_command("-m", "ros2_stream4d.cli", "play", str(bag), "--quiet", "--rate", "2.0",
+                                        "--wait-for-subscribers", "/camera/image_raw", "/tf_static"), name="player")
+    c["pose"].wait_for(FRAMES, timeout=120)  # spins the test node while the bag plays
+    assert player.wait(60) == 0, player.output()
+    c["depth_info"].wait_for(FRAMES, timeout=30)
+    c["cloud"].wait_for(FRAMES, timeout=30)
+    return node, c
+
+
+def test_oracle_replay_camera_only_matches_ground_truth(ros_node, ros_process, sim_bag):
+    import open3d as o3d
+
+    from ros2_stream4d.ros.conversions import image_to_numpy, pointcloud2_to_numpy, pose_to_matrix
+    from ros2_stream4d.sim.bag import read_ground_truth
+
+    gt = read_ground_truth(sim_bag, with_depth=True)
+    node, c = _replay(ros_node, ros_process, sim_bag)
+    assert _stamps_ns(c["pose"].messages) == list(gt.stamps), "every output carries its input image's stamp"
+
+    # map = REP-103 body axes at the first camera: T_map_cam_i = T_MAP_WORLD inv(T_w_c0) T_w_ci
+    expected = [T_MAP_WORLD @ inverse(gt.T_world_cam[0]) @ T for T in gt.T_world_cam]
+    for msg, T_exp in zip(c["pose"].messages, expected):
+        T = pose_to_matrix(msg)
+        assert np.abs(T[:3, 3] - T_exp[:3, 3]).max() < 1e-3
+        R_err = T[:3, :3].T @ T_exp[:3, :3]
+        assert np.arccos(np.clip((np.trace(R_err) - 1) / 2, -1, 1)) < 1e-3
+    def tf_cam():
+        return [t for m in c["tf"].messages for t in m.transforms if t.child_frame_id == "camera_optical_frame"]
+
+    wait_until(lambda: len(tf_cam()) >= FRAMES, 20, ros_node, "TF of every frame")
+    assert {t.header.frame_id for t in tf_cam()} == {"map"}
+
+    # depth: the camera's geometry, NaN = invalid, its CameraInfo shares the header (REP-118)
+    for d, info, i in zip(c["depth"].messages, c["depth_info"].messages, range(FRAMES)):
+        assert d.header == info.header
+        assert (d.width, d.height) == (gt.width, gt.height)
+        depth = image_to_numpy(d)
+        both = np.isfinite(depth) & np.isfinite(gt.depths[i])
+        assert both.mean() > 0.8
+        assert np.median(np.abs(depth[both] - gt.depths[i][both]) / gt.depths[i][both]) < 0.01
+
+    # clouds (map frame) land on the scene mesh
+    mesh = o3d.t.io.read_triangle_mesh(str(gt.mesh_path))
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(mesh)
+    world_from_map = gt.T_world_cam[0] @ inverse(T_MAP_WORLD)
+    for msg in c["cloud"].messages[:: max(1, FRAMES // 4)]:
+        xyz, _rgb, _conf = pointcloud2_to_numpy(msg)
+        pts = (xyz.astype(np.float64) @ world_from_map[:3, :3].T + world_from_map[:3, 3]).astype(np.float32)
+        dist = scene.compute_distance(o3d.core.Tensor(pts)).numpy()
+        assert np.median(dist) < 0.005 and np.percentile(dist, 95) < 0.05
+
+    # QoS as specified: outputs reliable; input as input_qos says (reliable for bag replay)
+    from rclpy.qos import ReliabilityPolicy
+
+    infos = ros_node.get_publishers_info_by_topic("/stream4d/depth")
+    assert infos and all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE for i in infos)
+    subs = ros_node.get_subscriptions_info_by_topic("/camera/image_raw")
+    assert any(i.node_name == "stream4d" and i.qos_profile.reliability == ReliabilityPolicy.RELIABLE for i in subs)
+
+
+def test_oracle_replay_robot_publishes_map_to_odom(ros_node, ros_process, sim_bag):
+    from ros2_stream4d.ros.conversions import transform_to_matrix
+    from ros2_stream4d.sim.bag import read_ground_truth
+
+    gt = read_ground_truth(sim_bag, with_depth=False)
+    node, c = _replay(ros_node, ros_process, sim_bag, "base_frame:=base_link")
+
+    def map_odom():
+        return [t for m in c["tf"].messages for t in m.transforms if t.child_frame_id == "odom"]
+
+    wait_until(lambda: len(map_odom()) >= FRAMES, 20, ros_node, "map->odom of every frame")
+    c["odom"].wait_for(FRAMES, timeout=20)
+    map_odom = map_odom()
+    assert {t.header.frame_id for t in map_odom} == {"map"}
+    # the bag's odom is the world and map is the base at the first frame: map->odom = inv(T_world_base0)
+    from ros2_stream4d.sim.bag import TOPICS, iter_messages
+    from ros2_stream4d.sim.bag import transform_to_matrix as bag_tf
+
+    first_odom = next(m for _t, _ns, msg in iter_messages(sim_bag, [TOPICS["tf"]]) for m in msg.transforms)
+    T_world_base0 = bag_tf(first_odom.transform)
+    for t in map_odom:
+        assert np.abs(transform_to_matrix(t) - inverse(T_world_base0)).max() < 1e-3
+    parents: dict[str, set] = {}
+    for m in c["tf"].messages:
+        for t in m.transforms:
+            parents.setdefault(t.child_frame_id, set()).add(t.header.frame_id)
+    assert all(len(p) == 1 for p in parents.values()), parents
+    assert "camera_optical_frame" not in parents, "with a robot, the camera hangs off base_link via /tf_static"
+    odom_msgs = c["odom"].messages
+    assert {m.child_frame_id for m in odom_msgs} == {"base_link"}
+    assert len(gt.stamps) == len(odom_msgs)
+
+
+def test_offline_processing_writes_every_output_topic(tmp_path):
+    from rosbags.highlevel import AnyReader
+
+    from ros2_stream4d.ros.process import load_params, process_bag
+    from ros2_stream4d.sim.bag import SimConfig, write_sim_bag
+
+    frames = 300
+    bag = tmp_path / "in"
+    write_sim_bag(bag, SimConfig(scene="corridor", trajectory="handheld", frames=frames, width=64, height=48, seed=1),
+                  progress=False)
+    params = load_params(None, ["model:=oracle", "input_width:=56", "process_every_frame:=true"])
+    stats = process_bag(bag, tmp_path / "out", params, map_every=100, progress=False)
+    assert stats["processed"] == frames
+    with AnyReader([tmp_path / "out"]) as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+        types = {c.topic: c.msgtype for c in reader.connections}
+        for conn, _t, raw in reader.messages(connections=[c for c in reader.connections if c.topic == "/tf"]):
+            msg = reader.deserialize(raw, conn.msgtype)
+            assert msg.transforms[0].header.frame_id == "map"
+            break
+    for topic in ("/stream4d/camera_pose", "/stream4d/cloud", "/stream4d/depth", "/stream4d/depth/camera_info",
+                  "/stream4d/confidence", "/stream4d/odometry", "/stream4d/path", "/tf"):
+        assert counts[topic] == frames, topic
+    assert counts["/stream4d/map"] == frames // 100 + 1
+    assert types["/stream4d/cloud"] == "sensor_msgs/msg/PointCloud2"
+    assert types["/tf"] == "tf2_msgs/msg/TFMessage"
