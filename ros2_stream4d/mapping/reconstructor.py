@@ -359,10 +359,23 @@ def _read_card(path: Path) -> dict:
         card = yaml.safe_load(f)
     if not isinstance(card, dict):
         raise ValueError(f"model card {path} must be a YAML mapping, got {type(card).__name__}")
-    unknown = set(card) - {"name", "description", "config", "weights", "seed", "license", "source"}
+    # input_width: the width the model was trained at; training/metrics: informative (written by `stream4d train`)
+    unknown = set(card) - {"name", "description", "config", "weights", "seed", "license", "source", "input_width",
+                           "training", "metrics"}
     if unknown:
         raise ValueError(f"model card {path} has unknown keys {sorted(unknown)}")
     return card
+
+
+def model_input_width(model_spec: str, default: int = 518) -> int:
+    """The input width a model card declares (``input_width``), else ``default`` (checkpoints, random-small)."""
+    try:
+        kind, path = resolve_model_spec(model_spec)
+    except FileNotFoundError:
+        return default
+    if kind != "card":
+        return default
+    return int(_read_card(path).get("input_width", default))
 
 
 def _model_config(d: dict):
