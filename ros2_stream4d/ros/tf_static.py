@@ -254,22 +254,6 @@ class Tf2RosListener:
         except TransformNotFound:
             return False
 
-    def wait_for_stamp(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> bool:
-        """Wait (polling) until every dynamic edge between the frames has a sample at or after stamp_ns, so
-        lookup(..., stamp_ns) interpolates instead of holding the last value. False on timeout."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            edges = self.edges()
-            chain = self._chain_to_root(_strip(source), edges) + self._chain_to_root(_strip(target), edges)
-            dynamic = [edges[f] for f, _ in chain if f in edges and not edges[f].static]
-            if all(e.stamp_ns >= stamp_ns for e in dynamic):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.002)
-
     def parent_of(self, frame: str) -> str | None:
         import yaml
         frames = yaml.safe_load(self._buffer.all_frames_as_yaml()) or {}
