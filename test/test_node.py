@@ -24,6 +24,7 @@ W, H = 112, 84
 def node_command(*params: str) -> list[str]:
     args = []
     for p in ("model:=random-small", "input_width:=112", "window:=4", "process_every_frame:=true",
+              "path_publish_rate:=0.0",  # the path with every frame: these tests count it per frame
               "map_publish_rate:=5.0", "diagnostics_rate:=5.0", *params):
         args += ["-p", p]
     return python_command("-m", "ros2_stream4d.ros.node", "--ros-args", *args)

@@ -186,6 +186,39 @@ class MappingPipeline:
         xyz, rgb, conf = self.map.points()
         return str(save_map(path, xyz, rgb, conf))
 
+    # ------------------------------------------------------------------ faults
+    def window(self) -> int | None:
+        """The rolling window of the current session (None = unlimited or not a windowed session)."""
+        return getattr(self.reconstructor.session, "window", None)
+
+    def shrink_window(self) -> int | None:
+        """After a device out-of-memory error: open a new session of the same model with half the window.
+
+        The KV cache is the memory that grows with the window, so halving it is the cheapest way to fit again. The
+        new session is a new stream (new world frame), so the whole pipeline is reset (map included). Returns the
+        new window, or None when the session cannot shrink (window already 1, the first frame of an unlimited
+        stream, or a session without a model, e.g. the oracle).
+        """
+        session = self.reconstructor.session
+        model = getattr(session, "model", None)
+        if model is None or not callable(getattr(model, "stream", None)):
+            return None
+        old = getattr(session, "window", None)
+        anchors = int(getattr(session, "anchors", 1))
+        if old is None:  # unlimited: half of what it held when memory ran out
+            held = int(getattr(session, "frames_seen", 0)) - anchors
+            new = held // 2
+        else:
+            new = int(old) // 2
+        if new < 1:
+            return None
+        session.reset()  # frees the old cache before the new one is allocated
+        del session
+        _free_device_memory()
+        self.reconstructor.session = model.stream(window=new, anchors=anchors)
+        self.reset()
+        return new
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"frames": self.reconstructor.stats.frames, "map points": len(self.map),
                                "scale": f"{self.last.scale:.4f}" if self.last else "nan",
@@ -207,3 +240,32 @@ class MappingPipeline:
         except ImportError:
             pass
         return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (torch.OutOfMemoryError), or a RuntimeError saying "out of memory" (what CPU
+    and other device allocators raise)."""
+    try:
+        import torch
+
+        oom_types: tuple[type, ...] = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                                        getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+    except ImportError:
+        oom_types = ()
+    if oom_types and isinstance(exc, oom_types):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower())
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

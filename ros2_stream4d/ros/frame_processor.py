@@ -1,5 +1,15 @@
 """Per-frame handling shared by the live node and the offline bag processor: input checks (stamps, CameraInfo,
-TF), one pipeline step, and the messages to publish. No threads, no publishers: callers own those."""
+TF), one pipeline step, and the messages to publish. No threads, no publishers: callers own those.
+
+Bad input never raises out of here: each fault is a reason (below), logged once per period per reason and counted
+(the node reports the counts in /diagnostics as "bad input: <reason>"), and the frame is skipped:
+  image: "image encoding", "image size", "image step", "image data_length", "image empty", "image corrupt",
+         "image too small", "image size changed", "zero stamp", "duplicate stamp", "decreasing stamp"
+  CameraInfo: "camera_info size mismatch", "camera_info invalid" (the frame is skipped when intrinsics_source is
+         camera_info; otherwise it is processed without the CameraInfo)
+  depth (scale_source=depth): "depth encoding", "depth size", ..., "depth no finite value", "depth size mismatch"
+A device out-of-memory error during a step halves the rolling window (a new stream) and retries the frame.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +19,65 @@ from typing import Any
 
 import numpy as np
 from nav_msgs.msg import Path
+from sensor_msgs.msg import CompressedImage
 
-from ros2_stream4d.mapping.pipeline import FrameResult, MappingPipeline
+from ros2_stream4d.mapping.pipeline import FrameResult, MappingPipeline, is_out_of_memory
 from ros2_stream4d.ros import conversions as conv
 from ros2_stream4d.ros.outputs import frame_messages
 from ros2_stream4d.ros.tf_static import TransformNotFound
 
 POSE_KEYS = ("camera_pose", "odometry", "tf")  # what a skipped (gated) frame republishes
+DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")  # REP-118: millimetres (16-bit) or metres (float)
+BAD_IMAGE, BAD_DEPTH = "bad image skipped", "depth image skipped"
+SIZE_CHANGE_FRAMES = 10  # this many consecutive frames at a new size mean the camera really changed resolution
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_COMPRESSED_DEPTH_HEADER = 12  # image_transport's compressedDepth prefixes the PNG with a 12-byte ConfigHeader
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless, ...): 0xC0..0xCF except DHT, JPG, DAC
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def compressed_image_size(data) -> tuple[int, int] | None:
+    """(width, height) from a JPEG or PNG header without decoding the image, or None when the header cannot tell.
+
+    Lets a node refuse a huge compressed image before the decoder allocates its pixels. Never raises on any input.
+    """
+    try:
+        buf = bytes(data[:65536]) if not isinstance(data, bytes) else data[:65536]
+    except Exception:  # noqa: BLE001 - whatever the field holds, "unknown" is the answer
+        return None
+    if buf[12:20] == _PNG_MAGIC and buf[:8] != _PNG_MAGIC:
+        buf = buf[_COMPRESSED_DEPTH_HEADER:]
+    if buf[:8] == _PNG_MAGIC:
+        if len(buf) < 24 or buf[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(buf[16:20], "big"), int.from_bytes(buf[20:24], "big")
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(buf)
+    while i + 4 <= n:
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan: no frame header before it
+            return None
+        length = int.from_bytes(buf[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            height = int.from_bytes(buf[i + 5:i + 7], "big")
+            width = int.from_bytes(buf[i + 7:i + 9], "big")
+            return width, height
+        i += 2 + length
+    return None
 
 
 class RateLimitedWarnings:
@@ -26,12 +88,12 @@ class RateLimitedWarnings:
         self._last: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def warn(self, reason: str, detail: str) -> None:
+    def warn(self, reason: str, detail: str, action: str = "frame skipped") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         now = time.monotonic()
         if now - self._last.get(reason, -1e9) >= self._period:
             self._last[reason] = now
-            self._logger.warning(f"{reason}: {detail} (frame skipped; {self.counts[reason]} so far)")
+            self._logger.warning(f"{reason}: {detail} ({action}; {self.counts[reason]} so far)")
 
 
 class FrameProcessor:
@@ -47,65 +109,124 @@ class FrameProcessor:
         self.path = Path()
         self.path.header.frame_id = params["map_frame"]
         self.frames_done = self.frames_gated = self.resets = 0
-        self._last_stamp_ns = -1
+        self.oom_recoveries = 0
+        self.depth_invalid_pixels = 0  # NaN/Inf/<= 0 sensor depth pixels seen (legal in REP-118: masked out)
+        self._last_stamp_ns = [-1] * num_cameras  # per camera: simultaneous cameras share stamps legitimately
+        self._size: tuple[int, int] | None = None  # (h, w) of the current stream's images
+        self._new_size: tuple[tuple[int, int], int] | None = None  # (size, consecutive frames) of a new size
         self._external_odom: bool | None = None  # decided once per stream: does another node publish odom->base?
 
     # ------------------------------------------------------------------ inputs
     def decode(self, msg) -> np.ndarray | None:
         """Image/CompressedImage -> HxWx3 uint8, or None (warned, counted) when the message is unusable."""
-        try:
-            rgb = conv.to_rgb(msg, max_side=self.p["max_image_side"])
-        except ValueError as exc:
-            self.warnings.warn("bad image", f"{type(exc).__name__}: {exc}")
-            return None
         if conv.time_to_ns(msg.header.stamp) <= 0:
-            self.warnings.warn("bad stamp", "image stamp is zero")
+            self.warnings.warn("zero stamp", "image stamp is zero (an unset header?)", BAD_IMAGE)
+            return None
+        max_side = int(self.p["max_image_side"])
+        if isinstance(msg, CompressedImage):
+            size = compressed_image_size(msg.data)
+            if size is not None and max(size) > max_side:  # refused from the header: no pixels are allocated
+                self.warnings.warn("image size", f"compressed image header says {size[0]}x{size[1]}, over the "
+                                                 f"{max_side} px limit (max_image_side); not decoded", BAD_IMAGE)
+                return None
+        try:
+            rgb = conv.to_rgb(msg, max_side=max_side)
+        except conv.ImageConversionError as exc:
+            self.warnings.warn(f"image {exc.reason}", str(exc), BAD_IMAGE)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a decoder failing in an unforeseen way is one more bad image
+            self.warnings.warn("image corrupt", f"{type(exc).__name__}: {exc}", BAD_IMAGE)
+            return None
+        min_side = int(self.p.get("min_image_side", 14))
+        if min(rgb.shape[:2]) < min_side:
+            self.warnings.warn("image too small", f"image {rgb.shape[1]}x{rgb.shape[0]} is under the {min_side} px "
+                                                  "minimum side (min_image_side)", BAD_IMAGE)
             return None
         return rgb
 
     def set_sensor_depth(self, msg) -> None:
+        """A metric depth image for scale_source=depth. NaN/Inf/<= 0 pixels mean "no measurement" (REP-118) and
+        are masked; an image with no usable pixel, a wrong encoding or a malformed layout is skipped."""
+        if msg.encoding not in DEPTH_ENCODINGS:
+            self.warnings.warn("depth encoding", f"depth encoding {msg.encoding!r} is not one of {DEPTH_ENCODINGS}",
+                               BAD_DEPTH)
+            return
         try:
-            depth = conv.image_to_numpy(msg).astype(np.float32)
+            depth = conv.image_to_numpy(msg, max_side=int(self.p["max_image_side"])).astype(np.float32)
+        except conv.ImageConversionError as exc:
+            self.warnings.warn(f"depth {exc.reason}", str(exc), BAD_DEPTH)
+            return
         except ValueError as exc:
-            self.warnings.warn("bad depth input", str(exc))
+            self.warnings.warn("depth corrupt", str(exc), BAD_DEPTH)
             return
-        if msg.encoding in ("16UC1", "mono16"):  # REP-118: 16-bit depth is millimetres
-            depth = np.where(depth > 0, depth * 1e-3, np.nan).astype(np.float32)
-        bad = ~np.isfinite(depth)
-        if bad.all():
-            self.warnings.warn("bad depth input", "depth image has no finite value")
+        if msg.encoding in ("16UC1", "mono16"):  # REP-118: 16-bit depth is millimetres, 0 = no measurement
+            depth = depth * np.float32(1e-3)
+        with np.errstate(invalid="ignore"):
+            usable = np.isfinite(depth) & (depth > 0)
+        if not usable.any():
+            self.warnings.warn("depth no finite value", f"depth image {depth.shape[1]}x{depth.shape[0]} has no "
+                                                        "finite positive value", BAD_DEPTH)
             return
-        self.sensor_depth = depth
+        self.depth_invalid_pixels += int(usable.size - usable.sum())
+        self.sensor_depth = np.where(usable, depth, np.float32(np.nan)).astype(np.float32)
 
     def _intrinsics(self, cam: int, rgb: np.ndarray):
+        """(K_src, info) from this camera's CameraInfo; (None, None) without a usable one; False when the frame
+        must be skipped (the CameraInfo is wrong and intrinsics_source asks for it)."""
         info = self.camera_info[cam]
         if info is None:
             return None, None
+        needed = self.p["intrinsics_source"] == "camera_info"
+        action = "frame skipped: intrinsics_source is camera_info" if needed else "CameraInfo ignored for this frame"
         if (info.width, info.height) != (rgb.shape[1], rgb.shape[0]):
-            self.warnings.warn("camera_info mismatch", f"CameraInfo {info.width}x{info.height} vs image "
-                                                       f"{rgb.shape[1]}x{rgb.shape[0]}; ignoring the CameraInfo")
-            return None, None
+            self.warnings.warn("camera_info size mismatch", f"CameraInfo {info.width}x{info.height} vs image "
+                                                            f"{rgb.shape[1]}x{rgb.shape[0]}", action)
+            return (False, None) if needed else (None, None)
         try:
             return conv.camera_info_to_k(info)[0], info
         except ValueError as exc:
-            self.warnings.warn("bad camera_info", str(exc))
-            return None, None
+            self.warnings.warn("camera_info invalid", str(exc), action)
+            return (False, None) if needed else (None, None)
+
+    def _check_size(self, rgb: np.ndarray) -> bool:
+        """Frames of a stream share one size (the KV cache holds a fixed number of tokens per frame). A frame of
+        another size is skipped, unless SIZE_CHANGE_FRAMES frames in a row have it: then the camera changed
+        resolution and a new stream starts."""
+        size = rgb.shape[:2]
+        if self._size is None or size == self._size:
+            self._new_size = None
+            return True
+        count = self._new_size[1] + 1 if self._new_size and self._new_size[0] == size else 1
+        self._new_size = (size, count)
+        if count >= SIZE_CHANGE_FRAMES:
+            self.logger.warning(f"camera resolution changed from {self._size[1]}x{self._size[0]} to "
+                                f"{size[1]}x{size[0]}: new stream and map")
+            self.reset()
+            return True
+        self.warnings.warn("image size changed", f"image {size[1]}x{size[0]} in a stream of "
+                                                 f"{self._size[1]}x{self._size[0]} images")
+        return False
 
     # ------------------------------------------------------------------ one frame
     def process(self, cam: int, stamp_ns: int, header_frame: str, rgb: np.ndarray) -> list[tuple[str, Any]]:
         """Messages to publish for this frame ([] when it was skipped)."""
-        if stamp_ns == self._last_stamp_ns:
+        last = self._last_stamp_ns[cam]
+        if stamp_ns == last:
             self.warnings.warn("duplicate stamp", f"camera {cam} stamp {stamp_ns} seen already")
             return []
-        if stamp_ns < self._last_stamp_ns:
+        if stamp_ns < last:
             if not self.p["reset_on_time_jump"]:
-                self.warnings.warn("decreasing stamp", "image older than the previous one")
+                self.warnings.warn("decreasing stamp", f"camera {cam} image {(last - stamp_ns) / 1e9:.3f} s older "
+                                                       "than the previous one")
                 return []
-            self.logger.warning(f"time jumped back by {(self._last_stamp_ns - stamp_ns) / 1e9:.3f} s: "
-                                "new stream and map")
+            self.logger.warning(f"time jumped back by {(last - stamp_ns) / 1e9:.3f} s: new stream and map")
             self.reset()
+        if not self._check_size(rgb):
+            return []
         camera_frame = self.p["camera_frame"] or header_frame or "camera_optical_frame"
         K_src, info = self._intrinsics(cam, rgb)
+        if K_src is False:
+            return []
 
         T_base_cam = T_odom_base = None
         base = self.p["base_frame"]
@@ -121,33 +242,72 @@ class FrameProcessor:
                 wait = getattr(self.tf, "wait_for_stamp", None)
                 if wait is not None and not wait(self.p["odom_frame"], base, stamp_ns, self.p["tf_timeout"]):
                     self.warnings.warn("late odometry", f"no {self.p['odom_frame']} -> {base} at the image stamp "
-                                                        f"within {self.p['tf_timeout']} s; using the latest")
+                                                        f"within {self.p['tf_timeout']} s", "using the latest")
                 try:
                     T_odom_base = self.tf.lookup(self.p["odom_frame"], base, stamp_ns)  # at the image's time
                 except TransformNotFound:
-                    self.warnings.warn("no odometry", f"no TF {self.p['odom_frame']} -> {base} yet")
+                    self.warnings.warn("no odometry", f"no TF {self.p['odom_frame']} -> {base} yet",
+                                       "frame processed without odometry")
 
-        self._last_stamp_ns = stamp_ns  # only frames that reach the model count for duplicate/jump checks
-        result = self.pipeline.process(rgb, stamp_ns, camera=cam, K_src=K_src, T_base_cam=T_base_cam,
-                                       T_odom_base=T_odom_base, sensor_depth=self.sensor_depth)
+        sensor_depth = self.sensor_depth
+        if sensor_depth is not None and sensor_depth.shape != rgb.shape[:2]:
+            self.warnings.warn("depth size mismatch", f"depth {sensor_depth.shape[1]}x{sensor_depth.shape[0]} vs "
+                                                      f"image {rgb.shape[1]}x{rgb.shape[0]}",
+                               "depth not used for this frame")
+            sensor_depth = None
+
+        result = self._step(cam, stamp_ns, rgb, K_src, T_base_cam, T_odom_base, sensor_depth)
+        if result is False:
+            return []
         if result is None:  # a near-duplicate frame: the robot stands still, republish the last pose
             self.frames_gated += 1
-            last = self.pipeline.last
-            if last is None:
+            last_result = self.pipeline.last
+            if last_result is None:
                 return []
-            moved = dataclasses.replace(last, stamp_ns=stamp_ns)
+            moved = dataclasses.replace(last_result, stamp_ns=stamp_ns)
             return [(k, m) for k, m in self._messages(moved, camera_frame, info, path=None) if k in POSE_KEYS]
         if not self._external_odom:
             result.T_map_odom = None  # we are the odometry source
         self.frames_done += 1
         return self._messages(result, camera_frame, info, self.path)
 
+    def _step(self, cam, stamp_ns, rgb, K_src, T_base_cam, T_odom_base, sensor_depth):
+        """pipeline.process, recovering from device out-of-memory by halving the window (a new stream) and
+        retrying this frame; False when the frame could not be processed at any window."""
+        while True:
+            self._last_stamp_ns[cam] = stamp_ns  # only frames that reach the model count for duplicate/jump checks
+            self._size = rgb.shape[:2]
+            try:
+                return self.pipeline.process(rgb, stamp_ns, camera=cam, K_src=K_src, T_base_cam=T_base_cam,
+                                             T_odom_base=T_odom_base, sensor_depth=sensor_depth)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                old = self.pipeline.window()
+                new = self.pipeline.shrink_window()
+                if new is None:
+                    self.warnings.warn("out of memory", f"{type(exc).__name__}: {exc}; the window cannot shrink "
+                                                        f"further (window {old or 'unlimited'})")
+                    self.reset()
+                    return False
+                self.oom_recoveries += 1
+                self.logger.warning(f"device out of memory at window {old or 'unlimited'} "
+                                    f"({type(exc).__name__}: {str(exc)[:200]}): new stream and map with window {new}")
+                external_odom = self._external_odom  # the TF tree did not change
+                self._reset_stream_state()
+                self._external_odom = external_odom
+
     def _messages(self, result: FrameResult, camera_frame: str, info, path):
         return frame_messages(result, self.p, camera_frame, info, path)
 
-    def reset(self) -> None:
-        self.pipeline.reset()
+    def _reset_stream_state(self) -> None:
         self.path.poses.clear()
-        self._last_stamp_ns = -1
+        self._last_stamp_ns = [-1] * len(self._last_stamp_ns)
+        self._size = None
+        self._new_size = None
         self._external_odom = None
         self.resets += 1
+
+    def reset(self) -> None:
+        self.pipeline.reset()
+        self._reset_stream_state()

@@ -34,6 +34,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
+from ros2_stream4d.mapping.map_io import FORMATS, validate_map_path
 from ros2_stream4d.ros import conversions as conv
 from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
 from ros2_stream4d.ros.params import PARAMS
@@ -59,6 +60,7 @@ class Stream4DNode(Node):
         for p in PARAMS:
             self.declare_parameter(p.name, p.default)
         self.p = {p.name: self.get_parameter(p.name).value for p in PARAMS}
+        self._check_map_save_path()
         self.warnings = RateLimitedWarnings(self.get_logger())
         self.tf = make_tf_listener(self)
         self.pipeline = build_pipeline(self.p)
@@ -98,6 +100,11 @@ class Stream4DNode(Node):
         self.create_service(Trigger, "~/save_map", self._srv_save_map)
         if self.p["map_publish_rate"] > 0:
             self.create_timer(1.0 / self.p["map_publish_rate"], self._publish_map)
+        # The path grows to path_max_length poses: sent with every frame it would cost O(length) per frame
+        self._path_by_timer = self.p["path_publish_rate"] > 0
+        self._path_dirty = False
+        if self._path_by_timer:
+            self.create_timer(1.0 / self.p["path_publish_rate"], self._publish_path)
         self.create_timer(1.0 / max(self.p["diagnostics_rate"], 1e-3), self._publish_diagnostics)
 
         # One slot per camera (latest wins) unless every frame must be processed (bags).
@@ -158,6 +165,9 @@ class Stream4DNode(Node):
             try:
                 with self._map_lock:
                     messages = self.processor.process(frame.camera, frame.stamp_ns, frame.header_frame, frame.rgb)
+                    if self._path_by_timer and any(key == "path" for key, _ in messages):
+                        messages = [(key, m) for key, m in messages if key != "path"]
+                        self._path_dirty = True  # _publish_path sends it
                 for key, msg in messages:
                     self.publishers_by_key[key].publish(msg)
                 if messages:
@@ -177,28 +187,48 @@ class Stream4DNode(Node):
         self.pub_map.publish(conv.numpy_to_pointcloud2(xyz, rgb, conf, frame_id=self.p["map_frame"],
                                                        stamp=self.get_clock().now().to_msg()))
 
-    def _publish_diagnostics(self) -> None:
+    def diagnostic_values(self) -> dict[str, object]:
+        """The key/values of the node's DiagnosticStatus (bad inputs as "bad input: <reason>")."""
         now = time.monotonic()
-        silent = now - self._last_image_wall
         rate = 0.0
         if len(self._input_times) > 1 and now - self._input_times[-1] < 2.0:
             rate = (len(self._input_times) - 1) / max(self._input_times[-1] - self._input_times[0], 1e-6)
-        stats = self.pipeline.stats()
-        status = DiagnosticStatus(name="stream4d: mapping", hardware_id=str(stats.get("device", "")))
+        with self._map_lock:  # the worker may be swapping the session (out-of-memory recovery)
+            stats = self.pipeline.stats()
+            window = self.pipeline.window()
+        pr = self.processor
+        return {
+            "input rate [Hz]": f"{rate:.2f}",
+            "latency mean [s]": f"{np.mean(self._latencies):.3f}" if self._latencies else "nan",
+            "frames in": self.frames_in, "frames processed": pr.frames_done, "frames dropped": self.frames_dropped,
+            "frames gated": pr.frames_gated, "resets": pr.resets,
+            "oom recoveries": pr.oom_recoveries, "window": window if window is not None else "unlimited",
+            "depth invalid pixels": pr.depth_invalid_pixels,
+            **{f"bad input: {k}": v for k, v in sorted(self.warnings.counts.items())},
+            **stats,
+        }
+
+    def _publish_path(self) -> None:
+        with self._map_lock:
+            if not self._path_dirty:
+                return
+            self._path_dirty = False
+            path = self.processor.path
+            msg = Path(header=path.header, poses=list(path.poses))  # a snapshot: the worker appends to the original
+        self.publishers_by_key["path"].publish(msg)
+
+    def _publish_diagnostics(self) -> None:
+        silent = time.monotonic() - self._last_image_wall
+        values = self.diagnostic_values()
+        status = DiagnosticStatus(name="stream4d: mapping", hardware_id=str(values.get("device", "")))
         status.level, status.message = DiagnosticStatus.OK, "running"
         if silent > self.p["no_image_warn_s"]:
             status.level, status.message = DiagnosticStatus.WARN, f"no image for {silent:.1f} s"
         elif self.last_error:
             status.level, status.message = DiagnosticStatus.WARN, self.last_error
-        pr = self.processor
-        values = {
-            "input rate [Hz]": f"{rate:.2f}",
-            "latency mean [s]": f"{np.mean(self._latencies):.3f}" if self._latencies else "nan",
-            "frames in": self.frames_in, "frames processed": pr.frames_done, "frames dropped": self.frames_dropped,
-            "frames gated": pr.frames_gated, "resets": pr.resets,
-            **{f"bad input: {k}": v for k, v in self.warnings.counts.items()},
-            **stats,
-        }
+        elif self.processor.oom_recoveries:
+            status.message = (f"running (window reduced to {values['window']} after "
+                              f"{self.processor.oom_recoveries} out-of-memory recoveries)")
         status.values = [KeyValue(key=str(k), value=str(v)) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
@@ -214,9 +244,35 @@ class Stream4DNode(Node):
         response.success, response.message = True, "new stream and map"
         return response
 
+    def _map_save_path(self) -> str:
+        if self.p["map_save_path"]:
+            return self.p["map_save_path"]
+        default_dir = os.path.join(os.path.expanduser("~"), ".ros")
+        os.makedirs(default_dir, exist_ok=True)  # only the default location is created; a configured one must exist
+        return os.path.join(default_dir, "stream4d_map.ply")
+
+    def _check_map_save_path(self) -> None:
+        """A map_save_path that can never work (wrong extension, a directory) stops the start-up; one whose
+        directory is missing or read-only now may be fixed later (a disk mounted): a warning."""
+        path = self.p["map_save_path"]
+        if not path:
+            return
+        if os.path.splitext(path)[1].lower() not in FORMATS:
+            raise ValueError(f"map_save_path {path!r} must end in one of {FORMATS}")
+        if os.path.isdir(os.path.expanduser(path)):
+            raise IsADirectoryError(f"map_save_path {path!r} is a directory")
+        try:
+            validate_map_path(path)
+        except (OSError, ValueError) as exc:
+            self.get_logger().warning(f"map_save_path: {exc} (~/save_map will fail until this is fixed)")
+
     def save_map(self) -> str:
-        path = self.p["map_save_path"] or os.path.join(os.path.expanduser("~"), ".ros", "stream4d_map.ply")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        """Write the map atomically (temporary file + rename); ValueError/OSError with a clear message."""
+        path = self._map_save_path()
+        try:
+            validate_map_path(path)
+        except (OSError, ValueError) as exc:
+            raise type(exc)(f"cannot save the map to {path!r}: {exc}") from exc
         with self._map_lock:
             return self.pipeline.save_map(path)
 
@@ -226,6 +282,7 @@ class Stream4DNode(Node):
             response.success, response.message = True, f"saved {self.pipeline.map_size()} points to {path}"
         except (OSError, ValueError) as exc:
             response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"~/save_map failed: {response.message}")
         return response
 
     def shutdown(self) -> None:
@@ -258,29 +315,64 @@ def build_pipeline(p: dict):
 
         if not p["oracle_bag"]:
             raise ValueError("model 'oracle' needs the oracle_bag parameter (a sim bag with /ground_truth topics)")
+        if not os.path.exists(os.path.expanduser(p["oracle_bag"])):
+            raise FileNotFoundError(f"oracle_bag {p['oracle_bag']!r} does not exist")
         session, describe = OracleSession.from_bag(p["oracle_bag"]), f"oracle ({p['oracle_bag']})"
     else:
         from ros2_stream4d.mapping.reconstructor import build_session
 
         dtype = p["dtype"] if p["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        session = build_session(p["model"], device=device, dtype="float32" if dtype == "bfloat16" else dtype,
-                                window=p["window"] or None, anchors=p["anchors"], backend=p["attention_backend"])
+        try:
+            session = build_session(p["model"], device=device, dtype="float32" if dtype == "bfloat16" else dtype,
+                                    window=p["window"] or None, anchors=p["anchors"], backend=p["attention_backend"])
+        except Exception as exc:
+            raise _explain_model_error(p["model"], exc) from exc
         describe = (f"{p['model']} on {device} ({dtype}), window {p['window'] or 'unlimited'}, "
                     f"anchors {p['anchors']}, attention {p['attention_backend']}")
     cfg = PipelineConfig.from_params({**p, "device": device})
     return MappingPipeline(cfg, session, describe=describe)
 
 
+def _explain_model_error(spec: str, exc: Exception) -> Exception:
+    """A checkpoint file that exists but cannot be parsed: say so, with its size (the reader's own message can be
+    as terse as "[Errno 22] Invalid argument" for a truncated zip)."""
+    path = os.path.expanduser(str(spec))
+    if not os.path.isfile(path) or "could not read" not in str(exc):
+        return exc
+    try:
+        return type(exc)(f"{exc} -- {path} ({os.path.getsize(path)} bytes) is truncated, corrupt or not a "
+                         "checkpoint (.safetensors, or a torch state dict readable with weights_only=True)")
+    except Exception:  # noqa: BLE001 - an exception type with another constructor: keep the original
+        return exc
+
+
 def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv if argv is not None else sys.argv)
+    """Run the node until SIGINT or SIGTERM, then shut down in order: stop the worker, save the map when
+    configured, destroy the node. rclpy's own signal handlers are off: they would invalidate the context while
+    callbacks still publish. A second signal stops waiting (a map save in progress stays atomic)."""
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = Stream4DNode()
+    except KeyboardInterrupt:
+        print("[stream4d] interrupted during start-up", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 130
     except Exception as exc:  # start-up errors (missing checkpoint...) get one clear line, not a traceback
         print(f"[stream4d] start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_signal(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        node.get_logger().info(f"{signal.Signals(signum).name}: shutting down")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     executor = rclpy.executors.MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
     try:
@@ -289,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:
-        node.shutdown()
+        try:
+            node.shutdown()
+        except KeyboardInterrupt:
+            print("[stream4d] shutdown interrupted by a second signal", file=sys.stderr)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

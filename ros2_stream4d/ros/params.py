@@ -53,7 +53,9 @@ PARAMS: tuple[Param, ...] = (
     Param("gate_threshold", 0.0, "grey levels",
           "skip frames whose mean absolute difference to the last processed one is below this (0 = off)"),
     Param("gate_max_skip", 30, "frames", "process at least every N-th frame even when the gate would skip it"),
-    Param("max_image_side", 8192, "px", "images larger than this on either side are rejected"),
+    Param("max_image_side", 8192, "px",
+          "images larger than this on either side are rejected (compressed ones from their header, before decoding)"),
+    Param("min_image_side", 14, "px", "images smaller than this on either side are rejected (14 = one model patch)"),
     Param("no_image_warn_s", 2.0, "s", "diagnostics warn when no image arrived for this long"),
     # --- outputs -----------------------------------------------------------------------------------------------
     Param("publish_cloud", True, "", "per-frame PointCloud2 (~/cloud)"),
@@ -73,6 +75,9 @@ PARAMS: tuple[Param, ...] = (
     Param("publish_odometry", True, "", "nav_msgs/Odometry (~/odometry)"),
     Param("publish_path", True, "", "nav_msgs/Path (~/path)"),
     Param("path_max_length", 10000, "poses", "path length bound"),
+    Param("path_publish_rate", 1.0, "Hz",
+          "0 = ~/path with every frame; > 0 = at this rate when it changed. The path holds up to path_max_length "
+          "poses and costs ~3 ms per 1000 poses to serialise: use e.g. 1.0 for long live runs"),
     Param("publish_tf", True, "", "publish the TF of REP-105 (see tf_mode)"),
     Param("tf_mode", "auto", "",
           "auto: map->odom when odom->base_link has another publisher, else odom->base_link (robot) or "
@@ -91,7 +96,9 @@ PARAMS: tuple[Param, ...] = (
     Param("fixed_scale", 1.0, "m per model unit", "scale for scale_source=fixed"),
     Param("depth_topic", "", "", "metric depth Image (16UC1 mm or 32FC1 m) for scale_source=depth"),
     # --- services, diagnostics, lifecycle ------------------------------------------------------------------------
-    Param("map_save_path", "", "path", "where ~/save_map writes (.ply or .pcd); empty = ~/.ros/stream4d_map.ply"),
+    Param("map_save_path", "", "path",
+          "where ~/save_map writes (.ply or .pcd; the directory must exist and be writable; written atomically: "
+          "temporary file + rename); empty = ~/.ros/stream4d_map.ply"),
     Param("save_map_on_shutdown", False, "", "write the map to map_save_path on SIGINT/SIGTERM"),
     Param("reset_on_time_jump", True, "", "a stamp going backwards (a bag looping) starts a new stream and map"),
     Param("diagnostics_rate", 1.0, "Hz", "rate of /diagnostics"),
