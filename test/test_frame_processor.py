@@ -1,0 +1,61 @@
+"""The node's per-frame code without DDS: several cameras in one stream, and the near-duplicate gate."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy")
+
+from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings  # noqa: E402
+from ros2_stream4d.ros.node import build_pipeline  # noqa: E402
+from ros2_stream4d.ros.params import PARAMS  # noqa: E402
+from ros2_stream4d.ros.tf_static import TfBuffer  # noqa: E402
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, msg):
+        self.lines.append(msg)
+
+    info = error = warning
+
+
+def _processor(num_cameras=1, **overrides):
+    params = {p.name: p.default for p in PARAMS}
+    params.update({"model": "random-small", "input_width": 56, "window": 4, "path_publish_rate": 0.0}, **overrides)
+    log = _Log()
+    pipeline = build_pipeline(params)
+    return FrameProcessor(params, pipeline, TfBuffer(), RateLimitedWarnings(log), log, num_cameras), pipeline, log
+
+
+def _image(seed, h=48, w=64):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_simultaneous_cameras_each_get_their_own_outputs_in_one_stream():
+    processor, pipeline, log = _processor(num_cameras=2)
+    stamp = 1_000_000_000
+    for k in range(3):
+        for cam, frame in ((0, "front_optical"), (1, "rear_optical")):
+            out = dict(processor.process(cam, stamp + k * 100_000_000, frame, _image(10 * k + cam)))
+            assert out["camera_pose"].header.frame_id == "map"
+            assert out["depth"].header.frame_id == frame
+            (tf,) = out["tf"].transforms
+            assert (tf.header.frame_id, tf.child_frame_id) == ("map", frame)
+    assert processor.frames_done == 6
+    assert pipeline.reconstructor.session.stats().frames_seen == 6  # one stream: both cameras share the cache
+    assert not any("duplicate" in line for line in log.lines)
+
+
+def test_gate_skips_a_still_camera_and_republishes_the_last_pose():
+    processor, _, _ = _processor(gate_threshold=2.0, gate_max_skip=5)
+    still = _image(1)
+    first = dict(processor.process(0, 1_000_000_000, "cam", still))
+    skipped = dict(processor.process(0, 1_100_000_000, "cam", still.copy()))
+    assert processor.frames_gated == 1 and processor.frames_done == 1
+    assert set(skipped) == {"camera_pose", "odometry", "tf"}, "a skipped frame republishes only the pose"
+    assert skipped["camera_pose"].header.stamp.nanosec == 100_000_000
+    assert skipped["camera_pose"].pose == first["camera_pose"].pose
+    moved = dict(processor.process(0, 1_200_000_000, "cam", _image(2)))
+    assert "depth" in moved and processor.frames_done == 2
