@@ -32,7 +32,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="render a sequence, replay it into the node over DDS, write map/plots/metrics",
                               description=__doc__)
     p.add_argument("--out", default="out/demo", help="output folder (replaced)")
-    p.add_argument("--model", default="stream4d-tiny", help="model card, checkpoint, 'random-small' or 'oracle'")
+    p.add_argument("--model", default="auto",
+                   help="model card, checkpoint, 'random-small', 'oracle', or auto: the shipped default model "
+                        "(stream4d-tiny) when present, else the ground-truth oracle (said so loudly)")
     p.add_argument("--scene", default="room")
     p.add_argument("--trajectory", default="ground_robot")
     p.add_argument("--frames", type=int, default=200)
@@ -57,6 +59,19 @@ def _ros_environment() -> dict[str, str]:
     return env
 
 
+def _default_model() -> str:
+    from ros2_stream4d.mapping.reconstructor import resolve_model_spec
+
+    try:
+        resolve_model_spec("stream4d-tiny")
+        return "stream4d-tiny"
+    except FileNotFoundError:
+        print("[demo] NOTE: no trained default model (model/stream4d-tiny) is shipped in this version, so the demo "
+              "runs the ORACLE model: ground-truth depth and poses in the model's output format. It shows the whole "
+              "ROS pipeline working, not a learned model; pass --model random-small or a checkpoint to try others.")
+        return "oracle"
+
+
 def run(args) -> int:
     import shutil
 
@@ -69,6 +84,8 @@ def run(args) -> int:
     from ros2_stream4d.ros.recorder import BagRecorder
     from ros2_stream4d.sim.bag import SimConfig, write_sim_bag
 
+    if args.model == "auto":
+        args.model = _default_model()
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
