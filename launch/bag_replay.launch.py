@@ -23,7 +23,7 @@ def generate_launch_description():
                               description="ros2bag (ros2 bag play) or stream4d (the package's player)"),
         DeclareLaunchArgument("image", default_value="/camera/image_raw", description="camera image topic"),
         DeclareLaunchArgument("camera_info", default_value="/camera/camera_info", description="CameraInfo topic"),
-        DeclareLaunchArgument("model", default_value="stream4d-tiny", description="model card or checkpoint"),
+        DeclareLaunchArgument("model", default_value="streamvggt", description="model card or checkpoint"),
         DeclareLaunchArgument("rviz", default_value="false", choices=["true", "false"], description="start RViz"),
     ]
     node = IncludeLaunchDescription(

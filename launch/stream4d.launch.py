@@ -16,7 +16,7 @@ def generate_launch_description():
         DeclareLaunchArgument("camera_info", default_value="/camera/camera_info", description="CameraInfo topic"),
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([share, "config", "stream4d.yaml"]),
                               description="node parameters (every one documented in it)"),
-        DeclareLaunchArgument("model", default_value="stream4d-tiny",
+        DeclareLaunchArgument("model", default_value="streamvggt",
                               description="model card in share/ros2_stream4d/model, or a checkpoint path"),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda, cuda:N"),
         DeclareLaunchArgument("use_sim_time", default_value="false", choices=["true", "false"],

@@ -312,9 +312,10 @@ class ModelBackendFactory:
     """
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                 window: int | None = 16, anchors: int = 1, backend: str = "sdpa"):
+                 window: int | None = 16, anchors: int = 1, backend: str = "sdpa", allow_download: bool = False):
         self.device, self.dtype = torch.device(device), parse_dtype(dtype)
         self.window, self.anchors, self.backend = window, int(anchors), backend
+        self.allow_download = allow_download  # only ever True when the user said so
 
     def load_model(self, model_spec: str):
         kind, path = resolve_model_spec(model_spec)
@@ -332,7 +333,8 @@ class ModelBackendFactory:
         from ros2_stream4d.model.hub import resolve_checkpoint
 
         local = (path.parent / str(weights)).expanduser()
-        return self._load(local if local.is_file() else resolve_checkpoint(str(weights)), cfg)
+        return self._load(local if local.is_file()
+                          else resolve_checkpoint(str(weights), allow_download=self.allow_download), cfg)
 
     def _random(self, cfg, seed: int):
         from ros2_stream4d.model.streamvggt import StreamVGGT
@@ -391,7 +393,7 @@ def _model_config(d: dict):
 
 
 def build_session(model_spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                  window: int | None = 16, anchors: int = 1, backend: str = "sdpa"):
+                  window: int | None = 16, anchors: int = 1, backend: str = "sdpa", allow_download: bool = False):
     """A streaming session for ``model_spec`` (model card name or path, checkpoint path, or "random-small").
     dtype = the aggregator's weight dtype (heads stay fp32); on CUDA the model also autocasts to bf16 itself."""
-    return ModelBackendFactory(device, dtype, window, anchors, backend).build_session(model_spec)
+    return ModelBackendFactory(device, dtype, window, anchors, backend, allow_download).build_session(model_spec)

@@ -324,7 +324,8 @@ def build_pipeline(p: dict):
         dtype = p["dtype"] if p["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         try:
             session = build_session(p["model"], device=device, dtype="float32" if dtype == "bfloat16" else dtype,
-                                    window=p["window"] or None, anchors=p["anchors"], backend=p["attention_backend"])
+                                    window=p["window"] or None, anchors=p["anchors"], backend=p["attention_backend"],
+                                    allow_download=bool(p["allow_download"]))
         except Exception as exc:
             raise _explain_model_error(p["model"], exc) from exc
         describe = (f"{p['model']} on {device} ({dtype}), window {p['window'] or 'unlimited'}, "

@@ -20,8 +20,9 @@ class Param:
 
 PARAMS: tuple[Param, ...] = (
     # --- model -------------------------------------------------------------------------------------------------
-    Param("model", "stream4d-tiny", "",
-          "model card name in the package's model/ folder, a checkpoint path (.safetensors/.pth/.pt), "
+    Param("model", "streamvggt", "",
+          "model card name in the package's model/ folder (streamvggt, vggt-1b, stream3r: official weights, placed "
+          "in the Hugging Face cache or fetched with allow_download), a checkpoint path (.safetensors/.pth/.pt), "
           "'random-small' (random weights, for plumbing tests) or 'oracle' (ground truth from oracle_bag)"),
     Param("oracle_bag", "", "path", "sim bag whose /ground_truth topics the 'oracle' model replays (tests, demos)"),
     Param("allow_download", False, "", "let a model card fetch its weights from the Hugging Face hub"),
