@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def inv_se3(T: np.ndarray) -> np.ndarray:
-    """Inverse of (..., 4, 4) rigid transforms."""
-    T = np.asarray(T, np.float64)
-    R, t = T[..., :3, :3], T[..., :3, 3]
-    out = np.zeros_like(T)
-    Rt = np.swapaxes(R, -1, -2)
-    out[..., :3, :3] = Rt
-    out[..., :3, 3] = -np.einsum("...ij,...j->...i", Rt, t)
-    out[..., 3, 3] = 1.0
-    return out
+from ros2_stream4d.mapping.conventions import inverse as inv_se3  # noqa: F401  (one rigid inverse for the project)
 
 
 def quat_to_matrix(q: np.ndarray) -> np.ndarray:
