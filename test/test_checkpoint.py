@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from model_helpers import perturb
 from torch import nn
 
 from ros2_stream4d.model import ModelConfig, StreamVGGT
@@ -26,17 +27,6 @@ from ros2_stream4d.model.hub import CheckpointNotAvailable, resolve_checkpoint
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEYS_TSV = ROOT.parent / "shared" / "reference" / "streamvggt_state_dict_keys.tsv"
 H, W = 28, 42
-
-
-def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
-            elif name.endswith(("camera_token", "register_token", "empty_pose_tokens", "cls_token", "register_tokens")):
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
 
 
 def small_cfg(**kw) -> ModelConfig:

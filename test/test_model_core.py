@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from model_helpers import perturb
 from torch import nn
 
 from ros2_stream4d.model import ModelConfig, StreamVGGT
@@ -22,18 +23,6 @@ from ros2_stream4d.model.layers import (
 )
 
 H, W = 28, 42  # 2 x 3 patches of 14
-
-
-def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Make random weights matter: LayerScale gammas near 1 and visible special tokens (default init is ~0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
-            elif name.endswith(("camera_token", "register_token", "empty_pose_tokens", "cls_token", "register_tokens")):
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
 
 
 def tiny_cfg(**kw) -> ModelConfig:

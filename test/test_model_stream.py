@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from model_helpers import perturb
 
 from ros2_stream4d.model import OUTPUT_KEYS, ModelConfig, RollingKVCache, StreamVGGT
 
 H, W = 28, 42
 S = 7
-
-
-def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
-            elif name.endswith(("camera_token", "register_token", "empty_pose_tokens", "cls_token", "register_tokens")):
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
 
 
 CONFIGS = {
