@@ -86,11 +86,7 @@ def plot_stream(result: dict, path: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("stream4d bench stream: " + _subtitle(result), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_stages(result: dict, path: str | Path) -> Path:
@@ -130,11 +126,7 @@ def plot_stages(result: dict, path: str | Path) -> Path:
     fig.suptitle(f"stream4d bench stages: {env['device']} [{env.get('gpu') or env['cpu']}], torch {env['torch']}, "
                  f"{env['torch_threads']} threads, load {env['load_at_start']['loadavg_1m']}", fontsize=9)
     fig.tight_layout(rect=(0, 0.17, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_roofline(result: dict, path: str | Path) -> Path:
@@ -168,6 +160,10 @@ def plot_roofline(result: dict, path: str | Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
