@@ -84,7 +84,7 @@ def test_stream3r_layout_is_official_minus_track_head():
 
 # -- round trips -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix,prefix", [(".pth", ""), (".safetensors", ""), (".pth", "net."), (".safetensors", "net."),
-                                           (".pt", "module.")])
+                                           (".pt", "module."), (".safetensors", "module.net.")])
 def test_roundtrip_strict_identical_outputs(tmp_path, small_model, images, suffix, prefix):
     path = save_checkpoint(small_model, tmp_path / f"ckpt{suffix}", prefix=prefix)
     ref = outputs(small_model, images)
