@@ -14,18 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-OUTPUT_TOPICS = {
-    "/stream4d/camera_pose": "geometry_msgs/msg/PoseStamped",
-    "/stream4d/odometry": "nav_msgs/msg/Odometry",
-    "/stream4d/path": "nav_msgs/msg/Path",
-    "/stream4d/depth": "sensor_msgs/msg/Image",
-    "/stream4d/depth/camera_info": "sensor_msgs/msg/CameraInfo",
-    "/stream4d/confidence": "sensor_msgs/msg/Image",
-    "/stream4d/cloud": "sensor_msgs/msg/PointCloud2",
-    "/stream4d/map": "sensor_msgs/msg/PointCloud2",
-    "/tf": "tf2_msgs/msg/TFMessage",
-    "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
-}
+from ros2_stream4d.topics import OUTPUTS, output_topic
+from ros2_stream4d.topics import resolve as topics_resolve
+
+# every output of the node (one topic table: ros2_stream4d.topics) plus the input TF, for the TF-tree check
+OUTPUT_TOPICS = {**{output_topic(key): msgtype for key, (_, msgtype) in OUTPUTS.items()},
+                 "/tf_static": "tf2_msgs/msg/TFMessage"}
+MAP_TOPIC, POSE_TOPIC = output_topic("map"), output_topic("camera_pose")
 
 
 def register(subparsers) -> None:
@@ -81,7 +76,7 @@ def run(args) -> int:
     from std_srvs.srv import Trigger
 
     from ros2_stream4d.mapping.reconstructor import model_input_width
-    from ros2_stream4d.ros.recorder import BagRecorder
+    from ros2_stream4d.ros.compat.recorder import BagRecorder
     from ros2_stream4d.sim.bag import SimConfig, write_sim_bag
 
     if args.model == "auto":
@@ -101,11 +96,19 @@ def run(args) -> int:
     params = [f"model:={args.model}", f"window:={args.window}", f"input_width:={input_width}", "use_sim_time:=true",
               "process_every_frame:=true", "input_qos:=reliable", f"map_save_path:={map_path}", "conf_percentile:=30.0"]
     if args.model == "oracle":
-        params.append(f"oracle_bag:={gt_bag}")
+        # the oracle replays ground truth, metric by construction: its scale is exactly 1 m per unit
+        params += [f"oracle_bag:={gt_bag}", "scale_source:=fixed", "fixed_scale:=1.0"]
+    # the sim bag is a robot: base_link -> camera_link -> camera_optical_frame on /tf_static and wheel odometry
+    # odom -> base_link on /tf, so the node runs the robot set-up and publishes map -> odom (REP-105)
+    params.append("base_frame:=base_link")
+    remaps = ["image:=/camera/image_raw", "camera_info:=/camera/camera_info"]
     node_cmd = [sys.executable, "-m", "ros2_stream4d.ros.node", "--ros-args"]
     for p in params:
         node_cmd += ["-p", p]
-    print(f"[demo] 2/5 starting stream4d_node: {' '.join(params)}")
+    for r in remaps:
+        node_cmd += ["-r", r]
+    print(f"[demo] 2/5 starting stream4d_node (robot set-up: the bag has odom -> base_link, so the node publishes "
+          f"map -> odom): {' '.join(params + remaps)}")
     log = open(out / "node.log", "w")  # noqa: SIM115 - closed in finally
     node_proc = subprocess.Popen(node_cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     player = None
@@ -113,7 +116,7 @@ def run(args) -> int:
     demo_node = rclpy.create_node("stream4d_demo")
     executor = SingleThreadedExecutor()
     executor.add_node(demo_node)
-    recorder = BagRecorder(demo_node, out / "output_bag", OUTPUT_TOPICS, latched=("/stream4d/map",))
+    recorder = BagRecorder(demo_node, out / "output_bag", OUTPUT_TOPICS, latched=(MAP_TOPIC, "/tf_static"))
 
     def spin_until(condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -125,7 +128,7 @@ def run(args) -> int:
             executor.spin_once(timeout_sec=0.05)
 
     try:
-        spin_until(lambda: demo_node.count_publishers("/stream4d/camera_pose") > 0, 120, "the node to start")
+        spin_until(lambda: demo_node.count_publishers(POSE_TOPIC) > 0, 120, "the node to start")
         print(f"[demo] 3/5 playing the bag over DDS (loopback) at rate {args.rate}")
         player = subprocess.Popen([sys.executable, "-m", "ros2_stream4d.cli", "play", str(gt_bag), "--quiet",
                                    "--rate", str(args.rate), "--wait-for-subscribers", "/camera/image_raw",
@@ -133,7 +136,7 @@ def run(args) -> int:
         last = [-1, time.monotonic()]
 
         def all_frames_done() -> bool:
-            n = recorder.counts["/stream4d/camera_pose"]
+            n = recorder.counts[POSE_TOPIC]
             if n != last[0]:
                 last[:] = [n, time.monotonic()]
                 print(f"\r[demo]     frames processed: {n}/{args.frames}", end="", flush=True)
@@ -141,12 +144,12 @@ def run(args) -> int:
 
         spin_until(all_frames_done, 30 + args.frames * 5.0 / args.rate, "every frame to be processed")
         print()
-        client = demo_node.create_client(Trigger, "/stream4d/save_map")
+        client = demo_node.create_client(Trigger, topics_resolve("~/save_map"))
         client.wait_for_service(timeout_sec=30)
         future = client.call_async(Trigger.Request())
         spin_until(future.done, 60, "~/save_map")
         print(f"[demo] 4/5 {future.result().message}")
-        spin_until(lambda: recorder.counts["/stream4d/map"] > 0, 30, "the accumulated map")
+        spin_until(lambda: recorder.counts[MAP_TOPIC] > 0, 30, "the accumulated map")
     finally:
         recorder.close()
         if player is not None and player.poll() is None:

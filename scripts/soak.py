@@ -126,13 +126,16 @@ def run_inprocess(args) -> dict:
 
     from ros2_stream4d.ros import conversions as conv
     from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
-    from ros2_stream4d.ros.node import build_pipeline
-    from ros2_stream4d.ros.tf_static import TfBuffer
+    from ros2_stream4d.loader import ModelOptions, load_pipeline
+    from ros2_stream4d.mapping.pipeline import PipelineConfig
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+    from ros2_stream4d.ros.config import as_dict, make_config
 
     params = node_params(args)
-    pipeline = build_pipeline(params)
+    cfg = make_config(params)
+    pipeline = load_pipeline(ModelOptions.from_config(cfg), PipelineConfig.from_params(as_dict(cfg)))
     logger = _Logger()
-    processor = FrameProcessor(params, pipeline, TfBuffer(), RateLimitedWarnings(logger), logger)
+    processor = FrameProcessor(cfg, pipeline, TfBuffer(), RateLimitedWarnings(logger), logger)
     samples, times, cpu_times, published = [], [], [], 0
     t_start = time.perf_counter()
     for i in range(args.frames):
@@ -144,7 +147,7 @@ def run_inprocess(args) -> dict:
             raise RuntimeError(f"frame {i} refused: {logger.lines[-3:]}")
         out = processor.process(0, stamp, msg.header.frame_id, rgb)
         timer_tick = args.map_every and (i + 1) % args.map_every == 0  # the node's 1 Hz timers, at ~30 frames/s
-        for key, m in out:
+        for key, m in out.messages:
             if key == "path" and params["path_publish_rate"] > 0 and not timer_tick:
                 continue  # the node publishes the path from a timer (path_publish_rate), not with every frame
             serialize_message(m)
@@ -193,6 +196,7 @@ def run_dds(args) -> dict:
     node_params_used = dict(params)
     ros_args = [a for k, v in params.items() for a in ("-p", f"{k}:={v}")]
     env = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else None  # the node's torch threads
+    ros_args += ["-r", "image:=/camera/image_raw", "-r", "camera_info:=/camera/camera_info"]
     node = RosProcess(python_command("-m", "ros2_stream4d.ros.node", "--ros-args", *ros_args), name="soak_node",
                       env=env)
     context = rclpy.Context()

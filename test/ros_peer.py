@@ -16,7 +16,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 
 from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, numpy_to_image
-from ros2_stream4d.ros.tf_static import tf_static_qos
+from ros2_stream4d.ros.compat.tf_buffer import tf_static_qos
 
 STATIC_TRANSFORMS = {  # (parent, child): translation, the same values the tests expect
     ("base_link", "camera_link"): (0.10, 0.0, 0.30),

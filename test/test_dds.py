@@ -42,7 +42,7 @@ def test_one_megabyte_image_crosses_processes(ros_node, ros_process):
 
 @pytest.mark.ros
 def test_latched_tf_static_reaches_late_subscriber(ros_node, ros_process):
-    from ros2_stream4d.ros.tf_static import TfListener
+    from ros2_stream4d.ros.compat.tf_buffer import TfListener
 
     peer = ros_process(python_command(PEER, "tf-static"), "tf_static_pub")
     peer.wait_for_output("PUBLISHED", timeout=20.0)
@@ -66,7 +66,7 @@ def _stamped(parent, child, translation, yaw=0.0, stamp=0):
 
 def test_tf_buffer_chains_static_and_dynamic_edges_through_the_common_ancestor():
     pytest.importorskip("geometry_msgs", reason="the buffer stores geometry_msgs transforms")
-    from ros2_stream4d.ros.tf_static import TfBuffer, TransformNotFound
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer, TransformNotFound
 
     buffer = TfBuffer()
     msg, map_odom = _stamped("map", "odom", [1, 0, 0], yaw=0.3)

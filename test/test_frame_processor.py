@@ -5,28 +5,7 @@ import pytest
 
 pytest.importorskip("rclpy")
 
-from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings  # noqa: E402
-from ros2_stream4d.ros.node import build_pipeline  # noqa: E402
-from ros2_stream4d.ros.params import PARAMS  # noqa: E402
-from ros2_stream4d.ros.tf_static import TfBuffer  # noqa: E402
-
-
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def warning(self, msg):
-        self.lines.append(msg)
-
-    info = error = warning
-
-
-def _processor(num_cameras=1, **overrides):
-    params = {p.name: p.default for p in PARAMS}
-    params.update({"model": "random-small", "input_width": 56, "window": 4, "path_publish_rate": 0.0}, **overrides)
-    log = _Log()
-    pipeline = build_pipeline(params)
-    return FrameProcessor(params, pipeline, TfBuffer(), RateLimitedWarnings(log), log, num_cameras), pipeline, log
+from processor_helpers import make_processor as _processor  # noqa: E402
 
 
 def _image(seed, h=48, w=64):
@@ -38,9 +17,9 @@ def test_simultaneous_cameras_each_get_their_own_outputs_in_one_stream():
     stamp = 1_000_000_000
     for k in range(3):
         for cam, frame in ((0, "front_optical"), (1, "rear_optical")):
-            out = dict(processor.process(cam, stamp + k * 100_000_000, frame, _image(10 * k + cam)))
+            out = dict(processor.process(cam, stamp + k * 100_000_000, frame, _image(10 * k + cam)).messages)
             assert out["camera_pose"].header.frame_id == "map"
-            assert out["depth"].header.frame_id == frame
+            assert out["depth_relative"].header.frame_id == frame
             (tf,) = out["tf"].transforms
             assert (tf.header.frame_id, tf.child_frame_id) == ("map", frame)
     assert processor.frames_done == 6
@@ -51,11 +30,11 @@ def test_simultaneous_cameras_each_get_their_own_outputs_in_one_stream():
 def test_gate_skips_a_still_camera_and_republishes_the_last_pose():
     processor, _, _ = _processor(gate_threshold=2.0, gate_max_skip=5)
     still = _image(1)
-    first = dict(processor.process(0, 1_000_000_000, "cam", still))
-    skipped = dict(processor.process(0, 1_100_000_000, "cam", still.copy()))
+    first = dict(processor.process(0, 1_000_000_000, "cam", still).messages)
+    skipped = dict(processor.process(0, 1_100_000_000, "cam", still.copy()).messages)
     assert processor.frames_gated == 1 and processor.frames_done == 1
     assert set(skipped) == {"camera_pose", "odometry", "tf"}, "a skipped frame republishes only the pose"
     assert skipped["camera_pose"].header.stamp.nanosec == 100_000_000
     assert skipped["camera_pose"].pose == first["camera_pose"].pose
-    moved = dict(processor.process(0, 1_200_000_000, "cam", _image(2)))
-    assert "depth" in moved and processor.frames_done == 2
+    moved = dict(processor.process(0, 1_200_000_000, "cam", _image(2)).messages)
+    assert "depth_relative" in moved and processor.frames_done == 2

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from ros2_stream4d.ros import minilaunch
-from ros2_stream4d.ros.minilaunch import LaunchResolutionError, resolve_launch
+from ros2_stream4d.ros.compat import minilaunch
+from ros2_stream4d.ros.compat.minilaunch import LaunchResolutionError, resolve_launch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / "test" / "data"

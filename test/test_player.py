@@ -78,7 +78,7 @@ def test_bag_replayed_in_another_process_drives_a_sim_time_node(ros_node, ros_pr
     from tf2_msgs.msg import TFMessage
 
     from ros2_stream4d.ros.conversions import image_to_numpy, time_to_ns
-    from ros2_stream4d.ros.tf_static import TfListener, tf_static_qos
+    from ros2_stream4d.ros.compat.tf_buffer import TfListener, tf_static_qos
 
     bag = write_bag(tmp_path / "bag", storage)
     ros_node.set_parameters([Parameter("use_sim_time", value=True)])
@@ -117,7 +117,7 @@ def test_loop_replays_from_the_start_and_rate_is_validated(ros_node, tmp_path):
     from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import Image
 
-    from ros2_stream4d.ros.player import play_bag
+    from ros2_stream4d.ros.compat.player import play_bag
 
     bag = write_bag(tmp_path / "bag")
     context = rclpy.Context()
@@ -146,7 +146,7 @@ def test_loop_replays_from_the_start_and_rate_is_validated(ros_node, tmp_path):
 
 
 def test_bad_bags_and_unmatched_waits_fail_clearly(ros_node, tmp_path):
-    from ros2_stream4d.ros.player import BagPlayError, play_bag
+    from ros2_stream4d.ros.compat.player import BagPlayError, play_bag
 
     with pytest.raises(BagPlayError, match="does not exist"):
         play_bag(tmp_path / "missing", node=ros_node)

@@ -383,7 +383,7 @@ def test_out_of_memory_in_a_step_halves_the_window_and_continues(error):
 
     from ros2_stream4d.mapping.pipeline import is_out_of_memory
     from ros2_stream4d.ros.node import build_pipeline
-    from ros2_stream4d.ros.tf_static import TfBuffer
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
 
     if error == "cuda":
         error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
@@ -416,7 +416,7 @@ def test_out_of_memory_in_a_step_halves_the_window_and_continues(error):
 
 def test_out_of_memory_at_window_one_skips_the_frame_and_goes_on():
     from ros2_stream4d.ros.node import build_pipeline
-    from ros2_stream4d.ros.tf_static import TfBuffer
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
 
     params = _small_params(window=1)
     pipeline = build_pipeline(params)

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("geometry_msgs")
 
 from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, ns_to_time  # noqa: E402
-from ros2_stream4d.ros.tf_static import TfBuffer  # noqa: E402
+from ros2_stream4d.ros.compat.tf_buffer import TfBuffer  # noqa: E402
 
 
 def _yaw(deg: float, x: float) -> np.ndarray:

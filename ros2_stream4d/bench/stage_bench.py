@@ -2,7 +2,7 @@
 
 For each model configuration, a 640x480 ``sensor_msgs/Image`` (bgr8) goes through exactly what the node runs per
 frame: ``conversions.to_rgb`` (decode), ``MappingPipeline.process`` (preprocess, model, postprocess, scale and
-frames, cloud, map fusion; its own ``timings``), ``outputs.frame_messages`` (publish-message building) and
+frames, cloud, map fusion; its own ``timings``), ``OutputAssembler.messages`` (publish-message building) and
 ``rclpy.serialization.serialize_message`` of every message (what a publisher does before handing bytes to DDS).
 The model time is split from outside the model, without editing it: forward hooks on the patch embed, every frame
 and global block and each head, and a timing wrapper around ``aggregator.step``. Publishing itself (DDS write) is
@@ -155,7 +155,10 @@ def bench_config(preset: str, cfg: StageBenchConfig, log=print) -> dict[str, Any
     from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
     from ros2_stream4d.model import StreamVGGT
     from ros2_stream4d.ros import conversions as conv
-    from ros2_stream4d.ros.outputs import frame_messages
+    from ros2_stream4d.ros.assembler import OutputAssembler
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+    from ros2_stream4d.ros.config import make_config
+    from ros2_stream4d.ros.tf_policy import decide
 
     device = torch.device(cfg.device)
     mcfg = preset_config(preset)
@@ -169,12 +172,12 @@ def bench_config(preset: str, cfg: StageBenchConfig, log=print) -> dict[str, Any
     pcfg.device, pcfg.input_width = str(device), cfg.model_width
     pipeline = MappingPipeline(pcfg, session)
     timers = ModelTimers(model, device)
-    from nav_msgs.msg import Path as PathMsg
-
-    path = PathMsg()
-    path.header.frame_id = params["map_frame"]
+    node_cfg = make_config({**params, "device": "cpu" if str(device) == "cpu" else "cuda"})
+    tf = TfBuffer()
+    assembler = OutputAssembler(node_cfg, tf)
     h, w = cfg.input_hw
     camera_frame = "camera_optical_frame"
+    decision = decide(node_cfg, tf, camera_frame, False, set())
     images = [_synthetic_image(h, w, cfg.seed + i) for i in range(2)]
     per_frame: list[dict[str, float]] = []
     sizes: dict[str, int] = {}
@@ -189,9 +192,9 @@ def bench_config(preset: str, cfg: StageBenchConfig, log=print) -> dict[str, Any
         t0 = time.perf_counter()
         rgb = conv.to_rgb(msg, max_side=params["max_image_side"])
         t_dec = time.perf_counter()
-        result = pipeline.process(rgb, stamp_ns)
+        outcome = pipeline.process(rgb, stamp_ns)
         t_pipe = time.perf_counter()
-        msgs = frame_messages(result, params, camera_frame, None, path)
+        msgs = assembler.messages(outcome, decision, camera_frame)
         t_msg = time.perf_counter()
         wire = [(k, serialize_message(m)) for k, m in msgs]
         t_ser = time.perf_counter()

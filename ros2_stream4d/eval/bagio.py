@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from rosbags.rosbag2 import Writer
 
+from ros2_stream4d.topics import output_topic
+
 from ros2_stream4d.sim.bag import (
     STORAGES,
     TYPESTORE,
@@ -32,7 +34,8 @@ from ros2_stream4d.sim.bag import (
     stamp_ns,
 )
 
-PRED_TOPICS = {"pose": "/stream4d/camera_pose", "depth": "/stream4d/depth", "map": "/stream4d/map"}
+PRED_TOPICS = {key: output_topic(name) for key, name in
+               (("pose", "camera_pose"), ("depth", "depth"), ("depth_relative", "depth_relative"), ("map", "map"))}
 _PF_DTYPES = {1: np.int8, 2: np.uint8, 3: np.int16, 4: np.uint16, 5: np.int32, 6: np.uint32, 7: np.float32,
               8: np.float64}
 
@@ -49,6 +52,7 @@ class Prediction:
     map_rgb: np.ndarray | None  # (P, 3) uint8
     map_conf: np.ndarray | None  # (P,) float32
     map_frame: str | None
+    depth_topic: str = ""  # the topic the depths were read from
 
 
 def pointcloud2_to_arrays(msg) -> dict[str, np.ndarray]:
@@ -101,12 +105,16 @@ def pointcloud2_msg(ns: int, frame_id: str, xyz: np.ndarray, rgb: np.ndarray | N
         is_dense=bool(np.isfinite(xyz).all()))
 
 
-def read_prediction(path: str | Path, pose_topic: str = PRED_TOPICS["pose"], depth_topic: str = PRED_TOPICS["depth"],
+def read_prediction(path: str | Path, pose_topic: str = PRED_TOPICS["pose"], depth_topic: str | None = None,
                     map_topic: str = PRED_TOPICS["map"], with_depth: bool = True, with_map: bool = True) -> Prediction:
+    """The node's outputs in a bag. depth_topic None: the metric ~/depth/image when the bag has it, else the
+    relative ~/depth_relative/image (Prediction.depth_topic says which was read)."""
     topics = bag_topics(path)
     if pose_topic not in topics:
         raise ValueError(f"{path}: no {pose_topic} (topics: {sorted(topics)})")
-    info_topics = [t for t in (f"{depth_topic}/camera_info", "/stream4d/camera_info")
+    if depth_topic is None:
+        depth_topic = PRED_TOPICS["depth"] if PRED_TOPICS["depth"] in topics else PRED_TOPICS["depth_relative"]
+    info_topics = [t for t in (depth_topic.rsplit("/", 1)[0] + "/camera_info", f"{depth_topic}/camera_info")
                    if topics.get(t, ("",))[0] == "sensor_msgs/msg/CameraInfo"]
     want = [pose_topic] + ([depth_topic] if with_depth else []) + ([map_topic] if with_map else []) + info_topics[:1]
     poses, depths, K, last_map, pose_frame = {}, {}, None, None, ""
@@ -129,7 +137,7 @@ def read_prediction(path: str | Path, pose_topic: str = PRED_TOPICS["pose"], dep
         depths=np.stack([depths[s] for s in dstamps]) if len(dstamps) else None, depth_K=K,
         map_points=None if cloud is None else cloud["xyz"], map_rgb=None if cloud is None else cloud.get("rgb"),
         map_conf=None if cloud is None else cloud.get("confidence"),
-        map_frame=None if last_map is None else last_map.header.frame_id)
+        map_frame=None if last_map is None else last_map.header.frame_id, depth_topic=depth_topic)
 
 
 def write_prediction_bag(path: str | Path, stamps, T_map_cam, depths=None, depth_K=None, map_points=None,
@@ -146,7 +154,8 @@ def write_prediction_bag(path: str | Path, stamps, T_map_cam, depths=None, depth
         if depths is not None:
             c_depth = w.add_connection(PRED_TOPICS["depth"], "sensor_msgs/msg/Image", typestore=TYPESTORE)
             if depth_K is not None:
-                c_info = w.add_connection(PRED_TOPICS["depth"] + "/camera_info", "sensor_msgs/msg/CameraInfo",
+                c_info = w.add_connection(PRED_TOPICS["depth"].rsplit("/", 1)[0] + "/camera_info",
+                                          "sensor_msgs/msg/CameraInfo",
                                           typestore=TYPESTORE)
         if map_points is not None:
             c_map = w.add_connection(PRED_TOPICS["map"], "sensor_msgs/msg/PointCloud2", typestore=TYPESTORE)

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--rpe-delta", type=int, default=1, help="RPE frame distance")
     p.add_argument("--map-threshold", type=float, default=0.05, help="distance threshold of precision/recall (m)")
     p.add_argument("--pose-topic", default="/stream4d/camera_pose")
-    p.add_argument("--depth-topic", default="/stream4d/depth")
+    p.add_argument("--depth-topic", default=None,
+                   help="default: /stream4d/depth/image when the bag has it, else /stream4d/depth_relative/image")
     p.add_argument("--map-topic", default="/stream4d/map")
     p.add_argument("--stamp-tolerance", type=float, default=0.0, help="stamp matching tolerance (ms)")
     p.add_argument("--title", default="stream4d evaluation")

@@ -131,7 +131,7 @@ def _stride_K(K, stride: int) -> np.ndarray:
 
 
 def evaluate_bags(pred_path: str | Path, gt_path: str | Path, *, pose_topic: str = "/stream4d/camera_pose",
-                  depth_topic: str = "/stream4d/depth", map_topic: str = "/stream4d/map", align: str = "sim3",
+                  depth_topic: str | None = None, map_topic: str = "/stream4d/map", align: str = "sim3",
                   depth_align="median", rpe_delta: int = 1, map_threshold: float = 0.05,
                   stamp_tolerance_ns: int = 0, **kwargs) -> EvalResult:
     """Match the prediction bag's poses and depths to the sim bag's ground truth by stamp, then evaluate_arrays."""
@@ -175,7 +175,7 @@ def evaluate_bags(pred_path: str | Path, gt_path: str | Path, *, pose_topic: str
     result.metrics.update(pred_poses=int(len(pred.stamps)), gt_frames=int(len(gt.stamps)), matched_poses=int(len(pi)),
                           matched_depths=0 if gt_depths is None else int(len(gt_depths)))
     result.inputs = {"pred": str(pred_path), "gt": str(gt_path), "pose_topic": pose_topic,
-                     "depth_topic": depth_topic, "map_topic": map_topic}
+                     "depth_topic": pred.depth_topic, "map_topic": map_topic}
     return result
 
 

@@ -8,6 +8,7 @@ current scale (metres when a scale source is valid).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +17,10 @@ import numpy as np
 
 from ros2_stream4d.mapping.cloud import CloudOptions, frame_cloud
 from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse, map_to_odom, transform_points
-from ros2_stream4d.mapping.fusion import VoxelMap
 from ros2_stream4d.mapping.gating import KeyframeGate
-from ros2_stream4d.mapping.map_io import save_map
+from ros2_stream4d.mapping.keyframe_map import KeyframeMap, KeyframeMapConfig, MapFrame
+from ros2_stream4d.mapping.map_io import FORMATS, save_map
+from ros2_stream4d.mapping.map_store import load_map_dir, save_map_dir
 from ros2_stream4d.mapping.preprocess import Preprocessor
 from ros2_stream4d.mapping.reconstructor import FramePrediction, StreamingReconstructor
 from ros2_stream4d.mapping.scale import DepthSensorScale, FixedScale, OdometryScale
@@ -40,6 +42,27 @@ class PipelineConfig:
     conf_percentile: float = 20.0
     map_voxel_size: float = 0.02
     map_max_points: int = 1_000_000
+    # keyframe map and its products (mapping/keyframe_map.py); lengths in metres (model units without scale)
+    map_keyframe_distance: float = 0.3  # m: a new keyframe when the camera moved this far from the last
+    map_keyframe_angle: float = 15.0  # deg: ... or turned this much
+    map_keyframe_max_frames: int = 10  # frames stored per keyframe at most
+    map_stride: int = 2  # pixel stride of the stored depth/colour (model resolution)
+    map_cloud_stride: int = 2  # extra stride of the points fused into the cloud and the grid
+    map_depth_max: float = 5.0  # m: depth fused into the map (cloud, TSDF)
+    map_max_keyframes_in_memory: int = 50  # older keyframes are spilled to map_spill_dir
+    map_spill_dir: str = ""  # "" = a private temporary directory
+    map_load_path: str = ""  # a saved map directory to continue from (start pose map_start_pose)
+    map_start_pose: tuple = ()  # x, y, z, yaw (m, rad) of the body frame in map at the first frame
+    mesh_enabled: bool = True  # TSDF + mesh
+    tsdf_voxel_size: float = 0.05  # m
+    tsdf_trunc_voxels: float = 4.0  # truncation distance in voxels
+    tsdf_device: str = "CPU:0"  # Open3D device, "CUDA:0" with the CUDA build of Open3D
+    occupancy_enabled: bool = True
+    occupancy_resolution: float = 0.05  # m per cell
+    occupancy_floor_z: float = 0.0  # m: floor height in map
+    occupancy_min_height: float = 0.1  # m above the floor: lower bound (exclusive) of obstacles
+    occupancy_max_height: float = 1.5  # m above the floor: upper bound of obstacles
+    occupancy_max_range: float = 5.0  # m: horizontal range of the grid's votes
     scale_source: str = "none"
     fixed_scale: float = 1.0
     depth_geometry: str = "camera"  # camera | model
@@ -71,6 +94,30 @@ class FrameResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """The frame was not used: ``reason`` is the short key counted in diagnostics, ``detail`` the log text."""
+
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Gated:
+    """The keyframe gate judged the frame a near-duplicate: ``result`` is the last processed frame restamped with
+    this frame's stamp (the robot stands still: its pose is republished), None before the first frame."""
+
+    result: FrameResult | None
+
+
+@dataclass(frozen=True)
+class Processed:
+    result: FrameResult
+
+
+FrameOutcome = Skipped | Gated | Processed
+
+
 class MappingPipeline:
     def __init__(self, cfg: PipelineConfig, session, logger=None, describe: str = ""):
         self.cfg = cfg
@@ -82,7 +129,9 @@ class MappingPipeline:
         self.gate = KeyframeGate(threshold=cfg.gate_threshold / 255.0, max_skip=cfg.gate_max_skip,
                                  enabled=cfg.gate_threshold > 0)
         self.scale_source = self._make_scale_source()
-        self.map = VoxelMap(cfg.map_voxel_size, cfg.map_max_points)
+        self.map = KeyframeMap(map_config(cfg))
+        self._start_T_map_body: np.ndarray | None = start_pose_matrix(cfg.map_start_pose)
+        self._next_T_map_world: np.ndarray | None = None  # a reset stream continues where the last left
         self.cloud_options = CloudOptions(
             conf_threshold=cfg.conf_threshold if cfg.conf_threshold > 0 else None,
             conf_percentile=cfg.conf_percentile if cfg.conf_percentile > 0 else None,
@@ -90,6 +139,19 @@ class MappingPipeline:
         self.T_map_world: np.ndarray | None = None  # fixed at the first frame of a stream
         self.last: FrameResult | None = None
         self.timings: dict[str, float] = {}
+        if cfg.map_load_path:
+            self.load_map(cfg.map_load_path, self._start_T_map_body)
+
+    def update_config(self, cfg: PipelineConfig) -> None:
+        """Apply the settings that may change while a stream runs (gate, cloud filtering, depth geometry);
+        the others (model, input size, scale source, map bounds) need a new pipeline."""
+        self.cfg = cfg
+        self.gate.threshold, self.gate.max_skip = cfg.gate_threshold / 255.0, cfg.gate_max_skip
+        self.gate.enabled = cfg.gate_threshold > 0
+        self.cloud_options = CloudOptions(
+            conf_threshold=cfg.conf_threshold if cfg.conf_threshold > 0 else None,
+            conf_percentile=cfg.conf_percentile if cfg.conf_percentile > 0 else None,
+            max_points=cfg.cloud_max_points, frame="camera" if cfg.cloud_frame == "camera" else "world")
 
     def _make_scale_source(self):
         kind = self.cfg.scale_source
@@ -109,24 +171,37 @@ class MappingPipeline:
         self.reconstructor.reset()
         self.gate.reset()
         self.scale_source.reset()
-        self.map.clear()
+        # a new stream continues the map in a new segment (erase_map() is the explicit way to drop it); its
+        # first camera is placed where the last stream's last camera was (a back-end may re-anchor it)
+        self.map.new_segment()
+        if self.T_map_world is not None and self.last is not None:
+            self._next_T_map_world = self.last.T_map_cam.copy()
         self.T_map_world = None
         self.last = None
 
     def process(self, rgb: np.ndarray, stamp_ns: int, camera: int = 0, K_src=None, T_base_cam=None,
-                T_odom_base=None, sensor_depth=None) -> FrameResult | None:
-        """None when the keyframe gate skips the frame (near-duplicate); the caller republishes the last pose."""
+                T_odom_base=None, sensor_depth=None) -> Processed | Gated:
+        """One frame through the model and the map; Gated when the keyframe gate skips it (near-duplicate)."""
         t0 = time.perf_counter()
         if not self.gate.check(rgb).keep:
-            return None
+            last = self.last
+            return Gated(dataclasses.replace(last, stamp_ns=stamp_ns, camera=camera) if last is not None else None)
         raw = self.reconstructor.step(rgb, stamp_ns, K_src=K_src)
         t_model = time.perf_counter()
 
         scale = self._update_scale(raw, sensor_depth, T_odom_base, T_base_cam)
         pred = raw.scaled(scale) if scale != 1.0 else raw
         if self.T_map_world is None:
-            # map = REP-103 body axes at the first camera (camera only) or the robot base at the first frame
-            self.T_map_world = T_MAP_WORLD.copy() if T_base_cam is None else np.asarray(T_base_cam, np.float64)
+            # map = REP-103 body axes at the first camera (camera only) or the robot base at the first frame,
+            # unless a start pose of that body frame was given (a loaded map) or a reset stream continues
+            body = T_MAP_WORLD.copy() if T_base_cam is None else np.asarray(T_base_cam, np.float64)
+            if self._next_T_map_world is not None:
+                self.T_map_world = self._next_T_map_world
+            elif self._start_T_map_body is not None:
+                self.T_map_world = self._start_T_map_body @ body
+            else:
+                self.T_map_world = body
+            self._next_T_map_world = self._start_T_map_body = None
         T_map_cam = self.T_map_world @ pred.T_world_cam
         T_map_base = T_map_odom = None
         if T_base_cam is not None:
@@ -148,7 +223,7 @@ class MappingPipeline:
         if xyz_map is None:  # cloud wanted in the camera frame: the map still needs map coordinates
             xyz_map = transform_points(T_map_cam, xyz)
         t_cloud = time.perf_counter()
-        self.map.integrate(xyz_map, colours, conf)
+        self.map.integrate(self._map_frame(pred, T_map_cam, stamp_ns))
         t_map = time.perf_counter()
 
         self.timings = {**{f"{k}": v for k, v in self.reconstructor.stats.last_s.items()},
@@ -158,9 +233,13 @@ class MappingPipeline:
             stamp_ns=stamp_ns, camera=camera, prediction=pred, T_map_cam=T_map_cam, T_map_base=T_map_base,
             T_map_odom=T_map_odom, depth=depth, confidence=confidence, K=K,
             cloud_xyz=xyz_map if self.cloud_options.frame == "world" else xyz, cloud_rgb=colours, cloud_conf=conf,
-            scale=float(scale), scale_valid=bool(self.scale_source.valid), timings=dict(self.timings))
+            scale=float(scale), scale_valid=self.scale_valid(), timings=dict(self.timings))
         self.last = result
-        return result
+        return Processed(result)
+
+    def scale_valid(self) -> bool:
+        """True when lengths are metres: a scale source other than 'none' holds a valid scale."""
+        return self.cfg.scale_source != "none" and bool(self.scale_source.valid)
 
     def _update_scale(self, raw: FramePrediction, sensor_depth, T_odom_base, T_base_cam) -> float:
         src = self.scale_source
@@ -176,15 +255,77 @@ class MappingPipeline:
         return float(src.scale) if src.valid else 1.0
 
     # ------------------------------------------------------------------ map
+    def _map_frame(self, pred: FramePrediction, T_map_cam: np.ndarray, stamp_ns: int) -> MapFrame:
+        """The frame for the keyframe map: model-resolution metric depth with the cloud's confidence mask applied
+        (rejected pixels NaN), its confidence, colour and K."""
+        valid = pred.valid_mask()
+        conf = pred.depth_conf
+        valid &= np.isfinite(conf)
+        o = self.cloud_options
+        if o.conf_threshold is not None:
+            valid &= conf >= o.conf_threshold
+        if o.conf_percentile is not None and valid.any():
+            sub = valid[::4, ::4]  # the percentile of a regular subsample: same cut, a sixteenth of the work
+            ref = conf[::4, ::4][sub] if sub.any() else conf[valid]
+            valid &= conf >= np.percentile(ref, o.conf_percentile)
+        depth = np.where(valid, pred.depth, np.nan).astype(np.float32)
+        return MapFrame(stamp_ns, T_map_cam, depth, pred.rgb_model, pred.K_model, conf)
+
     def map_size(self) -> int:
+        """Points of the ~/map cloud."""
         return len(self.map)
 
     def map_points(self):
+        """(xyz float32 (N, 3), rgb uint8 (N, 3), conf float32 (N,)) of the ~/map cloud, in map."""
         return self.map.points()
 
+    def mesh(self):
+        """(vertices float32 (V, 3), triangles int32 (T, 3), colours uint8 (V, 3)) of the TSDF mesh, in map."""
+        return self.map.mesh()
+
+    def occupancy(self):
+        """(data int8 (H, W) -1/0/100, origin (x, y) in map, resolution): nav_msgs/OccupancyGrid layout."""
+        return self.map.occupancy()
+
+    def keyframe_poses(self) -> dict[int, np.ndarray]:
+        """T_map_kf of every keyframe (id -> 4x4)."""
+        return self.map.keyframe_poses()
+
+    def update_keyframe_pose(self, keyframe_id: int, T_map_kf) -> None:
+        """A pose correction of one keyframe; the cloud, mesh and grid follow (rebuilt at the next query)."""
+        self.map.update_poses({int(keyframe_id): np.asarray(T_map_kf, np.float64)})
+
+    def update_keyframe_poses(self, poses: dict) -> None:
+        self.map.update_poses({int(k): np.asarray(v, np.float64) for k, v in poses.items()})
+
+    def erase_map(self) -> None:
+        """Drop the whole map (the explicit action; a stream reset keeps it)."""
+        self.map.erase()
+
     def save_map(self, path) -> str:
-        xyz, rgb, conf = self.map.points()
-        return str(save_map(path, xyz, rgb, conf))
+        """A .ply / .pcd path: the cloud alone (atomic file). Any other path: the whole map as a directory
+        (keyframes, cloud, mesh, nav2 grid, metadata; atomic; mapping/map_store.py)."""
+        if str(path).lower().endswith(FORMATS):
+            xyz, rgb, conf = self.map.points()
+            return str(save_map(path, xyz, rgb, conf))
+        last = self.last
+        return str(save_map_dir(self.map, path, scale=last.scale if last else None,
+                                scale_valid=bool(last and last.scale_valid)))
+
+    def load_map(self, path, start_pose=None) -> dict:
+        """Replace the map by a saved map directory and start a new stream in it; the next stream's body frame
+        (base_link, or the camera's body axes) starts at ``start_pose`` (4x4 T_map_body; None = the map origin).
+        A bad directory raises MapDirectoryError and leaves the running map as it was. Returns the metadata."""
+        new_map, meta = load_map_dir(path, map_config(self.cfg))
+        old = self.map
+        self.map = new_map
+        old.close()
+        self.reconstructor.reset()
+        self.gate.reset()
+        self.T_map_world, self.last, self._next_T_map_world = None, None, None
+        self._start_T_map_body = np.eye(4) if start_pose is None else np.asarray(start_pose, np.float64)
+        return meta
+
 
     # ------------------------------------------------------------------ faults
     def window(self) -> int | None:
@@ -220,7 +361,7 @@ class MappingPipeline:
         return new
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"frames": self.reconstructor.stats.frames, "map points": len(self.map),
+        out: dict[str, Any] = {"frames": self.reconstructor.stats.frames, **self.map.stats(),
                                "scale": f"{self.last.scale:.4f}" if self.last else "nan",
                                "scale valid": self.last.scale_valid if self.last else False,
                                "scale source": self.cfg.scale_source}
@@ -240,6 +381,33 @@ class MappingPipeline:
         except ImportError:
             pass
         return out
+
+
+def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:
+    """The keyframe map's settings from the pipeline's."""
+    return KeyframeMapConfig(
+        cloud_voxel_size=cfg.map_voxel_size, cloud_max_points=cfg.map_max_points, tsdf=cfg.mesh_enabled,
+        tsdf_voxel_size=cfg.tsdf_voxel_size, tsdf_trunc_voxels=cfg.tsdf_trunc_voxels, depth_max=cfg.map_depth_max,
+        tsdf_device=cfg.tsdf_device, occupancy=cfg.occupancy_enabled, occupancy_resolution=cfg.occupancy_resolution,
+        occupancy_floor_z=cfg.occupancy_floor_z, occupancy_min_height=cfg.occupancy_min_height,
+        occupancy_max_height=cfg.occupancy_max_height, occupancy_max_range=cfg.occupancy_max_range,
+        keyframe_distance=cfg.map_keyframe_distance, keyframe_angle_deg=cfg.map_keyframe_angle,
+        keyframe_max_frames=cfg.map_keyframe_max_frames, stride=cfg.map_stride, cloud_stride=cfg.map_cloud_stride,
+        max_keyframes_in_memory=cfg.map_max_keyframes_in_memory, spill_dir=cfg.map_spill_dir)
+
+
+def start_pose_matrix(pose) -> np.ndarray | None:
+    """(x, y, z, yaw) in metres / radians -> 4x4 T_map_body; () or None -> None (the map origin)."""
+    if pose is None or len(pose) == 0:
+        return None
+    if len(pose) != 4:
+        raise ValueError(f"map_start_pose must be [x, y, z, yaw], got {list(pose)}")
+    x, y, z, yaw = (float(v) for v in pose)
+    T = np.eye(4)
+    c, s = np.cos(yaw), np.sin(yaw)
+    T[:2, :2] = [[c, -s], [s, c]]
+    T[:3, 3] = [x, y, z]
+    return T
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -44,7 +44,7 @@ def _play(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException
 
-    from ros2_stream4d.ros.player import BagPlayError, play_bag
+    from ros2_stream4d.ros.compat.player import BagPlayError, play_bag
 
     rclpy.init()
     try:

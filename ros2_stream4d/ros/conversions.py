@@ -599,9 +599,19 @@ def pose_to_matrix(msg: Any) -> np.ndarray:
 
 
 def matrix_to_odometry(matrix: np.ndarray, stamp: Any, frame_id: str, child_frame_id: str,
-                       pose_covariance: np.ndarray | None = None) -> Odometry:
-    """frame_from_child 4x4 -> nav_msgs/Odometry (twist left zero: the node does not estimate velocity here)."""
+                       pose_covariance: np.ndarray | None = None, linear: Any = None, angular: Any = None,
+                       twist_covariance: np.ndarray | None = None) -> Odometry:
+    """frame_from_child 4x4 -> nav_msgs/Odometry; twist (in the child frame) and covariances when given."""
     msg = Odometry()
+    if linear is not None:
+        msg.twist.twist.linear.x, msg.twist.twist.linear.y, msg.twist.twist.linear.z = (float(v) for v in linear)
+    if angular is not None:
+        msg.twist.twist.angular.x, msg.twist.twist.angular.y, msg.twist.twist.angular.z = (float(v) for v in angular)
+    if twist_covariance is not None:
+        tcov = np.asarray(twist_covariance, dtype=np.float64)
+        if tcov.shape != (6, 6):
+            raise TransformConversionError(f"twist covariance must be 6x6, got {tcov.shape}")
+        msg.twist.covariance = tcov.reshape(-1).tolist()
     msg.header = make_header(stamp, frame_id)
     msg.child_frame_id = child_frame_id
     _fill_pose(msg.pose.pose, _check_matrix(matrix))

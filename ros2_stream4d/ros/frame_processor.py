@@ -9,24 +9,25 @@ Bad input never raises out of here: each fault is a reason (below), logged once 
          camera_info; otherwise it is processed without the CameraInfo)
   depth (scale_source=depth): "depth encoding", "depth size", ..., "depth no finite value", "depth size mismatch"
 A device out-of-memory error during a step halves the rolling window (a new stream) and retries the frame.
+
+Each frame ends as one outcome (mapping.pipeline): Skipped (with the reason), Gated (near-duplicate: the last pose
+is republished) or Processed; the output assembler turns it into messages. The TF policy (ros/tf_policy.py) is
+decided at the first frame of each stream and kept until the stream resets.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from nav_msgs.msg import Path
 from sensor_msgs.msg import CompressedImage
 
-from ros2_stream4d.mapping.pipeline import FrameResult, MappingPipeline, is_out_of_memory
+from ros2_stream4d.mapping.pipeline import FrameOutcome, Gated, MappingPipeline, Processed, Skipped, is_out_of_memory
 from ros2_stream4d.ros import conversions as conv
-from ros2_stream4d.ros.outputs import frame_messages
-from ros2_stream4d.ros.tf_static import TransformNotFound
-
-POSE_KEYS = ("camera_pose", "odometry", "tf")  # what a skipped (gated) frame republishes
+from ros2_stream4d.ros.assembler import OutputAssembler
+from ros2_stream4d.ros.tf_policy import TfDecision, TransformNotFound, decide
 DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")  # REP-118: millimetres (16-bit) or metres (float)
 BAD_IMAGE, BAD_DEPTH = "bad image skipped", "depth image skipped"
 SIZE_CHANGE_FRAMES = 10  # this many consecutive frames at a new size mean the camera really changed resolution
@@ -96,18 +97,25 @@ class RateLimitedWarnings:
             self._logger.warning(f"{reason}: {detail} ({action}; {self.counts[reason]} so far)")
 
 
+@dataclass
+class FrameOutput:
+    """What one frame produced: its outcome and the messages to publish (empty when skipped)."""
+
+    outcome: FrameOutcome
+    messages: list[tuple[str, Any]]
+
+
 class FrameProcessor:
-    def __init__(self, params: dict[str, Any], pipeline: MappingPipeline, tf, warnings: RateLimitedWarnings,
-                 logger, num_cameras: int = 1):
-        self.p = params
+    def __init__(self, cfg: Any, pipeline: MappingPipeline, tf, warnings: RateLimitedWarnings, logger,
+                 num_cameras: int = 1):
+        self.cfg = cfg
         self.pipeline = pipeline
-        self.tf = tf  # lookup(target, source) -> 4x4 | TransformNotFound; has_parent(frame)
+        self.tf = tf  # ros/tf_policy.TfView, plus wait_for_stamp on our own buffer
         self.warnings = warnings
         self.logger = logger
+        self.assembler = OutputAssembler(cfg, tf)
         self.camera_info: list[Any] = [None] * num_cameras
         self.sensor_depth: np.ndarray | None = None
-        self.path = Path()
-        self.path.header.frame_id = params["map_frame"]
         self.frames_done = self.frames_gated = self.resets = 0
         self.oom_recoveries = 0
         self.depth_invalid_pixels = 0  # NaN/Inf/<= 0 sensor depth pixels seen (legal in REP-118: masked out)
@@ -115,6 +123,21 @@ class FrameProcessor:
         self._size: tuple[int, int] | None = None  # (h, w) of the current stream's images
         self._new_size: tuple[tuple[int, int], int] | None = None  # (size, consecutive frames) of a new size
         self._external_odom: bool | None = None  # decided once per stream: does another node publish odom->base?
+        self.decisions: dict[str, TfDecision] = {}  # the stream's TF policy, per camera frame
+        self.undistorters: list[Any] = [None] * num_cameras
+
+    @property
+    def path(self):
+        return self.assembler.path
+
+    @property
+    def decision(self) -> TfDecision | None:
+        """The first camera's TF decision in this stream (None before its first frame)."""
+        return next(iter(self.decisions.values()), None)
+
+    def set_config(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.assembler.set_config(cfg)
 
     # ------------------------------------------------------------------ inputs
     def decode(self, msg) -> np.ndarray | None:
@@ -122,7 +145,7 @@ class FrameProcessor:
         if conv.time_to_ns(msg.header.stamp) <= 0:
             self.warnings.warn("zero stamp", "image stamp is zero (an unset header?)", BAD_IMAGE)
             return None
-        max_side = int(self.p["max_image_side"])
+        max_side = int(self.cfg.max_image_side)
         if isinstance(msg, CompressedImage):
             size = compressed_image_size(msg.data)
             if size is not None and max(size) > max_side:  # refused from the header: no pixels are allocated
@@ -137,7 +160,7 @@ class FrameProcessor:
         except Exception as exc:  # noqa: BLE001 - a decoder failing in an unforeseen way is one more bad image
             self.warnings.warn("image corrupt", f"{type(exc).__name__}: {exc}", BAD_IMAGE)
             return None
-        min_side = int(self.p.get("min_image_side", 14))
+        min_side = int(self.cfg.min_image_side)
         if min(rgb.shape[:2]) < min_side:
             self.warnings.warn("image too small", f"image {rgb.shape[1]}x{rgb.shape[0]} is under the {min_side} px "
                                                   "minimum side (min_image_side)", BAD_IMAGE)
@@ -152,7 +175,7 @@ class FrameProcessor:
                                BAD_DEPTH)
             return
         try:
-            depth = conv.image_to_numpy(msg, max_side=int(self.p["max_image_side"])).astype(np.float32)
+            depth = conv.image_to_numpy(msg, max_side=int(self.cfg.max_image_side)).astype(np.float32)
         except conv.ImageConversionError as exc:
             self.warnings.warn(f"depth {exc.reason}", str(exc), BAD_DEPTH)
             return
@@ -171,12 +194,16 @@ class FrameProcessor:
         self.sensor_depth = np.where(usable, depth, np.float32(np.nan)).astype(np.float32)
 
     def _intrinsics(self, cam: int, rgb: np.ndarray):
-        """(K_src, info) from this camera's CameraInfo; (None, None) without a usable one; False when the frame
-        must be skipped (the CameraInfo is wrong and intrinsics_source asks for it)."""
+        """(K_src, info) from this camera's CameraInfo; (None, None) without a usable one; (False, None) when the
+        frame must be skipped (the CameraInfo is wrong and intrinsics_source asks for it)."""
         info = self.camera_info[cam]
         if info is None:
+            if self.cfg.intrinsics_source == "camera_info":
+                self.warnings.warn("no camera_info", f"no CameraInfo for camera {cam} yet",
+                                   "frame skipped: intrinsics_source is camera_info")
+                return False, None
             return None, None
-        needed = self.p["intrinsics_source"] == "camera_info"
+        needed = self.cfg.intrinsics_source == "camera_info"
         action = "frame skipped: intrinsics_source is camera_info" if needed else "CameraInfo ignored for this frame"
         if (info.width, info.height) != (rgb.shape[1], rgb.shape[0]):
             self.warnings.warn("camera_info size mismatch", f"CameraInfo {info.width}x{info.height} vs image "
@@ -188,65 +215,95 @@ class FrameProcessor:
             self.warnings.warn("camera_info invalid", str(exc), action)
             return (False, None) if needed else (None, None)
 
-    def _check_size(self, rgb: np.ndarray) -> bool:
+    def _check_size(self, rgb: np.ndarray) -> Skipped | None:
         """Frames of a stream share one size (the KV cache holds a fixed number of tokens per frame). A frame of
         another size is skipped, unless SIZE_CHANGE_FRAMES frames in a row have it: then the camera changed
         resolution and a new stream starts."""
         size = rgb.shape[:2]
         if self._size is None or size == self._size:
             self._new_size = None
-            return True
+            return None
         count = self._new_size[1] + 1 if self._new_size and self._new_size[0] == size else 1
         self._new_size = (size, count)
         if count >= SIZE_CHANGE_FRAMES:
             self.logger.warning(f"camera resolution changed from {self._size[1]}x{self._size[0]} to "
                                 f"{size[1]}x{size[0]}: new stream and map")
             self.reset()
-            return True
-        self.warnings.warn("image size changed", f"image {size[1]}x{size[0]} in a stream of "
-                                                 f"{self._size[1]}x{self._size[0]} images")
-        return False
+            return None
+        return Skipped("image size changed", f"image {size[1]}x{size[0]} in a stream of "
+                                             f"{self._size[1]}x{self._size[0]} images")
 
     # ------------------------------------------------------------------ one frame
-    def process(self, cam: int, stamp_ns: int, header_frame: str, rgb: np.ndarray) -> list[tuple[str, Any]]:
-        """Messages to publish for this frame ([] when it was skipped)."""
+    def process(self, cam: int, stamp_ns: int, header_frame: str, rgb: np.ndarray) -> FrameOutput:
+        """One decoded frame: input checks, one pipeline step, and the messages to publish."""
+        camera_frame = self.cfg.camera_frame or header_frame or "camera_optical_frame"
+        outcome = self._outcome(cam, stamp_ns, camera_frame, rgb)
+        if isinstance(outcome, Skipped):
+            if outcome.detail:
+                self.warnings.warn(outcome.reason, outcome.detail)
+            return FrameOutput(outcome, [])
+        if isinstance(outcome, Gated):
+            self.frames_gated += 1
+        else:
+            self.frames_done += 1
+        decision = self.decisions.get(camera_frame)
+        if decision is None:
+            decision = self.decisions[camera_frame] = self._decide(camera_frame)
+        return FrameOutput(outcome, self.assembler.messages(outcome, decision, camera_frame))
+
+    def _decide(self, camera_frame: str) -> TfDecision:
+        try:
+            decision = decide(self.cfg, self.tf, camera_frame, bool(self._external_odom), self.assembler.own_edges)
+        except TransformNotFound as exc:
+            decision = TfDecision("none", "", camera_frame, camera_frame, str(exc))
+        if decision.conflict:
+            self.logger.error(f"TF: {decision.conflict}")
+        else:
+            edges = ", ".join(f"{p} -> {c}" for p, c in decision.edges(self.cfg))
+            self.logger.info(f"TF: publishing {edges or 'nothing'} ({decision.mode}); ~/odometry is "
+                             f"{decision.moving_frame} in {decision.parent}")
+        return decision
+
+    def _outcome(self, cam: int, stamp_ns: int, camera_frame: str, rgb: np.ndarray) -> FrameOutcome:
         last = self._last_stamp_ns[cam]
         if stamp_ns == last:
-            self.warnings.warn("duplicate stamp", f"camera {cam} stamp {stamp_ns} seen already")
-            return []
+            return Skipped("duplicate stamp", f"camera {cam} stamp {stamp_ns} seen already")
         if stamp_ns < last:
-            if not self.p["reset_on_time_jump"]:
-                self.warnings.warn("decreasing stamp", f"camera {cam} image {(last - stamp_ns) / 1e9:.3f} s older "
-                                                       "than the previous one")
-                return []
+            if not self.cfg.reset_on_time_jump:
+                return Skipped("decreasing stamp", f"camera {cam} image {(last - stamp_ns) / 1e9:.3f} s older "
+                                                   "than the previous one")
             self.logger.warning(f"time jumped back by {(last - stamp_ns) / 1e9:.3f} s: new stream and map")
             self.reset()
-        if not self._check_size(rgb):
-            return []
-        camera_frame = self.p["camera_frame"] or header_frame or "camera_optical_frame"
+        size_problem = self._check_size(rgb)
+        if size_problem:
+            return size_problem
+        undistorter = self.undistorters[cam]
         K_src, info = self._intrinsics(cam, rgb)
         if K_src is False:
-            return []
+            return Skipped("camera_info unusable")
+        if undistorter is not None and info is not None:
+            rgb, K_src = undistorter(rgb, info, K_src)
 
         T_base_cam = T_odom_base = None
-        base = self.p["base_frame"]
+        base = self.cfg.base_frame
         if base:
             try:
                 T_base_cam = self.tf.lookup(base, camera_frame)
             except TransformNotFound:
-                self.warnings.warn("no extrinsic", f"waiting for TF {base} -> {camera_frame} on /tf_static")
-                return []
+                return Skipped("no extrinsic", f"waiting for TF {base} -> {camera_frame} on /tf_static")
             if self._external_odom is None:  # decided before we ever publish odom->base ourselves
-                self._external_odom = self.tf.has_parent(base)
-            if self._external_odom or self.p["scale_source"] == "odometry":
-                wait = getattr(self.tf, "wait_for_stamp", None)
-                if wait is not None and not wait(self.p["odom_frame"], base, stamp_ns, self.p["tf_timeout"]):
-                    self.warnings.warn("late odometry", f"no {self.p['odom_frame']} -> {base} at the image stamp "
-                                                        f"within {self.p['tf_timeout']} s", "using the latest")
+                parent = self.tf.parent_of(base)
+                self._external_odom = parent is not None and (parent, base) not in self.assembler.own_edges
+            if self._external_odom or self.cfg.scale_source == "odometry":
+                at: int | None = stamp_ns  # odometry at the image's time
+                if not self.tf.wait_for_stamp(self.cfg.odom_frame, base, stamp_ns, self.cfg.tf_timeout):
+                    self.warnings.warn("late odometry", f"no {self.cfg.odom_frame} -> {base} at the image stamp "
+                                                        f"within {self.cfg.tf_timeout} s", "using the latest")
+                    at = None
                 try:
-                    T_odom_base = self.tf.lookup(self.p["odom_frame"], base, stamp_ns)  # at the image's time
+                    T_odom_base = self.tf.lookup(self.cfg.odom_frame, base, at)
                 except TransformNotFound:
-                    self.warnings.warn("no odometry", f"no TF {self.p['odom_frame']} -> {base} yet",
+                    self.warnings.warn("no odometry", f"no TF {self.cfg.odom_frame} -> {base} yet",
                                        "frame processed without odometry")
 
         sensor_depth = self.sensor_depth
@@ -255,25 +312,14 @@ class FrameProcessor:
                                                       f"image {rgb.shape[1]}x{rgb.shape[0]}",
                                "depth not used for this frame")
             sensor_depth = None
+        outcome = self._step(cam, stamp_ns, rgb, K_src, T_base_cam, T_odom_base, sensor_depth)
+        if isinstance(outcome, Processed) and not self._external_odom:
+            outcome.result.T_map_odom = None  # we are the odometry source
+        return outcome
 
-        result = self._step(cam, stamp_ns, rgb, K_src, T_base_cam, T_odom_base, sensor_depth)
-        if result is False:
-            return []
-        if result is None:  # a near-duplicate frame: the robot stands still, republish the last pose
-            self.frames_gated += 1
-            last_result = self.pipeline.last
-            if last_result is None:
-                return []
-            moved = dataclasses.replace(last_result, stamp_ns=stamp_ns)
-            return [(k, m) for k, m in self._messages(moved, camera_frame, info, path=None) if k in POSE_KEYS]
-        if not self._external_odom:
-            result.T_map_odom = None  # we are the odometry source
-        self.frames_done += 1
-        return self._messages(result, camera_frame, info, self.path)
-
-    def _step(self, cam, stamp_ns, rgb, K_src, T_base_cam, T_odom_base, sensor_depth):
+    def _step(self, cam, stamp_ns, rgb, K_src, T_base_cam, T_odom_base, sensor_depth) -> FrameOutcome:
         """pipeline.process, recovering from device out-of-memory by halving the window (a new stream) and
-        retrying this frame; False when the frame could not be processed at any window."""
+        retrying this frame; Skipped when the frame could not be processed at any window."""
         while True:
             self._last_stamp_ns[cam] = stamp_ns  # only frames that reach the model count for duplicate/jump checks
             self._size = rgb.shape[:2]
@@ -286,10 +332,9 @@ class FrameProcessor:
                 old = self.pipeline.window()
                 new = self.pipeline.shrink_window()
                 if new is None:
-                    self.warnings.warn("out of memory", f"{type(exc).__name__}: {exc}; the window cannot shrink "
-                                                        f"further (window {old or 'unlimited'})")
                     self.reset()
-                    return False
+                    return Skipped("out of memory", f"{type(exc).__name__}: {exc}; the window cannot shrink "
+                                                     f"further (window {old or 'unlimited'})")
                 self.oom_recoveries += 1
                 self.logger.warning(f"device out of memory at window {old or 'unlimited'} "
                                     f"({type(exc).__name__}: {str(exc)[:200]}): new stream and map with window {new}")
@@ -297,15 +342,13 @@ class FrameProcessor:
                 self._reset_stream_state()
                 self._external_odom = external_odom
 
-    def _messages(self, result: FrameResult, camera_frame: str, info, path):
-        return frame_messages(result, self.p, camera_frame, info, path)
-
     def _reset_stream_state(self) -> None:
-        self.path.poses.clear()
+        self.assembler.reset()
         self._last_stamp_ns = [-1] * len(self._last_stamp_ns)
         self._size = None
         self._new_size = None
         self._external_odom = None
+        self.decisions = {}
         self.resets += 1
 
     def reset(self) -> None:

@@ -1,19 +1,19 @@
-"""stream4d_node: camera images in; point clouds, depth, TF, odometry, path and diagnostics out.
+"""stream4d_node: a managed (lifecycle) node. Camera images in; clouds, depth, TF, odometry, path, diagnostics out.
 
-The node is an adapter: it decodes messages, queues frames, hands them to the mapping pipeline on a worker thread
-(the executor thread never runs the model) and packs the pipeline's results into messages. All geometry lives in
-ros2_stream4d.mapping.
+The node is an I/O shell: it declares the parameters (params.py), subscribes, queues frames, runs the frame
+processor on a worker thread (the executor thread never runs the model) and publishes what the output assembler
+built. Topic names live in ros2_stream4d.topics; maths lives in ros2_stream4d.mapping.
 
-Topics (relative to the node's namespace and name, default /stream4d/...):
-  in : image_topics (Image or CompressedImage, SensorDataQoS), camera_info_topics, depth_topic (scale_source=depth),
-       /tf and /tf_static (base->camera extrinsic, odom->base_link when another node publishes it)
-  out: ~/cloud, ~/map (transient_local), ~/depth + ~/depth/camera_info, ~/confidence + ~/confidence/camera_info,
-       ~/camera_pose, ~/odometry, ~/path, /tf, /diagnostics
-Services: ~/reset (std_srvs/Trigger), ~/save_map (std_srvs/Trigger, writes map_save_path atomically).
+Lifecycle (rclpy.lifecycle; ``autostart:=true`` walks configure + activate at start-up):
+  configure   loads the model and allocates the rolling cache; creates publishers and the services
+  activate    subscribes to the inputs and starts the worker and the timers
+  deactivate  unsubscribes and stops the worker; the map is kept (~/save_map still works)
+  cleanup     frees the model (and device memory); configure loads it again
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -28,21 +28,31 @@ import rclpy.executors
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Odometry, Path
-from rclpy.node import Node
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
-from ros2_stream4d.mapping.map_io import FORMATS, validate_map_path
+from ros2_stream4d import topics
+from ros2_stream4d.loader import ModelOptions, load_pipeline
+from ros2_stream4d.mapping.frame_sync import ApproximateSync
+from ros2_stream4d.mapping.map_io import validate_map_path
+from ros2_stream4d.mapping.pipeline import PipelineConfig, Processed
 from ros2_stream4d.ros import conversions as conv
+from ros2_stream4d.ros.compat.tf_buffer import make_tf_listener
+from ros2_stream4d.ros.config import ParameterError, as_dict, check_change, make_config
 from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
-from ros2_stream4d.ros.params import PARAMS
-from ros2_stream4d.ros.tf_static import make_tf_listener
+from ros2_stream4d.ros.params import PARAMS, Param, describe
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 INPUT_RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+MESSAGE_TYPES = {"sensor_msgs/msg/PointCloud2": PointCloud2, "sensor_msgs/msg/Image": Image,
+                 "sensor_msgs/msg/CameraInfo": CameraInfo, "geometry_msgs/msg/PoseStamped": PoseStamped,
+                 "nav_msgs/msg/Odometry": Odometry, "nav_msgs/msg/Path": Path, "tf2_msgs/msg/TFMessage": TFMessage,
+                 "diagnostic_msgs/msg/DiagnosticArray": DiagnosticArray}
 
 
 @dataclass
@@ -54,138 +64,250 @@ class _Frame:
     received: float
 
 
-class Stream4DNode(Node):
+def descriptor(p: Param) -> ParameterDescriptor:
+    d = ParameterDescriptor(name=p.name, description=describe(p), read_only=not p.live)
+    if p.choices:
+        d.additional_constraints = f"one of: {', '.join(p.choices)}"
+    if p.low is not None and p.high is not None and not isinstance(p.default, bool):
+        if isinstance(p.default, int):
+            d.integer_range = [IntegerRange(from_value=int(p.low), to_value=int(p.high), step=0)]
+        elif isinstance(p.default, float):
+            d.floating_point_range = [FloatingPointRange(from_value=float(p.low), to_value=float(p.high), step=0.0)]
+    return d
+
+
+class Stream4DNode(LifecycleNode):
     def __init__(self, **kwargs):
-        super().__init__("stream4d", **kwargs)
+        super().__init__(topics.NODE_NAME, **kwargs)
         for p in PARAMS:
-            self.declare_parameter(p.name, p.default)
-        self.p = {p.name: self.get_parameter(p.name).value for p in PARAMS}
+            self.declare_parameter(p.name, p.default, descriptor(p))
+        # one validated configuration; bad values stop the start-up with every reason (ParameterError)
+        self.cfg = make_config({p.name: self.get_parameter(p.name).value for p in PARAMS})
         self._check_map_save_path()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.warnings = RateLimitedWarnings(self.get_logger())
         self.tf = make_tf_listener(self)
-        self.pipeline = build_pipeline(self.p)
-        self.get_logger().info(f"model ready: {self.pipeline.describe()}")
-
-        image_topics = list(self.p["image_topics"])
-        info_topics = list(self.p["camera_info_topics"]) + [""] * len(image_topics)
-        self.processor = FrameProcessor(self.p, self.pipeline, self.tf, self.warnings, self.get_logger(),
-                                        num_cameras=len(image_topics))
-        compressed = self.p["image_transport"] == "compressed"
-        input_qos = qos_profile_sensor_data if self.p["input_qos"] == "sensor_data" else INPUT_RELIABLE
-        for cam, topic in enumerate(image_topics):
-            if compressed:
-                topic = topic if topic.endswith("/compressed") else topic + "/compressed"
-            self.create_subscription(CompressedImage if compressed else Image, topic,
-                                     lambda m, c=cam: self._on_image(c, m), input_qos)
-            info_topic = info_topics[cam] or image_topics[cam].rsplit("/", 1)[0] + "/camera_info"
-            self.create_subscription(CameraInfo, info_topic, lambda m, c=cam: self._on_info(c, m), input_qos)
-        if self.p["scale_source"] == "depth" and self.p["depth_topic"]:
-            self.create_subscription(Image, self.p["depth_topic"], self.processor.set_sensor_depth, input_qos)
-
-        self.publishers_by_key = {
-            "cloud": self.create_publisher(PointCloud2, "~/cloud", RELIABLE),
-            "depth": self.create_publisher(Image, "~/depth", RELIABLE),
-            "depth_info": self.create_publisher(CameraInfo, "~/depth/camera_info", RELIABLE),
-            "confidence": self.create_publisher(Image, "~/confidence", RELIABLE),
-            "confidence_info": self.create_publisher(CameraInfo, "~/confidence/camera_info", RELIABLE),
-            "camera_pose": self.create_publisher(PoseStamped, "~/camera_pose", RELIABLE),
-            "odometry": self.create_publisher(Odometry, "~/odometry", RELIABLE),
-            "path": self.create_publisher(Path, "~/path", RELIABLE),
-            "tf": self.create_publisher(TFMessage, "/tf", QoSProfile(depth=100)),
-        }
-        self.pub_map = self.create_publisher(PointCloud2, "~/map", LATCHED)
-        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
-
-        self.create_service(Trigger, "~/reset", self._srv_reset)
-        self.create_service(Trigger, "~/save_map", self._srv_save_map)
-        if self.p["map_publish_rate"] > 0:
-            self.create_timer(1.0 / self.p["map_publish_rate"], self._publish_map)
-        # The path grows to path_max_length poses: sent with every frame it would cost O(length) per frame
-        self._path_by_timer = self.p["path_publish_rate"] > 0
-        self._path_dirty = False
-        if self._path_by_timer:
-            self.create_timer(1.0 / self.p["path_publish_rate"], self._publish_path)
-        self.create_timer(1.0 / max(self.p["diagnostics_rate"], 1e-3), self._publish_diagnostics)
-
-        # One slot per camera (latest wins) unless every frame must be processed (bags).
-        self._queue: deque[_Frame] = deque()
-        self._slots: list[_Frame | None] = [None] * len(image_topics)
+        self.pipeline = None
+        self.processor: FrameProcessor | None = None
+        self.startup_error = ""
+        self._pubs: dict[str, object] = {}
+        self._services: list = []
+        self._subs: list = []
+        self._timers: dict[str, object] = {}
         self._cv = threading.Condition()
-        self._stop = False
+        self._stop = True
+        self._worker: threading.Thread | None = None
         self._map_lock = threading.Lock()  # the worker fuses, timers and services read the map
+        self._queue: deque[list[_Frame]] = deque()
+        self._slot: list[_Frame] | None = None  # latest group when frames may be dropped
+        self._sync = ApproximateSync(self.cfg.num_cameras, self.cfg.sync_slop)
         self._last_image_wall = time.monotonic()
         self._input_times: deque[float] = deque(maxlen=50)
         self._latencies: deque[float] = deque(maxlen=50)
+        self._path_dirty = False
         self.frames_in = 0
         self.frames_dropped = 0
         self.last_error = ""
+        self.input_topics: list[str] = []
+        if self.cfg.autostart:
+            self.trigger_configure()
+            if self.processor is not None:
+                self.trigger_activate()
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.pipeline = load_pipeline(ModelOptions.from_config(self.cfg),
+                                          PipelineConfig.from_params(as_dict(self.cfg)))
+        except Exception as exc:  # a missing checkpoint, a bad card...: one clear line, the node stays unconfigured
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"configure failed: {self.startup_error}")
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info(f"model ready: {self.pipeline.describe()}")
+        self.processor = FrameProcessor(self.cfg, self.pipeline, self.tf, self.warnings, self.get_logger(),
+                                        num_cameras=self.cfg.num_cameras)
+        for key, (name, type_name) in topics.OUTPUTS.items():
+            qos = LATCHED if key in topics.LATCHED_OUTPUTS else (QoSProfile(depth=100) if key == "tf" else RELIABLE)
+            self._pubs[key] = self.create_publisher(MESSAGE_TYPES[type_name], name, qos)
+        self._services = [self.create_service(Trigger, "~/reset", self._srv_reset),
+                          self.create_service(Trigger, "~/save_map", self._srv_save_map)]
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        cfg = self.cfg
+        compressed = cfg.image_transport == "compressed"
+        input_qos = qos_profile_sensor_data if cfg.input_qos == "sensor_data" else INPUT_RELIABLE
+        self.input_topics = []
+        for cam in range(cfg.num_cameras):
+            image = topics.camera_input("image", cam, cfg.num_cameras)
+            if compressed:  # image_transport's convention: the resolved (remapped) image name + /compressed
+                image = self.resolve_topic_name(image) + "/compressed"
+            self._subs.append(self.create_subscription(CompressedImage if compressed else Image, image,
+                                                       lambda m, c=cam: self._on_image(c, m), input_qos))
+            info = topics.camera_input("camera_info", cam, cfg.num_cameras)
+            self._subs.append(self.create_subscription(CameraInfo, info, lambda m, c=cam: self._on_info(c, m),
+                                                       input_qos))
+            self.input_topics += [self.resolve_topic_name(image), self.resolve_topic_name(info)]
+        if cfg.scale_source == "depth":
+            depth = topics.INPUTS["sensor_depth"][0]
+            self._subs.append(self.create_subscription(Image, depth, self.processor.set_sensor_depth, input_qos))
+            self.input_topics.append(self.resolve_topic_name(depth))
+        self.get_logger().info(f"inputs: {', '.join(self.input_topics)}")
+        self._make_timers()
+        self._stop = False
+        self._last_image_wall = time.monotonic()
         self._worker = threading.Thread(target=self._work, name="stream4d-model", daemon=True)
         self._worker.start()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        for timer in self._timers.values():
+            self.destroy_timer(timer)
+        self._timers = {}
+        self._stop_worker()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for pub in self._pubs.values():
+            self.destroy_publisher(pub)
+        for srv in self._services:
+            self.destroy_service(srv)
+        self._pubs, self._services = {}, []
+        self.processor = None
+        self.pipeline = None
+        _free_device_memory()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.shutdown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _make_timers(self) -> None:
+        for timer in self._timers.values():
+            self.destroy_timer(timer)
+        self._timers = {"diagnostics": self.create_timer(1.0 / self.cfg.diagnostics_rate, self._publish_diagnostics)}
+        if self.cfg.map_publish_rate > 0:
+            self._timers["map"] = self.create_timer(1.0 / self.cfg.map_publish_rate, self._publish_map)
+        # the path grows to path_max_length poses: sent with every frame it would cost O(length) per frame
+        if self.cfg.path_publish_rate > 0:
+            self._timers["path"] = self.create_timer(1.0 / self.cfg.path_publish_rate, self._publish_path)
+
+    # ------------------------------------------------------------------ parameters
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        changes = {p.name: p.value for p in params if p.name != "use_sim_time"}
+        if not changes:
+            return SetParametersResult(successful=True)
+        try:
+            new = check_change(self.cfg, changes)
+        except ParameterError as exc:
+            self.get_logger().warning(f"parameter change refused: {exc}")
+            return SetParametersResult(successful=False, reason=str(exc))
+        old, self.cfg = self.cfg, new
+        with self._map_lock:
+            if self.processor is not None:
+                self.processor.set_config(new)
+                self.pipeline.update_config(PipelineConfig.from_params({**as_dict(new),
+                                                                         "device": self.pipeline.cfg.device}))
+        self._sync.set_slop(new.sync_slop)
+        rates = ("map_publish_rate", "path_publish_rate", "diagnostics_rate")
+        if self._timers and any(getattr(old, r) != getattr(new, r) for r in rates):
+            self._make_timers()
+        self.get_logger().info(f"parameters changed: {changes}")
+        return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ input (executor thread: cheap work only)
     def _on_info(self, cam: int, msg: CameraInfo) -> None:
-        self.processor.camera_info[cam] = msg
+        if self.processor is not None:
+            self.processor.camera_info[cam] = msg
 
     def _on_image(self, cam: int, msg) -> None:
         self._last_image_wall = time.monotonic()
         self._input_times.append(self._last_image_wall)
         self.frames_in += 1
-        rgb = self.processor.decode(msg)
+        processor = self.processor
+        if processor is None:
+            return
+        rgb = processor.decode(msg)
         if rgb is None:
             return
         frame = _Frame(cam, conv.time_to_ns(msg.header.stamp), msg.header.frame_id, rgb, time.monotonic())
         with self._cv:
-            if self.p["process_every_frame"]:
-                self._queue.append(frame)
+            group = self._sync.add(cam, frame.stamp_ns, frame)
+            if group is None:
+                return
+            if self.cfg.process_every_frame:
+                self._queue.append(group)
             else:
-                if self._slots[cam] is not None:
-                    self.frames_dropped += 1
-                self._slots[cam] = frame
+                if self._slot is not None:
+                    self.frames_dropped += len(self._slot)
+                self._slot = group
             self._cv.notify()
 
-    def _next_frame(self) -> _Frame | None:
+    def _next_group(self) -> list[_Frame] | None:
         with self._cv:
             while not self._stop:
                 if self._queue:
                     return self._queue.popleft()
-                waiting = [f for f in self._slots if f is not None]
-                if waiting:
-                    frame = min(waiting, key=lambda f: (f.stamp_ns, f.camera))  # fixed order for simultaneous frames
-                    self._slots[frame.camera] = None
-                    return frame
+                if self._slot is not None:
+                    group, self._slot = self._slot, None
+                    return group
                 self._cv.wait(0.2)
         return None
 
     # ------------------------------------------------------------------ work (model thread)
     def _work(self) -> None:
         while True:
-            frame = self._next_frame()
-            if frame is None:
+            group = self._next_group()
+            if group is None:
                 return
-            try:
-                with self._map_lock:
-                    messages = self.processor.process(frame.camera, frame.stamp_ns, frame.header_frame, frame.rgb)
-                    if self._path_by_timer and any(key == "path" for key, _ in messages):
-                        messages = [(key, m) for key, m in messages if key != "path"]
-                        self._path_dirty = True  # _publish_path sends it
-                for key, msg in messages:
-                    self.publishers_by_key[key].publish(msg)
-                if messages:
-                    self._latencies.append(time.monotonic() - frame.received)
-            except Exception as exc:  # one bad frame must never kill the node
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self.warnings.warn("processing failed", self.last_error)
+            for frame in group:  # one instant: every camera's frame in camera order
+                try:
+                    with self._map_lock:
+                        out = self.processor.process(frame.camera, frame.stamp_ns, frame.header_frame, frame.rgb)
+                        messages = out.messages
+                        if self.cfg.path_publish_rate > 0 and any(key == "path" for key, _ in messages):
+                            messages = [(key, m) for key, m in messages if key != "path"]
+                            self._path_dirty = True  # _publish_path sends it
+                    for key, msg in messages:
+                        self._pubs[key].publish(msg)
+                    if isinstance(out.outcome, Processed):
+                        self._latencies.append(time.monotonic() - frame.received)
+                except Exception as exc:  # one bad frame must never kill the node
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.warnings.warn("processing failed", self.last_error)
+
+    def _stop_worker(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._queue.clear()
+            self._slot = None
+            self._sync.clear()
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+            self._worker = None
 
     # ------------------------------------------------------------------ output
     def _publish_map(self) -> None:
-        if not self.p["publish_map"]:
+        if not self.cfg.publish_map or self.pipeline is None:
             return
         with self._map_lock:
             if self.pipeline.map_size() == 0:
                 return
             xyz, rgb, conf = self.pipeline.map_points()
-        self.pub_map.publish(conv.numpy_to_pointcloud2(xyz, rgb, conf, frame_id=self.p["map_frame"],
-                                                       stamp=self.get_clock().now().to_msg()))
+            msg = self.processor.assembler.map_message(xyz, rgb, conf, self.get_clock().now().to_msg())
+        self._pubs["map"].publish(msg)
+
+    def _publish_path(self) -> None:
+        with self._map_lock:
+            if not self._path_dirty or self.processor is None:
+                return
+            self._path_dirty = False
+            msg = self.processor.assembler.path_snapshot()
+        self._pubs["path"].publish(msg)
 
     def diagnostic_values(self) -> dict[str, object]:
         """The key/values of the node's DiagnosticStatus (bad inputs as "bad input: <reason>")."""
@@ -193,76 +315,82 @@ class Stream4DNode(Node):
         rate = 0.0
         if len(self._input_times) > 1 and now - self._input_times[-1] < 2.0:
             rate = (len(self._input_times) - 1) / max(self._input_times[-1] - self._input_times[0], 1e-6)
-        with self._map_lock:  # the worker may be swapping the session (out-of-memory recovery)
-            stats = self.pipeline.stats()
-            window = self.pipeline.window()
         pr = self.processor
-        return {
+        with self._map_lock:  # the worker may be swapping the session (out-of-memory recovery)
+            stats = self.pipeline.stats() if self.pipeline is not None else {}
+            window = self.pipeline.window() if self.pipeline is not None else None
+            decision = pr.decision if pr is not None else None
+        values: dict[str, object] = {
             "input rate [Hz]": f"{rate:.2f}",
             "latency mean [s]": f"{np.mean(self._latencies):.3f}" if self._latencies else "nan",
-            "frames in": self.frames_in, "frames processed": pr.frames_done, "frames dropped": self.frames_dropped,
-            "frames gated": pr.frames_gated, "resets": pr.resets,
-            "oom recoveries": pr.oom_recoveries, "window": window if window is not None else "unlimited",
-            "depth invalid pixels": pr.depth_invalid_pixels,
+            "inputs": ", ".join(self.input_topics),
+            "frames in": self.frames_in, "frames dropped": self.frames_dropped,
+            "frames dropped by camera sync": self._sync.dropped,
+            "window": window if window is not None else "unlimited",
+            "tf": (f"{decision.mode}: {decision.conflict}" if decision and decision.conflict else
+                   ", ".join(f"{p} -> {c}" for p, c in decision.edges(self.cfg)) if decision else "not decided"),
             **{f"bad input: {k}": v for k, v in sorted(self.warnings.counts.items())},
             **stats,
         }
+        if pr is not None:
+            values.update({"frames processed": pr.frames_done, "frames gated": pr.frames_gated,
+                           "resets": pr.resets, "oom recoveries": pr.oom_recoveries,
+                           "depth invalid pixels": pr.depth_invalid_pixels})
+        return values
 
-    def _publish_path(self) -> None:
-        with self._map_lock:
-            if not self._path_dirty:
-                return
-            self._path_dirty = False
-            path = self.processor.path
-            msg = Path(header=path.header, poses=list(path.poses))  # a snapshot: the worker appends to the original
-        self.publishers_by_key["path"].publish(msg)
+    def _status(self, values: dict[str, object]) -> tuple[int, str]:
+        """The diagnostics level and message: the most important condition first."""
+        silent = time.monotonic() - self._last_image_wall
+        pr = self.processor
+        if silent > self.cfg.no_image_warn_s:
+            return DiagnosticStatus.WARN, f"no image for {silent:.1f} s on {', '.join(self.input_topics[::2])}"
+        if self.last_error:
+            return DiagnosticStatus.WARN, self.last_error
+        if pr is not None and pr.decision is not None and pr.decision.conflict:
+            return DiagnosticStatus.ERROR, f"TF not published: {pr.decision.conflict}"
+        if self.cfg.publish_depth and self.pipeline is not None and not self.pipeline.scale_valid():
+            why = ("scale_source is none" if self.cfg.scale_source == "none"
+                   else f"scale_source {self.cfg.scale_source} has no valid scale yet")
+            return DiagnosticStatus.WARN, f"no metric scale ({why}): depth goes to ~/depth_relative/image in model units"
+        if pr is not None and pr.oom_recoveries:
+            return DiagnosticStatus.OK, (f"running (window reduced to {values['window']} after "
+                                         f"{pr.oom_recoveries} out-of-memory recoveries)")
+        return DiagnosticStatus.OK, "running"
 
     def _publish_diagnostics(self) -> None:
-        silent = time.monotonic() - self._last_image_wall
         values = self.diagnostic_values()
         status = DiagnosticStatus(name="stream4d: mapping", hardware_id=str(values.get("device", "")))
-        status.level, status.message = DiagnosticStatus.OK, "running"
-        if silent > self.p["no_image_warn_s"]:
-            status.level, status.message = DiagnosticStatus.WARN, f"no image for {silent:.1f} s"
-        elif self.last_error:
-            status.level, status.message = DiagnosticStatus.WARN, self.last_error
-        elif self.processor.oom_recoveries:
-            status.message = (f"running (window reduced to {values['window']} after "
-                              f"{self.processor.oom_recoveries} out-of-memory recoveries)")
+        status.level, status.message = self._status(values)
         status.values = [KeyValue(key=str(k), value=str(v)) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
-        self.pub_diag.publish(array)
+        self._pubs["diagnostics"].publish(array)
 
     # ------------------------------------------------------------------ services
     def _srv_reset(self, _request, response):
         with self._cv:
             self._queue.clear()
-            self._slots = [None] * len(self._slots)
+            self._slot = None
+            self._sync.clear()
         with self._map_lock:
             self.processor.reset()
         response.success, response.message = True, "new stream and map"
         return response
 
     def _map_save_path(self) -> str:
-        if self.p["map_save_path"]:
-            return self.p["map_save_path"]
+        if self.cfg.map_save_path:
+            return self.cfg.map_save_path
         default_dir = os.path.join(os.path.expanduser("~"), ".ros")
         os.makedirs(default_dir, exist_ok=True)  # only the default location is created; a configured one must exist
         return os.path.join(default_dir, "stream4d_map.ply")
 
     def _check_map_save_path(self) -> None:
-        """A map_save_path that can never work (wrong extension, a directory) stops the start-up; one whose
-        directory is missing or read-only now may be fixed later (a disk mounted): a warning."""
-        path = self.p["map_save_path"]
-        if not path:
+        """A map_save_path whose directory is missing or read-only now may be fixed later (a disk mounted): a
+        warning (an impossible one, wrong extension or a directory, is refused by make_config)."""
+        if not self.cfg.map_save_path:
             return
-        if os.path.splitext(path)[1].lower() not in FORMATS:
-            raise ValueError(f"map_save_path {path!r} must end in one of {FORMATS}")
-        if os.path.isdir(os.path.expanduser(path)):
-            raise IsADirectoryError(f"map_save_path {path!r} is a directory")
         try:
-            validate_map_path(path)
+            validate_map_path(self.cfg.map_save_path)
         except (OSError, ValueError) as exc:
             self.get_logger().warning(f"map_save_path: {exc} (~/save_map will fail until this is fixed)")
 
@@ -286,65 +414,23 @@ class Stream4DNode(Node):
         return response
 
     def shutdown(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        self._worker.join(timeout=60)
-        if self.p["save_map_on_shutdown"] and self.pipeline.map_size() > 0:
+        self._stop_worker()
+        if self.cfg.save_map_on_shutdown and self.pipeline is not None and self.pipeline.map_size() > 0:
             try:
                 self.get_logger().info(f"map saved to {self.save_map()}")
             except (OSError, ValueError) as exc:
                 self.get_logger().error(f"could not save the map: {exc}")
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_pipeline(p: dict):
-    """The mapping pipeline the parameters ask for; the model is built here, before any subscription exists."""
-    from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
-
-    device = resolve_device(p["device"])
-    if p["model"] == "oracle":
-        from ros2_stream4d.sim.oracle import OracleSession
-
-        if not p["oracle_bag"]:
-            raise ValueError("model 'oracle' needs the oracle_bag parameter (a sim bag with /ground_truth topics)")
-        if not os.path.exists(os.path.expanduser(p["oracle_bag"])):
-            raise FileNotFoundError(f"oracle_bag {p['oracle_bag']!r} does not exist")
-        session, describe = OracleSession.from_bag(p["oracle_bag"]), f"oracle ({p['oracle_bag']})"
-    else:
-        from ros2_stream4d.mapping.reconstructor import build_session
-
-        dtype = p["dtype"] if p["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        try:
-            session = build_session(p["model"], device=device, dtype="float32" if dtype == "bfloat16" else dtype,
-                                    window=p["window"] or None, anchors=p["anchors"], backend=p["attention_backend"],
-                                    allow_download=bool(p["allow_download"]))
-        except Exception as exc:
-            raise _explain_model_error(p["model"], exc) from exc
-        describe = (f"{p['model']} on {device} ({dtype}), window {p['window'] or 'unlimited'}, "
-                    f"anchors {p['anchors']}, attention {p['attention_backend']}")
-    cfg = PipelineConfig.from_params({**p, "device": device})
-    return MappingPipeline(cfg, session, describe=describe)
-
-
-def _explain_model_error(spec: str, exc: Exception) -> Exception:
-    """A checkpoint file that exists but cannot be parsed: say so, with its size (the reader's own message can be
-    as terse as "[Errno 22] Invalid argument" for a truncated zip)."""
-    path = os.path.expanduser(str(spec))
-    if not os.path.isfile(path) or "could not read" not in str(exc):
-        return exc
+def _free_device_memory() -> None:
+    gc.collect()
     try:
-        return type(exc)(f"{exc} -- {path} ({os.path.getsize(path)} bytes) is truncated, corrupt or not a "
-                         "checkpoint (.safetensors, or a torch state dict readable with weights_only=True)")
-    except Exception:  # noqa: BLE001 - an exception type with another constructor: keep the original
-        return exc
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,8 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         print("[stream4d] interrupted during start-up", file=sys.stderr)
         rclpy.try_shutdown()
         return 130
-    except Exception as exc:  # start-up errors (missing checkpoint...) get one clear line, not a traceback
+    except Exception as exc:  # bad parameters: one clear line, not a traceback
         print(f"[stream4d] start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 1
+    if node.cfg.autostart and node.startup_error:
+        print(f"[stream4d] start-up failed: {node.startup_error}", file=sys.stderr)
+        node.destroy_node()
         rclpy.try_shutdown()
         return 1
     stop = threading.Event()

@@ -11,11 +11,18 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Param:
+    """One parameter. ``live``: may change at run time through set_parameters (applied by the node's on-set
+    callback); otherwise it is declared read-only (it needs a restart: the model, the device, topics...).
+    ``low``/``high``: inclusive numeric range checked at start-up and on every change."""
+
     name: str
     default: Any
     unit: str
     help: str
     choices: tuple = ()
+    live: bool = False
+    low: float | None = None
+    high: float | None = None
 
 
 PARAMS: tuple[Param, ...] = (
@@ -31,16 +38,18 @@ PARAMS: tuple[Param, ...] = (
           ("auto", "float32", "bfloat16")),
     Param("attention_backend", "sdpa", "", "attention kernel: sdpa (torch), flash (flash-attn, CUDA), eager",
           ("sdpa", "flash", "eager")),
-    Param("window", 16, "frames", "rolling KV cache: most recent frames kept besides the anchors; 0 = unlimited"),
-    Param("anchors", 1, "frames", "frames kept forever at the start of the stream (the first defines the world)"),
+    Param("window", 16, "frames", "rolling KV cache: most recent frames kept besides the anchors; 0 = unlimited", low=0, high=100000),
+    Param("anchors", 1, "frames", "frames kept forever at the start of the stream (the first defines the world)", low=1, high=64),
     # --- input -------------------------------------------------------------------------------------------------
-    Param("image_topics", ["/camera/image_raw"], "",
-          "camera image topics, fed to the model in this order when taken at the same time"),
-    Param("camera_info_topics", [""], "",
-          "CameraInfo topic per camera ('' = <image topic namespace>/camera_info)"),
+    Param("num_cameras", 1, "cameras",
+          "cameras fed to one stream: 1 subscribes the relative names image + camera_info (remap them); N > 1 "
+          "subscribes cam0/image, cam0/camera_info, ... cam<N-1>/..., grouped by stamp (sync_slop)", low=1, high=8),
+    Param("sync_slop", 0.02, "s",
+          "several cameras: frames whose stamps lie within this of each other form one instant (one step each)",
+          live=True, low=0.0, high=1.0),
     Param("image_transport", "raw", "", "raw (sensor_msgs/Image) or compressed (sensor_msgs/CompressedImage)",
           ("raw", "compressed")),
-    Param("input_width", 518, "px", "model input width (multiple of 14); height follows the aspect ratio"),
+    Param("input_width", 518, "px", "model input width (multiple of 14); height follows the aspect ratio", low=14, high=4088),
     Param("input_mode", "crop", "", "crop (official recipe) or pad (keeps the whole image)", ("crop", "pad")),
     Param("intrinsics_source", "model", "",
           "model (predicted field of view) or camera_info (the camera's calibration)", ("model", "camera_info")),
@@ -52,39 +61,39 @@ PARAMS: tuple[Param, ...] = (
           "sensor_data (best effort, drops under load: live cameras) or reliable (bag replay, process_every_frame)",
           ("sensor_data", "reliable")),
     Param("gate_threshold", 0.0, "grey levels",
-          "skip frames whose mean absolute difference to the last processed one is below this (0 = off)"),
-    Param("gate_max_skip", 30, "frames", "process at least every N-th frame even when the gate would skip it"),
+          "skip frames whose mean absolute difference to the last processed one is below this (0 = off)", live=True, low=0.0, high=255.0),
+    Param("gate_max_skip", 30, "frames", "process at least every N-th frame even when the gate would skip it", live=True, low=1, high=100000),
     Param("max_image_side", 8192, "px",
-          "images larger than this on either side are rejected (compressed ones from their header, before decoding)"),
-    Param("min_image_side", 14, "px", "images smaller than this on either side are rejected (14 = one model patch)"),
-    Param("no_image_warn_s", 2.0, "s", "diagnostics warn when no image arrived for this long"),
+          "images larger than this on either side are rejected (compressed ones from their header, before decoding)", low=14, high=65535),
+    Param("min_image_side", 14, "px", "images smaller than this on either side are rejected (14 = one model patch)", low=1, high=65535),
+    Param("no_image_warn_s", 2.0, "s", "diagnostics warn when no image arrived for this long", live=True, low=0.01, high=3600.0),
     # --- outputs -----------------------------------------------------------------------------------------------
-    Param("publish_cloud", True, "", "per-frame PointCloud2 (~/cloud)"),
-    Param("cloud_frame", "map", "", "frame of ~/cloud: map or camera", ("map", "camera")),
-    Param("cloud_max_points", 200000, "points", "per-frame cloud cap (random subsample above it)"),
-    Param("conf_threshold", 0.0, "", "drop points whose confidence is below this (model confidence units)"),
-    Param("conf_percentile", 20.0, "%", "also drop this lowest fraction of each frame's points (0 = off)"),
-    Param("publish_map", True, "", "accumulated map PointCloud2 (~/map, reliable + transient_local)"),
-    Param("map_voxel_size", 0.02, "m (model units without scale)", "voxel edge of the accumulated map"),
-    Param("map_max_points", 1000000, "points", "accumulated map bound; oldest voxels are evicted beyond it"),
-    Param("map_publish_rate", 1.0, "Hz", "how often ~/map is published (0 = never)"),
-    Param("publish_depth", True, "", "depth Image 32FC1 (NaN = invalid) + CameraInfo (~/depth, ~/depth/camera_info)"),
-    Param("publish_confidence", True, "", "confidence Image 32FC1 + CameraInfo (~/confidence)"),
+    Param("publish_cloud", True, "", "per-frame PointCloud2 (~/cloud)", live=True),
+    Param("cloud_frame", "map", "", "frame of ~/cloud: map or camera", ("map", "camera"), live=True),
+    Param("cloud_max_points", 200000, "points", "per-frame cloud cap (random subsample above it)", live=True, low=1, high=100000000),
+    Param("conf_threshold", 0.0, "", "drop points whose confidence is below this (model confidence units)", live=True, low=0.0, high=1e9),
+    Param("conf_percentile", 20.0, "%", "also drop this lowest fraction of each frame's points (0 = off)", live=True, low=0.0, high=99.9),
+    Param("publish_map", True, "", "accumulated map PointCloud2 (~/map, reliable + transient_local)", live=True),
+    Param("map_voxel_size", 0.02, "m (model units without scale)", "voxel edge of the accumulated map", low=1e-4, high=100.0),
+    Param("map_max_points", 1000000, "points", "accumulated map bound; oldest voxels are evicted beyond it", low=1, high=1000000000),
+    Param("map_publish_rate", 1.0, "Hz", "how often ~/map is published (0 = never)", live=True, low=0.0, high=100.0),
+    Param("publish_depth", True, "", "depth Image 32FC1 (NaN = invalid) + CameraInfo (~/depth, ~/depth/camera_info)", live=True),
+    Param("publish_confidence", True, "", "confidence Image 32FC1 + CameraInfo (~/confidence)", live=True),
     Param("depth_geometry", "camera", "",
-          "camera: depth resampled to the input image's pixels; model: the model's resolution", ("camera", "model")),
-    Param("publish_camera_pose", True, "", "~/camera_pose PoseStamped: the camera optical frame in map_frame"),
-    Param("publish_odometry", True, "", "nav_msgs/Odometry (~/odometry)"),
-    Param("publish_path", True, "", "nav_msgs/Path (~/path)"),
-    Param("path_max_length", 10000, "poses", "path length bound"),
+          "camera: depth resampled to the input image's pixels; model: the model's resolution", ("camera", "model"), live=True),
+    Param("publish_camera_pose", True, "", "~/camera_pose PoseStamped: the camera optical frame in map_frame", live=True),
+    Param("publish_odometry", True, "", "nav_msgs/Odometry (~/odometry)", live=True),
+    Param("publish_path", True, "", "nav_msgs/Path (~/path)", live=True),
+    Param("path_max_length", 10000, "poses", "path length bound", live=True, low=1, high=10000000),
     Param("path_publish_rate", 1.0, "Hz",
           "0 = ~/path with every frame; > 0 = at this rate when it changed. The path holds up to path_max_length "
-          "poses and costs ~3 ms per 1000 poses to serialise: use e.g. 1.0 for long live runs"),
-    Param("publish_tf", True, "", "publish the TF of REP-105 (see tf_mode)"),
+          "poses and costs ~3 ms per 1000 poses to serialise: use e.g. 1.0 for long live runs", live=True, low=0.0, high=100.0),
+    Param("publish_tf", True, "", "publish the TF of REP-105 (see tf_mode)", live=True),
     Param("tf_mode", "auto", "",
           "auto: map->odom when odom->base_link has another publisher, else odom->base_link (robot) or "
           "map->camera (camera only); or force map_to_camera | odom_to_base | map_to_odom",
           ("auto", "map_to_camera", "odom_to_base", "map_to_odom")),
-    Param("tf_timeout", 0.1, "s", "how long a frame waits for odom->base_link at its stamp before using the latest"),
+    Param("tf_timeout", 0.1, "s", "how long a frame waits for odom->base_link at its stamp before using the latest", live=True, low=0.0, high=10.0),
     # --- frames ------------------------------------------------------------------------------------------------
     Param("map_frame", "map", "", "fixed frame of the map, clouds and path"),
     Param("odom_frame", "odom", "", "odometry frame (REP-105)"),
@@ -94,15 +103,26 @@ PARAMS: tuple[Param, ...] = (
     Param("scale_source", "none", "",
           "none (model units), fixed, depth (sensor depth topic, robust median ratio), odometry "
           "(translation ratio against odom->base_link)", ("none", "fixed", "depth", "odometry")),
-    Param("fixed_scale", 1.0, "m per model unit", "scale for scale_source=fixed"),
-    Param("depth_topic", "", "", "metric depth Image (16UC1 mm or 32FC1 m) for scale_source=depth"),
+    Param("fixed_scale", 1.0, "m per model unit", "scale for scale_source=fixed", low=1e-9, high=1e9),
     # --- services, diagnostics, lifecycle ------------------------------------------------------------------------
     Param("map_save_path", "", "path",
           "where ~/save_map writes (.ply or .pcd; the directory must exist and be writable; written atomically: "
-          "temporary file + rename); empty = ~/.ros/stream4d_map.ply"),
-    Param("save_map_on_shutdown", False, "", "write the map to map_save_path on SIGINT/SIGTERM"),
-    Param("reset_on_time_jump", True, "", "a stamp going backwards (a bag looping) starts a new stream and map"),
-    Param("diagnostics_rate", 1.0, "Hz", "rate of /diagnostics"),
+          "temporary file + rename); empty = ~/.ros/stream4d_map.ply", live=True),
+    Param("save_map_on_shutdown", False, "", "write the map to map_save_path on SIGINT/SIGTERM", live=True),
+    Param("reset_on_time_jump", True, "", "a stamp going backwards (a bag looping) starts a new stream and map", live=True),
+    Param("diagnostics_rate", 1.0, "Hz", "rate of /diagnostics", low=0.01, high=100.0),
+    Param("autostart", True, "",
+          "managed (lifecycle) node: configure and activate itself at start-up; false waits for "
+          "`ros2 lifecycle set` (configure loads the model, activate subscribes, deactivate keeps the map)"),
+    # --- odometry covariance -------------------------------------------------------------------------------------
+    Param("pose_sigma_per_m", 0.02, "m per m of scene depth",
+          "~/odometry position standard deviation per metre of the frame's median depth, before the confidence "
+          "factor (see README: covariances)", live=True, low=1e-6, high=10.0),
+    Param("rotation_sigma", 0.01, "rad", "~/odometry orientation standard deviation before the confidence factor",
+          live=True, low=1e-6, high=3.2),
+    Param("unscaled_sigma_factor", 1000.0, "",
+          "multiplies the position standard deviation while no valid metric scale exists (model units)",
+          live=True, low=1.0, high=1e9),
 )
 
 BY_NAME = {p.name: p for p in PARAMS}
@@ -120,19 +140,30 @@ def _yaml_value(value: Any) -> str:
     return repr(value)
 
 
+def describe(p: Param) -> str:
+    """The one-line description a ParameterDescriptor and the YAML carry: meaning, unit, range or choices, and
+    whether it can change at run time."""
+    unit = f" [{p.unit}]" if p.unit else ""
+    choices = f" (one of: {', '.join(p.choices)})" if p.choices else ""
+    bounds = ""
+    if p.low is not None or p.high is not None:
+        bounds = f" (range {p.low if p.low is not None else '-inf'} .. {p.high if p.high is not None else 'inf'})"
+    when = "; settable at run time" if p.live else "; read-only after start-up"
+    return f"{p.help}{unit}{choices}{bounds}{when}"
+
+
 def render_yaml(node_name: str = "stream4d") -> str:
     """config/stream4d.yaml: every parameter with its default, unit and meaning (regenerate with
-    `python -m ros2_stream4d.ros.params > config/stream4d.yaml`)."""
+    `python -m ros2_stream4d.ros.params > config/stream4d.yaml`). Keyed ``/**/<node>`` so it applies to the node
+    under any namespace."""
     lines = [
         "# stream4d_node parameters: every one with its default, unit and meaning.",
         "# Generated from ros2_stream4d/ros/params.py (python -m ros2_stream4d.ros.params > config/stream4d.yaml).",
-        f"{node_name}:",
+        f"/**/{node_name}:",
         "  ros__parameters:",
     ]
     for p in PARAMS:
-        unit = f" [{p.unit}]" if p.unit else ""
-        choices = f" (one of: {', '.join(p.choices)})" if p.choices else ""
-        lines.append(f"    # {p.help}{unit}{choices}")
+        lines.append(f"    # {describe(p)}")
         lines.append(f"    {p.name}: {_yaml_value(p.default)}")
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,7 @@ launch_ros.parameter_descriptions are installed ONLY when the real packages are 
 launch file declares. `resolve_launch()` then evaluates arguments, substitutions, conditions, groups and
 includes into one command line per process, the way `ros2 launch` would start them:
 
-    python -m ros2_stream4d.ros.minilaunch launch/stream4d.launch.py model:=tiny --dry-run
+    python -m ros2_stream4d.ros.compat.minilaunch launch/stream4d.launch.py model:=tiny --dry-run
     stream4d launch ... is not provided: this module is the runner here; `ros2 launch` on a ROS machine.
 
 The supported subset: DeclareLaunchArgument (defaults, choices), LaunchConfiguration, TextSubstitution,

@@ -2,7 +2,8 @@
 
 `TfBuffer` keeps every parent->child edge (static, and a bounded history of each dynamic one), answers
 `lookup(target, source, stamp_ns=None)` by chaining edges through the common ancestor (latest values, or each
-dynamic edge interpolated at the stamp: translation linear, rotation slerp, clamped to the history's ends),
+dynamic edge interpolated at the stamp: translation linear, rotation slerp; a stamp outside a dynamic edge's
+history is refused with TransformNotFound, as tf2 refuses to extrapolate),
 and `has_parent(frame)`, which the node uses to learn whether something else already publishes
 odom -> base_link. `TfListener` feeds a buffer from /tf_static (reliable, transient_local: latched) and /tf.
 `make_tf_listener(node)` prefers tf2_ros when importable and falls back to this reader.
@@ -17,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from ros2_stream4d.ros.tf_policy import TransformNotFound
 from ros2_stream4d.ros.conversions import matrix_to_quaternion, quaternion_to_matrix, time_to_ns, transform_to_matrix
 
 HISTORY = 1000  # samples kept per dynamic edge (20 s of 50 Hz odometry)
 
 
-class TransformNotFound(LookupError):
-    """No chain of transforms connects the two frames (yet)."""
 
 
 @dataclass
@@ -36,14 +36,16 @@ class Edge:
 
     def at(self, stamp_ns: int | None) -> np.ndarray:
         """parent_from_child at `stamp_ns` (None or static: the latest)."""
-        if stamp_ns is None or self.static or len(self.history) < 2:
+        if stamp_ns is None or self.static:
             return self.matrix
         stamps = [s for s, _ in self.history]
+        if not stamps or stamp_ns < stamps[0] or stamp_ns > stamps[-1]:
+            span = f"{stamps[0] / 1e9:.3f} .. {stamps[-1] / 1e9:.3f} s" if stamps else "none"
+            raise TransformNotFound(f"{self.parent} -> child at {stamp_ns / 1e9:.3f} s is outside its history "
+                                    f"({span}): no extrapolation")
         i = int(np.searchsorted(stamps, stamp_ns))
-        if i <= 0:
-            return self.history[0][1]
-        if i >= len(stamps):
-            return self.history[-1][1]
+        if stamps[i] == stamp_ns:
+            return self.history[i][1]
         (s0, m0), (s1, m1) = self.history[i - 1], self.history[i]
         return _interpolate(m0, m1, (stamp_ns - s0) / max(s1 - s0, 1))
 
@@ -262,6 +264,12 @@ class Tf2RosListener:
 
     def has_parent(self, frame: str) -> bool:
         return self.parent_of(frame) is not None
+
+    def wait_for_stamp(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> bool:
+        from rclpy.duration import Duration
+        from rclpy.time import Time
+        return bool(self._buffer.can_transform(_strip(target), _strip(source), Time(nanoseconds=stamp_ns),
+                                               Duration(nanoseconds=int(timeout_s * 1e9))))
 
     def destroy(self) -> None:
         unregister = getattr(self._listener, "unregister", None)
