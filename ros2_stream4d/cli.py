@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "ros2_stream4d.train.cli",    # train
     "ros2_stream4d.bench.cli",    # bench
     "ros2_stream4d.demo",         # demo
+    "ros2_stream4d.viewer.cli",   # view
 )
 
 
