@@ -4,7 +4,7 @@ Topics (all stamps = start_time + round(i * 1e9 / fps); bag receive time = stamp
 
     /camera/image_raw             sensor_msgs/msg/Image            rgb8 (or bgr8), frame camera_optical_frame
     /camera/image_raw/compressed  sensor_msgs/msg/CompressedImage  jpeg (optional, --compressed)
-    /camera/camera_info           sensor_msgs/msg/CameraInfo       plumb_bob, zero distortion, P = [K | 0]
+    /camera/camera_info           sensor_msgs/msg/CameraInfo       the lens (default plumb_bob, D zeros), P = [K | 0]
     /tf                           tf2_msgs/msg/TFMessage           odom -> base_link, ground truth (+ optional noise)
     /tf_static                    tf2_msgs/msg/TFMessage           base_link -> camera_link -> camera_optical_frame,
                                                                    one message, offered TRANSIENT_LOCAL (latched)
@@ -15,6 +15,12 @@ The odom frame coincides with the world frame (odom -> base_link at frame i is t
 noise is asked for). With ``odom_noise = s`` each frame-to-frame base motion gets a relative error like wheel
 odometry: a per-bag systematic scale error and yaw drift (standard deviation s and s/2 rad per metre) plus per-step
 random errors of the same size, integrated, so the error grows with distance. Ground robots stay planar.
+
+Lens distortion (``distortion_model`` + ``distortion_coeffs``, ``stream4d sim --distortion``): the images are
+rendered through the lens (render.py: each distorted pixel's exact ray) and CameraInfo carries the model and D.
+/ground_truth/depth stays in the PINHOLE geometry of K: it is what an undistortion to P = [K | 0] (mapping/
+undistort.py, new_K "P") yields, so the oracle, read_ground_truth and the evaluation (which pair depth with K) are
+unchanged, and a node that skips the undistortion is caught by them.
 
 Beside the bag data, inside the bag directory: ``scene.ply`` (the scene mesh, world frame, for map accuracy) and
 ``scene.json`` (scene, trajectory, camera and bag parameters; ``Scene.from_dict`` rebuilds the scene). rosbag2 tools
@@ -35,6 +41,8 @@ from rosbags.highlevel import AnyReader
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
+
+from ros2_stream4d.mapping.undistort import DISTORTION_MODELS, LensModel
 
 from .render import CameraModel, Renderer
 from .scenes import build_scene
@@ -83,6 +91,8 @@ class SimConfig:
     odom_noise: float = 0.0
     start_time_ns: int = DEFAULT_START_NS
     nthreads: int = 1  # Embree threads for rendering
+    distortion_model: str = "plumb_bob"  # CameraInfo naming: plumb_bob, rational_polynomial, equidistant
+    distortion_coeffs: list = field(default_factory=list)  # D; empty = all zero (a pinhole camera)
     scene_params: dict = field(default_factory=dict)
     trajectory_params: dict = field(default_factory=dict)
 
@@ -138,12 +148,15 @@ def compressed_msg(ns: int, frame_id: str, rgb: np.ndarray, quality: int = 90):
                                                  data=buf.reshape(-1))
 
 
-def camera_info_msg(ns: int, frame_id: str, K: np.ndarray, width: int, height: int):
+def camera_info_msg(ns: int, frame_id: str, K: np.ndarray, width: int, height: int,
+                    distortion_model: str = "plumb_bob", D=None):
+    """CameraInfo with P = [K | 0]; D None = the model's zeros (5 for plumb_bob)."""
     K = np.asarray(K, np.float64)
     P = np.zeros((3, 4))
     P[:, :3] = K
+    d = np.zeros(5) if D is None or not len(D) else np.asarray(D, np.float64)
     return _T["sensor_msgs/msg/CameraInfo"](
-        header=header(ns, frame_id), height=height, width=width, distortion_model="plumb_bob", d=np.zeros(5),
+        header=header(ns, frame_id), height=height, width=width, distortion_model=distortion_model, d=d,
         k=K.reshape(-1), r=np.eye(3).reshape(-1), p=P.reshape(-1), binning_x=0, binning_y=0,
         roi=_T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
 
@@ -244,11 +257,14 @@ def write_sim_bag(out: str | Path, cfg: SimConfig, progress: bool = True, overwr
         raise ValueError(f"encoding must be rgb8 or bgr8, got {cfg.encoding!r}")
     if not (cfg.raw or cfg.compressed):
         raise ValueError("nothing to write: enable the raw image, the compressed image or both")
+    camera = CameraModel.from_hfov(cfg.width, cfg.height, cfg.hfov_deg)
+    lens = sim_lens(cfg, camera)  # a bad lens fails before anything is written
+    info_D = list(lens.D) or [0.0] * DISTORTION_MODELS[cfg.distortion_model][0]
     out = prepare_out_dir(out, overwrite)
     scene = build_scene(cfg.scene, cfg.seed, **cfg.scene_params)
     traj = make_trajectory(scene, cfg.trajectory, cfg.frames, cfg.fps, cfg.seed, **cfg.trajectory_params)
-    camera = CameraModel.from_hfov(cfg.width, cfg.height, cfg.hfov_deg)
     renderer = Renderer(scene, camera, nthreads=cfg.nthreads)
+    lens_renderer = Renderer(scene, camera, nthreads=cfg.nthreads, lens=lens) if lens.distorted else None
     stamps = cfg.stamps()
     odom = noisy_odometry(traj.T_world_base, cfg.odom_noise, np.random.default_rng([cfg.seed, 99]),
                           planar=cfg.trajectory == "ground_robot")
@@ -280,15 +296,20 @@ def write_sim_bag(out: str | Path, cfg: SimConfig, progress: bool = True, overwr
             transform_msg(stamps[0], F["camera_link"], F["optical"], T_CAMLINK_OPTICAL)]))
         T_world_cam = traj.T_world_cam
         for i, ns in enumerate(stamps):
-            frame = renderer.render(T_world_cam[i])
+            if lens_renderer is None:
+                frame = renderer.render(T_world_cam[i])
+                rgb, depth = frame.rgb, frame.depth
+            else:  # the image through the lens, the ground-truth depth pinhole (module docstring)
+                rgb, depth = lens_renderer.render(T_world_cam[i]).rgb, renderer.render_depth(T_world_cam[i])
             if c_img is not None:
-                img = frame.rgb if cfg.encoding == "rgb8" else frame.rgb[:, :, ::-1]
+                img = rgb if cfg.encoding == "rgb8" else rgb[:, :, ::-1]
                 put(c_img, ns, image_msg(ns, F["optical"], img, cfg.encoding))
             if c_cmp is not None:
-                put(c_cmp, ns, compressed_msg(ns, F["optical"], frame.rgb, cfg.jpeg_quality))
-            put(c_info, ns, camera_info_msg(ns, F["optical"], camera.K, cfg.width, cfg.height))
+                put(c_cmp, ns, compressed_msg(ns, F["optical"], rgb, cfg.jpeg_quality))
+            put(c_info, ns, camera_info_msg(ns, F["optical"], camera.K, cfg.width, cfg.height,
+                                            cfg.distortion_model, info_D))
             put(c_tf, ns, TFMessage(transforms=[transform_msg(ns, F["odom"], F["base"], odom[i])]))
-            put(c_depth, ns, image_msg(ns, F["optical"], frame.depth, "32FC1"))
+            put(c_depth, ns, image_msg(ns, F["optical"], depth, "32FC1"))
             put(c_pose, ns, pose_msg(ns, F["world"], T_world_cam[i]))
             bar.update(1)
     bar.close()
@@ -298,9 +319,22 @@ def write_sim_bag(out: str | Path, cfg: SimConfig, progress: bool = True, overwr
     return meta
 
 
+def sim_lens(cfg: SimConfig, camera: CameraModel) -> LensModel:
+    """The LensModel (mapping/undistort.py) of a sim camera: K, the configured distortion, P = [K | 0].
+    ValueError for an unknown model or a wrong number of coefficients."""
+    if cfg.distortion_model not in DISTORTION_MODELS:
+        raise ValueError(f"unknown distortion model {cfg.distortion_model!r}; supported: "
+                         f"{', '.join(DISTORTION_MODELS)}")
+    P = np.zeros((3, 4))
+    P[:, :3] = camera.K
+    return LensModel.create(camera.K, cfg.distortion_model, cfg.distortion_coeffs, camera.width, camera.height, P)
+
+
 def sim_metadata(cfg: SimConfig, scene, traj: Trajectory, camera: CameraModel, stamps: np.ndarray) -> dict:
     return {"config": asdict(cfg), "scene": scene.to_dict(), "trajectory": traj.to_dict(),
-            "camera": {**camera.to_dict(), "K": camera.K.tolist(), "hfov_deg": cfg.hfov_deg},
+            "camera": {**camera.to_dict(), "K": camera.K.tolist(), "hfov_deg": cfg.hfov_deg,
+                       "distortion_model": cfg.distortion_model, "D": list(cfg.distortion_coeffs),
+                       "depth_geometry": "pinhole K"},
             "topics": TOPICS, "frames": FRAMES, "stamps": {"first_ns": int(stamps[0]), "last_ns": int(stamps[-1]),
                                                            "count": len(stamps)},
             "files": {"mesh": "scene.ply"}, "odom_equals_world": True}
@@ -354,6 +388,8 @@ class GroundTruth:
     images: np.ndarray | None = None  # (N, H, W, 3) uint8 RGB
     mesh_path: Path | None = None
     meta: dict | None = None
+    distortion_model: str = "plumb_bob"  # of the images; depths are pinhole (K) whatever the lens
+    D: np.ndarray | None = None
 
     def index_of(self, stamp: int) -> int:
         i = int(np.searchsorted(self.stamps, stamp))
@@ -394,4 +430,5 @@ def read_ground_truth(path: str | Path, with_depth: bool = True, with_images: bo
         depths=np.stack([depths[s] for s in stamps]) if with_depth else None,
         images=np.stack([images[s] for s in stamps]) if with_images and images else None,
         mesh_path=mesh_path if mesh_path.exists() else None,
-        meta=json.loads(meta_path.read_text()) if meta_path.exists() else None)
+        meta=json.loads(meta_path.read_text()) if meta_path.exists() else None,
+        distortion_model=str(info.distortion_model), D=np.asarray(info.d, np.float64))

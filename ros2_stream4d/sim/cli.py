@@ -37,6 +37,11 @@ def register(subparsers) -> None:
     p.add_argument("--trajectory-param", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a trajectory parameter, e.g. height=1.5, yaw_noise_deg=10 (handheld), radius=2 (orbit), "
                         "camera_pitch_deg=-10, camera_offset=[0.2,0,0.5]; repeatable")
+    p.add_argument("--distortion", default=None, metavar="MODEL:C1,C2,...",
+                   help="lens distortion of the images, in CameraInfo naming: plumb_bob:k1,k2,p1,p2,k3 | "
+                        "rational_polynomial:k1,k2,p1,p2,k3,k4,k5,k6 | equidistant:k1,k2,k3,k4 (fisheye), e.g. "
+                        "plumb_bob:-0.25,0.08,0,0,-0.015. Images are rendered through the lens and camera_info "
+                        "carries the model and D; /ground_truth/depth stays pinhole (K = P). Default: pinhole")
     p.add_argument("--threads", type=int, default=1, help="raycasting threads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bag at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,17 +61,39 @@ def _parse_kv(items: list[str]) -> dict:
     return out
 
 
+def _parse_distortion(spec: str | None) -> tuple[str, list[float]]:
+    """'MODEL:c1,c2,...' -> (model, coefficients), validated; None -> a pinhole camera."""
+    from ros2_stream4d.mapping.undistort import DISTORTION_MODELS, is_distorted
+
+    if not spec:
+        return "plumb_bob", []
+    model, _, coeffs = (x.strip() for x in spec.partition(":"))
+    try:
+        values = [float(c) for c in coeffs.split(",")] if coeffs else []
+    except ValueError:
+        raise SystemExit(f"--distortion: expected MODEL:c1,c2,... with numbers, got {spec!r}") from None
+    if model not in DISTORTION_MODELS:
+        raise SystemExit(f"--distortion: unknown distortion model {model!r}; supported: {', '.join(DISTORTION_MODELS)}")
+    try:
+        is_distorted(model, values)
+    except ValueError as exc:
+        raise SystemExit(f"--distortion: {exc}") from None
+    return model, values
+
+
 def run(args) -> int:
     from .bag import SimConfig, write_sim_bag
 
     traj_params = _parse_kv(args.trajectory_param)
     if args.speed is not None:
         traj_params["speed"] = args.speed
+    distortion_model, distortion_coeffs = _parse_distortion(args.distortion)
     cfg = SimConfig(scene=args.scene, trajectory=args.trajectory, frames=args.frames, width=args.width,
                     height=args.height, fps=args.fps, seed=args.seed, hfov_deg=args.hfov, storage=args.storage,
                     raw=args.raw, compressed=args.compressed, jpeg_quality=args.jpeg_quality, encoding=args.encoding,
                     odom_noise=args.odom_noise, start_time_ns=int(round(args.start_time * 1e9)),
-                    nthreads=args.threads, scene_params=_parse_kv(args.scene_param), trajectory_params=traj_params)
+                    nthreads=args.threads, scene_params=_parse_kv(args.scene_param), trajectory_params=traj_params,
+                    distortion_model=distortion_model, distortion_coeffs=distortion_coeffs)
     t0 = time.perf_counter()
     meta = write_sim_bag(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     dt = time.perf_counter() - t0

@@ -7,17 +7,27 @@ ray parameter ``t_hit`` of the hit IS the z-depth. Depth is float32 metres, NaN 
 Colour: procedural solid texture at the hit point (textures.py) times Lambert shading under the scene's directional
 lights; open scenes get a sky gradient. Output is uint8 RGB. Rendering uses ``nthreads`` Embree threads
 (default 1: one core), is deterministic, and reuses the per-resolution ray directions between frames.
+
+Lens distortion: ``Renderer(..., lens=LensModel)`` (mapping/undistort.py) casts, for each pixel centre of the
+distorted image, the exact ray of the lens model (``LensModel.unproject``, the inverse of the forward model,
+checked by projecting back). That is the pinhole render sampled at each distorted pixel's undistorted position,
+but without the interpolation of sampling a discrete render. ``depth`` is then the z-depth of those rays, so it
+lies in the distorted geometry; sim bags keep their ground-truth depth pinhole (bag.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import open3d as o3d
 
 from .scenes import Scene
 from .textures import lambert
+
+if TYPE_CHECKING:
+    from ros2_stream4d.mapping.undistort import LensModel
 
 INVALID_ID = o3d.t.geometry.RaycastingScene.INVALID_ID
 
@@ -68,13 +78,26 @@ class RenderedFrame:
     geometry_ids: np.ndarray | None = None  # (H, W) uint32 part index, INVALID_ID = no hit
 
 
-class Renderer:
-    """Renders one scene with one camera model; call ``render(T_world_cam)`` per frame."""
+def lens_ray_directions(lens: LensModel) -> np.ndarray:
+    """(H*W, 3) float32 camera-frame rays (z = 1) through the pixel centres of a (distorted) lens's image,
+    row-major (v, u): the exact inverse of its lens model (mapping/undistort.py LensModel.unproject)."""
+    u, v = np.meshgrid(np.arange(lens.width, dtype=np.float64), np.arange(lens.height, dtype=np.float64))
+    x, y = lens.unproject(u, v)
+    return np.stack([x, y, np.ones_like(x)], -1).reshape(-1, 3).astype(np.float32)
 
-    def __init__(self, scene: Scene, camera: CameraModel, nthreads: int = 1):
+
+class Renderer:
+    """Renders one scene with one camera model; call ``render(T_world_cam)`` per frame. With a distorted ``lens``
+    (whose K and size are the camera's) images are rendered through that lens (see the module docstring)."""
+
+    def __init__(self, scene: Scene, camera: CameraModel, nthreads: int = 1, lens: LensModel | None = None):
         self.scene, self.camera, self.nthreads = scene, camera, int(nthreads)
         self._rc = scene.raycasting_scene
-        self._dirs = camera.ray_directions()
+        if lens is not None and ((lens.width, lens.height) != (camera.width, camera.height)
+                                 or not np.allclose(lens.K_matrix, camera.K)):
+            raise ValueError(f"lens {lens.width}x{lens.height} K={lens.K} does not match the camera {camera}")
+        self.lens = lens if lens is not None and lens.distorted else None
+        self._dirs = camera.ray_directions() if self.lens is None else lens_ray_directions(self.lens)
         self._ux = np.ascontiguousarray(self._dirs[:, 0])  # camera-frame ray (ux, uy, 1) per pixel
         self._uy = np.ascontiguousarray(self._dirs[:, 1])
         self._part_texture = scene.part_texture.astype(np.int16)  # small ints: argsort(stable) is a radix sort
