@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--export", default=None, help="write <path>.safetensors (+ .yaml card) from the checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
+    from .small_cli import register as register_small
+
+    register_small(subparsers)
 
 
 def _train_config(args):

@@ -1,0 +1,151 @@
+"""stream4d-small: streaming equals the causal forward, the rolling window bounds memory, cost volume and pose
+geometry on known cases, trainable-only weights round-trip, and a short training run lowers the loss and resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ros2_stream4d.model.small import (
+    ROT_SCALE,
+    SmallConfig,
+    Stream4DSmall,
+    local_cost_volume,
+    matrix_to_rotvec,
+    rotvec_to_matrix,
+)
+
+CFG = SmallConfig(hw=(56, 84))  # 4x6 tokens: small and fast, same code paths
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Stream4DSmall(CFG, pretrained=False).eval()
+    with torch.no_grad():  # make the camera head's output non-trivial (its last layer starts at zero)
+        torch.nn.init.normal_(m.camera_head.mlp[-1].weight, std=0.05)
+        for blk in (*m.aggregator.frame_blocks, *m.aggregator.global_blocks):
+            blk.ls1.gamma.fill_(0.5)
+            blk.ls2.gamma.fill_(0.5)
+    return m
+
+
+def test_stream_equals_causal_forward(model):
+    x = torch.rand(1, 5, 3, *CFG.hw)
+    with torch.no_grad():
+        ref = model(x)
+    s = model.stream(window=None)
+    E = torch.eye(4, dtype=torch.float64)
+    for i in range(5):
+        out = s.step(x[0, i: i + 1])
+        torch.testing.assert_close(out["depth"][0, ..., 0], ref["depth"][0, i], atol=1e-4, rtol=1e-4)
+        if i:
+            rel = ref["rel"][0, i - 1].double()
+            T = torch.eye(4, dtype=torch.float64)
+            T[:3, :3] = rotvec_to_matrix(rel[:3] * ROT_SCALE)
+            T[:3, 3] = rel[3:] * 0.05 * ref["depth"][0, i - 1].mean().double()
+            E = T @ E
+        from ros2_stream4d.model.geometry import pose_encoding_to_extri_intri
+
+        extr, _ = pose_encoding_to_extri_intri(out["pose_enc"][None].float(), CFG.hw, build_intrinsics=False)
+        torch.testing.assert_close(extr[0, 0].double(), E[:3], atol=2e-4, rtol=1e-3)
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+    assert out["world_points"].shape == (1, *CFG.hw, 3)
+
+
+def test_rolling_window_bounds_the_cache(model):
+    s = model.stream(window=3, anchors=1)
+    x = torch.rand(1, 3, *CFG.hw)
+    sizes = []
+    for _ in range(8):
+        s.step(x)
+        sizes.append(s.stats().aggregator_bytes)
+    assert s.stats().frames_held == 4
+    assert sizes[-1] == sizes[3]
+    s.reset()
+    assert s.frames_seen == 0
+
+
+def test_cost_volume_finds_a_known_shift():
+    torch.manual_seed(1)
+    b = torch.nn.functional.normalize(torch.randn(1, 16, 9, 11), dim=1)
+    a = torch.roll(b, shifts=(-1, 2), dims=(2, 3))  # a(y, x) = b(y + 1, x - 2)
+    corr = local_cost_volume(a, b, radius=3)
+    best = corr[0, :, 3:6, 3:8].argmax(0)  # interior: displacement index in the 7x7 window
+    dy, dx = best // 7 - 3, best % 7 - 3
+    assert bool((dy == 1).all()) and bool((dx == -2).all())
+
+
+def test_rotvec_round_trip():
+    v = torch.tensor([[0.1, -0.2, 0.05], [0.0, 0.0, 1e-9], [1.0, 2.0, -0.5]], dtype=torch.float64)
+    R = rotvec_to_matrix(v)
+    torch.testing.assert_close(R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(3, 3, 3))
+    torch.testing.assert_close(matrix_to_rotvec(R), v, atol=1e-7, rtol=1e-6)
+
+
+def test_trainable_weights_exclude_the_encoder_and_round_trip(tmp_path, model):
+    from safetensors.torch import load_file, save_file
+
+    sd = model.trainable_state_dict()
+    assert sd and not any(k.startswith("encoder.") for k in sd)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    other = Stream4DSmall(CFG, pretrained=False)
+    other.load_trainable(load_file(str(tmp_path / "w.safetensors")))
+    for k, v in other.trainable_state_dict().items():
+        torch.testing.assert_close(v, sd[k])
+    with pytest.raises(ValueError, match="missing"):
+        other.load_trainable({k: v for k, v in sd.items() if not k.startswith("depth_head.")})
+
+
+def _fake_cache(path, n_seq=2, L=6, hw=(56, 84), seed=0):
+    """A cache in cache_pool's format: a camera turning about y by 1 deg/frame, walls 2 m away."""
+    rng = np.random.default_rng(seed)
+    P = (hw[0] // 14) * (hw[1] // 14)
+    feats = rng.standard_normal((n_seq, L, P, 1152)).astype(np.float16)
+    T = np.repeat(np.eye(4, dtype=np.float32)[None, None], n_seq, 0).repeat(L, 1)
+    for i in range(L):
+        a = math.radians(1.0 * i)
+        T[:, i, :3, :3] = [[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]]
+        T[:, i, 0, 3] = 0.05 * i
+    depth = np.full((n_seq, L, *hw), 2.0, np.float16)
+    K = np.repeat(np.array([[hw[1] / 2 / math.tan(math.radians(30)), 0, hw[1] / 2],
+                            [0, hw[1] / 2 / math.tan(math.radians(30)), hw[0] / 2], [0, 0, 1]], np.float32)[None],
+                  n_seq, 0)
+    path.mkdir(parents=True, exist_ok=True)
+    np.save(path / "shard_0000000.feats.npy", feats)
+    np.savez(path / "shard_0000000.meta.npz", depth=depth, T_wc=T, K=K, kind=np.zeros(n_seq, np.int64))
+
+
+def test_feature_pool_targets(tmp_path):
+    from ros2_stream4d.train.small_data import FeaturePool
+
+    _fake_cache(tmp_path / "c")
+    pool = FeaturePool(tmp_path / "c")
+    assert len(pool) == 2
+    b = pool.sample(np.random.default_rng(0), 3, 3, (2,), reverse_p=0.0)
+    assert b["feats"].shape == (3, 3, 24, 1152)
+    # stride 2 at 1 deg/frame: 2 deg about y between consecutive clip frames (sign: camera s from camera s-1)
+    torch.testing.assert_close(b["rot"].abs()[..., 1], torch.full((3, 2), math.radians(2.0)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b["trans"].norm(dim=-1), torch.full((3, 2), 0.1 / 2.0), atol=2e-3, rtol=0.05)
+    assert torch.allclose(b["fov"], torch.full((3,), math.radians(60.0)))
+
+
+def test_training_lowers_the_loss_and_resumes(tmp_path):
+    from ros2_stream4d.train.small_trainer import SmallTrainConfig, load_trained, train
+
+    _fake_cache(tmp_path / "c")
+    cfg = SmallTrainConfig(cache=[str(tmp_path / "c")], run_dir=str(tmp_path / "run"), model={"hw": [56, 84]},
+                           batch=2, frames=(2, 3), lr=1e-3, warmup=1, minutes=100, threads=1, log_every=5)
+    train(cfg, max_minutes=0.15, log=lambda s: None)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) >= 2 and recs[-1]["depth"] < recs[0]["depth"]
+    step = recs[-1]["step"]
+    train(cfg, max_minutes=0.05, log=lambda s: None)  # resumes from last.pt
+    recs2 = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert recs2[-1]["step"] > step
+    m = load_trained(tmp_path / "run" / "last.pt", {"hw": [56, 84]}, pretrained=False)
+    assert isinstance(m, Stream4DSmall)
