@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a .venv with everything ros2_stream4d needs. Fast when all is there already.
 #   - system ROS 2 sourced (ROS_DISTRO set, rclpy importable): venv with --system-site-packages, no ROS wheels
-#   - otherwise: ROS 2 Kilted wheels from PyPI + tf2_msgs built locally
+#   - otherwise: ROS 2 wheels from PyPI + tf2_msgs built locally; STREAM4D_ROS_DISTRO picks the distribution:
+#       kilted (default, requirements-ros.txt, venv .venv) or jazzy (LTS, requirements-ros-jazzy.txt, venv .venv-jazzy)
+#       e.g. STREAM4D_ROS_DISTRO=jazzy scripts/setup.sh && . .venv-jazzy/bin/activate && . scripts/ros_env.sh
 #   - torch: STREAM4D_TORCH (default torch==2.13.0, the CPU build on machines without CUDA)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-VENV="${STREAM4D_VENV:-$ROOT/.venv}"
+DISTRO="${STREAM4D_ROS_DISTRO:-kilted}"; DISTRO="${DISTRO,,}"
+case "$DISTRO" in
+  kilted) REQ_ROS=requirements-ros.txt; DEFAULT_VENV="$ROOT/.venv" ;;
+  jazzy) REQ_ROS=requirements-ros-jazzy.txt; DEFAULT_VENV="$ROOT/.venv-jazzy" ;;
+  *) echo "[setup] STREAM4D_ROS_DISTRO=$DISTRO: expected kilted (the default) or jazzy" >&2; exit 2 ;;
+esac
+VENV="${STREAM4D_VENV:-$DEFAULT_VENV}"
 STAMP="$VENV/.stream4d-setup"
 T0=$(date +%s)
 say() { echo "[setup] $*"; }
 
 # Everything the last successful run installed is still in place: nothing to do.
-fingerprint() { cat requirements.txt requirements-ros.txt requirements-dev.txt setup.py scripts/setup.sh 2>/dev/null | sha1sum | cut -d' ' -f1; }
+fingerprint() { { echo "ros=$DISTRO root=$ROOT"; cat requirements.txt "$REQ_ROS" requirements-dev.txt setup.py scripts/setup.sh; } 2>/dev/null | sha1sum | cut -d' ' -f1; }
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(fingerprint)" ] && "$VENV/bin/python" -c "import ros2_stream4d, torch, rclpy, tf2_msgs.msg" 2>/dev/null; then
   say "up to date ($VENV); nothing to install"
   exit 0
@@ -27,6 +35,22 @@ fi
 
 SYSTEM_ROS=0
 if [ -n "${ROS_DISTRO:-}" ] && python3 -c "import rclpy" 2>/dev/null; then SYSTEM_ROS=1; fi
+if [ $SYSTEM_ROS = 1 ] && [ -n "${STREAM4D_ROS_DISTRO:-}" ] && [ "$STREAM4D_ROS_DISTRO" != "$ROS_DISTRO" ]; then
+  say "note: STREAM4D_ROS_DISTRO=$STREAM4D_ROS_DISTRO ignored: the sourced system ROS 2 ($ROS_DISTRO) is used"
+fi
+# one venv holds one distribution: never mix Kilted and Jazzy wheels (and a tf2_msgs built against the other)
+if [ $SYSTEM_ROS = 0 ] && [ -x "$VENV/bin/python" ]; then
+  HAVE="$(cat "$VENV/.stream4d-ros-distro" 2>/dev/null || "$VENV/bin/python" -c "import importlib.metadata as m
+for name, dist in (('jazzy', 'ros-jazzy-rclpy'), ('kilted', 'ros-rclpy')):
+    try:
+        m.version(dist); print(name); break
+    except m.PackageNotFoundError:
+        pass" 2>/dev/null || true)"
+  if [ -n "$HAVE" ] && [ "$HAVE" != "$DISTRO" ]; then
+    say "$VENV holds ROS 2 $HAVE, not $DISTRO: set STREAM4D_VENV to another folder or delete this one" >&2
+    exit 1
+  fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   if [ $SYSTEM_ROS = 1 ]; then
     say "system ROS 2 ($ROS_DISTRO) found: venv shares its site-packages"
@@ -42,8 +66,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pipq() { pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 if [ $SYSTEM_ROS = 0 ]; then
-  say "pip: ROS 2 Kilted wheels"
-  pipq -r requirements-ros.txt
+  say "pip: ROS 2 $DISTRO wheels ($REQ_ROS)"
+  pipq -r "$REQ_ROS"
+  echo "$DISTRO" >"$VENV/.stream4d-ros-distro"
 fi
 if ! python -c "import torch" 2>/dev/null; then
   say "pip: ${STREAM4D_TORCH:-torch==2.13.0}"
