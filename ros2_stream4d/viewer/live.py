@@ -1,0 +1,255 @@
+"""LiveViewer: the running node's results, streamed to Rerun from a background thread, off the hot path.
+
+    viewer = LiveViewer("serve", warn=logger.warning, info=logger.info)   # web viewer on 127.0.0.1:9090
+    ...
+    viewer.submit(frame_result, rgb)      # per processed frame: a deque append under a lock, never blocks
+    viewer.submit_map(xyz, rgb, stamp)    # when the map is published: replaces the pending map, never blocks
+    viewer.reset()                        # a new stream (the node reset its map)
+    viewer.close()                        # at shutdown: stops the thread, flushes, stops the viewer it started
+
+Hot path: `submit` keeps a reference (no copy) in a bounded deque; when it is full the oldest result is dropped
+and counted (`dropped`). The thread takes the newest results, downsamples them (entities.ViewOptions) and logs the
+entities of entities.py, the same as `stream4d view` records from the bags.
+
+Memory stays bounded over any run length: the queue holds at most `queue_size` results, the trajectory at most
+`options.path_points` vertices, one pending map; the viewer keeps at most `memory_limit` of data and drops the
+oldest (Rerun's own limit, for the served viewer's gRPC buffer and the native window alike).
+
+A viewer that cannot start (port taken, no display, no rerun-sdk) or that stops: one warning through `warn`, the
+thread ends, and `submit` returns False from then on at no cost; the node maps on.
+
+Modes: "serve" (Rerun's web viewer on 127.0.0.1: web_port for the page, grpc_port for data; the URL goes to
+`info`), "spawn" (a native viewer window; needs a display), "connect" (a viewer or server already running at
+`url`, e.g. `rerun --port 9876` started by the user), "save" (an .rrd file at `path`; no viewer at all).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .entities import RunLogger, ViewOptions
+
+MODES = ("serve", "spawn", "connect", "save")
+
+
+def _default_live_options() -> ViewOptions:
+    # lighter than a recording: the viewer keeps up at camera rate on a busy CPU
+    return ViewOptions(cloud_points=3000, map_points=100_000, depth_width=160, path_points=2000, jpeg_quality=75)
+
+
+class LiveViewer:
+    def __init__(self, mode: str = "serve", *, web_port: int = 9090, grpc_port: int = 9876, url: str | None = None,
+                 path: str | Path | None = None, queue_size: int = 2, options: ViewOptions | None = None,
+                 map_period_s: float = 2.0, memory_limit: str = "512MiB", cloud_in_camera: bool = False,
+                 warn: Callable[[str], Any] | None = None, info: Callable[[str], Any] | None = None,
+                 start: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"viewer mode must be one of {MODES}, got {mode!r}")
+        if mode == "save" and not path:
+            raise ValueError("viewer mode 'save' needs a path")
+        self.mode, self.web_port, self.grpc_port, self.url, self.path = mode, web_port, grpc_port, url, path
+        self.options = options or _default_live_options()
+        self.map_period_s = float(map_period_s)
+        self.memory_limit = memory_limit
+        self.cloud_in_camera = bool(cloud_in_camera)  # FrameResult.cloud_xyz in the camera frame (cloud_frame)
+        self._warn = warn or (lambda msg: None)
+        self._info = info or (lambda msg: None)
+        self._queue: deque = deque(maxlen=max(1, int(queue_size)))
+        self._cond = threading.Condition()
+        self._pending_map: tuple | None = None
+        self._pending_reset = False
+        self._stop = threading.Event()
+        self._disabled = False
+        self._thread: threading.Thread | None = None
+        self._viewer = None  # server.ServedViewer or a Popen we started
+        self.view_url: str | None = None  # serve: the page to open
+        # counters (read by the node's diagnostics and the benchmark)
+        self.submitted = 0
+        self.dropped = 0
+        self.logged = 0
+        self.maps_logged = 0
+        self.thread_cpu_s = 0.0  # CPU time of the logging thread
+        self.failure: str | None = None
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ hot path (node thread)
+    @property
+    def active(self) -> bool:
+        """False once the viewer failed or was closed: submit() is then a no-op."""
+        return not self._disabled
+
+    def submit(self, result, rgb: np.ndarray | None = None, K_rgb: np.ndarray | None = None) -> bool:
+        """Queue one mapping FrameResult (or the pipeline's Processed outcome holding one) and, optionally, the
+        source camera image with its intrinsics when they are not result.K (else the image the model saw is
+        shown). Never blocks; drops the oldest queued result when full. False when the viewer is off."""
+        if self._disabled:
+            return False
+        with self._cond:
+            if len(self._queue) == self._queue.maxlen:
+                self.dropped += 1
+            self._queue.append((result, rgb, K_rgb))
+            self.submitted += 1
+            self._cond.notify()
+        return True
+
+    def submit_map(self, xyz: np.ndarray, rgb: np.ndarray | None = None, stamp_ns: int | None = None) -> bool:
+        """The accumulated map (replaces a map not yet logged); logged at most every map_period_s."""
+        if self._disabled:
+            return False
+        with self._cond:
+            self._pending_map = (xyz, rgb, stamp_ns)
+            self._cond.notify()
+        return True
+
+    def reset(self) -> None:
+        """A new stream: the trajectory starts over (queued results of the old stream are dropped)."""
+        with self._cond:
+            self.dropped += len(self._queue)
+            self._queue.clear()
+            self._pending_reset = True
+            self._cond.notify()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def stats(self) -> dict[str, Any]:
+        return {"viewer": self.mode, "viewer url": self.view_url or "", "viewer frames logged": self.logged,
+                "viewer frames dropped": self.dropped, "viewer thread cpu [s]": round(self.thread_cpu_s, 2),
+                "viewer failure": self.failure or ""}
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        if self._thread is None and not self._disabled:
+            self._thread = threading.Thread(target=self._run, name="stream4d-rerun", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread (results still queued are dropped), flush, stop a viewer we started."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._disabled = True
+        self._stop_viewer()
+
+    def __enter__(self) -> LiveViewer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ logging thread
+    def _fail(self, message: str) -> None:
+        self._disabled = True
+        self.failure = message
+        with self._cond:
+            self.dropped += len(self._queue)
+            self._queue.clear()
+            self._pending_map = None
+        self._warn(message)
+
+    def _open(self):
+        from . import server
+        from .entities import default_blueprint
+        from .recording import new_recording
+
+        rec = new_recording(recording_id=f"stream4d-live-{time.strftime('%Y%m%d-%H%M%S')}")
+        blueprint = default_blueprint()
+        if self.mode == "serve":
+            self._viewer = server.serve_web(web_port=self.web_port, grpc_port=self.grpc_port,
+                                            server_memory_limit=self.memory_limit)
+            self.view_url = self._viewer.url
+            rec.connect_grpc(self._viewer.grpc_url, default_blueprint=blueprint)
+            self._info(f"viewer:=rerun: open {self.view_url} in a browser on this machine")
+        elif self.mode == "spawn":
+            self._viewer = server.spawn_native(grpc_port=self.grpc_port, memory_limit=self.memory_limit)
+            rec.connect_grpc(server.proxy_url(self.grpc_port), default_blueprint=blueprint)
+            self._info(f"viewer:=rerun: native viewer window on port {self.grpc_port}")
+        elif self.mode == "connect":
+            url = self.url or server.proxy_url(self.grpc_port)
+            rec.connect_grpc(url, default_blueprint=blueprint)
+            self._info(f"viewer:=rerun: logging to {url}")
+        else:
+            rec.save(self.path, default_blueprint=blueprint)
+            self._info(f"viewer:=rerun: recording to {self.path}")
+        return rec
+
+    def _run(self) -> None:
+        try:
+            rec = self._open()
+        except Exception as exc:  # noqa: BLE001 - any failure to start means: warn once and map on
+            self._stop_viewer()
+            self._fail(f"viewer:=rerun could not start ({type(exc).__name__}: {exc}); mapping goes on without "
+                       "a viewer")
+            return
+        log = RunLogger(rec, self.options)
+        log.setup(blueprint=False)
+        last_map = -1e9
+        cpu0 = time.thread_time()
+        try:
+            while not self._stop.is_set():
+                with self._cond:
+                    while not (self._queue or self._pending_map or self._pending_reset or self._stop.is_set()):
+                        self._cond.wait(0.5)
+                    item = self._queue.popleft() if self._queue else None
+                    reset, self._pending_reset = self._pending_reset, False
+                    map_item = None
+                    if self._pending_map is not None and time.monotonic() - last_map >= self.map_period_s:
+                        map_item, self._pending_map = self._pending_map, None
+                if self._stop.is_set():
+                    break
+                if self._viewer is not None and not self._viewer_alive():
+                    self._fail("viewer:=rerun: the viewer process exited; mapping goes on without a viewer")
+                    break
+                if reset:
+                    log.reset_paths()
+                if item is not None:
+                    result, rgb, K_rgb = item
+                    if not hasattr(result, "stamp_ns"):  # an outcome (Processed / Gated): its FrameResult
+                        result = getattr(result, "result", None)
+                    if result is not None:
+                        log.frame(result, rgb=rgb, K_rgb=K_rgb, cloud_in_camera=self.cloud_in_camera)
+                        self.logged += 1
+                if map_item is not None:
+                    xyz, rgb, stamp = map_item
+                    log.map(stamp, xyz, rgb)
+                    self.maps_logged += 1
+                    last_map = time.monotonic()
+                elif item is None and self._pending_map is not None:
+                    self._stop.wait(0.05)  # only a map waiting for its period: do not spin
+                self.thread_cpu_s = time.thread_time() - cpu0
+        except Exception as exc:  # noqa: BLE001 - a logging failure must never reach the node
+            self._fail(f"viewer:=rerun stopped ({type(exc).__name__}: {exc}); mapping goes on without a viewer")
+        finally:
+            self.thread_cpu_s = time.thread_time() - cpu0
+            try:
+                rec.flush(timeout_sec=2.0)
+                rec.disconnect()
+            except Exception:  # noqa: BLE001, S110 - shutting down anyway
+                pass
+
+    def _viewer_alive(self) -> bool:
+        v = self._viewer
+        return v.alive() if hasattr(v, "alive") else v.poll() is None
+
+    def _stop_viewer(self) -> None:
+        v, self._viewer = self._viewer, None
+        if v is None:
+            return
+        if hasattr(v, "stop"):
+            v.stop()
+        elif v.poll() is None:
+            v.terminate()
+            try:
+                v.wait(5)
+            except Exception:  # noqa: BLE001
+                v.kill()

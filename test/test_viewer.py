@@ -1,0 +1,365 @@
+"""The Rerun viewer: recordings read back with the SDK, the live viewer's queue and failure path, and one browser
+test (headless Chromium looks at the served web viewer and sees the cloud).
+
+No viewer runs here except in the browser test: recordings go to .rrd files, the live viewer to a file or to
+nothing (a viewer that cannot start)."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from ros2_stream4d.cli import main
+from ros2_stream4d.sim.bag import SimConfig, write_sim_bag
+from ros2_stream4d.viewer import entities as E
+from ros2_stream4d.viewer.entities import BoundedPath, ViewOptions
+from ros2_stream4d.viewer.fixtures import oracle_results, write_output_bag
+from ros2_stream4d.viewer.live import LiveViewer
+from ros2_stream4d.viewer.recording import classify_bags, save_recording
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAMES = 10
+OPTIONS = ViewOptions(cloud_points=500, depth_width=32, map_points=2000)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run: a sim bag (the input, with images and ground truth) and the node-shaped output bag of the
+    oracle pipeline over it."""
+    d = tmp_path_factory.mktemp("viewer")
+    sim = d / "input_bag"
+    write_sim_bag(sim, SimConfig(scene="room", trajectory="ground_robot", frames=FRAMES, width=64, height=48,
+                                 seed=5), progress=False)
+    results, map_cloud, images, K = oracle_results(sim)
+    out = write_output_bag(d / "output_bag", results, map_cloud)
+    return {"dir": d, "sim": sim, "out": out, "results": results, "images": images, "K": K, "map": map_cloud}
+
+
+@pytest.fixture(scope="module")
+def recording(run):
+    path = run["dir"] / "run.rrd"
+    summary = save_recording([run["out"], run["sim"]], path, OPTIONS)
+    return path, summary
+
+
+def read_rrd(path) -> dict[str, dict]:
+    """{entity: {"rows", "stamps" (ns), "static", "timelines", "columns", "batches"}} read back with the SDK."""
+    from rerun.chunk import RrdReader
+
+    out: dict[str, dict] = {}
+    for chunk in RrdReader(path).stream().collect().stream():
+        e = out.setdefault(chunk.entity_path.lstrip("/"), {"rows": 0, "stamps": [], "static": False,
+                                                            "timelines": set(), "columns": set(), "batches": []})
+        rb = chunk.to_record_batch()
+        e["rows"] += chunk.num_rows
+        e["static"] |= chunk.is_static
+        e["timelines"].update(chunk.timeline_names)
+        e["columns"].update(n for n in rb.schema.names if ":" in n)
+        e["batches"].append(rb)
+        if E.TIMELINE in rb.schema.names:
+            e["stamps"] += [int(v) for v in rb.column(E.TIMELINE).cast("int64").to_pylist()]
+    return out
+
+
+def column_values(entity: dict, column: str) -> list:
+    """One value per row: the row's single instance (a transform, an image), or its list of instances (points)."""
+    rows = [v for rb in entity["batches"] if column in rb.schema.names for v in rb.column(column).to_pylist()]
+    return [v[0] if isinstance(v, list) and len(v) == 1 else v for v in rows]
+
+
+# ---------------------------------------------------------------------------------------------------- recording
+def test_recording_holds_every_entity_once_per_frame_on_one_timeline(run, recording):
+    path, summary = recording
+    got = read_rrd(path)
+    stamps = sorted(int(r.stamp_ns) for r in run["results"])
+    per_frame = [E.CAMERA, E.DEPTH, E.CONFIDENCE, E.CLOUD, E.TRAJECTORY, E.GT_TRAJECTORY]
+    for entity in per_frame:
+        assert got[entity]["rows"] == FRAMES, entity
+        assert sorted(got[entity]["stamps"]) == stamps, entity
+    assert len(column_values(got[E.IMAGE], "EncodedImage:blob")) == FRAMES
+    assert set(column_values(got[E.IMAGE], "EncodedImage:media_type")) == {"image/jpeg"}
+    assert got[E.MAP_CLOUD]["rows"] == 1 and got[E.MAP_CLOUD]["stamps"] == [stamps[-1]]
+    # one timeline, the image stamps: no log_time / log_tick
+    timelines = set().union(*(e["timelines"] for e in got.values()))
+    assert timelines == {E.TIMELINE}
+    all_stamps = set().union(*(set(e["stamps"]) for e in got.values()))
+    assert all_stamps == set(stamps)
+    assert summary.frames == FRAMES and summary.size_bytes == path.stat().st_size
+
+
+def test_recording_is_downsampled_as_asked(run, recording):
+    got = read_rrd(recording[0])
+    clouds = [rb.column("Points3D:positions").to_pylist()[i] for rb in got[E.CLOUD]["batches"]
+              for i in range(rb.num_rows)]
+    assert max(len(c) for c in clouds) == OPTIONS.cloud_points < min(len(r.cloud_xyz) for r in run["results"])
+    map_rows = [p for rb in got[E.MAP_CLOUD]["batches"] for p in rb.column("Points3D:positions").to_pylist()]
+    assert len(map_rows[0]) == min(OPTIONS.map_points, len(run["map"][0]))
+    fmt = column_values(got[E.DEPTH], "DepthImage:format")[0]
+    assert fmt["width"] <= OPTIONS.depth_width and fmt["height"] < run["results"][0].depth.shape[0]
+    for blob in column_values(got[E.IMAGE], "EncodedImage:blob")[:1]:
+        img = cv2.imdecode(np.frombuffer(bytes(blob), np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape[:2] == run["images"][0].shape[:2]
+
+
+def test_recording_poses_and_ground_truth_in_the_map_frame(run, recording):
+    got = read_rrd(recording[0])
+    last = max(run["results"], key=lambda r: r.stamp_ns)
+    translations = column_values(got[E.CAMERA], "Transform3D:translation")
+    stamps = got[E.CAMERA]["stamps"]
+    np.testing.assert_allclose(translations[int(np.argmax(stamps))], last.T_map_cam[:3, 3], atol=1e-5)
+    # the oracle's poses are the ground truth: aligned into the map frame the two paths coincide
+    i_last = int(np.argmax(got[E.GT_TRAJECTORY]["stamps"]))
+    gt_strip = np.asarray(column_values(got[E.GT_TRAJECTORY], "LineStrips3D:strips")[i_last])
+    pred_strip = np.asarray(column_values(got[E.TRAJECTORY], "LineStrips3D:strips")[i_last])
+    assert len(gt_strip) == len(pred_strip) == FRAMES
+    np.testing.assert_allclose(gt_strip, pred_strip, atol=1e-3)
+    assert np.ptp(pred_strip, axis=0).max() > 0.05  # the camera moved: the check above is not vacuous
+
+
+def test_bags_in_any_order_and_a_foreign_bag_is_refused(run, tmp_path):
+    assert classify_bags([run["sim"], run["out"]]) == ([run["out"]], [run["sim"]])
+    from ros2_stream4d.eval.bagio import write_prediction_bag
+
+    foreign = tmp_path / "foreign"
+    write_prediction_bag(foreign, [1, 2], np.tile(np.eye(4), (2, 1, 1)))  # only /stream4d/camera_pose ...
+    assert classify_bags([foreign]) == ([foreign], [])
+    from rosbags.rosbag2 import Writer
+
+    from ros2_stream4d.sim.bag import TYPESTORE
+
+    other = tmp_path / "other"
+    with Writer(other, version=9) as w:
+        w.add_connection("/chatter", "std_msgs/msg/String", typestore=TYPESTORE)
+    with pytest.raises(ValueError, match="neither"):
+        classify_bags([other])
+
+
+def test_view_cli_saves_a_recording(run, tmp_path, capsys):
+    out = tmp_path / "cli.rrd"
+    assert main(["view", str(run["sim"]), str(run["out"]), "--save", str(out), "--cloud-points", "100"]) == 0
+    got = read_rrd(out)
+    assert got[E.CLOUD]["rows"] == FRAMES
+    assert max(len(p) for rb in got[E.CLOUD]["batches"] for p in rb.column("Points3D:positions").to_pylist()) == 100
+    assert f"rerun {out}" in capsys.readouterr().out
+
+
+def test_bounded_path_keeps_its_shape_in_constant_memory():
+    path = BoundedPath(100)
+    pts = np.stack([np.arange(10_000), np.zeros(10_000), np.zeros(10_000)], 1).astype(np.float32)
+    for p in pts:
+        path.append(p)
+        assert len(path) <= 100
+    a = path.array()
+    assert a[0, 0] == 0 and a[-1, 0] == 9_999 and np.all(np.diff(a[:, 0]) > 0)
+
+
+# ---------------------------------------------------------------------------------------------------- live viewer
+def test_live_submit_never_blocks_and_drops_the_oldest(run, tmp_path):
+    path = tmp_path / "live.rrd"
+    viewer = LiveViewer("save", path=path, queue_size=3, options=OPTIONS, start=False)
+    results = run["results"]
+    for r, img in zip(results, run["images"]):
+        assert viewer.submit(r, img) is True  # no thread is taking them: it must still return at once
+    assert viewer.pending() == 3 and viewer.submitted == FRAMES and viewer.dropped == FRAMES - 3
+    viewer.submit_map(*run["map"], stamp_ns=int(results[-1].stamp_ns))
+    viewer.start()
+    deadline = time.monotonic() + 30
+    while (viewer.logged < 3 or viewer.maps_logged < 1) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    viewer.close()
+    assert viewer.failure is None and viewer.logged == 3
+    got = read_rrd(path)
+    newest = sorted(int(r.stamp_ns) for r in results)[-3:]
+    assert sorted(got[E.CAMERA]["stamps"]) == newest  # the newest three were kept
+    for entity in (E.IMAGE, E.DEPTH, E.CONFIDENCE, E.CLOUD, E.TRAJECTORY):
+        assert entity in got, entity  # the same entities as a recording of the bags
+    assert got[E.MAP_CLOUD]["rows"] == 1
+    assert viewer.submit(results[0]) is False  # closed: a no-op
+
+
+def _listening_port() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+def _wait_for_failure(viewer: LiveViewer, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while viewer.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("case", ["port taken", "no display"])
+def test_live_viewer_that_cannot_start_warns_once_and_mapping_goes_on(run, monkeypatch, case):
+    warnings: list[str] = []
+    if case == "port taken":
+        blocker = _listening_port()
+        port = blocker.getsockname()[1]
+        viewer = LiveViewer("serve", grpc_port=port, web_port=0, warn=warnings.append)
+    else:
+        blocker = None
+        monkeypatch.delenv("DISPLAY", raising=False)
+        monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+        monkeypatch.setattr(sys, "platform", "linux")
+        viewer = LiveViewer("spawn", grpc_port=0, warn=warnings.append)
+    try:
+        _wait_for_failure(viewer)
+        for r in run["results"]:
+            assert viewer.submit(r) is False  # off: nothing queued, nothing held
+        assert viewer.pending() == 0
+    finally:
+        viewer.close()
+        if blocker is not None:
+            blocker.close()
+    assert len(warnings) == 1
+    assert ("taken" if case == "port taken" else "display") in warnings[0]
+    assert "mapping goes on" in warnings[0]
+
+
+def test_viewer_package_never_imports_ros():
+    offenders = []
+    for path in (ROOT / "ros2_stream4d" / "viewer").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.split(".")[0] in ("rclpy", "sensor_msgs", "geometry_msgs", "tf2_ros")
+                          or n.startswith("ros2_stream4d.ros")]
+    assert not offenders
+
+
+# ---------------------------------------------------------------------------------------------------- browser
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+class _Cdp:
+    """Chrome DevTools Protocol over --remote-debugging-pipe (fds 3 and 4): no websocket library needed."""
+
+    def __init__(self, binary: str, width: int, height: int):
+        self.profile = tempfile.mkdtemp(prefix="s4d_chromium_")
+        to_chrome_r, self._w = os.pipe()
+        self._r, from_chrome_w = os.pipe()
+
+        def child_fds():
+            a, b = os.dup(to_chrome_r), os.dup(from_chrome_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--enable-unsafe-swiftshader", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
+             "--remote-debugging-pipe", "about:blank"],
+            preexec_fn=child_fds, close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf, self._id, self.session = b"", 0, None
+
+    def call(self, method: str, params: dict | None = None, timeout: float = 30.0, session: bool = True) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if session and self.session:
+            msg["sessionId"] = self.session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer to {method} within {timeout} s")
+            ready, _, _ = select.select([self._r], [], [], max(0.05, deadline - time.monotonic()))
+            if not ready:
+                continue
+            data = os.read(self._r, 1 << 20)
+            if not data:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self._buf += data
+
+    def close(self) -> None:
+        try:
+            os.write(self._w, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+            self.proc.wait(10)
+        except Exception:  # noqa: BLE001 - it is going away either way
+            self.proc.kill()
+            self.proc.wait(10)
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def drawn_fraction(png: bytes, box=(0.03, 0.10, 0.72, 0.92)) -> float:
+    """The share of the 3D view's pixels that differ clearly from its background (its most common colour)."""
+    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+    h, w = img.shape[:2]
+    region = img[int(box[1] * h):int(box[3] * h), int(box[0] * w):int(box[2] * w)].reshape(-1, 3)
+    colours = Counter(map(tuple, region[:: 7].tolist()))
+    background = np.array(colours.most_common(1)[0][0], np.int16)
+    return float((np.abs(region - background).max(axis=1) > 80).mean())
+
+
+def test_browser_shows_the_cloud_in_the_served_web_viewer(recording, tmp_path):
+    """Headless Chromium opens the served web viewer with the recording: the 3D view is not blank."""
+    from ros2_stream4d.viewer.server import ViewerUnavailable, serve_web
+
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; scripts/setup.sh does it)")
+    t0 = time.monotonic()
+    try:
+        viewer = serve_web([recording[0]], web_port=0, grpc_port=0, log_path=tmp_path / "rerun.log")
+    except ViewerUnavailable as exc:
+        pytest.fail(f"the web viewer did not start: {exc}")
+    cdp = None
+    try:
+        try:
+            cdp = _Cdp(binary, 1000, 640)
+            target = cdp.call("Target.createTarget", {"url": "about:blank"}, timeout=15, session=False)
+            cdp.session = cdp.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True},
+                                   timeout=15, session=False)["sessionId"]
+        except (TimeoutError, RuntimeError, OSError) as exc:
+            pytest.skip(f"Chromium ({binary}) cannot start here: {exc}")
+        cdp.call("Page.enable")
+        cdp.call("Page.navigate", {"url": viewer.url})
+        fraction, shot = 0.0, b""
+        while time.monotonic() - t0 < 50:
+            time.sleep(2.0)
+            shot = base64.b64decode(cdp.call("Page.captureScreenshot", {"format": "png"}, timeout=30)["data"])
+            fraction = drawn_fraction(shot)
+            if fraction > 0.02:
+                break
+        (tmp_path / "viewer.png").write_bytes(shot)
+        assert fraction > 0.02, f"the 3D view looks blank ({fraction:.4f} drawn); screenshot {tmp_path / 'viewer.png'}"
+    finally:
+        if cdp is not None:
+            cdp.close()
+        viewer.stop()
