@@ -1,0 +1,410 @@
+"""The keyframe map: geometry kept per keyframe in its own frame with its pose beside it, and the products built
+from it (the ``~/map`` cloud, a TSDF mesh, a 2D occupancy grid).
+
+A keyframe is a small submap: the frames processed while the camera stays near the keyframe's first camera pose
+(``keyframe_distance`` metres, ``keyframe_angle_deg`` degrees, at most ``keyframe_max_frames`` frames). Each frame
+is stored as what rebuilds every product: metric z-depth (float16, NaN = invalid or rejected by the confidence
+mask), its confidence (float16), colour (uint8) and intrinsics, at a pixel ``stride`` of the model's resolution,
+with its camera pose relative to the keyframe (fixed). The keyframe's pose in ``map`` (T_map_kf) is the only
+thing a pose correction changes: ``update_poses`` moves the keyframe and the products follow (they are rebuilt from
+the stored frames at the next query; nothing re-runs the model).
+
+Products are caches: every integrated frame goes into them at once (cheap: one TSDF integration, one voxel fusion,
+one set of grid votes), and a pose update marks them stale and rebuilds them from all keyframes in the original
+order, so a rebuilt map equals the one a stream with the corrected poses would have built.
+
+Memory: at most ``max_keyframes_in_memory`` keyframes keep their frames in RAM; older ones are spilled to
+``spill_dir`` (one .npz each, no pickle) and read back only for a rebuild or a save. Their poses stay in memory.
+
+Segments: ``new_segment()`` (a stream reset) starts a new keyframe in a new segment and keeps the map; ``erase()``
+is the explicit way to drop it. The frames of the map are: ``map`` (everything returned here), each keyframe's
+frame ``kf`` (its first camera's optical frame).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from ros2_stream4d.mapping.conventions import inverse, pixel_rays, transform_points
+from ros2_stream4d.mapping.fusion import VoxelMap
+from ros2_stream4d.mapping.occupancy import OccupancyGrid, OccupancyOptions, frame_votes
+from ros2_stream4d.mapping.tsdf import TsdfVolume
+
+KEYFRAME_FILE_VERSION = 1
+
+
+@dataclass
+class KeyframeMapConfig:
+    cloud_voxel_size: float = 0.02  # m: voxel of the ~/map cloud
+    cloud_max_points: int = 1_000_000
+    tsdf: bool = True
+    tsdf_voxel_size: float = 0.05  # m
+    tsdf_trunc_voxels: float = 4.0  # truncation distance in voxels
+    depth_max: float = 5.0  # m: depth beyond this is not fused (TSDF, cloud)
+    tsdf_device: str = "CPU:0"  # Open3D device ("CUDA:0" on a robot with the CUDA build)
+    occupancy: bool = True
+    occupancy_resolution: float = 0.05  # m per cell
+    occupancy_floor_z: float = 0.0  # m, floor height in map
+    occupancy_min_height: float = 0.1  # m above the floor
+    occupancy_max_height: float = 1.5  # m above the floor
+    occupancy_max_range: float = 5.0  # m
+    keyframe_distance: float = 0.3  # m
+    keyframe_angle_deg: float = 15.0
+    keyframe_max_frames: int = 10
+    stride: int = 2  # pixel stride of the stored depth / colour (of the model resolution)
+    cloud_stride: int = 2  # pixel stride (of the stored frame) of the points fused into the cloud and the grid
+    max_keyframes_in_memory: int = 50
+    spill_dir: str = ""  # "" = a private temporary directory, removed with the map
+
+    def __post_init__(self):
+        if self.stride < 1 or self.cloud_stride < 1 or self.keyframe_max_frames < 1 or self.max_keyframes_in_memory < 1:
+            raise ValueError("stride, keyframe_max_frames and max_keyframes_in_memory must be >= 1")
+        if not (self.keyframe_distance > 0 and self.keyframe_angle_deg > 0 and self.depth_max > 0):
+            raise ValueError("keyframe_distance, keyframe_angle_deg and depth_max must be > 0")
+        self.occupancy_options()  # validates the band and resolution
+
+    def occupancy_options(self) -> OccupancyOptions:
+        return OccupancyOptions(self.occupancy_resolution, self.occupancy_floor_z, self.occupancy_min_height,
+                                self.occupancy_max_height, self.occupancy_max_range)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class MapFrame:
+    """One processed frame for the map: metric z-depth (NaN = invalid or below the confidence mask), its
+    confidence, colour, pinhole K of that image and the camera optical frame's pose in ``map``."""
+
+    stamp_ns: int
+    T_map_cam: np.ndarray
+    depth: np.ndarray  # (h, w) float
+    rgb: np.ndarray  # (h, w, 3) uint8
+    K: np.ndarray  # (3, 3)
+    conf: np.ndarray | None = None  # (h, w) float; None = 1
+
+
+@dataclass
+class FrameBatch:
+    """The stored frames of one keyframe (arrays stacked over its n frames)."""
+
+    stamps: np.ndarray  # (n,) int64
+    T_kf_cam: np.ndarray  # (n, 4, 4) float64
+    K: np.ndarray  # (n, 3, 3) float64
+    depth: np.ndarray  # (n, h, w) float16
+    conf: np.ndarray  # (n, h, w) float16
+    rgb: np.ndarray  # (n, h, w, 3) uint8
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.stamps, self.T_kf_cam, self.K, self.depth, self.conf, self.rgb))
+
+    def append(self, stamp, T_kf_cam, K, depth, conf, rgb) -> FrameBatch:
+        return FrameBatch(np.append(self.stamps, np.int64(stamp)), np.concatenate([self.T_kf_cam, T_kf_cam[None]]),
+                          np.concatenate([self.K, K[None]]), np.concatenate([self.depth, depth[None]]),
+                          np.concatenate([self.conf, conf[None]]), np.concatenate([self.rgb, rgb[None]]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"stamps": self.stamps, "T_kf_cam": self.T_kf_cam, "K": self.K, "depth": self.depth,
+                "conf": self.conf, "rgb": self.rgb}
+
+    @classmethod
+    def from_arrays(cls, a, where: str = "keyframe") -> FrameBatch:
+        """Validated batch from a mapping of arrays (an opened .npz); ValueError naming what is wrong."""
+        missing = [k for k in ("stamps", "T_kf_cam", "K", "depth", "conf", "rgb") if k not in a]
+        if missing:
+            raise ValueError(f"{where}: missing arrays {missing}")
+        b = cls(np.asarray(a["stamps"]), np.asarray(a["T_kf_cam"]), np.asarray(a["K"]), np.asarray(a["depth"]),
+                np.asarray(a["conf"]), np.asarray(a["rgb"]))
+        n = len(b.stamps)
+        if b.depth.ndim != 3 or n == 0:
+            raise ValueError(f"{where}: depth must be (n >= 1, h, w), got {b.depth.shape}")
+        h, w = b.depth.shape[1:]
+        expect = {"stamps": ((n,), np.int64), "T_kf_cam": ((n, 4, 4), np.float64), "K": ((n, 3, 3), np.float64),
+                  "depth": ((n, h, w), np.float16), "conf": ((n, h, w), np.float16), "rgb": ((n, h, w, 3), np.uint8)}
+        for k, (shape, dtype) in expect.items():
+            arr = getattr(b, k)
+            if arr.shape != shape or arr.dtype != dtype:
+                raise ValueError(f"{where}: {k} must be {shape} {np.dtype(dtype).name}, got {arr.shape} {arr.dtype}")
+        if not (np.isfinite(b.T_kf_cam).all() and np.isfinite(b.K).all()):
+            raise ValueError(f"{where}: non-finite poses or intrinsics")
+        return b
+
+
+def empty_batch(h: int, w: int) -> FrameBatch:
+    return FrameBatch(np.zeros(0, np.int64), np.zeros((0, 4, 4)), np.zeros((0, 3, 3)), np.zeros((0, h, w), np.float16),
+                      np.zeros((0, h, w), np.float16), np.zeros((0, h, w, 3), np.uint8))
+
+
+@dataclass
+class Keyframe:
+    id: int
+    segment: int
+    T_map_kf: np.ndarray  # (4, 4) float64: the keyframe frame (its first camera) in map
+    frames: FrameBatch | None  # None while spilled to disk
+    n_frames: int = 0
+    spill_path: Path | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        return self.frames is not None
+
+
+def rotation_angle_deg(R: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(R[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def write_keyframe_file(path: Path, kf_id: int, segment: int, frames: FrameBatch) -> None:
+    """One keyframe's frames as an uncompressed .npz (no pickle); fsynced."""
+    with open(path, "wb") as f:
+        np.savez(f, version=np.int64(KEYFRAME_FILE_VERSION), id=np.int64(kf_id), segment=np.int64(segment),
+                 **frames.arrays())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_keyframe_file(path: Path, kf_id: int | None = None) -> tuple[int, int, FrameBatch]:
+    """(id, segment, frames) of a keyframe file; ValueError naming the file and what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "version" not in z or int(z["version"]) != KEYFRAME_FILE_VERSION:
+                raise ValueError(f"keyframe file {path.name}: unknown or missing version")
+            kid, seg = int(z["id"]), int(z["segment"])
+            if kf_id is not None and kid != kf_id:
+                raise ValueError(f"keyframe file {path.name} holds keyframe {kid}, expected {kf_id}")
+            return kid, seg, FrameBatch.from_arrays({k: z[k] for k in z.files}, where=f"keyframe file {path.name}")
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError, KeyError of a truncated file
+        raise ValueError(f"keyframe file {path.name} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+class KeyframeMap:
+    """The one map interface: ``integrate(frame)``, ``update_poses``, ``points()`` (cloud), ``mesh()``,
+    ``occupancy()``, ``new_segment()``, ``erase()`` (see the module docstring)."""
+
+    def __init__(self, config: KeyframeMapConfig | None = None):
+        self.config = config or KeyframeMapConfig()
+        self._ray_cache: tuple = (None, None)
+        self._spill_root: Path | None = None
+        self._own_spill = False
+        self._finalizer = None
+        self.keyframes: list[Keyframe] = []
+        self.segment = 0
+        self._current: Keyframe | None = None
+        self._next_id = 0
+        self._build_products()
+        self.stale = False
+        self.frames = 0
+        self.rebuilds = 0
+
+    # ------------------------------------------------------------------ products
+    def _build_products(self) -> None:
+        c = self.config
+        self.cloud = VoxelMap(c.cloud_voxel_size, c.cloud_max_points)
+        self.tsdf = TsdfVolume(c.tsdf_voxel_size, c.tsdf_trunc_voxels, c.depth_max, device=c.tsdf_device) \
+            if c.tsdf else None
+        self.grid = OccupancyGrid(c.occupancy_options()) if c.occupancy else None
+
+    def _rays(self, hw, K: np.ndarray) -> np.ndarray:
+        key = (hw, K.tobytes())
+        if self._ray_cache[0] != key:
+            self._ray_cache = (key, pixel_rays(hw, K))
+        return self._ray_cache[1]
+
+    def _fuse(self, depth: np.ndarray, conf: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray):
+        """Every product takes one stored frame (depth float32 with NaN, already strided)."""
+        if self.tsdf is not None:
+            self.tsdf.integrate(depth, rgb, K, T_map_cam)
+        cs = self.config.cloud_stride
+        d = depth[::cs, ::cs]
+        Kc = K.copy()
+        Kc[:2] /= cs
+        valid = np.isfinite(d) & (d > 0) & (d <= self.config.depth_max)
+        pts = self._rays(d.shape, Kc)[valid] * d[valid, None].astype(np.float64)
+        pts_map = transform_points(T_map_cam, pts)
+        self.cloud.integrate(pts_map, rgb[::cs, ::cs][valid], conf[::cs, ::cs][valid].astype(np.float32))
+        if self.grid is not None:
+            self.grid.add(frame_votes(pts_map, T_map_cam[:3, 3], self.grid.options))
+
+    def _refresh(self) -> None:
+        if not self.stale:
+            return
+        self._build_products()
+        for kf in self.keyframes:
+            frames = self._frames_of(kf)
+            for i in range(len(frames)):
+                self._fuse(frames.depth[i].astype(np.float32), frames.conf[i], frames.rgb[i], frames.K[i],
+                           kf.T_map_kf @ frames.T_kf_cam[i])
+        self.stale = False
+        self.rebuilds += 1
+
+    # ------------------------------------------------------------------ the interface
+    def integrate(self, frame: MapFrame) -> Keyframe:
+        """Store the frame in the current keyframe (or start a new one) and fuse it into every product."""
+        self._refresh()
+        s = self.config.stride
+        T = np.asarray(frame.T_map_cam, np.float64)
+        if T.shape != (4, 4) or not np.isfinite(T).all():
+            raise ValueError(f"T_map_cam must be a finite 4x4, got {T.shape}")
+        depth = np.asarray(frame.depth, np.float32)[::s, ::s]
+        h, w = depth.shape
+        rgb = np.asarray(frame.rgb)[::s, ::s]
+        if rgb.shape != (h, w, 3) or rgb.dtype != np.uint8:
+            raise ValueError(f"rgb must be uint8 of the depth's size, got {rgb.shape} {rgb.dtype}")
+        conf = np.ones((h, w), np.float32) if frame.conf is None else np.asarray(frame.conf, np.float32)[::s, ::s]
+        K = np.asarray(frame.K, np.float64).copy()
+        K[:2] /= s  # pixel i of the strided image is pixel s*i of the full one
+        depth16 = np.where(np.isfinite(depth) & (depth > 0), depth, np.nan).astype(np.float16)
+        conf16 = np.nan_to_num(conf, nan=0.0).astype(np.float16)
+
+        kf = self._current
+        if kf is None or self._needs_keyframe(kf, T, (h, w)):
+            kf = self._new_keyframe(T, (h, w))
+        kf.frames = kf.frames.append(frame.stamp_ns, inverse(kf.T_map_kf) @ T, K, depth16, conf16, rgb)
+        kf.n_frames = len(kf.frames)
+        # products see exactly what a rebuild will see: the stored (float16) frame at the stored relative pose
+        self._fuse(depth16.astype(np.float32), conf16, rgb, K, kf.T_map_kf @ kf.frames.T_kf_cam[-1])
+        self.frames += 1
+        self._bound_memory()
+        return kf
+
+    def _needs_keyframe(self, kf: Keyframe, T: np.ndarray, hw) -> bool:
+        c = self.config
+        if kf.n_frames >= c.keyframe_max_frames or kf.frames is None or kf.frames.depth.shape[1:] != hw:
+            return True
+        rel = inverse(kf.T_map_kf) @ T
+        return bool(np.linalg.norm(rel[:3, 3]) > c.keyframe_distance or rotation_angle_deg(rel) > c.keyframe_angle_deg)
+
+    def _new_keyframe(self, T_map_kf: np.ndarray, hw) -> Keyframe:
+        kf = Keyframe(self._next_id, self.segment, T_map_kf.copy(), empty_batch(*hw))
+        self._next_id += 1
+        self.keyframes.append(kf)
+        self._current = kf
+        return kf
+
+    def update_poses(self, poses: dict[int, np.ndarray]) -> None:
+        """New T_map_kf for the given keyframe ids; the products follow at the next query or integration."""
+        by_id = {kf.id: kf for kf in self.keyframes}
+        unknown = sorted(set(poses) - set(by_id))
+        if unknown:
+            raise KeyError(f"no keyframes with ids {unknown}")
+        for kid, T in poses.items():
+            T = np.asarray(T, np.float64)
+            if T.shape != (4, 4) or not np.isfinite(T).all():
+                raise ValueError(f"pose of keyframe {kid} must be a finite 4x4")
+            by_id[kid].T_map_kf = T.copy()
+        if poses:
+            self.stale = True
+
+    def keyframe_poses(self) -> dict[int, np.ndarray]:
+        return {kf.id: kf.T_map_kf.copy() for kf in self.keyframes}
+
+    def points(self):
+        """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map."""
+        self._refresh()
+        return self.cloud.points()
+
+    def mesh(self):
+        """(vertices float32 (V, 3), triangles int32 (T, 3), colours uint8 (V, 3)) in map; empty without TSDF."""
+        self._refresh()
+        if self.tsdf is None:
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8)
+        return self.tsdf.mesh()
+
+    def occupancy(self):
+        """(data int8 (H, W) -1/0/100, origin (x, y), resolution) like nav_msgs/OccupancyGrid; empty without it."""
+        self._refresh()
+        if self.grid is None:
+            return np.zeros((0, 0), np.int8), np.zeros(2), self.config.occupancy_resolution
+        return self.grid.to_arrays()
+
+    def new_segment(self) -> None:
+        """A stream reset: the next frame starts a new keyframe in a new segment; the map is kept."""
+        if self._current is not None or self.keyframes:
+            self.segment += 1
+        self._current = None
+
+    def erase(self) -> None:
+        """Drop every keyframe and product (the explicit action; a stream reset does not do this)."""
+        for kf in self.keyframes:
+            if kf.spill_path is not None:
+                kf.spill_path.unlink(missing_ok=True)
+        self.keyframes, self._current = [], None
+        self.segment, self._next_id, self.frames = 0, 0, 0
+        self.stale = False
+        self._build_products()
+
+    def __len__(self) -> int:
+        return len(self.cloud)
+
+    def stats(self) -> dict:
+        return {"keyframes": len(self.keyframes), "keyframes in memory": sum(kf.in_memory for kf in self.keyframes),
+                "map frames": sum(kf.n_frames for kf in self.keyframes), "segments": self.segment + 1,
+                "map points": len(self.cloud), "tsdf blocks": self.tsdf.blocks() if self.tsdf else 0,
+                "keyframe bytes in memory": self.memory_bytes()}
+
+    def memory_bytes(self) -> int:
+        return sum(kf.frames.nbytes() for kf in self.keyframes if kf.frames is not None)
+
+    # ------------------------------------------------------------------ memory bound
+    def spill_root(self) -> Path:
+        if self._spill_root is None:
+            if self.config.spill_dir:
+                self._spill_root = Path(self.config.spill_dir).expanduser()
+                self._spill_root.mkdir(parents=True, exist_ok=True)
+            else:
+                self._spill_root = Path(tempfile.mkdtemp(prefix="stream4d_keyframes_"))
+                self._own_spill = True
+                self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._spill_root), True)
+        return self._spill_root
+
+    def _bound_memory(self) -> None:
+        in_mem = [kf for kf in self.keyframes if kf.in_memory and kf is not self._current]
+        excess = len(in_mem) + (self._current is not None) - self.config.max_keyframes_in_memory
+        for kf in in_mem[:max(0, excess)]:
+            path = self.spill_root() / f"kf_{id(self):x}_{kf.id:07d}.npz"
+            write_keyframe_file(path, kf.id, kf.segment, kf.frames)
+            kf.spill_path, kf.frames = path, None
+
+    def _frames_of(self, kf: Keyframe) -> FrameBatch:
+        if kf.frames is not None:
+            return kf.frames
+        return read_keyframe_file(kf.spill_path, kf.id)[2]
+
+    def frames_of(self, kf: Keyframe) -> FrameBatch:
+        """The stored frames of a keyframe (read back from disk when spilled)."""
+        return self._frames_of(kf)
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def make_keyframe_map(keyframes: list[tuple[int, int, np.ndarray, FrameBatch]], config: KeyframeMapConfig,
+                      segment: int | None = None) -> KeyframeMap:
+    """A map holding the given keyframes (id, segment, T_map_kf, frames), products built from them; the next frame
+    starts a new keyframe in a new segment (loading a map, then continuing)."""
+    m = KeyframeMap(config)
+    for kid, seg, T, frames in keyframes:
+        m.keyframes.append(Keyframe(int(kid), int(seg), np.asarray(T, np.float64).copy(), frames, len(frames)))
+    m._next_id = 1 + max((kf.id for kf in m.keyframes), default=-1)
+    m.segment = (max((kf.segment for kf in m.keyframes), default=-1) + 1) if segment is None else segment
+    m.stale = bool(m.keyframes)
+    m._refresh()
+    m._bound_memory()
+    m.frames = sum(kf.n_frames for kf in m.keyframes)
+    return m
+
+
+__all__ = ["KeyframeMap", "KeyframeMapConfig", "MapFrame", "FrameBatch", "Keyframe", "make_keyframe_map",
+           "read_keyframe_file", "write_keyframe_file"]

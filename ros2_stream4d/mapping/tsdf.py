@@ -1,0 +1,87 @@
+"""TSDF volume and mesh on Open3D's tensor VoxelBlockGrid (CPU here, ``device="CUDA:0"`` on a robot).
+
+Depth in: z-depth in metres (map units), NaN or <= 0 = invalid (the confidence mask is applied by the caller by
+setting rejected pixels to NaN), rgb uint8, pinhole K of that image, and the camera's pose in ``map``. Mesh out:
+vertices (V, 3) float32 in ``map``, triangles (T, 3) int32, vertex colours (V, 3) uint8.
+
+The truncation distance is ``trunc_voxels`` voxels; voxels farther than ``depth_max`` from the camera are not
+touched. Open3D integrates a frame into the blocks its depth touches (``compute_unique_block_coordinates``); the
+hash map grows by itself when full (block_count is the initial capacity).
+
+The voxel lattice is shifted by half a voxel from ``map`` (samples at (k + 1/2) voxel_size): a plane lying exactly on
+a lattice plane (the floor at z = 0 under a robot's map origin) has sdf exactly 0 at the samples, which marching
+cubes turns into holes; shifted, such planes fall midway between samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import open3d as o3d
+
+from ros2_stream4d.mapping.conventions import inverse
+
+o3c = o3d.core
+
+
+class TsdfVolume:
+    def __init__(self, voxel_size: float = 0.05, trunc_voxels: float = 4.0, depth_max: float = 5.0,
+                 block_resolution: int = 8, block_count: int = 20_000, device: str = "CPU:0",
+                 min_weight: float = 1.0):
+        if not (np.isfinite(voxel_size) and voxel_size > 0):
+            raise ValueError(f"tsdf voxel_size must be finite and > 0, got {voxel_size}")
+        if not trunc_voxels > 0 or not depth_max > 0:
+            raise ValueError("trunc_voxels and depth_max must be > 0")
+        self.voxel_size, self.trunc_voxels, self.depth_max = float(voxel_size), float(trunc_voxels), float(depth_max)
+        self.block_resolution, self.block_count, self.min_weight = int(block_resolution), int(block_count), min_weight
+        self.device = o3c.Device(device)
+        self.offset = np.full(3, 0.5 * self.voxel_size)  # the lattice's origin in map
+        self.reset()
+
+    def reset(self) -> None:
+        self.vbg = o3d.t.geometry.VoxelBlockGrid(
+            attr_names=("tsdf", "weight", "color"), attr_dtypes=(o3c.float32, o3c.float32, o3c.float32),
+            attr_channels=((1), (1), (3)), voxel_size=self.voxel_size, block_resolution=self.block_resolution,
+            block_count=self.block_count, device=self.device)
+        self.frames = 0
+
+    def integrate(self, depth: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray) -> bool:
+        """Fuse one frame; False when it has no valid depth within depth_max (nothing integrated)."""
+        d = np.asarray(depth, np.float32)
+        if d.ndim != 2:
+            raise ValueError(f"depth must be (h, w), got {d.shape}")
+        rgb = np.asarray(rgb)
+        if rgb.shape != (*d.shape, 3):
+            raise ValueError(f"rgb must be {(*d.shape, 3)}, got {rgb.shape}")
+        d = np.where(np.isfinite(d) & (d > 0) & (d <= self.depth_max), d, 0.0).astype(np.float32)
+        if not d.any():
+            return False
+        depth_t = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(d))).to(self.device)
+        color_t = o3d.t.geometry.Image(o3c.Tensor(np.ascontiguousarray(rgb, np.float32) / 255.0)).to(self.device)
+        K_t = o3c.Tensor(np.asarray(K, np.float64))
+        T_vol_cam = np.asarray(T_map_cam, np.float64).copy()
+        T_vol_cam[:3, 3] -= self.offset
+        E_t = o3c.Tensor(inverse(T_vol_cam))  # camera-from-volume extrinsic
+        blocks = self.vbg.compute_unique_block_coordinates(depth_t, K_t, E_t, 1.0, self.depth_max,
+                                                           self.trunc_voxels)
+        self.vbg.integrate(blocks, depth_t, color_t, K_t, K_t, E_t, 1.0, self.depth_max, self.trunc_voxels)
+        self.frames += 1
+        return True
+
+    def blocks(self) -> int:
+        return int(self.vbg.hashmap().size())
+
+    def mesh(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vertices float32 (V, 3), triangles int32 (T, 3), colours uint8 (V, 3)) of the zero level set."""
+        empty = (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8))
+        if self.frames == 0 or self.blocks() == 0:
+            return empty
+        try:
+            m = self.vbg.extract_triangle_mesh(weight_threshold=self.min_weight).cpu()
+        except RuntimeError:  # Open3D raises when there is no surface at all
+            return empty
+        if "positions" not in m.vertex or m.vertex.positions.shape[0] == 0:
+            return empty
+        v = (m.vertex.positions.numpy().astype(np.float64) + self.offset).astype(np.float32)
+        f = m.triangle.indices.numpy().astype(np.int32) if "indices" in m.triangle else np.zeros((0, 3), np.int32)
+        c = m.vertex.colors.numpy() if "colors" in m.vertex else np.zeros_like(v)
+        return v, f, np.clip(np.rint(c * 255.0), 0, 255).astype(np.uint8)

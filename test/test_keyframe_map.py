@@ -1,0 +1,154 @@
+"""The keyframe map: pose corrections move the cloud, mesh and grid; rebuilds equal the live map; memory bound by
+spilling; a stream reset keeps the map; erase drops it."""
+
+import numpy as np
+import pytest
+from map_helpers import assert_same_points, assert_same_products, room, shifted, small_config
+from scipy.spatial import cKDTree
+
+from ros2_stream4d.mapping.keyframe_map import KeyframeMap, KeyframeMapConfig, MapFrame
+
+
+def build(frames, **kw) -> KeyframeMap:
+    m = KeyframeMap(small_config(**kw))
+    for f in frames:
+        m.integrate(f)
+    return m
+
+
+def test_products_exist_and_lie_on_the_scene():
+    frames, (V, F) = room()
+    m = build(frames)
+    xyz, rgb, conf = m.points()
+    assert len(xyz) > 1000 and rgb.dtype == np.uint8 and (conf == 5.0).all()
+    import open3d as o3d
+
+    from ros2_stream4d.sim.render import mesh_raycasting_scene
+
+    rc = mesh_raycasting_scene(V, F)
+    assert np.median(rc.compute_distance(o3d.core.Tensor(xyz)).numpy()) < 0.01
+    mv, mf, mc = m.mesh()
+    assert len(mf) > 100 and mc.shape == mv.shape and mc.dtype == np.uint8
+    assert np.median(rc.compute_distance(o3d.core.Tensor(mv)).numpy()) < 0.03
+    data, origin, res = m.occupancy()
+    assert data.dtype == np.int8 and set(np.unique(data)) <= {-1, 0, 100} and res == 0.1
+    assert (data == 100).sum() > 10 and (data == 0).sum() > 100
+    assert len(m.keyframes) >= 6 and all(kf.n_frames <= 4 for kf in m.keyframes)
+
+
+def test_pose_correction_of_every_keyframe_moves_cloud_mesh_and_grid():
+    frames, _ = room()
+    m = build(frames)
+    before = (m.points(), m.mesh(), m.occupancy())
+    t = np.array([0.4, 0.2, 0.0])  # whole voxels and cells: the lattices line up again after the move
+    m.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in m.keyframes})
+    assert m.stale
+    xyz = m.points()[0]
+    assert_same_points(xyz, before[0][0] + t, 1e-4)
+    # the TSDF is re-integrated from the moved poses: the same surface, up to pixel-rounding flips at its rim
+    mv, moved = m.mesh()[0], before[1][0] + t
+    assert abs(len(mv) - len(moved)) <= 0.01 * len(moved)
+    assert np.percentile(cKDTree(moved).query(mv)[0], 99) < 1e-3
+    assert np.percentile(cKDTree(mv).query(moved)[0], 99) < 1e-3
+    data, origin, _ = m.occupancy()
+    np.testing.assert_array_equal(data, before[2][0])
+    np.testing.assert_allclose(origin, before[2][1] + t[:2], atol=1e-9)
+    assert not m.stale and m.rebuilds == 1
+
+
+def test_pose_correction_of_one_keyframe_moves_only_its_geometry():
+    frames, _ = room()
+    m = build(frames)
+    kf = m.keyframes[2]
+    far = np.array([20.0, 0.0, 0.0])  # away from everything: what lands there came from keyframe 2 alone
+    m.update_poses({kf.id: shifted(kf.T_map_kf, far)})
+    xyz = m.points()[0]
+    assert (xyz[:, 0] > 12).any() and (xyz[:, 0] < 8).any()
+    assert (m.mesh()[0][:, 0] > 12).any()
+    data, origin, res = m.occupancy()
+    cols_x = origin[0] + (np.arange(data.shape[1]) + 0.5) * res
+    assert (data[:, cols_x > 12] != -1).any(), "the grid votes of the moved keyframe moved with it"
+    # only keyframe 2's frames moved: rebuild with its old pose restores the map
+    m.update_poses({kf.id: shifted(kf.T_map_kf, -far)})
+    assert_same_products(m, build(frames))
+
+
+def test_rebuild_equals_live_map_and_memory_is_bounded_by_spilling(tmp_path):
+    frames, _ = room()
+    live = build(frames, max_keyframes_in_memory=2, keyframe_max_frames=2, spill_dir=str(tmp_path))
+    assert sum(kf.in_memory for kf in live.keyframes) <= 2 and len(live.keyframes) >= 10
+    spilled = [kf for kf in live.keyframes if not kf.in_memory]
+    assert spilled and all(kf.spill_path.parent == tmp_path and kf.spill_path.is_file() for kf in spilled)
+    reference = build(frames, keyframe_max_frames=2)  # all in memory
+    assert_same_products(live, reference)
+    live.update_poses(live.keyframe_poses())  # same poses: the rebuild (reading spilled keyframes) is the live map
+    assert live.stale
+    assert_same_products(live, reference)
+    live.erase()
+    assert list(tmp_path.iterdir()) == [] and len(live) == 0 and live.keyframes == []
+    assert live.mesh()[1].shape == (0, 3) and live.occupancy()[0].size == 0
+
+
+def test_stream_reset_starts_a_new_segment_and_keeps_the_map():
+    frames, _ = room()
+    m = build(frames[:10])
+    n = len(m)
+    kfs = len(m.keyframes)
+    m.new_segment()
+    m.integrate(frames[10])  # right next to the last keyframe: a new one anyway (new segment)
+    assert len(m.keyframes) == kfs + 1 and m.keyframes[-1].segment == 1 and m.keyframes[-2].segment == 0
+    assert len(m) >= n
+    for f in frames[11:]:
+        m.integrate(f)
+    assert {kf.segment for kf in m.keyframes} == {0, 1}
+
+
+def test_keyframe_selection_by_distance_angle_and_count():
+    frames, _ = room()
+    f0 = frames[0]
+    m = KeyframeMap(small_config(keyframe_distance=0.3, keyframe_angle_deg=15, keyframe_max_frames=3))
+
+    def at(T):
+        return MapFrame(f0.stamp_ns, T, f0.depth, f0.rgb, f0.K, f0.conf)
+
+    m.integrate(at(f0.T_map_cam))
+    m.integrate(at(shifted(f0.T_map_cam, [0.2, 0, 0])))
+    assert len(m.keyframes) == 1
+    m.integrate(at(shifted(f0.T_map_cam, [0.35, 0, 0])))
+    assert len(m.keyframes) == 2
+    R = np.eye(4)
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    R[:3, :3] = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
+    m.integrate(at(m.keyframes[-1].T_map_kf @ R))
+    assert len(m.keyframes) == 3
+    for _ in range(3):
+        m.integrate(at(m.keyframes[-1].T_map_kf))
+    assert [kf.n_frames for kf in m.keyframes] == [2, 1, 3, 1]
+    # stored relative poses put every frame back where it was
+    kf = m.keyframes[0]
+    np.testing.assert_allclose(kf.T_map_kf @ kf.frames.T_kf_cam[1], shifted(f0.T_map_cam, [0.2, 0, 0]), atol=1e-12)
+
+
+def test_invalid_depth_and_bad_inputs():
+    frames, _ = room()
+    f = frames[0]
+    m = KeyframeMap(small_config())
+    holes = f.depth.copy()
+    holes[:, : f.depth.shape[1] // 2] = np.nan  # the confidence mask rejected the left half
+    m.integrate(MapFrame(f.stamp_ns, f.T_map_cam, holes, f.rgb, f.K))
+    full = build([f])
+    assert 0 < len(m) < len(full)
+    with pytest.raises(ValueError, match="4x4"):
+        m.integrate(MapFrame(0, np.eye(3), f.depth, f.rgb, f.K))
+    with pytest.raises(ValueError, match="rgb"):
+        m.integrate(MapFrame(0, f.T_map_cam, f.depth, f.rgb[:, :-1], f.K))
+    with pytest.raises(KeyError, match="no keyframes"):
+        m.update_poses({99: np.eye(4)})
+    with pytest.raises(ValueError):
+        KeyframeMapConfig(occupancy_min_height=2.0, occupancy_max_height=1.0)
+
+
+def test_products_can_be_switched_off():
+    frames, _ = room()
+    m = build(frames[:4], tsdf=False, occupancy=False)
+    assert len(m) > 0 and m.mesh()[0].shape == (0, 3) and m.occupancy()[0].size == 0
