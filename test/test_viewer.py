@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -317,26 +316,36 @@ class _Cdp:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def drawn_fraction(png: bytes, box=(0.03, 0.10, 0.72, 0.92)) -> float:
-    """The share of the 3D view's pixels that differ clearly from its background (its most common colour)."""
+def look_at(png: bytes) -> tuple[bool, int]:
+    """(the recording is on screen, the number of point-sized marks in the 3D view).
+
+    On screen: the depth view (right column, middle, of entities.default_blueprint) shows its colour map. Marks:
+    connected blobs of 4-400 pixels that differ from the 3D view's background (its most common colour); a drawn
+    cloud gives hundreds, a blank view (grid, trajectory, camera frustum) none."""
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
     h, w = img.shape[:2]
-    region = img[int(box[1] * h):int(box[3] * h), int(box[0] * w):int(box[2] * w)].reshape(-1, 3)
-    colours = Counter(map(tuple, region[:: 7].tolist()))
-    background = np.array(colours.most_common(1)[0][0], np.int16)
-    return float((np.abs(region - background).max(axis=1) > 80).mean())
+    depth = img[int(0.40 * h):int(0.62 * h), int(0.78 * w):int(0.98 * w)].reshape(-1, 3)
+    on_screen = bool(((depth.max(axis=1) - depth.min(axis=1)) > 60).mean() > 0.5)
+    view = img[int(0.10 * h):int(0.94 * h), int(0.02 * w):int(0.73 * w)]
+    colours, counts = np.unique(view.reshape(-1, 3)[::5], axis=0, return_counts=True)
+    mask = (np.abs(view - colours[np.argmax(counts)]).max(axis=2) > 60).astype(np.uint8)
+    _, _, blobs, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    areas = blobs[1:, cv2.CC_STAT_AREA]
+    return on_screen, int(((areas >= 4) & (areas <= 400)).sum())
 
 
-def test_browser_shows_the_cloud_in_the_served_web_viewer(recording, tmp_path):
-    """Headless Chromium opens the served web viewer with the recording: the 3D view is not blank."""
+def test_browser_shows_the_cloud_in_the_served_web_viewer(run, tmp_path):
+    """Headless Chromium opens the served web viewer with the run's recording (default options, as `stream4d
+    view` writes it): the recording is on screen and the 3D view shows the cloud."""
     from ros2_stream4d.viewer.server import ViewerUnavailable, serve_web
 
     binary = _chromium()
     if binary is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium; scripts/setup.sh does it)")
     t0 = time.monotonic()
+    rrd = save_recording([run["out"], run["sim"]], tmp_path / "browser.rrd").path
     try:
-        viewer = serve_web([recording[0]], web_port=0, grpc_port=0, log_path=tmp_path / "rerun.log")
+        viewer = serve_web([rrd], web_port=0, grpc_port=0, log_path=tmp_path / "rerun.log")
     except ViewerUnavailable as exc:
         pytest.fail(f"the web viewer did not start: {exc}")
     cdp = None
@@ -349,16 +358,19 @@ def test_browser_shows_the_cloud_in_the_served_web_viewer(recording, tmp_path):
         except (TimeoutError, RuntimeError, OSError) as exc:
             pytest.skip(f"Chromium ({binary}) cannot start here: {exc}")
         cdp.call("Page.enable")
+        cdp.call("Emulation.setDeviceMetricsOverride", {"width": 1000, "height": 640, "deviceScaleFactor": 1,
+                                                        "mobile": False})
         cdp.call("Page.navigate", {"url": viewer.url})
-        fraction, shot = 0.0, b""
+        on_screen, marks, shot = False, 0, b""
         while time.monotonic() - t0 < 50:
             time.sleep(2.0)
             shot = base64.b64decode(cdp.call("Page.captureScreenshot", {"format": "png"}, timeout=30)["data"])
-            fraction = drawn_fraction(shot)
-            if fraction > 0.02:
+            on_screen, marks = look_at(shot)
+            if on_screen and marks >= 100:
                 break
         (tmp_path / "viewer.png").write_bytes(shot)
-        assert fraction > 0.02, f"the 3D view looks blank ({fraction:.4f} drawn); screenshot {tmp_path / 'viewer.png'}"
+        assert on_screen, f"the recording never came on screen; screenshot {tmp_path / 'viewer.png'}"
+        assert marks >= 100, f"the 3D view looks blank ({marks} point marks); screenshot {tmp_path / 'viewer.png'}"
     finally:
         if cdp is not None:
             cdp.close()
