@@ -465,3 +465,76 @@ def test_unproject_depth_hits_pixel_centres():
     uv = proj[:, :2] / proj[:, 2:]
     vv, uu = np.mgrid[0:80, 0:100]
     np.testing.assert_allclose(uv, np.stack([uu.ravel(), vv.ravel()], 1), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline map
+def map_pipeline(**kw):
+    from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
+
+    cfg = PipelineConfig(input_width=112, map_voxel_size=0.05, tsdf_voxel_size=0.1, occupancy_resolution=0.1,
+                         occupancy_floor_z=-3.0, occupancy_max_height=5.0, map_keyframe_max_frames=2, **kw)
+    return MappingPipeline(cfg, FakeSession())
+
+
+def test_pipeline_map_products_pose_correction_save_and_load(tmp_path):
+    from ros2_stream4d.mapping.map_store import MapDirectoryError
+
+    p = map_pipeline()
+    for i in range(5):
+        p.process(IMG, i)
+    assert p.map_size() > 0 and len(p.mesh()[1]) > 0 and (p.occupancy()[0] != -1).any()
+    poses = p.keyframe_poses()
+    assert len(poses) == 3
+    # a pose correction of one keyframe moves its geometry in the cloud, the mesh and the grid
+    moved = cv.make_transform(t=[30.0, 0, 0]) @ poses[0]
+    p.update_keyframe_pose(0, moved)
+    assert (p.map_points()[0][:, 0] > 20).any() and (p.mesh()[0][:, 0] > 20).any()
+    data, origin, res = p.occupancy()
+    assert origin[0] + data.shape[1] * res > 20
+    p.update_keyframe_pose(0, poses[0])
+    # save a directory, refuse a bad one without touching the running map, load the good one
+    path = p.save_map(tmp_path / "map")
+    assert (tmp_path / "map" / "occupancy.yaml").is_file() and path == str(tmp_path / "map")
+    (tmp_path / "junk").mkdir()
+    n, kfs = p.map_size(), p.keyframe_poses()
+    with pytest.raises(MapDirectoryError, match="no metadata.json"):
+        p.load_map(tmp_path / "junk")
+    assert p.map_size() == n and p.keyframe_poses().keys() == kfs.keys()
+    p.process(IMG, 5)  # the stream goes on after the refusal
+    q = map_pipeline()
+    meta = q.load_map(path)
+    assert meta["keyframes"] == 3 and q.map_size() == n
+    r = q.process(IMG, 0)  # a new stream in the loaded map starts at the map origin (start pose identity)
+    r = getattr(r, "result", r)
+    np.testing.assert_allclose(r.T_map_cam, cv.T_MAP_WORLD, atol=1e-9)
+    assert q.map.keyframes[-1].segment == 1 and len(q.keyframe_poses()) == 4
+    # the cloud file alone still works for .ply / .pcd paths
+    assert p.save_map(tmp_path / "cloud.ply").endswith("cloud.ply")
+
+
+def test_pipeline_reset_keeps_the_map_and_continues_from_the_last_pose():
+    p = map_pipeline()
+    for i in range(4):
+        p.process(IMG, i)
+    n = p.map_size()
+    last = p.last.T_map_cam.copy()
+    p.reset()
+    assert p.map_size() == n, "a stream reset keeps the map"
+    r = p.process(IMG, 10)
+    r = getattr(r, "result", r)
+    np.testing.assert_allclose(r.T_map_cam, last, atol=1e-9)  # the new stream starts where the old one was
+    assert {kf.segment for kf in p.map.keyframes} == {0, 1}
+    p.erase_map()
+    assert p.map_size() == 0 and p.keyframe_poses() == {}
+
+
+def test_pipeline_start_pose():
+    from ros2_stream4d.mapping.pipeline import start_pose_matrix
+
+    p = map_pipeline(map_start_pose=(1.0, 2.0, 0.0, np.pi / 2))
+    r = p.process(IMG, 0)
+    r = getattr(r, "result", r)
+    np.testing.assert_allclose(r.T_map_cam, start_pose_matrix((1.0, 2.0, 0.0, np.pi / 2)) @ cv.T_MAP_WORLD,
+                               atol=1e-9)
+    with pytest.raises(ValueError, match="x, y, z, yaw"):
+        start_pose_matrix((1.0, 2.0))

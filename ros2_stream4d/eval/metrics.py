@@ -15,6 +15,11 @@ Depth per frame, on pixels where both are finite and positive (and gt within [mi
 Map   accuracy = distance of each map point (aligned to the world) to the ground-truth mesh; completeness =
       distance of each ground-truth surface sample to the nearest map point. precision / recall = fraction of
       those distances below ``threshold``; F-score = 2 P R / (P + R).
+Mesh  the same with the predicted mesh: accuracy from points sampled uniformly on it, completeness as the
+      distance from ground-truth surface samples to its triangles (``mesh_metrics``).
+Grid  a 2D occupancy grid against occupied cells derived from the scene mesh (surface within the height band),
+      counted over the cells the cameras observed; per-class IoU of occupied and free, and their mean
+      (``reference_occupancy``, ``observed_cells``, ``occupancy_iou``; unknown predictions count as misses).
 
 The Umeyama implementation is checked against evo's (evo.core.geometry.umeyama_alignment) in the tests.
 """
@@ -239,3 +244,102 @@ def map_metrics(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray,
                map_fscore=float(2 * p * r / (p + r)) if p + r > 0 else 0.0,
                accuracy_errors=acc, completeness_errors=comp)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- mesh
+def mesh_metrics(vertices: np.ndarray, triangles: np.ndarray, gt_vertices: np.ndarray, gt_triangles: np.ndarray,
+                 threshold: float = 0.05, surface_samples: np.ndarray | None = None, n_samples: int = 200_000,
+                 seed: int = 0) -> dict:
+    """Accuracy / completeness of a predicted triangle mesh already in the ground truth's frame.
+
+    accuracy: ``n_samples`` points drawn uniformly (by area) on the predicted mesh, distance of each to the ground
+    truth mesh; completeness: distance of each ground-truth surface sample (default: uniform samples of the whole
+    ground-truth mesh; pass the observed surface to score only what was seen) to the predicted mesh (point-to-
+    triangle, not to vertices). precision / recall / F-score as for point maps (module docstring)."""
+    v, f = np.asarray(vertices, np.float64), np.asarray(triangles, np.int64)
+    if surface_samples is None:
+        surface_samples = sample_mesh(gt_vertices, gt_triangles, n_samples, seed + 1)
+    out = {"mesh_vertices": int(len(v)), "mesh_triangles": int(len(f)), "mesh_threshold": float(threshold)}
+    if len(f) == 0:
+        out.update(mesh_accuracy_mean=np.nan, mesh_accuracy_median=np.nan, mesh_completeness_mean=np.nan,
+                   mesh_completeness_median=np.nan, mesh_precision=0.0, mesh_recall=0.0, mesh_fscore=0.0)
+        return out
+    samples = sample_mesh(v, f, n_samples, seed)
+    acc = mesh_raycasting_scene(gt_vertices, gt_triangles).compute_distance(
+        o3d.core.Tensor(samples.astype(np.float32))).numpy().astype(np.float64)
+    comp = mesh_raycasting_scene(v, f).compute_distance(
+        o3d.core.Tensor(np.asarray(surface_samples, np.float32))).numpy().astype(np.float64)
+    p, r = float(np.mean(acc < threshold)), float(np.mean(comp < threshold))
+    out.update(mesh_accuracy_mean=float(acc.mean()), mesh_accuracy_median=float(np.median(acc)),
+               mesh_completeness_mean=float(comp.mean()), mesh_completeness_median=float(np.median(comp)),
+               mesh_precision=p, mesh_recall=r, mesh_fscore=float(2 * p * r / (p + r)) if p + r > 0 else 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- occupancy
+def reference_occupancy(gt_vertices: np.ndarray, gt_triangles: np.ndarray, lo_cell, shape, resolution: float,
+                        floor_z: float = 0.0, min_height: float = 0.1, max_height: float = 1.5,
+                        seed: int = 0) -> np.ndarray:
+    """Ground-truth occupied cells (bool (H, W), row = y) on the lattice whose element [0, 0] is cell ``lo_cell``
+    (i, j) of size ``resolution``: a cell is occupied when the scene mesh has surface in it with height above the
+    floor in (min_height, max_height] (the same band as the map's grid). The surface is sampled densely (about 16
+    samples per cell area of surface), so thin walls and table tops count."""
+    v, f = np.asarray(gt_vertices, np.float64), np.asarray(gt_triangles, np.int64)
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    area = float((0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)).sum())
+    n = int(min(20_000_000, max(100_000, 16 * area / resolution**2)))
+    pts = sample_mesh(v, f, n, seed)
+    h = pts[:, 2] - floor_z
+    pts = pts[(h > min_height) & (h <= max_height)]
+    ij = np.floor(pts[:, :2] / resolution).astype(np.int64) - np.asarray(lo_cell, np.int64)
+    H, W = shape
+    ok = (ij[:, 0] >= 0) & (ij[:, 0] < W) & (ij[:, 1] >= 0) & (ij[:, 1] < H)
+    occ = np.zeros((H, W), bool)
+    occ[ij[ok, 1], ij[ok, 0]] = True
+    return occ
+
+
+def occupancy_iou(pred: np.ndarray, ref_occupied: np.ndarray, observed: np.ndarray) -> dict:
+    """IoU of a predicted grid (int8 -1 / 0 / 100) against the ground-truth occupied cells, over the observed area.
+
+    Counting (all within ``observed``, the cells the cameras saw: see ``observed_cells``): ground truth occupied =
+    ``ref_occupied``, ground truth free = every other observed cell; predicted occupied = 100, predicted free = 0,
+    predicted unknown (-1) is neither, so it lowers both IoUs (a miss, never a hit). occupied IoU =
+    |P_occ & R_occ| / |P_occ | R_occ|, free IoU likewise, ``occupancy_iou`` = their mean (two-class mIoU).
+    ``occupancy_known`` = the fraction of observed cells the prediction knows."""
+    pred, R, obs = np.asarray(pred), np.asarray(ref_occupied, bool), np.asarray(observed, bool)
+    if not (pred.shape == R.shape == obs.shape):
+        raise ValueError(f"grids differ in shape: {pred.shape}, {R.shape}, {obs.shape}")
+    P_occ, P_free = (pred == 100) & obs, (pred == 0) & obs
+    R_occ, R_free = R & obs, ~R & obs
+
+    def iou(a, b):
+        u = int((a | b).sum())
+        return float((a & b).sum() / u) if u else float("nan")
+
+    io, if_ = iou(P_occ, R_occ), iou(P_free, R_free)
+    return {"occupancy_iou": float(np.nanmean([io, if_])), "occupancy_iou_occupied": io, "occupancy_iou_free": if_,
+            "occupancy_observed_cells": int(obs.sum()), "occupancy_known": float(((pred != -1) & obs).sum() / max(1, obs.sum())),
+            "occupancy_ref_occupied_cells": int(R_occ.sum()), "occupancy_pred_occupied_cells": int(P_occ.sum())}
+
+
+def observed_cells(depths, K, T_map_cam, lo_cell, shape, options, stride: int = 4) -> np.ndarray:
+    """Cells (bool (H, W) on the lattice of ``reference_occupancy``) that ground-truth depth maps see: the cells that
+    get any vote (occupied or free) from the ground-truth depth through the map's own vote rule
+    (mapping/occupancy.py frame_votes, same band and range) -- the area a perfect map could know."""
+    from ros2_stream4d.mapping.conventions import unproject_depth
+    from ros2_stream4d.mapping.occupancy import frame_votes
+
+    H, W = shape
+    lo = np.asarray(lo_cell, np.int64)
+    seen = np.zeros((H, W), bool)
+    Ks = np.asarray(K, np.float64).copy()
+    Ks[:2] /= stride
+    for d, T in zip(depths, T_map_cam):
+        pts = unproject_depth(np.asarray(d, np.float32)[::stride, ::stride], Ks, T).reshape(-1, 3)
+        votes = frame_votes(pts, np.asarray(T)[:3, 3], options)
+        for which in ("occ", "free"):
+            ij = votes.cells(which) - lo
+            ok = (ij[:, 0] >= 0) & (ij[:, 0] < W) & (ij[:, 1] >= 0) & (ij[:, 1] < H)
+            seen[ij[ok, 1], ij[ok, 0]] = True
+    return seen

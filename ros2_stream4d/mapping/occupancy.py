@@ -4,8 +4,8 @@ Per frame (``frame_votes``), with points and the camera position in ``map`` (z u
 
 - occupied vote: the cell of every point whose height above the floor is in (min_height, max_height];
 - free vote: the cell of every floor point (height <= min_height), and every cell crossed by the 2D ray from the
-  camera to an occupied or floor point, stopping one cell short of the point (so grazing rays do not clear the
-  obstacle they end on). Points above max_height (ceilings) cast no rays: a ray to the ceiling says nothing about
+  camera to the centre of an occupied or floor point's cell, stopping one cell width short of that centre (so
+  grazing rays do not clear the obstacles next to the one they end on). Points above max_height (ceilings) cast no rays: a ray to the ceiling says nothing about
   the band below it. Points farther than ``max_range`` (horizontally) from the camera are ignored.
 
 A frame votes at most once per cell and class (occupied wins over free within one frame). The grid sums votes over
@@ -81,7 +81,7 @@ def frame_votes(points_map: np.ndarray, camera_xyz, opt: OccupancyOptions) -> Vo
     free[ij[floor, 1], ij[floor, 0]] = True
     tj, ti = np.nonzero(occ | free)
     if ti.size:
-        # one ray per target cell (to its centre), sampled every half cell, stopping one cell short of it
+        # one ray per target cell (to its centre), sampled every half cell, stopping one cell width short of it
         d = (np.stack([ti, tj], axis=1) + lo + 0.5) * r - c[:2]
         length = np.hypot(d[:, 0], d[:, 1])
         steps = np.maximum(0, np.ceil((length - r) / (0.5 * r)).astype(np.int64))
