@@ -32,6 +32,13 @@ if ! ldconfig -p | grep -q libusb-1.0.so.0 || ! command -v cmake >/dev/null || !
   $SUDO apt-get update -qq || true
   $SUDO apt-get install -y -qq libusb-1.0-0 cmake g++ >/dev/null
 fi
+# Chromium (Debian package): the browser test looks at Rerun's web viewer with it; without it that test skips
+if ! command -v chromium >/dev/null; then
+  say "apt: chromium (browser test of the Rerun web viewer)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null; } \
+    || say "chromium could not be installed with apt: the browser test will skip"
+fi
 
 SYSTEM_ROS=0
 if [ -n "${ROS_DISTRO:-}" ] && python3 -c "import rclpy" 2>/dev/null; then SYSTEM_ROS=1; fi
