@@ -53,6 +53,7 @@ class SmallConfig:
     enc_layers: tuple[int, ...] = (5, 8, 11)  # 0-based encoder blocks whose (normed) tokens are used
     agg_depth: int = 1  # frame + global block pairs
     agg_heads: int = 6
+    agg_mlp_ratio: float = 2.0  # half of VGGT's 4: the aggregator is most of a training step's cost on a CPU
     agg_init_values: float = 0.01  # LayerScale: the aggregator starts close to identity
     rope_freq: float = 100.0
     depth_features: int = 256
@@ -125,7 +126,7 @@ class SmallAggregator(nn.Module):
         self.position_getter = PositionGetter() if self.rope is not None else None
 
         def blk() -> Block:
-            return Block(dim, cfg.agg_heads, mlp_ratio=4.0, init_values=cfg.agg_init_values, qk_norm=True, rope=self.rope)
+            return Block(dim, cfg.agg_heads, mlp_ratio=cfg.agg_mlp_ratio, init_values=cfg.agg_init_values, qk_norm=True, rope=self.rope)
 
         self.frame_blocks = nn.ModuleList([blk() for _ in range(cfg.agg_depth)])
         self.global_blocks = nn.ModuleList([blk() for _ in range(cfg.agg_depth)])

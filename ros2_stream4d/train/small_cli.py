@@ -48,6 +48,7 @@ def register(subparsers) -> None:
     e.add_argument("--window", type=int, default=16)
     e.add_argument("--sources", nargs="+", default=["own", "sim"])
     e.add_argument("--real", default=None, help="folder of real sequences for depth pictures")
+    e.add_argument("--heldout-cache", default=None, help="keep the rendered held-out sequences here (render once)")
     x = sub.add_parser("export", help="write <out>.safetensors (trainable part) and <out>.yaml (card)")
     x.add_argument("--run", required=True)
     x.add_argument("--checkpoint", default=None)
@@ -86,7 +87,8 @@ def main(args) -> int:
         from .small_eval import evaluate_small
 
         evaluate_small(run, ck, Path(args.pool), Path(args.out) if args.out else run / "eval", n_seq=args.sequences,
-                       n_frames=args.eval_frames, window=args.window, sources=tuple(args.sources), real=args.real)
+                       n_frames=args.eval_frames, window=args.window, sources=tuple(args.sources), real=args.real,
+                       heldout_cache=Path(args.heldout_cache) if args.heldout_cache else None)
         return 0
     from .small_eval import export_small
 

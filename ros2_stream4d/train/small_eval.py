@@ -21,6 +21,26 @@ from .data import KINDS
 from .evaluate import evaluate_sequence, held_out_sequences, mean_depth_maps, plot_sequence, stream_model
 
 
+def held_out_cached(cache_dir: Path | None, n_seq: int, n_frames: int, hw: tuple[int, int], source: str):
+    """evaluate.held_out_sequences, rendered once and kept as npz files in cache_dir (None: no cache)."""
+    from .data import Sequence
+
+    if cache_dir is None:
+        return held_out_sequences(n_seq, n_frames, hw, source=source)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    f = cache_dir / f"heldout_{source}_{n_seq}x{n_frames}_{hw[0]}x{hw[1]}.npz"
+    if not f.exists():
+        seqs = held_out_sequences(n_seq, n_frames, hw, source=source)
+        tmp = f.with_suffix(".tmp.npz")
+        np.savez(tmp, rgb=np.stack([q.rgb for q in seqs]), depth=np.stack([q.depth for q in seqs]).astype(np.float32),
+                 T_wc=np.stack([q.T_wc for q in seqs]), K=np.stack([q.K for q in seqs]),
+                 kind=np.array([KINDS.index(q.kind) for q in seqs]))
+        tmp.rename(f)
+    with np.load(f) as z:
+        return [Sequence(z["rgb"][i], z["depth"][i], z["T_wc"][i], z["K"][i], KINDS[int(z["kind"][i])])
+                for i in range(len(z["kind"]))]
+
+
 def bar_small(block: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in KINDS:
@@ -131,7 +151,7 @@ def _markdown(s: dict[str, Any]) -> str:
 
 def evaluate_small(run: Path, checkpoint: Path, pool: Path, out: Path, n_seq: int = 3, n_frames: int = 240,
                    window: int = 16, sources: tuple[str, ...] = ("own", "sim"), real: str | None = None,
-                   log=print) -> dict[str, Any]:
+                   heldout_cache: Path | None = None, log=print) -> dict[str, Any]:
     from .small_trainer import load_trained
 
     cfg = json.loads((run / "config.json").read_text())
@@ -145,7 +165,7 @@ def evaluate_small(run: Path, checkpoint: Path, pool: Path, out: Path, n_seq: in
                                "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
     times = []
     for source in sources:
-        seqs = held_out_sequences(n_seq, n_frames, hw, source=source)
+        seqs = held_out_cached(heldout_cache, n_seq, n_frames, hw, source)
         per_kind: dict[str, list] = {k: [] for k in KINDS}
         for si, seq in enumerate(seqs):
             t0 = time.time()
