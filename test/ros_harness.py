@@ -203,3 +203,52 @@ class MessageCollector:
         wait_until(lambda: len(self.messages) >= count, timeout, self.node,
                    f"{count} message(s) on {self.topic} (got {len(self.messages)})")
         return self.messages
+
+
+# ------------------------------------------------------------------------------------------------ TF checks
+
+def assert_tf_tree(tf_messages: Sequence[Any]) -> None:
+    """Every recorded /tf and /tf_static message together form a tree: one parent per frame, no cycles."""
+    from ros2_stream4d.ros.tf_policy import check_one_parent
+
+    edges = [(t.header.frame_id, t.child_frame_id) for m in tf_messages for t in m.transforms]
+    assert edges, "no TF recorded"
+    problems = check_one_parent(edges)
+    assert not problems, "TF tree broken: " + "; ".join(problems)
+
+
+def assert_tf_matches_poses(node_edges: Sequence[Any], tf_messages: Sequence[Any], static_messages: Sequence[Any],
+                            poses: Sequence[Any], camera_frame: str, tol_m: float = 1e-3) -> None:
+    """The node's published edges, composed with the rest of the recorded tree at each stamp, put the camera
+    where ~/camera_pose says (catches an inverted or mis-composed transform)."""
+    import numpy as np
+
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+    from ros2_stream4d.ros.conversions import pose_to_matrix, time_to_ns
+
+    buffer = TfBuffer()
+    for m in static_messages:
+        buffer.set_transforms(m, static=True)
+    for m in tf_messages:
+        buffer.set_transforms(m, static=False)
+    by_stamp = {time_to_ns(p.header.stamp): pose_to_matrix(p) for p in poses}
+    checked = 0
+    for edge in node_edges:
+        stamp = time_to_ns(edge.header.stamp)
+        if stamp not in by_stamp:
+            continue
+        from ros2_stream4d.ros.conversions import transform_to_matrix
+
+        from ros2_stream4d.ros.tf_policy import TransformNotFound
+
+        T_map_child = transform_to_matrix(edge)
+        try:
+            T_child_cam = buffer.lookup(edge.child_frame_id, camera_frame, stamp)
+        except TransformNotFound:  # the recording missed the other publisher's sample at this stamp
+            continue
+        T_map_cam = T_map_child @ T_child_cam
+        expected = by_stamp[stamp]
+        assert np.abs(T_map_cam[:3, 3] - expected[:3, 3]).max() < tol_m, (stamp, T_map_cam, expected)
+        assert np.abs(T_map_cam[:3, :3] - expected[:3, :3]).max() < 1e-3
+        checked += 1
+    assert checked >= max(1, len(node_edges) // 2), f"only {checked} of {len(node_edges)} edges had a pose"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ros_harness import MessageCollector, python_command, wait_until
+from ros_harness import MessageCollector, assert_tf_matches_poses, assert_tf_tree, python_command, wait_until
 
 from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse
 
@@ -29,7 +29,7 @@ def _stamps_ns(msgs):
     return [time_to_ns(m.header.stamp) for m in msgs]
 
 
-def _replay(ros_node, ros_process, bag, *params):
+def _replay(ros_node, ros_process, bag, *params, topics=None):
     """Start the node (oracle, sim time, every frame) and play the bag into it; returns collectors."""
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseStamped
@@ -38,24 +38,30 @@ def _replay(ros_node, ros_process, bag, *params):
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from tf2_msgs.msg import TFMessage
 
-    args = []
+    from ros2_stream4d.ros.compat.tf_buffer import tf_static_qos
+
+    args = ["-r", "image:=/camera/image_raw", "-r", "camera_info:=/camera/camera_info"]
+    # the oracle is metric by construction: scale 1 m per unit, so depth goes to ~/depth/image
     for p in ("model:=oracle", f"oracle_bag:={bag}", "use_sim_time:=true", "process_every_frame:=true", "input_qos:=reliable",
-              "input_width:=112", "conf_percentile:=0.0", *params):
+              "input_width:=112", "conf_percentile:=0.0", "scale_source:=fixed", *params):
         args += ["-p", p]
     node = ros_process(python_command("-m", "ros2_stream4d.ros.node", "--ros-args", *args), name="stream4d_node")
     node.wait_for_output("model ready", timeout=60)
     c = {
         "pose": MessageCollector(ros_node, PoseStamped, "/stream4d/camera_pose"),
         "odom": MessageCollector(ros_node, Odometry, "/stream4d/odometry"),
-        "depth": MessageCollector(ros_node, Image, "/stream4d/depth"),
+        "depth": MessageCollector(ros_node, Image, "/stream4d/depth/image"),
         "depth_info": MessageCollector(ros_node, CameraInfo, "/stream4d/depth/camera_info"),
         "cloud": MessageCollector(ros_node, PointCloud2, "/stream4d/cloud"),
         "tf": MessageCollector(ros_node, TFMessage, "/tf", qos=QoSProfile(depth=200)),
+        "tf_static": MessageCollector(ros_node, TFMessage, "/tf_static", qos=tf_static_qos()),
         "diag": MessageCollector(ros_node, DiagnosticArray, "/diagnostics"),
     }
     wait_until(lambda: c["pose"].subscription.get_publisher_count() > 0, 20, ros_node, "node publishers")
+    only = ["--topics", *topics] if topics else []
     player = ros_process(python_command("-m", "ros2_stream4d.cli", "play", str(bag), "--quiet", "--rate", "2.0",
-                                        "--wait-for-subscribers", "/camera/image_raw", "/tf_static"), name="player")
+                                        *only, "--wait-for-subscribers", "/camera/image_raw", "/tf_static"),
+                         name="player")
     c["pose"].wait_for(FRAMES, timeout=120)  # spins the test node while the bag plays
     assert player.wait(60) == 0, player.output()
     c["depth_info"].wait_for(FRAMES, timeout=30)
@@ -70,7 +76,10 @@ def test_oracle_replay_camera_only_matches_ground_truth(ros_node, ros_process, s
     from ros2_stream4d.sim.bag import read_ground_truth
 
     gt = read_ground_truth(sim_bag, with_depth=True)
-    node, c = _replay(ros_node, ros_process, sim_bag)
+    # a hand-held camera: its driver's topics only (images, CameraInfo, the static tree base_link -> camera_link ->
+    # camera_optical_frame), no robot odometry
+    node, c = _replay(ros_node, ros_process, sim_bag,
+                      topics=["/camera/image_raw", "/camera/camera_info", "/tf_static", "/clock"])
     assert _stamps_ns(c["pose"].messages) == list(gt.stamps), "every output carries its input image's stamp"
 
     # map = REP-103 body axes at the first camera: T_map_cam_i = T_MAP_WORLD inv(T_w_c0) T_w_ci
@@ -80,11 +89,17 @@ def test_oracle_replay_camera_only_matches_ground_truth(ros_node, ros_process, s
         assert np.abs(T[:3, 3] - T_exp[:3, 3]).max() < 1e-3
         R_err = T[:3, :3].T @ T_exp[:3, :3]
         assert np.arccos(np.clip((np.trace(R_err) - 1) / 2, -1, 1)) < 1e-3
-    def tf_cam():
-        return [t for m in c["tf"].messages for t in m.transforms if t.child_frame_id == "camera_optical_frame"]
-
-    wait_until(lambda: len(tf_cam()) >= FRAMES, 20, ros_node, "TF of every frame")
-    assert {t.header.frame_id for t in tf_cam()} == {"map"}
+    # camera only: the node publishes map -> the root of the camera's static tree (base_link here), never a second
+    # parent of the optical frame
+    node_edges = [t for m in c["tf"].messages for t in m.transforms if t.header.frame_id == "map"]
+    wait_until(lambda: len([t for m in c["tf"].messages for t in m.transforms if t.header.frame_id == "map"])
+               >= FRAMES, 20, ros_node, "TF of every frame")
+    node_edges = [t for m in c["tf"].messages for t in m.transforms if t.header.frame_id == "map"]
+    assert {t.child_frame_id for t in node_edges} == {"base_link"}
+    assert_tf_tree(c["tf"].messages + c["tf_static"].messages)
+    # the published TF composed with the bag's own tree gives ~/camera_pose and the ground truth
+    assert_tf_matches_poses(node_edges, c["tf"].messages, c["tf_static"].messages, c["pose"].messages,
+                            "camera_optical_frame")
 
     # depth: the camera's geometry, NaN = invalid, its CameraInfo shares the header (REP-118)
     for d, info, i in zip(c["depth"].messages, c["depth_info"].messages, range(FRAMES)):
@@ -109,7 +124,7 @@ def test_oracle_replay_camera_only_matches_ground_truth(ros_node, ros_process, s
     # QoS as specified: outputs reliable; input as input_qos says (reliable for bag replay)
     from rclpy.qos import ReliabilityPolicy
 
-    infos = ros_node.get_publishers_info_by_topic("/stream4d/depth")
+    infos = ros_node.get_publishers_info_by_topic("/stream4d/depth/image")
     assert infos and all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE for i in infos)
     subs = ros_node.get_subscriptions_info_by_topic("/camera/image_raw")
     assert any(i.node_name == "stream4d" and i.qos_profile.reliability == ReliabilityPolicy.RELIABLE for i in subs)
@@ -137,14 +152,18 @@ def test_oracle_replay_robot_publishes_map_to_odom(ros_node, ros_process, sim_ba
     T_world_base0 = bag_tf(first_odom.transform)
     for t in map_odom:
         assert np.abs(transform_to_matrix(t) - inverse(T_world_base0)).max() < 1e-3
-    parents: dict[str, set] = {}
-    for m in c["tf"].messages:
-        for t in m.transforms:
-            parents.setdefault(t.child_frame_id, set()).add(t.header.frame_id)
-    assert all(len(p) == 1 for p in parents.values()), parents
-    assert "camera_optical_frame" not in parents, "with a robot, the camera hangs off base_link via /tf_static"
+    assert_tf_tree(c["tf"].messages + c["tf_static"].messages)
+    assert_tf_matches_poses(map_odom, c["tf"].messages, c["tf_static"].messages, c["pose"].messages,
+                            "camera_optical_frame")
     odom_msgs = c["odom"].messages
     assert {m.child_frame_id for m in odom_msgs} == {"base_link"}
+    assert {m.header.frame_id for m in odom_msgs} == {"map"}, "the parent of the edge the node publishes"
+    # metric scale (fixed, oracle): position covariance finite and positive, twist from consecutive poses
+    cov = np.array(odom_msgs[5].pose.covariance).reshape(6, 6)
+    assert np.all(np.diag(cov) > 0) and np.diag(cov)[0] < 1.0
+    speeds = [np.linalg.norm([m.twist.twist.linear.x, m.twist.twist.linear.y, m.twist.twist.linear.z])
+              for m in odom_msgs[1:]]
+    assert max(speeds) > 0.01, "a moving robot has a non-zero twist"
     assert len(gt.stamps) == len(odom_msgs)
 
 
@@ -158,7 +177,8 @@ def test_offline_processing_writes_every_output_topic(tmp_path):
     bag = tmp_path / "in"
     write_sim_bag(bag, SimConfig(scene="corridor", trajectory="handheld", frames=frames, width=64, height=48, seed=1),
                   progress=False)
-    params = load_params(None, ["model:=oracle", "input_width:=56", "process_every_frame:=true"])
+    params = load_params(None, ["model:=oracle", "input_width:=56", "process_every_frame:=true",
+                                "scale_source:=fixed"])
     stats = process_bag(bag, tmp_path / "out", params, map_every=100, progress=False)
     assert stats["processed"] == frames
     with AnyReader([tmp_path / "out"]) as reader:
@@ -168,8 +188,9 @@ def test_offline_processing_writes_every_output_topic(tmp_path):
             msg = reader.deserialize(raw, conn.msgtype)
             assert msg.transforms[0].header.frame_id == "map"
             break
-    for topic in ("/stream4d/camera_pose", "/stream4d/cloud", "/stream4d/depth", "/stream4d/depth/camera_info",
-                  "/stream4d/confidence", "/stream4d/odometry", "/stream4d/path", "/tf"):
+    for topic in ("/stream4d/camera_pose", "/stream4d/cloud", "/stream4d/depth/image", "/stream4d/depth/camera_info",
+                  "/stream4d/confidence/image", "/stream4d/confidence/camera_info", "/stream4d/odometry",
+                  "/stream4d/path", "/tf"):
         assert counts[topic] == frames, topic
     assert counts["/stream4d/map"] == frames // 100 + 1
     assert types["/stream4d/cloud"] == "sensor_msgs/msg/PointCloud2"

@@ -7,6 +7,7 @@ pytest.importorskip("geometry_msgs")
 
 from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, ns_to_time  # noqa: E402
 from ros2_stream4d.ros.compat.tf_buffer import TfBuffer  # noqa: E402
+from ros2_stream4d.ros.tf_policy import TransformNotFound  # noqa: E402
 
 
 def _yaw(deg: float, x: float) -> np.ndarray:
@@ -25,7 +26,12 @@ def test_lookup_at_stamp_interpolates_dynamic_edges():
     np.testing.assert_allclose(buf.lookup("odom", "base_link", 150), _yaw(15, 1.5), atol=1e-9)
     np.testing.assert_allclose(buf.lookup("odom", "base_link", 100), _yaw(10, 1.0), atol=1e-9)
     np.testing.assert_allclose(buf.lookup("odom", "base_link"), _yaw(20, 2.0), atol=1e-9)  # latest
-    np.testing.assert_allclose(buf.lookup("odom", "base_link", 10_000), _yaw(20, 2.0), atol=1e-9)  # clamped
+    with pytest.raises(TransformNotFound, match="outside its history"):  # refused, as tf2 refuses to extrapolate
+        buf.lookup("odom", "base_link", 10_000)
+    with pytest.raises(TransformNotFound, match="outside its history"):
+        buf.lookup("odom", "camera", -1)
+    np.testing.assert_allclose(buf.lookup("base_link", "camera", 10_000), _yaw(0, 0.1), atol=1e-9), \
+        "edges above the common ancestor are not evaluated"
     np.testing.assert_allclose(buf.lookup("odom", "camera", 50), _yaw(5, 0.5) @ _yaw(0, 0.1), atol=1e-9)
     assert buf.wait_for_stamp("odom", "camera", 200, timeout_s=0.0)
     assert not buf.wait_for_stamp("odom", "camera", 201, timeout_s=0.01)

@@ -27,6 +27,7 @@ from sensor_msgs.msg import CompressedImage
 from ros2_stream4d.mapping.pipeline import FrameOutcome, Gated, MappingPipeline, Processed, Skipped, is_out_of_memory
 from ros2_stream4d.ros import conversions as conv
 from ros2_stream4d.ros.assembler import OutputAssembler
+from ros2_stream4d.mapping.undistort import LensModel, Undistorter
 from ros2_stream4d.ros.tf_policy import TfDecision, TransformNotFound, decide
 DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")  # REP-118: millimetres (16-bit) or metres (float)
 BAD_IMAGE, BAD_DEPTH = "bad image skipped", "depth image skipped"
@@ -124,7 +125,8 @@ class FrameProcessor:
         self._new_size: tuple[tuple[int, int], int] | None = None  # (size, consecutive frames) of a new size
         self._external_odom: bool | None = None  # decided once per stream: does another node publish odom->base?
         self.decisions: dict[str, TfDecision] = {}  # the stream's TF policy, per camera frame
-        self.undistorters: list[Any] = [None] * num_cameras
+        self.undistorter = Undistorter()  # remap tables cached per camera model (bounded)
+        self.frames_undistorted = 0
 
     @property
     def path(self):
@@ -247,9 +249,20 @@ class FrameProcessor:
         else:
             self.frames_done += 1
         decision = self.decisions.get(camera_frame)
-        if decision is None:
+        if decision is None or self._taken_over(decision):
             decision = self.decisions[camera_frame] = self._decide(camera_frame)
         return FrameOutput(outcome, self.assembler.messages(outcome, decision, camera_frame))
+
+    def _taken_over(self, decision: TfDecision) -> bool:
+        """Another node now publishes the parent of a frame we publish (e.g. odometry started after our first
+        frame): the decision is remade so that frame keeps one parent."""
+        for parent, child in decision.edges(self.cfg):
+            seen = self.tf.parent_of(child)
+            if seen is not None and seen != parent:
+                self.logger.error(f"TF: {child!r} now has the parent {seen!r} from another node; this node stops "
+                                  f"publishing {parent} -> {child} and decides again")
+                return True
+        return False
 
     def _decide(self, camera_frame: str) -> TfDecision:
         try:
@@ -277,12 +290,17 @@ class FrameProcessor:
         size_problem = self._check_size(rgb)
         if size_problem:
             return size_problem
-        undistorter = self.undistorters[cam]
         K_src, info = self._intrinsics(cam, rgb)
         if K_src is False:
             return Skipped("camera_info unusable")
-        if undistorter is not None and info is not None:
-            rgb, K_src = undistorter(rgb, info, K_src)
+        if info is not None:  # a distorted lens (plumb_bob, rational_polynomial, equidistant): to the pinhole P
+            try:
+                lens = LensModel.from_camera_info(info)
+            except ValueError as exc:
+                return Skipped("camera_info invalid", f"{exc} (the lens cannot be undistorted)")
+            if lens.distorted:
+                rgb, K_src = self.undistorter.undistort(rgb, lens)
+                self.frames_undistorted += 1
 
         T_base_cam = T_odom_base = None
         base = self.cfg.base_frame

@@ -90,10 +90,10 @@ class Stream4DNode(LifecycleNode):
         self.pipeline = None
         self.processor: FrameProcessor | None = None
         self.startup_error = ""
-        self._pubs: dict[str, object] = {}
-        self._services: list = []
-        self._subs: list = []
-        self._timers: dict[str, object] = {}
+        self._own_pubs: dict[str, object] = {}
+        self._own_services: list = []
+        self._own_subs: list = []
+        self._own_timers: dict[str, object] = {}
         self._cv = threading.Condition()
         self._stop = True
         self._worker: threading.Thread | None = None
@@ -113,6 +113,8 @@ class Stream4DNode(LifecycleNode):
             self.trigger_configure()
             if self.processor is not None:
                 self.trigger_activate()
+            if not self.startup_error:
+                self.get_logger().info("active (autostart)")
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -128,12 +130,21 @@ class Stream4DNode(LifecycleNode):
                                         num_cameras=self.cfg.num_cameras)
         for key, (name, type_name) in topics.OUTPUTS.items():
             qos = LATCHED if key in topics.LATCHED_OUTPUTS else (QoSProfile(depth=100) if key == "tf" else RELIABLE)
-            self._pubs[key] = self.create_publisher(MESSAGE_TYPES[type_name], name, qos)
-        self._services = [self.create_service(Trigger, "~/reset", self._srv_reset),
+            self._own_pubs[key] = self.create_publisher(MESSAGE_TYPES[type_name], name, qos)
+        self._own_services = [self.create_service(Trigger, "~/reset", self._srv_reset),
                           self.create_service(Trigger, "~/save_map", self._srv_save_map)]
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._activate()
+        except Exception as exc:  # rclpy would turn it into an ERROR transition without a word
+            self.startup_error = f"activate failed: {type(exc).__name__}: {exc}"
+            self.get_logger().error(self.startup_error)
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def _activate(self) -> None:
         cfg = self.cfg
         compressed = cfg.image_transport == "compressed"
         input_qos = qos_profile_sensor_data if cfg.input_qos == "sensor_data" else INPUT_RELIABLE
@@ -142,15 +153,15 @@ class Stream4DNode(LifecycleNode):
             image = topics.camera_input("image", cam, cfg.num_cameras)
             if compressed:  # image_transport's convention: the resolved (remapped) image name + /compressed
                 image = self.resolve_topic_name(image) + "/compressed"
-            self._subs.append(self.create_subscription(CompressedImage if compressed else Image, image,
+            self._own_subs.append(self.create_subscription(CompressedImage if compressed else Image, image,
                                                        lambda m, c=cam: self._on_image(c, m), input_qos))
             info = topics.camera_input("camera_info", cam, cfg.num_cameras)
-            self._subs.append(self.create_subscription(CameraInfo, info, lambda m, c=cam: self._on_info(c, m),
+            self._own_subs.append(self.create_subscription(CameraInfo, info, lambda m, c=cam: self._on_info(c, m),
                                                        input_qos))
             self.input_topics += [self.resolve_topic_name(image), self.resolve_topic_name(info)]
         if cfg.scale_source == "depth":
             depth = topics.INPUTS["sensor_depth"][0]
-            self._subs.append(self.create_subscription(Image, depth, self.processor.set_sensor_depth, input_qos))
+            self._own_subs.append(self.create_subscription(Image, depth, self.processor.set_sensor_depth, input_qos))
             self.input_topics.append(self.resolve_topic_name(depth))
         self.get_logger().info(f"inputs: {', '.join(self.input_topics)}")
         self._make_timers()
@@ -158,24 +169,23 @@ class Stream4DNode(LifecycleNode):
         self._last_image_wall = time.monotonic()
         self._worker = threading.Thread(target=self._work, name="stream4d-model", daemon=True)
         self._worker.start()
-        return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for sub in self._subs:
+        for sub in self._own_subs:
             self.destroy_subscription(sub)
-        self._subs = []
-        for timer in self._timers.values():
+        self._own_subs = []
+        for timer in self._own_timers.values():
             self.destroy_timer(timer)
-        self._timers = {}
+        self._own_timers = {}
         self._stop_worker()
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for pub in self._pubs.values():
+        for pub in self._own_pubs.values():
             self.destroy_publisher(pub)
-        for srv in self._services:
+        for srv in self._own_services:
             self.destroy_service(srv)
-        self._pubs, self._services = {}, []
+        self._own_pubs, self._own_services = {}, []
         self.processor = None
         self.pipeline = None
         _free_device_memory()
@@ -186,14 +196,14 @@ class Stream4DNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _make_timers(self) -> None:
-        for timer in self._timers.values():
+        for timer in self._own_timers.values():
             self.destroy_timer(timer)
-        self._timers = {"diagnostics": self.create_timer(1.0 / self.cfg.diagnostics_rate, self._publish_diagnostics)}
+        self._own_timers = {"diagnostics": self.create_timer(1.0 / self.cfg.diagnostics_rate, self._publish_diagnostics)}
         if self.cfg.map_publish_rate > 0:
-            self._timers["map"] = self.create_timer(1.0 / self.cfg.map_publish_rate, self._publish_map)
+            self._own_timers["map"] = self.create_timer(1.0 / self.cfg.map_publish_rate, self._publish_map)
         # the path grows to path_max_length poses: sent with every frame it would cost O(length) per frame
         if self.cfg.path_publish_rate > 0:
-            self._timers["path"] = self.create_timer(1.0 / self.cfg.path_publish_rate, self._publish_path)
+            self._own_timers["path"] = self.create_timer(1.0 / self.cfg.path_publish_rate, self._publish_path)
 
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -213,7 +223,7 @@ class Stream4DNode(LifecycleNode):
                                                                          "device": self.pipeline.cfg.device}))
         self._sync.set_slop(new.sync_slop)
         rates = ("map_publish_rate", "path_publish_rate", "diagnostics_rate")
-        if self._timers and any(getattr(old, r) != getattr(new, r) for r in rates):
+        if self._own_timers and any(getattr(old, r) != getattr(new, r) for r in rates):
             self._make_timers()
         self.get_logger().info(f"parameters changed: {changes}")
         return SetParametersResult(successful=True)
@@ -272,7 +282,7 @@ class Stream4DNode(LifecycleNode):
                             messages = [(key, m) for key, m in messages if key != "path"]
                             self._path_dirty = True  # _publish_path sends it
                     for key, msg in messages:
-                        self._pubs[key].publish(msg)
+                        self._own_pubs[key].publish(msg)
                     if isinstance(out.outcome, Processed):
                         self._latencies.append(time.monotonic() - frame.received)
                 except Exception as exc:  # one bad frame must never kill the node
@@ -299,7 +309,7 @@ class Stream4DNode(LifecycleNode):
                 return
             xyz, rgb, conf = self.pipeline.map_points()
             msg = self.processor.assembler.map_message(xyz, rgb, conf, self.get_clock().now().to_msg())
-        self._pubs["map"].publish(msg)
+        self._own_pubs["map"].publish(msg)
 
     def _publish_path(self) -> None:
         with self._map_lock:
@@ -307,7 +317,7 @@ class Stream4DNode(LifecycleNode):
                 return
             self._path_dirty = False
             msg = self.processor.assembler.path_snapshot()
-        self._pubs["path"].publish(msg)
+        self._own_pubs["path"].publish(msg)
 
     def diagnostic_values(self) -> dict[str, object]:
         """The key/values of the node's DiagnosticStatus (bad inputs as "bad input: <reason>")."""
@@ -364,7 +374,7 @@ class Stream4DNode(LifecycleNode):
         status.values = [KeyValue(key=str(k), value=str(v)) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
-        self._pubs["diagnostics"].publish(array)
+        self._own_pubs["diagnostics"].publish(array)
 
     # ------------------------------------------------------------------ services
     def _srv_reset(self, _request, response):
@@ -450,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[stream4d] start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    if node.cfg.autostart and node.startup_error:
+    if node.cfg.autostart and node.startup_error:  # the transition failed: exit like a start-up error
         print(f"[stream4d] start-up failed: {node.startup_error}", file=sys.stderr)
         node.destroy_node()
         rclpy.try_shutdown()

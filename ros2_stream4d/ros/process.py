@@ -174,7 +174,7 @@ def process_bag(in_bag, out_bag, params: dict, remaps: dict[str, str] | None = N
     info_topics = [resolved("camera_info", c) for c in range(n)]
     depth_topic = (topics.resolve(topics.INPUTS["sensor_depth"][0], namespace, remaps=remaps)
                    if cfg.scale_source == "depth" else "")
-    tf = TfBuffer()
+    tf = TfBuffer(history=10**7)  # offline, the whole bag's TF is known before the first image (read below)
     pipeline = load_pipeline(ModelOptions.from_config(cfg), PipelineConfig.from_params(as_dict(cfg)))
     processor = FrameProcessor(cfg, pipeline, tf, RateLimitedWarnings(logger), logger, num_cameras=n)
     assembler = processor.assembler
@@ -214,13 +214,14 @@ def process_bag(in_bag, out_bag, params: dict, remaps: dict[str, str] | None = N
         total = sum(c.msgcount for c in conns if c.topic in image_topics)
         if max_frames:
             total = min(total, max_frames)
+        tf_conns = [c for c in conns if c.topic in ("/tf", "/tf_static")]
+        for conn, _t, raw in reader.messages(connections=tf_conns):  # like a tf2 buffer holding the whole bag
+            tf.set_transforms(deserialize_message(bytes(raw), classes[conn.topic]), static=conn.topic == "/tf_static")
         bar = tqdm(total=total, unit="frame", desc="stream4d process", disable=not progress)
         last_stamp = 0
-        for conn, _t, raw in reader.messages(connections=conns):
+        for conn, _t, raw in reader.messages(connections=[c for c in conns if c not in tf_conns]):
             msg = deserialize_message(bytes(raw), classes[conn.topic])
-            if conn.topic in ("/tf", "/tf_static"):
-                tf.set_transforms(msg, static=conn.topic == "/tf_static")
-            elif conn.topic in info_topics:
+            if conn.topic in info_topics:
                 processor.camera_info[info_topics.index(conn.topic)] = msg
             elif conn.topic == depth_topic:
                 processor.set_sensor_depth(msg)

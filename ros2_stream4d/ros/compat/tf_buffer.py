@@ -81,7 +81,8 @@ class TfBuffer:
 
     MAX_DEPTH = 100  # guards against cycles from inconsistent publishers
 
-    def __init__(self) -> None:
+    def __init__(self, history: int = HISTORY) -> None:
+        self.history = history  # samples kept per dynamic edge
         self._edges: dict[str, Edge] = {}
         self._lock = threading.Lock()
 
@@ -94,7 +95,7 @@ class TfBuffer:
         stamp = time_to_ns(msg.header.stamp)
         with self._lock:
             old = self._edges.get(child)
-            edge = Edge(parent, matrix, stamp, static)
+            edge = Edge(parent, matrix, stamp, static, deque(maxlen=self.history))
             if not static:
                 if old is not None and not old.static and old.parent == parent:
                     edge.history = old.history
@@ -132,32 +133,41 @@ class TfBuffer:
         with self._lock:
             return dict(self._edges)
 
-    def _chain_to_root(self, frame: str, edges: dict[str, Edge], stamp_ns: int | None = None
-                       ) -> list[tuple[str, np.ndarray]]:
-        """[(ancestor, ancestor_from_frame)] from `frame` itself (identity) up to the root of its tree."""
-        chain = [(frame, np.eye(4))]
+    def _ancestors(self, frame: str, edges: dict[str, Edge]) -> list[str]:
+        """`frame` and its parents up to the root of its tree."""
+        chain = [frame]
         for _ in range(self.MAX_DEPTH):
-            edge = edges.get(chain[-1][0])
+            edge = edges.get(chain[-1])
             if edge is None:
                 return chain
-            chain.append((edge.parent, edge.at(stamp_ns) @ chain[-1][1]))
+            chain.append(edge.parent)
         raise TransformNotFound(f"TF tree has a cycle or is deeper than {self.MAX_DEPTH} above {frame!r}")
+
+    @staticmethod
+    def _up(chain: list[str], ancestor: str, edges: dict[str, Edge], stamp_ns: int | None) -> np.ndarray:
+        """ancestor_from_chain[0], composing only the edges below `ancestor` (edges above it are not evaluated,
+        so a stamp outside their history does not matter)."""
+        m = np.eye(4)
+        for frame in chain[: chain.index(ancestor)]:
+            m = edges[frame].at(stamp_ns) @ m
+        return m
 
     def lookup(self, target: str, source: str, stamp_ns: int | None = None) -> np.ndarray:
         """target_from_source 4x4 (maps points in `source` into `target`), like tf2's lookupTransform(target, source);
-        at `stamp_ns` when given (dynamic edges interpolated), else the latest."""
+        at `stamp_ns` when given (dynamic edges interpolated; outside their history: TransformNotFound), else the
+        latest."""
         target, source = _strip(target), _strip(source)
         if target == source:
             return np.eye(4)
         with self._lock:  # the history deques are shared with the writer: copy under the lock
             edges = {c: Edge(e.parent, e.matrix, e.stamp_ns, e.static, deque(e.history)) for c, e in self._edges.items()}
-        up_from_source = self._chain_to_root(source, edges, stamp_ns)
-        up_from_target = dict(self._chain_to_root(target, edges, stamp_ns))
-        for ancestor, ancestor_from_source in up_from_source:
-            if ancestor in up_from_target:
-                return _invert(up_from_target[ancestor]) @ ancestor_from_source
-        raise TransformNotFound(f"no TF chain between {target!r} and {source!r} (known frames: "
-                                f"{sorted(self.frames())})")
+        up_source = self._ancestors(source, edges)
+        up_target = self._ancestors(target, edges)
+        common = next((f for f in up_source if f in up_target), None)
+        if common is None:
+            raise TransformNotFound(f"no TF chain between {target!r} and {source!r} (known frames: "
+                                    f"{sorted(self.frames())})")
+        return _invert(self._up(up_target, common, edges, stamp_ns)) @ self._up(up_source, common, edges, stamp_ns)
 
     def can_transform(self, target: str, source: str) -> bool:
         try:
@@ -174,8 +184,11 @@ class TfBuffer:
         deadline = time.monotonic() + timeout_s
         while True:
             edges = self.edges()
-            chain = self._chain_to_root(_strip(source), edges) + self._chain_to_root(_strip(target), edges)
-            dynamic = [edges[f] for f, _ in chain if f in edges and not edges[f].static]
+            up_source, up_target = self._ancestors(_strip(source), edges), self._ancestors(_strip(target), edges)
+            common = next((f for f in up_source if f in up_target), None)
+            below = (up_source[: up_source.index(common)] + up_target[: up_target.index(common)]
+                     if common is not None else up_source + up_target)
+            dynamic = [edges[f] for f in below if f in edges and not edges[f].static]
             if all(e.stamp_ns >= stamp_ns for e in dynamic):
                 return True
             if time.monotonic() >= deadline:
