@@ -95,8 +95,8 @@ def test_decode_refuses_an_oversized_header_on_its_larger_side():
     pytest.importorskip("sensor_msgs")
     from sensor_msgs.msg import CompressedImage
 
+    from ros2_stream4d.ros.config import make_config
     from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
-    from ros2_stream4d.ros.params import PARAMS
 
     class Log:
         def __init__(self):
@@ -107,18 +107,18 @@ def test_decode_refuses_an_oversized_header_on_its_larger_side():
 
         info = error = warning
 
-    params = {p.name: p.default for p in PARAMS} | {"max_image_side": 4096}
+    cfg = make_config({"max_image_side": 4096})
     for data, fmt in [(forged_jpeg(9000, 100), "jpeg"), (forged_jpeg(100, 9000), "jpeg"),
                       (forged_png(9000, 100), "png"), (forged_png(100, 9000), "png")]:
         warnings = RateLimitedWarnings(Log())
-        proc = FrameProcessor(params, pipeline=None, tf=None, warnings=warnings, logger=Log())
+        proc = FrameProcessor(cfg, pipeline=None, tf=None, warnings=warnings, logger=Log())
         msg = CompressedImage(format=fmt, data=data)
         msg.header.stamp.sec = 1
         assert proc.decode(msg) is None
         assert warnings.counts == {"image size": 1}, (compressed_image_size(data), warnings.counts)
     # a header within the limit goes on to the decoder (which then finds no pixels)
     warnings = RateLimitedWarnings(Log())
-    proc = FrameProcessor(params, pipeline=None, tf=None, warnings=warnings, logger=Log())
+    proc = FrameProcessor(cfg, pipeline=None, tf=None, warnings=warnings, logger=Log())
     msg = CompressedImage(format="jpeg", data=forged_jpeg(4096, 100))
     msg.header.stamp.sec = 1
     assert proc.decode(msg) is None and "image size" not in warnings.counts
