@@ -38,3 +38,82 @@ def test_gate_skips_a_still_camera_and_republishes_the_last_pose():
     assert skipped["camera_pose"].pose == first["camera_pose"].pose
     moved = dict(processor.process(0, 1_200_000_000, "cam", _image(2)).messages)
     assert "depth_relative" in moved and processor.frames_done == 2
+
+
+def _static(buf, parent, child, xyz):
+    from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, ns_to_time
+
+    T = np.eye(4)
+    T[:3, 3] = xyz
+    buf.set_transform(matrix_to_transform_stamped(T, ns_to_time(0), parent, child), static=True)
+    return T
+
+
+def test_camera_driver_tree_gets_map_to_its_root_composed_with_the_static_chain():
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+    from ros2_stream4d.ros.conversions import pose_to_matrix, transform_to_matrix
+
+    buf = TfBuffer()
+    T_link_opt = _static(buf, "camera_link", "camera_color_optical_frame", (0.0, 0.015, 0.0))
+    processor, _, log = _processor(tf=buf)
+    for k in range(3):
+        out = dict(processor.process(0, 1_000_000_000 + k * 100_000_000, "camera_color_optical_frame",
+                                     _image(k)).messages)
+        (tf,) = out["tf"].transforms
+        assert (tf.header.frame_id, tf.child_frame_id) == ("map", "camera_link"), "never a second parent"
+        T_map_cam = transform_to_matrix(tf) @ T_link_opt  # composed: the optical frame where ~/camera_pose says
+        np.testing.assert_allclose(T_map_cam, pose_to_matrix(out["camera_pose"]), atol=1e-6)
+        assert out["odometry"].header.frame_id == "map" and out["odometry"].child_frame_id == "camera_link"
+        # REP-118: image and CameraInfo share one header; the depth geometry is pinhole
+        assert out["depth_relative"].header == out["depth_relative_info"].header
+        assert out["confidence"].header == out["confidence_info"].header == out["depth_relative"].header
+        assert not any(out["depth_relative_info"].d)
+        assert "depth" not in out, "no metric scale: nothing on ~/depth/image"
+
+
+def test_a_frame_already_parented_by_another_node_is_never_published():
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+
+    buf = TfBuffer()
+    _static(buf, "map", "camera_link", (0, 0, 0))  # someone else localises the camera in map
+    _static(buf, "camera_link", "cam_optical", (0, 0, 0))
+    processor, _, log = _processor(tf=buf)
+    out = dict(processor.process(0, 1_000_000_000, "cam_optical", _image(0)).messages)
+    assert "tf" not in out and processor.decision.conflict
+    assert any("publishes no TF" in line for line in log.lines)
+
+
+def test_robot_odometry_ownership_and_metric_depth():
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+    from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, ns_to_time
+
+    buf = TfBuffer()
+    _static(buf, "base_link", "cam", (0.1, 0, 0.3))
+    processor, _, _ = _processor(tf=buf, base_frame="base_link", scale_source="fixed", fixed_scale=2.0)
+    out = dict(processor.process(0, 1_000_000_000, "cam", _image(0)).messages)
+    edges = {(t.header.frame_id, t.child_frame_id) for t in out["tf"].transforms}
+    assert edges == {("map", "odom"), ("odom", "base_link")}, "nothing else publishes odometry: we do"
+    assert (out["odometry"].header.frame_id, out["odometry"].child_frame_id) == ("odom", "base_link")
+    assert "depth" in out and "depth_relative" not in out, "a valid scale: metric depth"
+
+    # another node publishes odom -> base_link (wheel odometry): the node owns only map -> odom
+    for i, stamp in enumerate((900_000_000, 1_500_000_000)):
+        T = np.eye(4)
+        T[0, 3] = i
+        buf.set_transform(matrix_to_transform_stamped(T, ns_to_time(stamp), "odom", "base_link"))
+    processor, _, _ = _processor(tf=buf, base_frame="base_link", scale_source="fixed", fixed_scale=2.0,
+                                 tf_timeout=0.0)
+    out = dict(processor.process(0, 1_100_000_000, "cam", _image(1)).messages)
+    edges = {(t.header.frame_id, t.child_frame_id) for t in out["tf"].transforms}
+    assert edges == {("map", "odom")}
+    assert (out["odometry"].header.frame_id, out["odometry"].child_frame_id) == ("map", "base_link")
+
+
+def test_a_backwards_time_jump_starts_a_new_stream():
+    processor, pipeline, log = _processor()
+    processor.process(0, 2_000_000_000, "cam", _image(0))
+    processor.process(0, 2_100_000_000, "cam", _image(1))
+    assert len(processor.path.poses) == 2
+    processor.process(0, 1_000_000_000, "cam", _image(2))
+    assert processor.resets == 1 and len(processor.path.poses) == 1
+    assert pipeline.reconstructor.session.stats().frames_seen == 1

@@ -27,7 +27,10 @@ def node_command(*params: str) -> list[str]:
               "path_publish_rate:=0.0",  # the path with every frame: these tests count it per frame
               "map_publish_rate:=5.0", "diagnostics_rate:=5.0", *params):
         args += ["-p", p]
-    return python_command("-m", "ros2_stream4d.ros.node", "--ros-args", *args)
+    return python_command("-m", "ros2_stream4d.ros.node", "--ros-args", *args, *REMAPS)
+
+
+REMAPS = ("-r", "image:=/camera/image_raw", "-r", "camera_info:=/camera/camera_info", "-r", "depth/image:=/camera/depth")
 
 
 def make_image(i: int, stamp_ns: int, frame_id: str = "camera_optical_frame"):
@@ -95,8 +98,8 @@ def test_random_model_end_to_end_outputs_are_well_formed(ros_node, ros_process, 
 
     map_path = tmp_path / "map.ply"
     start_node(ros_process, f"map_save_path:={map_path}")
-    depth = MessageCollector(ros_node, Image, "/stream4d/depth")
-    depth_info = MessageCollector(ros_node, CameraInfo, "/stream4d/depth/camera_info")
+    depth = MessageCollector(ros_node, Image, "/stream4d/depth_relative/image")
+    depth_info = MessageCollector(ros_node, CameraInfo, "/stream4d/depth_relative/camera_info")
     cloud = MessageCollector(ros_node, PointCloud2, "/stream4d/cloud")
     pose = MessageCollector(ros_node, PoseStamped, "/stream4d/camera_pose")
     odom = MessageCollector(ros_node, Odometry, "/stream4d/odometry")

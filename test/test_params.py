@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
 import yaml
 
 from ros2_stream4d.ros.params import PARAMS, render_yaml
@@ -19,7 +20,7 @@ def test_config_file_is_the_rendered_parameter_list():
 
 
 def test_config_values_are_the_defaults():
-    loaded = yaml.safe_load(CONFIG.read_text())["stream4d"]["ros__parameters"]
+    loaded = yaml.safe_load(CONFIG.read_text())["/**/stream4d"]["ros__parameters"]
     assert list(loaded) == [p.name for p in PARAMS]
     for p in PARAMS:
         assert loaded[p.name] == p.default, p.name
@@ -42,7 +43,27 @@ def test_every_parameter_is_documented_and_consistent():
         assert p.help in block and (not p.unit or f"[{p.unit}]" in block), p.name
 
 
-def test_node_declares_exactly_these_parameters():
-    source = (ROOT / "ros2_stream4d" / "ros" / "node.py").read_text()
-    assert "for p in PARAMS:\n            self.declare_parameter(p.name, p.default)" in source
-    assert "declare_parameter(\"" not in source and "declare_parameter('" not in source
+def test_config_refuses_bad_values_and_broken_rules_with_every_reason():
+    from ros2_stream4d.ros.config import ParameterError, check_change, make_config
+
+    with pytest.raises(ParameterError) as err:
+        make_config({"window": -1, "cloud_frame": "world", "input_width": 100, "nope": 1, "publish_map": "yes"})
+    assert set(err.value.problems) == {"window", "cloud_frame", "nope", "publish_map"}
+    with pytest.raises(ParameterError) as err:  # rules between parameters come after the values are valid
+        make_config({"input_width": 100, "tf_mode": "map_to_odom", "scale_source": "odometry"})
+    assert set(err.value.problems) == {"input_width", "tf_mode", "scale_source"}
+    assert "base_frame" in err.value.problems["tf_mode"]
+    cfg = make_config({"conf_percentile": 10})
+    assert cfg.conf_percentile == 10.0 and isinstance(cfg.conf_percentile, float)
+    assert check_change(cfg, {"conf_percentile": 30.0}).conf_percentile == 30.0
+    with pytest.raises(ParameterError, match="read-only"):
+        check_change(cfg, {"model": "random-small"})
+    with pytest.raises(ParameterError, match="above the maximum"):
+        check_change(cfg, {"conf_percentile": 150.0})
+
+
+def test_live_and_read_only_split_matches_what_the_node_can_apply():
+    live = {p.name for p in PARAMS if p.live}
+    assert {"model", "device", "window", "num_cameras", "image_transport", "base_frame", "scale_source"}.isdisjoint(live)
+    assert {"conf_threshold", "conf_percentile", "gate_threshold", "publish_cloud", "path_max_length",
+            "map_publish_rate", "sync_slop"} <= live

@@ -88,7 +88,7 @@ def test_bad_images_stamps_camera_info_and_depth_are_skipped_counted_and_survive
 
     missing_dir_map = tmp_path / "no_such_dir" / "map.ply"
     node = start_node(ros_process, "input_qos:=reliable", "intrinsics_source:=camera_info", "scale_source:=depth",
-                      "depth_topic:=/camera/depth", "reset_on_time_jump:=false", "max_image_side:=512",
+                      "reset_on_time_jump:=false", "max_image_side:=512",
                       f"map_save_path:={missing_dir_map}")
     pose = MessageCollector(ros_node, PoseStamped, "/stream4d/camera_pose")
     diag = MessageCollector(ros_node, DiagnosticArray, "/diagnostics")
@@ -365,12 +365,18 @@ class OutOfMemoryOnce:
 
 
 def _small_params(**over):
-    from ros2_stream4d.ros.params import PARAMS
+    from ros2_stream4d.ros.config import make_config
 
-    p = {q.name: q.default for q in PARAMS}
-    p.update({"model": "random-small", "device": "cpu", "input_width": 56, "window": 8, "process_every_frame": True})
-    p.update(over)
-    return p
+    return make_config({"model": "random-small", "device": "cpu", "input_width": 56, "window": 8,
+                        "process_every_frame": True, **over})
+
+
+def build_pipeline(cfg):
+    from ros2_stream4d.loader import ModelOptions, load_pipeline
+    from ros2_stream4d.mapping.pipeline import PipelineConfig
+    from ros2_stream4d.ros.config import as_dict
+
+    return load_pipeline(ModelOptions.from_config(cfg), PipelineConfig.from_params(as_dict(cfg)))
 
 
 @pytest.mark.parametrize("error", [
@@ -382,7 +388,6 @@ def test_out_of_memory_in_a_step_halves_the_window_and_continues(error):
     import torch
 
     from ros2_stream4d.mapping.pipeline import is_out_of_memory
-    from ros2_stream4d.ros.node import build_pipeline
     from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
 
     if error == "cuda":
@@ -394,13 +399,13 @@ def test_out_of_memory_in_a_step_halves_the_window_and_continues(error):
     proc = FrameProcessor(params, pipeline, TfBuffer(), RateLimitedWarnings(log), log)
     for i in range(5):
         msg = make_image(i, 1_000_000_000 + i)
-        assert proc.process(0, 1_000_000_000 + i, "cam", proc.decode(msg))
+        assert proc.process(0, 1_000_000_000 + i, "cam", proc.decode(msg)).messages
     assert pipeline.window() == 8 and pipeline.map_size() > 0
     model = pipeline.reconstructor.session.model
     wrapper = OutOfMemoryOnce(pipeline.reconstructor.session, error)
     pipeline.reconstructor.session = wrapper
 
-    out = proc.process(0, 2_000_000_000, "cam", proc.decode(make_image(9, 2_000_000_000)))
+    out = proc.process(0, 2_000_000_000, "cam", proc.decode(make_image(9, 2_000_000_000))).messages
     assert wrapper.raised == 1
     assert out, "the frame that hit the error is retried in the new stream and published"
     assert proc.oom_recoveries == 1 and pipeline.window() == 4
@@ -409,25 +414,24 @@ def test_out_of_memory_in_a_step_halves_the_window_and_continues(error):
     assert any("out of memory at window 8" in m and "window 4" in m for _, m in log.lines)
     for i in range(6):  # keeps going; the cache now holds anchor + 4 frames at most
         stamp = 2_000_000_001 + i
-        assert proc.process(0, stamp, "cam", proc.decode(make_image(10 + i, stamp)))
+        assert proc.process(0, stamp, "cam", proc.decode(make_image(10 + i, stamp))).messages
     stats = pipeline.stats()
     assert stats["cache capacity"] == 5 and stats["cache frames held"] == 5
 
 
 def test_out_of_memory_at_window_one_skips_the_frame_and_goes_on():
-    from ros2_stream4d.ros.node import build_pipeline
     from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
 
     params = _small_params(window=1)
     pipeline = build_pipeline(params)
     log = ListLogger()
     proc = FrameProcessor(params, pipeline, TfBuffer(), RateLimitedWarnings(log), log)
-    assert proc.process(0, 1, "cam", proc.decode(make_image(0, 1)))
+    assert proc.process(0, 1, "cam", proc.decode(make_image(0, 1))).messages
     pipeline.reconstructor.session = OutOfMemoryOnce(pipeline.reconstructor.session,
                                                      RuntimeError("out of memory (injected)"))
-    assert proc.process(0, 2, "cam", proc.decode(make_image(1, 2))) == []
+    assert proc.process(0, 2, "cam", proc.decode(make_image(1, 2))).messages == []
     assert proc.warnings.counts == {"out of memory": 1} and proc.oom_recoveries == 0
-    assert proc.process(0, 3, "cam", proc.decode(make_image(2, 3))), "the next frame is processed"
+    assert proc.process(0, 3, "cam", proc.decode(make_image(2, 3))).messages, "the next frame is processed"
 
 
 @pytest.mark.ros
@@ -442,8 +446,10 @@ def test_node_reports_out_of_memory_recovery_in_diagnostics():
     rclpy.init(context=context)
     overrides = [Parameter("model", value="random-small"), Parameter("input_width", value=56),
                  Parameter("window", value=8), Parameter("process_every_frame", value=True),
-                 Parameter("image_topics", value=["/oom_test/image_raw"])]
+                 Parameter("autostart", value=False)]
     node = Stream4DNode(context=context, parameter_overrides=overrides)
+    node.trigger_configure()
+    node.trigger_activate()  # the inputs are fed directly below, not over DDS
     try:
         node._on_image(0, make_image(0, 1_000_000_000))
         wait_until(lambda: node.processor.frames_done >= 1, 60, None, "first frame")
@@ -602,8 +608,11 @@ def test_validate_map_path_messages(tmp_path):
 
 
 def test_model_paths_are_checked_before_anything_starts(tmp_path):
-    from ros2_stream4d.ros.node import build_pipeline
 
+    from ros2_stream4d.ros.config import ParameterError
+
+    with pytest.raises(ParameterError, match="oracle_bag"):
+        _small_params(model="oracle")
     with pytest.raises(FileNotFoundError, match="oracle_bag .*nope_bag.* does not exist"):
         build_pipeline(_small_params(model="oracle", oracle_bag=str(tmp_path / "nope_bag")))
     with pytest.raises(FileNotFoundError, match="no_model.safetensors"):

@@ -1,0 +1,148 @@
+"""The node as a ROS 2 citizen, over real DDS (loopback): namespaces, remapped compressed input, its YAML under a
+namespace, parameters refused or applied live, the lifecycle transitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ros_harness import MessageCollector, python_command, wait_for_subscribers, wait_until
+
+pytestmark = pytest.mark.ros
+
+W, H = 112, 84
+
+
+def _rgb(i: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    return np.stack([(xx * 2 + i * 7) % 256, (yy * 3 + i) % 256, ((xx + yy) * 5 + i) % 256], -1).astype(np.uint8)
+
+
+def _call(node, client, request, timeout=30.0):
+    import rclpy
+
+    assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
+    future = client.call_async(request)
+    rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
+    assert future.done(), f"{client.srv_name} did not answer"
+    return future.result()
+
+
+def test_namespaced_node_reads_its_yaml_and_takes_remapped_compressed_input(ros_node, ros_process, tmp_path):
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage
+
+    from ros2_stream4d.ros.conversions import ns_to_time, numpy_to_compressed
+
+    params = tmp_path / "robot.yaml"
+    # keyed /**/stream4d like the package's own file: applies under any namespace. Without it the node would try
+    # the default model (streamvggt) and fail to start.
+    params.write_text("/**/stream4d:\n  ros__parameters:\n    model: random-small\n    input_width: 112\n"
+                      "    window: 4\n    process_every_frame: true\n    input_qos: reliable\n"
+                      "    image_transport: compressed\n")
+    node = ros_process(python_command("-m", "ros2_stream4d.ros.node", "--ros-args", "--params-file", str(params),
+                                      "-r", "__ns:=/robot1", "-r", "image:=/cam/color/image_raw"), name="node")
+    node.wait_for_output("active", timeout=60)
+    assert "/cam/color/image_raw/compressed" in node.output(), "subscribes to the resolved name + /compressed"
+    pose = MessageCollector(ros_node, PoseStamped, "/robot1/stream4d/camera_pose")
+    pub = ros_node.create_publisher(CompressedImage, "/cam/color/image_raw/compressed",
+                                    QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    wait_for_subscribers(ros_node, pub, timeout=20)
+    for i in range(3):
+        msg = numpy_to_compressed(_rgb(i), "jpeg")
+        msg.header.stamp, msg.header.frame_id = ns_to_time(1_000_000_000 + i * 100_000_000), "cam_optical"
+        pub.publish(msg)
+    got = pose.wait_for(3, timeout=60)
+    assert [m.header.stamp.nanosec for m in got] == [0, 100_000_000, 200_000_000]
+    assert not ros_node.get_publishers_info_by_topic("/stream4d/camera_pose"), "outputs move with the namespace"
+
+
+def test_parameters_are_refused_with_the_reason_or_applied_live(ros_node, ros_process):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import DescribeParameters, SetParameters
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image, PointCloud2
+
+    from ros2_stream4d.ros.conversions import ns_to_time, numpy_to_image
+
+    node = ros_process(python_command("-m", "ros2_stream4d.ros.node", "--ros-args", "-p", "model:=random-small",
+                                      "-p", "input_width:=112", "-p", "window:=4", "-p", "process_every_frame:=true",
+                                      "-p", "input_qos:=reliable", "-p", "conf_percentile:=0.0"), name="node")
+    node.wait_for_output("active", timeout=60)
+    setter = ros_node.create_client(SetParameters, "/stream4d/set_parameters")
+    describe = ros_node.create_client(DescribeParameters, "/stream4d/describe_parameters")
+
+    def set_param(name, value, kind):
+        field = {ParameterType.PARAMETER_DOUBLE: "double_value", ParameterType.PARAMETER_STRING: "string_value",
+                 ParameterType.PARAMETER_BOOL: "bool_value"}[kind]
+        pv = ParameterValue(type=kind, **{field: value})
+        return _call(ros_node, setter, SetParameters.Request(parameters=[Parameter(name=name, value=pv)])).results[0]
+
+    desc = _call(ros_node, describe, DescribeParameters.Request(names=["model", "conf_percentile"])).descriptors
+    assert desc[0].read_only and not desc[1].read_only
+    assert "%" in desc[1].description and desc[1].floating_point_range[0].to_value == pytest.approx(99.9)
+    refused = set_param("model", "oracle", ParameterType.PARAMETER_STRING)
+    assert not refused.successful and "read-only" in refused.reason.lower()
+    bad = set_param("cloud_frame", "world", ParameterType.PARAMETER_STRING)
+    assert not bad.successful and "map, camera" in bad.reason
+
+    cloud = MessageCollector(ros_node, PointCloud2, "/stream4d/cloud")
+    pub = ros_node.create_publisher(Image, "/image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    wait_for_subscribers(ros_node, pub, timeout=20)
+
+    def send(i):
+        pub.publish(numpy_to_image(_rgb(i), "rgb8", stamp=ns_to_time(1_000_000_000 + i * 100_000_000),
+                                   frame_id="cam_optical"))
+
+    send(0)
+    (full,) = cloud.wait_for(1, timeout=60)
+    ok = set_param("conf_percentile", 50.0, ParameterType.PARAMETER_DOUBLE)
+    assert ok.successful, ok.reason
+    send(1)
+    _, half = cloud.wait_for(2, timeout=60)
+    assert half.width < 0.6 * full.width, (full.width, half.width)  # the live change reached the cloud filter
+
+
+def test_lifecycle_transitions_over_dds(ros_node, ros_process):
+    from geometry_msgs.msg import PoseStamped
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from ros2_stream4d.ros.conversions import ns_to_time, numpy_to_image
+
+    node = ros_process(python_command("-m", "ros2_stream4d.ros.node", "--ros-args", "-p", "model:=random-small",
+                                      "-p", "input_width:=112", "-p", "window:=4", "-p", "process_every_frame:=true",
+                                      "-p", "input_qos:=reliable", "-p", "autostart:=false"), name="node")
+    change = ros_node.create_client(ChangeState, "/stream4d/change_state")
+    get = ros_node.create_client(GetState, "/stream4d/get_state")
+    assert _call(ros_node, get, GetState.Request()).current_state.label == "unconfigured"
+    assert "model ready" not in node.output(), "nothing is loaded before configure"
+
+    def transition(tid):
+        assert _call(ros_node, change, ChangeState.Request(transition=Transition(id=tid))).success
+
+    transition(Transition.TRANSITION_CONFIGURE)
+    assert "model ready" in node.output()
+    pose = MessageCollector(ros_node, PoseStamped, "/stream4d/camera_pose")
+    pub = ros_node.create_publisher(Image, "/image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    transition(Transition.TRANSITION_ACTIVATE)
+    wait_for_subscribers(ros_node, pub, timeout=20)
+
+    def send(i):
+        pub.publish(numpy_to_image(_rgb(i), "rgb8", stamp=ns_to_time(1_000_000_000 + i * 100_000_000),
+                                   frame_id="cam_optical"))
+
+    send(0)
+    pose.wait_for(1, timeout=60)
+    transition(Transition.TRANSITION_DEACTIVATE)
+    assert _call(ros_node, get, GetState.Request()).current_state.label == "inactive"
+    wait_until(lambda: pub.get_subscription_count() == 0, 20, ros_node, "the node to unsubscribe")
+    transition(Transition.TRANSITION_ACTIVATE)
+    wait_for_subscribers(ros_node, pub, timeout=20)
+    send(1)
+    pose.wait_for(2, timeout=60)  # the stream went on where it was (deactivate keeps the map)
+    transition(Transition.TRANSITION_DEACTIVATE)
+    transition(Transition.TRANSITION_CLEANUP)
+    assert _call(ros_node, get, GetState.Request()).current_state.label == "unconfigured"
