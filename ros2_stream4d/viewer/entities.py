@@ -91,16 +91,19 @@ def spread_indices(n: int, k: int) -> np.ndarray | None:
 
 
 def subsample_points(xyz: np.ndarray, rgb: np.ndarray | None, k: int):
-    """(xyz float32 (m, 3), rgb uint8 (m, 3) or None) with finite points only, at most k of them."""
-    xyz = np.asarray(xyz, np.float32).reshape(-1, 3)
+    """(xyz float32 (m, 3), rgb uint8 (m, 3) or None): at most k points evenly spread over the cloud, the finite
+    ones of them. Picks first, then filters: the cost is O(k), not O(cloud), which keeps the GIL free for the node
+    when the live viewer's thread does it."""
+    xyz = np.asarray(xyz).reshape(-1, 3)
+    idx = spread_indices(len(xyz), k)
+    if idx is not None:
+        xyz = xyz[idx]
+        rgb = None if rgb is None else np.asarray(rgb).reshape(-1, 3)[idx]
+    xyz = xyz.astype(np.float32, copy=False)
     finite = np.isfinite(xyz).all(axis=1)
     if not finite.all():
         xyz = xyz[finite]
         rgb = None if rgb is None else np.asarray(rgb)[finite]
-    idx = spread_indices(len(xyz), k)
-    if idx is not None:
-        xyz = xyz[idx]
-        rgb = None if rgb is None else np.asarray(rgb)[idx]
     return np.ascontiguousarray(xyz), None if rgb is None else np.ascontiguousarray(rgb, np.uint8).reshape(-1, 3)
 
 

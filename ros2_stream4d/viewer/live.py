@@ -44,6 +44,26 @@ def _default_live_options() -> ViewOptions:
     return ViewOptions(cloud_points=3000, map_points=100_000, depth_width=160, path_points=2000, jpeg_quality=75)
 
 
+def _warm_up(options: ViewOptions) -> None:
+    """Log one small frame of every kind into a throwaway in-memory recording: the SDK's first call of each
+    archetype imports and builds its converters (hundreds of ms holding the GIL), which must not happen while the
+    node is processing frames."""
+    from types import SimpleNamespace
+
+    from .recording import new_recording
+
+    rec = new_recording(application_id="stream4d-warm-up")
+    rec.memory_recording()
+    log = RunLogger(rec, options)
+    K = np.array([[8.0, 0, 4], [0, 8, 3], [0, 0, 1]])
+    frame = SimpleNamespace(stamp_ns=1, T_map_cam=np.eye(4), depth=np.ones((6, 8), np.float32),
+                            confidence=np.ones((6, 8), np.float32), K=K, cloud_xyz=np.zeros((4, 3), np.float32),
+                            cloud_rgb=np.zeros((4, 3), np.uint8), prediction=None)
+    log.frame(frame, rgb=np.zeros((6, 8, 3), np.uint8))
+    log.map(1, np.zeros((4, 3), np.float32), np.zeros((4, 3), np.uint8))
+    rec.disconnect()
+
+
 class LiveViewer:
     def __init__(self, mode: str = "serve", *, web_port: int = 9090, grpc_port: int = 9876, url: str | None = None,
                  path: str | Path | None = None, queue_size: int = 2, options: ViewOptions | None = None,
@@ -66,6 +86,7 @@ class LiveViewer:
         self._pending_map: tuple | None = None
         self._pending_reset = False
         self._stop = threading.Event()
+        self.ready = threading.Event()  # set once the viewer is up and the SDK warmed up (or it failed)
         self._disabled = False
         self._thread: threading.Thread | None = None
         self._viewer = None  # server.ServedViewer or a Popen we started
@@ -150,6 +171,7 @@ class LiveViewer:
     # ------------------------------------------------------------------ logging thread
     def _fail(self, message: str) -> None:
         self._disabled = True
+        self.ready.set()
         self.failure = message
         with self._cond:
             self.dropped += len(self._queue)
@@ -193,6 +215,8 @@ class LiveViewer:
             return
         log = RunLogger(rec, self.options)
         log.setup(blueprint=False)
+        _warm_up(self.options)
+        self.ready.set()
         last_map = -1e9
         cpu0 = time.thread_time()
         try:
