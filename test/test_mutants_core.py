@@ -16,6 +16,7 @@ from ros2_stream4d.mapping.preprocess import PixelMapping
 from ros2_stream4d.mapping.reconstructor import FramePrediction
 from ros2_stream4d.mapping.scale import DepthSensorScale, OdometryScale
 from ros2_stream4d.model.checkpoint import normalize_state_dict
+from ros2_stream4d.model.kv_cache import CacheStats, RollingKVCache, StreamCache
 
 H, W = 10, 10
 
@@ -156,3 +157,143 @@ def test_a_prefix_not_shared_by_every_key_is_kept():
     out, stripped = normalize_state_dict(sd)
     assert sorted(out) == ["b", "net.a"] and stripped == "module."
     assert normalize_state_dict({}) == ({}, None)
+
+
+# ------------------------------------------------------------------------------------------------ rolling KV cache
+B, HEADS, N, D = 1, 2, 3, 4
+FRAME_BYTES = 2 * B * HEADS * N * D * 4  # keys + values of one float32 frame
+
+
+def kv(i: float, b: int = B, heads: int = HEADS, n: int = N, d: int = D):
+    """Keys filled with i, values with -i - 0.5: every slot's content names its frame, and k differs from v."""
+    return torch.full((b, heads, n, d), float(i)), torch.full((b, heads, n, d), -float(i) - 0.5)
+
+
+def slot_contents(cache: RollingKVCache) -> list[int]:
+    k, v = cache.held()
+    per_slot = k.reshape(B, HEADS, cache.frames_held, N, D)
+    frames = [int(per_slot[0, 0, s, 0, 0]) for s in range(cache.frames_held)]
+    torch.testing.assert_close(v, -k - 0.5)
+    return frames
+
+
+def test_rolling_cache_overwrites_the_oldest_window_frame_and_keeps_the_anchors():
+    c = RollingKVCache(window=3, anchors=2)
+    assert c.capacity_frames == 5 and c.allocated_frames == 0 and c.nbytes == 0 and c.used_bytes == 0
+    slots = [c.write(*kv(i)) for i in range(10)]
+    # frames 0-4 fill slots 0-4; then the ring over the window slots 2, 3, 4 (the oldest non-anchor goes first)
+    assert slots == [0, 1, 2, 3, 4, 2, 3, 4, 2, 3]
+    assert c.slot_frame == [0, 1, 8, 9, 7] and slot_contents(c) == [0, 1, 8, 9, 7]
+    assert (c.frames_seen, c.frames_held, c.allocated_frames) == (10, 5, 5)
+    assert c.nbytes == 5 * FRAME_BYTES == c.used_bytes
+    assert c.held()[0].shape == (B, HEADS, 5 * N, D)
+
+
+def test_rolling_cache_without_anchors_is_a_sliding_window():
+    c = RollingKVCache(window=2, anchors=0)
+    assert [c.write(*kv(i)) for i in range(5)] == [0, 1, 0, 1, 0]
+    assert slot_contents(c) == [4, 3]
+
+
+def test_rolling_cache_window_one_holds_the_anchor_and_the_current_frame():
+    c = RollingKVCache(window=1, anchors=1)
+    for i in range(4):
+        k, _ = c.update(*kv(i))
+        assert k.shape[2] == N * min(i + 1, 2)
+    assert slot_contents(c) == [0, 3]
+
+
+def test_unlimited_cache_grows_by_half_and_keeps_every_frame():
+    c = RollingKVCache(window=None, initial_frames=2)
+    assert c.capacity_frames is None
+    allocated = []
+    for i in range(7):
+        k, v = c.update(*kv(i))
+        allocated.append(c.allocated_frames)
+        assert k.shape[2] == (i + 1) * N
+    assert allocated == [2, 2, 3, 4, 6, 6, 9]  # 1.5x, at least one frame more
+    assert slot_contents(c) == list(range(7))  # growing copies what was held
+    assert c.nbytes == 9 * FRAME_BYTES and c.used_bytes == 7 * FRAME_BYTES
+    c0 = RollingKVCache(window=None, initial_frames=0)  # at least one frame is allocated
+    c0.write(*kv(0))
+    assert c0.allocated_frames == 1
+    c0.write(*kv(1))
+    assert c0.allocated_frames == 2 and slot_contents(c0) == [0, 1]
+
+
+def test_rolling_cache_storage_is_allocated_once_in_its_own_dtype():
+    c = RollingKVCache(window=2, anchors=1, dtype=torch.float16)
+    c.write(*kv(0))
+    k_ptr, v_ptr = c.k.data_ptr(), c.v.data_ptr()
+    for i in range(1, 6):
+        c.write(*kv(i))
+    assert (c.k.data_ptr(), c.v.data_ptr()) == (k_ptr, v_ptr)
+    assert c.k.dtype == c.v.dtype == torch.float16 and c.held()[0].dtype == torch.float16
+    assert c.nbytes == 3 * FRAME_BYTES // 2
+    assert RollingKVCache(window=2).update(*kv(1))[0].dtype == torch.float32  # no dtype: the input's
+
+
+def test_flash_buffers_return_the_whole_storage_and_the_valid_token_count():
+    c = RollingKVCache(window=3, anchors=1)
+    k_store, v_store, valid = c.flash_buffers(*kv(0))
+    assert k_store is c.k and v_store is c.v and k_store.shape[2] == 4 * N and valid == N
+    for i in range(1, 7):
+        _, _, valid = c.flash_buffers(*kv(i))
+    assert valid == 4 * N
+
+
+def test_rolling_cache_rejects_bad_frames_and_arguments():
+    with pytest.raises(ValueError, match="window"):
+        RollingKVCache(window=0)
+    with pytest.raises(ValueError, match="anchors"):
+        RollingKVCache(anchors=-1)
+    RollingKVCache(window=1, anchors=0)  # the smallest legal cache
+    c = RollingKVCache(window=2)
+    with pytest.raises(AssertionError):
+        c.held()
+    k, v = kv(0)
+    with pytest.raises(ValueError, match="both be"):
+        c.write(k, v[:, :, :2])  # k and v differ
+    with pytest.raises(ValueError, match="both be"):
+        c.write(k[0], v[0])  # 3-D
+    c.write(k, v)
+    with pytest.raises(ValueError, match="tokens"):
+        c.write(*kv(1, n=N + 1))
+    for changed in (dict(b=2), dict(heads=3), dict(d=D + 1)):
+        with pytest.raises(ValueError, match="reset"):
+            c.write(*kv(1, **changed))
+    assert c.frames_seen == 1  # nothing was written by the refused frames
+    c.reset()
+    assert (c.k, c.v, c.tokens_per_frame, c.frames_seen, c.frames_held, c.slot_frame) == (None, None, None, 0, 0, [])
+    assert c.nbytes == 0 and c.allocated_frames == 0
+    c.write(*kv(5, n=N + 1, d=D + 1))  # after a reset, a new frame size is fine
+    assert c.tokens_per_frame == N + 1
+    assert repr(c) == f"RollingKVCache(window=2, anchors=1, held=1, seen=1, bytes={c.nbytes})"
+
+
+def test_stream_cache_bundles_and_reports_its_caches():
+    sc = StreamCache(num_global_blocks=2, camera_iterations=3, camera_trunk_depth=2, window=4, anchors=1)
+    caches = sc.all_caches()
+    assert len(caches) == 8 and len({id(c) for c in caches}) == 8
+    assert caches[:2] == sc.aggregator and len(sc.camera) == 3 and all(len(row) == 2 for row in sc.camera)
+    assert all((c.window, c.anchors) == (4, 1) for c in caches)
+    for i in range(7):
+        for c in caches:
+            c.write(*kv(i))
+    stats = sc.stats()
+    assert (stats.frames_seen, stats.frames_held, stats.capacity_frames, sc.frames_seen) == (7, 5, 5, 7)
+    assert stats.aggregator_bytes == 2 * 5 * FRAME_BYTES and stats.camera_bytes == 6 * 5 * FRAME_BYTES
+    assert stats.as_dict() == {"frames_seen": 7, "frames_held": 5, "capacity_frames": 5,
+                               "aggregator_bytes": 10 * FRAME_BYTES, "camera_bytes": 30 * FRAME_BYTES,
+                               "nbytes": 40 * FRAME_BYTES}
+    assert sc.storage_nbytes() == 40 * FRAME_BYTES
+    sc.camera[0][0].k, sc.camera[0][0].v = sc.aggregator[0].k, sc.aggregator[0].v  # shared storage: counted once
+    assert sc.storage_nbytes() == 35 * FRAME_BYTES  # one cache (5 frames) fewer
+    sc.reset()
+    assert all(c.frames_seen == 0 and c.k is None for c in caches)
+    assert sc.stats().as_dict()["nbytes"] == 0 and sc.storage_nbytes() == 0
+    half = StreamCache(1, dtype=torch.float16, window=None, anchors=0)
+    assert half.aggregator[0].dtype == torch.float16 and half.aggregator[0].window is None
+    assert half.camera == [] and half.aggregator[0].anchors == 0
+    empty = StreamCache(0)
+    assert empty.frames_seen == 0 and empty.stats() == CacheStats(0, 0, None, 0, 0)
