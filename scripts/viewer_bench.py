@@ -65,7 +65,8 @@ def pipeline_run(gt, input_width: int, viewer=None, rate_hz: float = 0.0, map_ev
             with lock:
                 dq.append((result, gt.images[i]))
         submit_s.append(time.perf_counter() - t2)
-        results.append(result)
+        # kept for the long run without the prediction (MBs of model outputs the viewer does not read)
+        results.append(None if result is None else dataclasses.replace(result, prediction=None))
         if rate_hz > 0:
             t_next += 1.0 / rate_hz
             time.sleep(max(0.0, t_next - time.monotonic()))

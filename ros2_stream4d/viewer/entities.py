@@ -159,8 +159,9 @@ class RunLogger:
 
     `counts` holds how many rows each entity got (tests and the CLI summary read it)."""
 
-    def __init__(self, rec: rr.RecordingStream, options: ViewOptions | None = None):
+    def __init__(self, rec: rr.RecordingStream, options: ViewOptions | None = None, between=None):
         self.rec = rec
+        self._between = between  # called after each logged row (the live viewer yields the GIL there)
         self.opt = options or ViewOptions()
         self.path = BoundedPath(self.opt.path_points)
         self.gt_path = BoundedPath(self.opt.path_points)
@@ -176,6 +177,8 @@ class RunLogger:
     def _log(self, entity: str, *archetypes, static: bool = False) -> None:
         self.rec.log(entity, *archetypes, static=static)
         self.counts[entity] += 1
+        if self._between is not None:
+            self._between()
 
     def time(self, stamp_ns: int) -> None:
         self.rec.set_time(TIMELINE, timestamp=np.datetime64(int(stamp_ns), "ns"))

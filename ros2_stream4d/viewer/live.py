@@ -8,7 +8,7 @@
     viewer.close()                        # at shutdown: stops the thread, flushes, stops the viewer it started
 
 Hot path: `submit` keeps a reference (no copy) in a bounded deque; when it is full the oldest result is dropped
-and counted (`dropped`). The thread takes the newest results, downsamples them (entities.ViewOptions) and logs the
+and counted (`dropped`). The thread takes the queued results in order, downsamples them (entities.ViewOptions) and logs the
 entities of entities.py, the same as `stream4d view` records from the bags.
 
 Memory stays bounded over any run length: the queue holds at most `queue_size` results, the trajectory at most
@@ -37,6 +37,9 @@ import numpy as np
 from .entities import RunLogger, ViewOptions
 
 MODES = ("serve", "spawn", "connect", "save")
+# The thread looks for new results this often. submit() does not wake it: waking a thread from the node's thread
+# hands it the CPU (and the GIL) right then, which measured as 2-15 ms stalls of submit on a loaded 2-core machine.
+POLL_S = 0.02
 
 
 def _default_live_options() -> ViewOptions:
@@ -53,7 +56,7 @@ def _warm_up(options: ViewOptions) -> None:
     from .recording import new_recording
 
     rec = new_recording(application_id="stream4d-warm-up")
-    rec.memory_recording()
+    stream = rec.binary_stream()  # bytes nobody reads but us, below
     log = RunLogger(rec, options)
     K = np.array([[8.0, 0, 4], [0, 8, 3], [0, 0, 1]])
     frame = SimpleNamespace(stamp_ns=1, T_map_cam=np.eye(4), depth=np.ones((6, 8), np.float32),
@@ -61,6 +64,8 @@ def _warm_up(options: ViewOptions) -> None:
                             cloud_rgb=np.zeros((4, 3), np.uint8), prediction=None)
     log.frame(frame, rgb=np.zeros((6, 8, 3), np.uint8))
     log.map(1, np.zeros((4, 3), np.float32), np.zeros((4, 3), np.uint8))
+    rec.flush()
+    stream.read()
     rec.disconnect()
 
 
@@ -110,7 +115,8 @@ class LiveViewer:
     def submit(self, result, rgb: np.ndarray | None = None, K_rgb: np.ndarray | None = None) -> bool:
         """Queue one mapping FrameResult (or the pipeline's Processed outcome holding one) and, optionally, the
         source camera image with its intrinsics when they are not result.K (else the image the model saw is
-        shown). Never blocks; drops the oldest queued result when full. False when the viewer is off."""
+        shown). Never blocks; drops the oldest queued result when full. False when the viewer is off.
+        Does not wake the logging thread (it polls every POLL_S): see POLL_S."""
         if self._disabled:
             return False
         with self._cond:
@@ -118,7 +124,6 @@ class LiveViewer:
                 self.dropped += 1
             self._queue.append((result, rgb, K_rgb))
             self.submitted += 1
-            self._cond.notify()
         return True
 
     def submit_map(self, xyz: np.ndarray, rgb: np.ndarray | None = None, stamp_ns: int | None = None) -> bool:
@@ -127,7 +132,6 @@ class LiveViewer:
             return False
         with self._cond:
             self._pending_map = (xyz, rgb, stamp_ns)
-            self._cond.notify()
         return True
 
     def reset(self) -> None:
@@ -223,7 +227,7 @@ class LiveViewer:
             while not self._stop.is_set():
                 with self._cond:
                     while not (self._queue or self._pending_map or self._pending_reset or self._stop.is_set()):
-                        self._cond.wait(0.5)
+                        self._cond.wait(POLL_S)
                     item = self._queue.popleft() if self._queue else None
                     reset, self._pending_reset = self._pending_reset, False
                     map_item = None
