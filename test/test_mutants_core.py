@@ -12,9 +12,10 @@ import torch
 
 from ros2_stream4d.mapping import conventions as cv
 from ros2_stream4d.mapping.cloud import CloudOptions, frame_cloud
+from ros2_stream4d.mapping.gating import KeyframeGate
 from ros2_stream4d.mapping.preprocess import PixelMapping
 from ros2_stream4d.mapping.reconstructor import FramePrediction
-from ros2_stream4d.mapping.scale import DepthSensorScale, OdometryScale
+from ros2_stream4d.mapping.scale import DepthSensorScale, FixedScale, OdometryScale, make_scale_source
 from ros2_stream4d.model.checkpoint import normalize_state_dict
 from ros2_stream4d.model.kv_cache import CacheStats, RollingKVCache, StreamCache
 
@@ -297,3 +298,205 @@ def test_stream_cache_bundles_and_reports_its_caches():
     assert half.camera == [] and half.aggregator[0].anchors == 0
     empty = StreamCache(0)
     assert empty.frames_seen == 0 and empty.stats() == CacheStats(0, 0, None, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------- scale sources, more
+def test_scale_sources_refuse_bad_arguments_with_named_messages():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite and positive"):
+            FixedScale(bad)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        DepthSensorScale(window=0)
+    DepthSensorScale(window=1, min_depth=0.0, max_depth=1e-3)  # the smallest legal values
+    for lo, hi in ((-0.1, 1.0), (2.0, 2.0), (3.0, 2.0)):
+        with pytest.raises(ValueError, match="min_depth < max_depth"):
+            DepthSensorScale(min_depth=lo, max_depth=hi)
+    for bad in (0.0, -0.5):
+        with pytest.raises(ValueError, match="min_motion must be > 0"):
+            OdometryScale(min_motion=bad)
+    with pytest.raises(ValueError, match="T_base_cam must be a finite 4x4"):
+        OdometryScale(T_base_cam=np.eye(3))
+    s = OdometryScale()
+    with pytest.raises(ValueError, match="T_odom_base must be a finite 4x4"):
+        s.update(np.eye(3), np.eye(4))
+    with pytest.raises(ValueError, match="T_world_cam must be a finite 4x4"):
+        s.update(np.eye(4), np.full((4, 4), np.inf))
+    with pytest.raises(ValueError, match=r"scale source must be one of \['depth', 'fixed', 'none', 'odometry'\]"):
+        make_scale_source("gps")
+
+
+def test_make_scale_source_builds_each_kind_with_its_arguments():
+    fixed = make_scale_source("fixed", scale=2.5)
+    assert isinstance(fixed, FixedScale) and fixed.scale == 2.5 and fixed.valid
+    none = make_scale_source("none")
+    assert isinstance(none, FixedScale) and none.scale == 1.0
+    depth = make_scale_source("depth", window=2, min_pixels=7, min_depth=0.5, max_depth=9.0)
+    assert isinstance(depth, DepthSensorScale)
+    assert (depth.min_pixels, depth.min_depth, depth.max_depth) == (7, 0.5, 9.0)
+    odom = make_scale_source("odometry", min_motion=0.3, window=4, min_predicted=0.01)
+    assert isinstance(odom, OdometryScale) and (odom.min_motion, odom.min_predicted) == (0.3, 0.01)
+    fixed.reset()
+    assert fixed.scale == 2.5  # a fixed scale has nothing to forget
+
+
+def test_scale_source_defaults_as_documented():
+    """Defaults: depth window 15 frames, >= 100 pixels, sensor range [0.05, 20] m; odometry 0.1 m motions,
+    window 20, prediction motions >= 1e-6."""
+    d = DepthSensorScale()
+    pred = np.full((10, 10), 1.0)
+    assert d.update(pred * 2, pred) == pytest.approx(2.0)  # exactly 100 usable pixels is enough
+    assert d.update(pred[:9] * 2, pred[:9]) is None  # 90 is not
+    sensor = np.full((20, 20), 0.05)
+    sensor[:10] = 20.0
+    assert d.update(sensor, np.ones((20, 20))) is not None  # both ends of the range are in
+    assert d.update(np.full((20, 20), 0.049), np.ones((20, 20))) is None
+    assert d.update(np.full((20, 20), 20.01), np.ones((20, 20))) is None
+    for i in range(20):
+        d.update(pred * (3 + i), pred)
+    assert d.samples == 15
+    o = OdometryScale()
+    o.update(np.eye(4), np.eye(4))
+    assert o.update(cv.make_transform(t=[0.0999, 0, 0]), cv.make_transform(t=[1, 0, 0])) is None
+    assert o.update(cv.make_transform(t=[0.1, 0, 0]), cv.make_transform(t=[1, 0, 0])) == pytest.approx(0.1)
+    for i in range(2, 30):
+        o.update(cv.make_transform(t=[0.1 * i, 0, 0]), cv.make_transform(t=[float(i), 0, 0]))
+    assert o.samples == 20
+    o.reset()
+    assert o.samples == 0 and not o.valid and o.scale == 1.0
+    assert o.update(cv.make_transform(t=[5.0, 0, 0]), np.eye(4)) is None  # after a reset: a new reference first
+    assert o.update(cv.make_transform(t=[6.0, 0, 0]), cv.make_transform(t=[2e-6, 0, 0])) == pytest.approx(5e5)
+    o2 = OdometryScale()
+    o2.update(np.eye(4), np.eye(4))
+    assert o2.update(cv.make_transform(t=[1.0, 0, 0]), cv.make_transform(t=[9e-7, 0, 0])) is None
+
+
+def test_depth_scale_masks_and_ignores_non_positive_predictions():
+    pred = np.full((20, 20), 2.0)
+    sensor = pred * 3.0
+    sensor[:10] = pred[:10] * 50.0  # the masked-out half would win the median if the mask were ignored
+    mask = np.zeros((20, 20), bool)
+    mask[10:] = True
+    mask[10, :5] = False
+    s = DepthSensorScale(window=3, min_pixels=196, max_depth=1000)
+    assert s.update(sensor, pred, mask=mask) is None  # 196 pixels needed, 200 - 5 left
+    s.min_pixels = 195  # exactly enough
+    assert s.update(sensor, pred, mask=mask) == pytest.approx(3.0)
+    bad_pred = pred.copy()
+    bad_pred[:, :8] = -1.0  # negative predictions are not ratios
+    s2 = DepthSensorScale(window=3, min_pixels=10, max_depth=1000)
+    assert s2.update(np.abs(bad_pred) * 4.0, bad_pred) == pytest.approx(4.0)
+
+
+def test_odometry_scale_uses_the_camera_motion_and_the_last_accepted_reference():
+    """Rotating in place moves an offset camera: with T_base_cam the camera's own path counts; without it the base
+    did not move. The reference moves only when a motion is accepted."""
+    T_base_cam = cv.make_transform(t=[1.0, 0.0, 0.0])
+    s = OdometryScale(min_motion=0.5, T_base_cam=T_base_cam)
+    s.update(np.eye(4), np.eye(4))
+    turned = cv.make_transform(cv.matrix_from_quaternion([0, 0, 1, 0]))  # half a turn about z
+    ratio = s.update(turned, cv.make_transform(t=[1.0, 0, 0]))  # the camera moved 2 m: (1,0,0) -> (-1,0,0)
+    assert ratio == pytest.approx(2.0)
+    plain = OdometryScale(min_motion=0.5)
+    plain.update(np.eye(4), np.eye(4))
+    assert plain.update(turned, cv.make_transform(t=[1.0, 0, 0])) is None  # the base did not move
+    s = OdometryScale(min_motion=1.0)
+    s.update(np.eye(4), np.eye(4))
+    assert s.update(cv.make_transform(t=[0.6, 0, 0]), cv.make_transform(t=[1.0, 0, 0])) is None
+    # measured from the first pose, not from the refused one: 1.2 m over 2 model units
+    assert s.update(cv.make_transform(t=[1.2, 0, 0]), cv.make_transform(t=[2.0, 0, 0])) == pytest.approx(0.6)
+    # now the reference is the accepted pose: 1.5 m more over 1 unit more
+    assert s.update(cv.make_transform(t=[2.7, 0, 0]), cv.make_transform(t=[3.0, 0, 0])) == pytest.approx(1.5)
+    assert s.update(cv.make_transform(t=[2.7, 0.5, 0]), cv.make_transform(t=[3.0, 2.0, 0])) is None  # < 1 m
+
+
+# ------------------------------------------------------------------------------------------------ keyframe gate
+def grey(value: int, h: int = 48, w: int = 64) -> np.ndarray:
+    return np.full((h, w), value, np.uint8)
+
+
+def test_gate_difference_is_the_mean_absolute_grey_difference():
+    g = KeyframeGate(threshold=0.5)
+    first = g.check(grey(100))
+    assert (first.keep, first.reason, first.skipped) == (True, "first", 0) and np.isnan(first.difference)
+    d = g.check(grey(151))
+    assert d.difference == pytest.approx(51 / 255, abs=1e-6) and (d.keep, d.reason) == (False, "duplicate")
+    d = g.check(grey(49))  # darker by the same amount: the difference is absolute
+    assert d.difference == pytest.approx(51 / 255, abs=1e-6)
+    # a colour image is compared through the mean of its channels: pure red 255 is grey 85
+    red = np.zeros((48, 64, 3), np.uint8)
+    red[..., 0] = 255
+    g2 = KeyframeGate(threshold=0.001)
+    g2.check(red)
+    d = g2.check(np.repeat(grey(85)[:, :, None], 3, axis=2))
+    assert d.difference == pytest.approx(0.0, abs=1e-6) and d.reason == "duplicate"
+    g3 = KeyframeGate()
+    g3.check(grey(100)[:, :, None])  # (h, w, 1) is accepted
+    assert g3.check(grey(100)[:, :, None]).reason == "duplicate"
+
+
+def test_gate_compares_area_averaged_thumbnails():
+    """A one-pixel checkerboard and its inverse average to the same grey: a duplicate for the gate (sampling
+    instead of averaging would see black against white)."""
+    board = ((np.indices((480, 640)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    g = KeyframeGate(threshold=0.01)
+    g.check(board)
+    d = g.check(255 - board)
+    assert d.reason == "duplicate" and d.difference < 0.01
+    assert g._thumb(board).shape == (48, 64)  # (width, height) = (64, 48) by default
+    assert KeyframeGate(size=(8, 6))._thumb(board).shape == (6, 8)
+
+
+def test_gate_threshold_boundaries_and_defaults():
+    g = KeyframeGate(threshold=0.0)  # zero: every frame, even an identical one, is a keyframe
+    g.check(grey(10))
+    d = g.check(grey(10))
+    assert (d.keep, d.reason, d.difference) == (True, "changed", 0.0)
+    g = KeyframeGate()  # default threshold 0.01 of full scale: 2 grey levels are a duplicate, 3 are a change
+    g.check(grey(100))
+    assert g.check(grey(102)).reason == "duplicate"
+    assert g.check(grey(103)).reason == "changed"
+    g = KeyframeGate()  # default max_skip 30
+    g.check(grey(100))
+    reasons = [g.check(grey(100)).reason for _ in range(31)]
+    assert reasons == ["duplicate"] * 30 + ["max_skip"]
+    g = KeyframeGate(max_skip=0)  # every duplicate is kept
+    g.check(grey(100))
+    d = g.check(grey(100))
+    assert (d.keep, d.reason, d.skipped) == (True, "max_skip", 0)
+
+
+def test_gate_counts_skips_and_resets():
+    g = KeyframeGate(threshold=0.1, max_skip=3)
+    g.check(grey(0))
+    assert [g.check(grey(1)).skipped for _ in range(3)] == [1, 2, 3]
+    kept = g.check(grey(1))
+    assert (kept.keep, kept.reason, kept.skipped) == (True, "max_skip", 3)
+    assert g.check(grey(2)).skipped == 1  # the count starts again after a kept frame
+    changed = g.check(grey(200))
+    assert (changed.reason, changed.skipped) == ("changed", 1)
+    assert g.check(grey(200)).reason == "duplicate"  # the kept frame is the new reference
+    g.reset()
+    assert g.check(grey(200)).reason == "first"
+    # the shape includes the channels: the same picture as grey after colour is a new size
+    g.check(np.repeat(grey(200)[:, :, None], 3, axis=2))
+    d = g.check(grey(200))
+    assert (d.keep, d.reason, d.skipped) == (True, "size_changed", 0) and np.isnan(d.difference)
+    assert g.check(grey(200)).reason == "duplicate"  # the new size is the reference now
+
+
+def test_disabled_gate_keeps_everything_and_bad_arguments_are_refused():
+    g = KeyframeGate(enabled=False)
+    for _ in range(3):
+        d = g.check(grey(5))
+        assert (d.keep, d.reason, d.skipped) == (True, "disabled", 0) and np.isnan(d.difference)
+    assert g.check(np.zeros((2, 2), np.float32)).reason == "disabled"  # not even looked at
+    for kwargs, match in ((dict(threshold=-0.01), "threshold"), (dict(threshold=1.01), "threshold"),
+                          (dict(max_skip=-1), "max_skip"), (dict(size=(0, 5)), "size"), (dict(size=(5, 0)), "size")):
+        with pytest.raises(ValueError, match=match):
+            KeyframeGate(**kwargs)
+    KeyframeGate(threshold=1.0, max_skip=0, size=(1, 1))  # the extremes are legal
+    g = KeyframeGate()
+    for bad in (np.zeros((4, 4), np.float32), np.zeros(4, np.uint8), np.zeros((4, 4, 2), np.uint8),
+                np.zeros((4, 4, 4), np.uint8), np.zeros((2, 4, 4, 3), np.uint8)):
+        with pytest.raises(ValueError, match="uint8"):
+            g.check(bad)
