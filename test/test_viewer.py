@@ -154,7 +154,18 @@ def test_view_cli_saves_a_recording(run, tmp_path, capsys):
     got = read_rrd(out)
     assert got[E.CLOUD]["rows"] == FRAMES
     assert max(len(p) for rb in got[E.CLOUD]["batches"] for p in rb.column("Points3D:positions").to_pylist()) == 100
-    assert f"rerun {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"stream4d view {out} --serve" in printed and f"rerun {out}" in printed
+
+
+def test_demo_recording_from_the_demo_folder_and_view_refuses_a_missing_one(run, capsys):
+    from ros2_stream4d.viewer.recording import write_demo_recording
+
+    path = write_demo_recording(run["dir"])  # the fixture's folder has the demo's output_bag and input_bag
+    assert path == run["dir"] / "demo.rrd"
+    assert read_rrd(path)[E.GT_TRAJECTORY]["rows"] == FRAMES
+    assert main(["view", str(run["dir"] / "missing.rrd"), "--serve"]) == 1
+    assert "no such recording" in capsys.readouterr().out
 
 
 def test_bounded_path_keeps_its_shape_in_constant_memory():
@@ -189,6 +200,19 @@ def test_live_submit_never_blocks_and_drops_the_oldest(run, tmp_path):
         assert entity in got, entity  # the same entities as a recording of the bags
     assert got[E.MAP_CLOUD]["rows"] == 1
     assert viewer.submit(results[0]) is False  # closed: a no-op
+
+
+def test_live_viewer_takes_one_camera(run, tmp_path):
+    import dataclasses
+
+    from ros2_stream4d.mapping.pipeline import Processed
+
+    viewer = LiveViewer("save", path=tmp_path / "one.rrd", start=False, camera=0)
+    r0 = run["results"][0]
+    assert viewer.submit(Processed(r0)) is True  # the pipeline's outcome is taken as well
+    assert viewer.submit(dataclasses.replace(r0, camera=1)) is False
+    assert viewer.pending() == 1 and viewer.dropped == 0
+    viewer.close()
 
 
 def _listening_port() -> socket.socket:

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                     "and ground truth, the sim/input bag, in any order. Default: a native viewer window when there "
                     "is a display, else says how to look at it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 folders (mcap or sqlite3)")
+    p.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 folders (mcap or sqlite3), or one .rrd recording "
+                                                         "(e.g. out/demo/demo.rrd) to open as it is")
     p.add_argument("--save", metavar="FILE.rrd", help="write the recording to this file (and do not open a viewer "
                                                       "unless --serve is given too)")
     p.add_argument("--serve", action="store_true", help="serve the web viewer on 127.0.0.1 and print its URL; "
@@ -48,19 +49,26 @@ def run(args) -> int:
     options = ViewOptions(jpeg_quality=args.jpeg_quality, image_width=args.image_width, depth_width=args.depth_width,
                           cloud_points=args.cloud_points, map_points=args.map_points, map_updates=args.map_updates)
     topics = Topics(ns=args.ns.rstrip("/"), image=args.image_topic, camera_info=args.camera_info_topic)
-    if args.save:
-        path = Path(args.save)
+    rrds = [Path(b) for b in args.bags if Path(b).suffix == ".rrd"]
+    if rrds:  # a recording already (e.g. out/demo/demo.rrd): open it as it is
+        if len(rrds) != len(args.bags) or args.save:
+            print("stream4d view: give either bags or one .rrd recording (and no --save with a recording)")
+            return 1
+        if not rrds[0].is_file():
+            print(f"stream4d view: no such recording: {rrds[0]}")
+            return 1
+        path = rrds[0]
     else:
-        path = Path(tempfile.mkdtemp(prefix="stream4d_view_")) / "recording.rrd"
-    try:
-        summary = save_recording(args.bags, path, options, topics, mesh=args.mesh, gt_scene=args.gt_scene)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"stream4d view: {exc}")
-        return 1
-    print(f"[view] {path}: {summary.describe()}")
-    if args.save and not args.serve:
-        print(f"[view] open it with:  rerun {path}   (or: stream4d view ... --serve for a browser)")
-        return 0
+        path = Path(args.save) if args.save else Path(tempfile.mkdtemp(prefix="stream4d_view_")) / "recording.rrd"
+        try:
+            summary = save_recording(args.bags, path, options, topics, mesh=args.mesh, gt_scene=args.gt_scene)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"stream4d view: {exc}")
+            return 1
+        print(f"[view] {path}: {summary.describe()}")
+        if args.save and not args.serve:
+            print(f"[view] open it with:  stream4d view {path} --serve   (browser)   or:  rerun {path}   (window)")
+            return 0
     if args.serve:
         try:
             viewer = serve_web([path], web_port=args.web_port, grpc_port=args.grpc_port)
@@ -83,8 +91,8 @@ def run(args) -> int:
         return 0
     if not display_available():
         print(f"[view] no display for a native viewer. Look at it with:\n"
-              f"  stream4d view {' '.join(args.bags)} --serve     (web viewer on 127.0.0.1:{args.web_port})\n"
-              f"  rerun {path}     (on a machine with a display; the recording is kept there)")
+              f"  stream4d view {path} --serve     (web viewer on 127.0.0.1:{args.web_port})\n"
+              f"  rerun {path}     (on a machine with a display)")
         return 0
     try:
         spawn_native([path], grpc_port=0)

@@ -73,6 +73,7 @@ class LiveViewer:
     def __init__(self, mode: str = "serve", *, web_port: int = 9090, grpc_port: int = 9876, url: str | None = None,
                  path: str | Path | None = None, queue_size: int = 2, options: ViewOptions | None = None,
                  map_period_s: float = 2.0, memory_limit: str = "512MiB", cloud_in_camera: bool = False,
+                 camera: int | None = 0,
                  warn: Callable[[str], Any] | None = None, info: Callable[[str], Any] | None = None,
                  start: bool = True):
         if mode not in MODES:
@@ -84,6 +85,7 @@ class LiveViewer:
         self.map_period_s = float(map_period_s)
         self.memory_limit = memory_limit
         self.cloud_in_camera = bool(cloud_in_camera)  # FrameResult.cloud_xyz in the camera frame (cloud_frame)
+        self.camera = camera  # results of this camera index only (None: all, sharing the camera entities)
         self._warn = warn or (lambda msg: None)
         self._info = info or (lambda msg: None)
         self._queue: deque = deque(maxlen=max(1, int(queue_size)))
@@ -115,10 +117,15 @@ class LiveViewer:
     def submit(self, result, rgb: np.ndarray | None = None, K_rgb: np.ndarray | None = None) -> bool:
         """Queue one mapping FrameResult (or the pipeline's Processed outcome holding one) and, optionally, the
         source camera image with its intrinsics when they are not result.K (else the image the model saw is
-        shown). Never blocks; drops the oldest queued result when full. False when the viewer is off.
+        shown). Never blocks; drops the oldest queued result when full. False when the viewer is off or the
+        result is another camera's.
         Does not wake the logging thread (it polls every POLL_S): see POLL_S."""
         if self._disabled:
             return False
+        if self.camera is not None:
+            r = result if hasattr(result, "stamp_ns") else getattr(result, "result", None)
+            if r is None or getattr(r, "camera", 0) != self.camera:
+                return False
         with self._cond:
             if len(self._queue) == self._queue.maxlen:
                 self.dropped += 1

@@ -255,7 +255,8 @@ def save_recording(bags, path: str | Path, options: ViewOptions | None = None, t
 
 
 def write_demo_recording(out_dir: str | Path, name: str = "demo.rrd") -> Path:
-    """The demo's recording: <out_dir>/output_bag + <out_dir>/input_bag -> <out_dir>/demo.rrd. Returns its path."""
+    """The demo's recording: <out_dir>/output_bag + <out_dir>/input_bag -> <out_dir>/demo.rrd. Returns its path;
+    `stream4d view <path> --serve` opens it in a browser, `rerun <path>` in a window."""
     out_dir = Path(out_dir)
     summary = save_recording([out_dir / "output_bag", out_dir / "input_bag"], out_dir / name)
     return summary.path
