@@ -130,6 +130,21 @@ def test_recording_poses_and_ground_truth_in_the_map_frame(run, recording):
     assert np.ptp(pred_strip, axis=0).max() > 0.05  # the camera moved: the check above is not vacuous
 
 
+def test_camera_frame_clouds_and_meshes(run, tmp_path):
+    out = write_output_bag(tmp_path / "out_cam", run["results"], run["map"], cloud_in_camera=True)
+    path = tmp_path / "cam.rrd"
+    save_recording([out, run["sim"]], path, OPTIONS, mesh=run["sim"] / "scene.ply", gt_scene=True)
+    got = read_rrd(path)
+    assert E.CLOUD not in got and got[E.CAMERA_CLOUD]["rows"] == FRAMES  # under the moving camera transform
+    i = int(np.argmax(got[E.CAMERA_CLOUD]["stamps"]))
+    last = max(run["results"], key=lambda r: r.stamp_ns)
+    local = np.asarray([rb.column("Points3D:positions").to_pylist() for rb in got[E.CAMERA_CLOUD]["batches"]][0][i])
+    world = local @ last.T_map_cam[:3, :3].T + last.T_map_cam[:3, 3]
+    assert np.abs(world - last.cloud_xyz[:, None]).sum(axis=2).min(axis=0).max() < 1e-3  # the map-frame cloud
+    for entity in (E.MESH, E.GT_SCENE):
+        assert got[entity]["static"] and "Mesh3D:vertex_positions" in got[entity]["columns"]
+
+
 def test_bags_in_any_order_and_a_foreign_bag_is_refused(run, tmp_path):
     assert classify_bags([run["sim"], run["out"]]) == ([run["out"]], [run["sim"]])
     from ros2_stream4d.eval.bagio import write_prediction_bag

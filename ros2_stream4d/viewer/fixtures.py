@@ -36,9 +36,12 @@ def oracle_results(sim_bag: str | Path, input_width: int = 0, conf_percentile: f
 
 def write_output_bag(path: str | Path, results, map_cloud=None, ns: str = "/stream4d", map_frame: str = "map",
                      camera_frame: str = "camera_optical_frame", storage: str = "mcap",
-                     overwrite: bool = False) -> Path:
-    """The node's per-frame outputs (camera_pose, depth + camera_info, confidence, cloud in the map frame) for each
-    FrameResult, and the map (xyz, rgb) once at the last stamp."""
+                     overwrite: bool = False, cloud_in_camera: bool = False) -> Path:
+    """The node's per-frame outputs (camera_pose, depth + camera_info, confidence, cloud in the map frame, or the
+    camera frame with cloud_in_camera) for each FrameResult (clouds in the map frame), and the map (xyz, rgb) once
+    at the last stamp."""
+    from ros2_stream4d.mapping.conventions import inverse, transform_points
+
     path = prepare_out_dir(path, overwrite)
     with Writer(path, version=9, storage_plugin=STORAGES[storage]) as w:
         def conn(topic, msgtype):
@@ -61,7 +64,11 @@ def write_output_bag(path: str | Path, results, map_cloud=None, ns: str = "/stre
             put("depth", s, image_msg(s, camera_frame, np.ascontiguousarray(r.depth, np.float32), "32FC1"))
             put("info", s, camera_info_msg(s, camera_frame, r.K, wd, h))
             put("conf", s, image_msg(s, camera_frame, np.ascontiguousarray(r.confidence, np.float32), "32FC1"))
-            put("cloud", s, pointcloud2_msg(s, map_frame, r.cloud_xyz, r.cloud_rgb, r.cloud_conf))
+            if cloud_in_camera:
+                xyz = transform_points(inverse(r.T_map_cam), r.cloud_xyz).astype(np.float32)
+                put("cloud", s, pointcloud2_msg(s, camera_frame, xyz, r.cloud_rgb, r.cloud_conf))
+            else:
+                put("cloud", s, pointcloud2_msg(s, map_frame, r.cloud_xyz, r.cloud_rgb, r.cloud_conf))
         if map_cloud is not None and results:
             s = int(results[-1].stamp_ns)
             put("map", s, pointcloud2_msg(s, map_frame, map_cloud[0], map_cloud[1]))

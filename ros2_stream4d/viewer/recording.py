@@ -120,9 +120,7 @@ def log_bags(rec: rr.RecordingStream, bags, options: ViewOptions | None = None, 
     pred_stamps, pred_T = np.zeros(0, np.int64), np.zeros((0, 4, 4))
     if outputs:
         pred_stamps, pred_T = _log_output_bag(log, outputs[0], topics, bag_topics(outputs[0]), summary)
-    for sim in sims:
-        if sim in outputs:
-            continue
+    for sim in sims:  # also an output bag that recorded the camera too
         _log_sim_bag(log, sim, topics, pred_stamps, pred_T, gt_scene, summary)
     if mesh is not None:
         from ros2_stream4d.sim.scenes import load_mesh
