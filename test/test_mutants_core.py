@@ -381,10 +381,13 @@ def test_depth_scale_masks_and_ignores_non_positive_predictions():
     assert s.update(sensor, pred, mask=mask) is None  # 196 pixels needed, 200 - 5 left
     s.min_pixels = 195  # exactly enough
     assert s.update(sensor, pred, mask=mask) == pytest.approx(3.0)
-    bad_pred = pred.copy()
-    bad_pred[:, :8] = -1.0  # negative predictions are not ratios
-    s2 = DepthSensorScale(window=3, min_pixels=10, max_depth=1000)
-    assert s2.update(np.abs(bad_pred) * 4.0, bad_pred) == pytest.approx(4.0)
+    # Each kind of unusable pixel, on 60 % of the frame (so that counting it would move the median): excluded.
+    for bad_pred, bad_sensor in ((-1.0, 8.0), (0.0, 8.0), (np.inf, 8.0), (np.nan, 8.0), (2.0, np.nan),
+                                 (2.0, np.inf), (2.0, 500.0), (2.0, 0.01)):
+        p, sensor = np.full((20, 20), 2.0), np.full((20, 20), 8.0)
+        p[:, :12], sensor[:, :12] = bad_pred, bad_sensor
+        s2 = DepthSensorScale(window=3, min_pixels=10, min_depth=0.05, max_depth=100)
+        assert s2.update(sensor, p) == pytest.approx(4.0), (bad_pred, bad_sensor)
 
 
 def test_odometry_scale_uses_the_camera_motion_and_the_last_accepted_reference():
