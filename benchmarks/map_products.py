@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     lo = np.round(np.asarray(origin) / res).astype(np.int64)
     o = pipe.map.config.occupancy_options()
     ref = reference_occupancy(Vm, F, lo, data.shape, res, o.floor_z, o.min_height, o.max_height)
-    seen = observed_cells(gt_depths, K, T_map_cam, lo, data.shape, OccupancyOptions(
+    seen, seen_occ = observed_cells(gt_depths, K, T_map_cam, lo, data.shape, OccupancyOptions(
         res, o.floor_z, o.min_height, o.max_height, o.max_range))
-    out.update(occupancy_iou(data, ref, seen))
+    out.update(occupancy_iou(data, ref, seen, seen_occ))
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}, indent=1))
     if args.out:
         with open(args.out, "w") as f:

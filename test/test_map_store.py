@@ -198,3 +198,35 @@ def test_an_empty_map_round_trips(tmp_path):
     path = save_map_dir(KeyframeMap(small_config()), tmp_path / "empty")
     m, meta = load_map_dir(path, small_config())
     assert meta["keyframes"] == 0 and len(m) == 0 and m.occupancy()[0].size == 0
+
+
+def test_stream4d_eval_scores_the_saved_map_directory(tmp_path):
+    """The report scores the map a run ends with (a saved directory: cloud, mesh and grid), not the bag's snapshot."""
+    from ros2_stream4d.eval.bagio import read_prediction, write_perturbed_prediction
+    from ros2_stream4d.eval.report import evaluate_bags, write_report
+    from ros2_stream4d.mapping.keyframe_map import MapFrame
+    from ros2_stream4d.sim.bag import SimConfig, read_ground_truth, write_sim_bag
+
+    gt_bag = tmp_path / "gt"
+    write_sim_bag(gt_bag, SimConfig(scene="room", trajectory="ground_robot", frames=16, width=96, height=72, seed=2),
+                  progress=False)
+    pred_bag, sim = write_perturbed_prediction(gt_bag, tmp_path / "pred", scale=1.0, rotvec=(0, 0, np.pi / 2),
+                                               offset=(1.0, -2.0, 0.0), pose_noise=0.0, depth_noise=0.0)
+    gt = read_ground_truth(gt_bag)
+    pred = read_prediction(pred_bag)
+    m = KeyframeMap(small_config(tsdf_voxel_size=0.05, occupancy_resolution=0.05))
+    for i, d in enumerate(gt.depths):  # the map in the prediction's frame (world rotated about z and shifted)
+        m.integrate(MapFrame(int(gt.stamps[i]), pred.T_map_cam[i], d, np.full((*d.shape, 3), 128, np.uint8), gt.K))
+    path = save_map_dir(m, tmp_path / "map")
+    result = evaluate_bags(pred_bag, gt_bag, map_file=path)
+    mt = result.metrics
+    assert mt["map_points"] == len(m) and any(str(path) in n and "ended with" in n for n in mt["notes"])
+    assert mt["mesh_fscore"] > 0.9 and mt["mesh_accuracy_median"] < 0.02
+    # 16 low-resolution frames: furniture seen from below keeps the occupied IoU modest; the free space matches
+    assert mt["occupancy_iou_free"] > 0.85 and mt["occupancy_iou_occupied"] > 0.4 and mt["occupancy_known"] > 0.95
+    files = write_report(result, tmp_path / "report")
+    text = files["report"].read_text()
+    assert "## Mesh (TSDF)" in text and "## Occupancy grid" in text and files["grid"].is_file()
+    # without the saved map the note says the bag's snapshot was scored
+    plain = evaluate_bags(pred_bag, gt_bag)
+    assert any("snapshot" in n for n in plain.metrics["notes"])

@@ -91,13 +91,16 @@ def test_log_odds_decision_and_removal():
     for _ in range(3):
         g.add(through, sign=-1)
     g.add(seen, sign=-1)
-    assert not g.occ.any() and not g.free.any() and g.to_arrays()[0].size == 0
+    assert not g.occ.any() and not g.free.any() and not g.floor.any() and g.to_arrays()[0].size == 0
 
 
 def test_layout_is_nav_msgs_row_major_from_the_lowest_y():
     g = OccupancyGrid(OPT)
-    g.add(Votes(np.array([-3, 5]), np.array([[True, False], [False, False]]),
-                np.array([[False, True], [False, True]])))
+    occ = np.zeros((OPT.slabs, 2, 2), bool)
+    occ[3, 0, 0] = True
+    free = np.zeros((OPT.slabs, 2, 2), bool)
+    free[0, 0, 1] = True
+    g.add(Votes(np.array([-3, 5]), occ, free, np.array([[False, False], [False, True]])))
     data, origin, res = g.to_arrays()
     np.testing.assert_allclose(origin, [-0.3, 0.5])  # lower-left corner of cell (-3, 5)
     assert data.shape == (2, 2) and res == 0.1
@@ -118,8 +121,31 @@ def test_grid_grows_in_every_direction_without_losing_votes():
     assert cell(data, origin, 1.05, 0.05) == OCCUPIED and cell(data, origin, -40.05, -30.05) == OCCUPIED
 
 
+def test_a_table_top_stays_an_obstacle_when_the_floor_under_it_is_seen():
+    """Evidence is compared per height slab: rays to the floor under a table pass below its top and do not clear it."""
+    cam = np.array([0.05, 0.05, 0.3])
+    top = np.array([[2.05, 0.05, 0.72]])  # the table top's underside, seen once from afar
+    floor_under = np.array([[2.55, 0.05, 0.0], [2.05, 0.05, 0.0]])  # the floor under it, seen many times
+    g = OccupancyGrid(OPT)
+    g.add(frame_votes(top, cam, OPT))
+    for _ in range(10):
+        g.add(frame_votes(floor_under, cam, OPT))
+    data, origin, _ = g.to_arrays(crop=False)
+    assert cell(data, origin, 2.05, 0.05) == OCCUPIED
+    assert cell(data, origin, 2.55, 0.05) == FREE and cell(data, origin, 1.05, 0.05) == FREE
+    # a ray at the table top's height through its cell (a wall behind it, seen over it many times) clears it
+    wall = np.array([[4.05, 0.05, 1.14]])  # the ray from 0.3 m rises to 0.72 m at x = 2.05
+    for _ in range(3):
+        g.add(frame_votes(wall, cam, OPT))
+    data, origin, _ = g.to_arrays(crop=False)
+    assert cell(data, origin, 2.05, 0.05) == FREE
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="band"):
         OccupancyOptions(min_height=1.0, max_height=0.5)
     with pytest.raises(ValueError, match="resolution"):
         OccupancyOptions(resolution=0.0)
+    with pytest.raises(ValueError, match="slab"):
+        OccupancyOptions(slab_height=0.0)
+    assert OccupancyOptions(min_height=0.1, max_height=1.5, slab_height=0.2).slabs == 7

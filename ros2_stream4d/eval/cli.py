@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--depth-topic", default=None,
                    help="default: /stream4d/depth/image when the bag has it, else /stream4d/depth_relative/image")
     p.add_argument("--map-topic", default="/stream4d/map")
+    p.add_argument("--map-file", default=None,
+                   help="the map the run ended with (~/save_map's .ply/.pcd or map directory): scored instead of the "
+                        "bag's last map message; a map directory also scores the mesh and the occupancy grid")
     p.add_argument("--stamp-tolerance", type=float, default=0.0, help="stamp matching tolerance (ms)")
     p.add_argument("--title", default="stream4d evaluation")
     p.set_defaults(func=run)
@@ -36,7 +39,7 @@ def run(args) -> int:
     result = evaluate_bags(args.pred, args.gt, pose_topic=args.pose_topic, depth_topic=args.depth_topic,
                            map_topic=args.map_topic, align=args.align, depth_align=depth_align,
                            rpe_delta=args.rpe_delta, map_threshold=args.map_threshold,
-                           stamp_tolerance_ns=int(round(args.stamp_tolerance * 1e6)))
+                           stamp_tolerance_ns=int(round(args.stamp_tolerance * 1e6)), map_file=args.map_file)
     out = Path(args.out) if args.out else Path(str(Path(args.pred)).rstrip("/") + "_eval")
     files = write_report(result, out, title=args.title)
     m = result.metrics

@@ -32,8 +32,9 @@ import numpy as np
 import open3d as o3d
 from scipy.spatial import cKDTree
 
+from ros2_stream4d.mapping.conventions import inverse as inv_se3
+from ros2_stream4d.mapping.conventions import rotation_angle
 from ros2_stream4d.sim.render import mesh_raycasting_scene
-from ros2_stream4d.sim.transforms import inv_se3, rotation_angle
 
 ALIGN_MODES = ("sim3", "se3", "scale", "none")
 
@@ -299,47 +300,62 @@ def reference_occupancy(gt_vertices: np.ndarray, gt_triangles: np.ndarray, lo_ce
     return occ
 
 
-def occupancy_iou(pred: np.ndarray, ref_occupied: np.ndarray, observed: np.ndarray) -> dict:
+def occupancy_iou(pred: np.ndarray, ref_occupied: np.ndarray, observed: np.ndarray,
+                  observed_occupied: np.ndarray | None = None) -> dict:
     """IoU of a predicted grid (int8 -1 / 0 / 100) against the ground-truth occupied cells, over the observed area.
 
-    Counting (all within ``observed``, the cells the cameras saw: see ``observed_cells``): ground truth occupied =
-    ``ref_occupied``, ground truth free = every other observed cell; predicted occupied = 100, predicted free = 0,
-    predicted unknown (-1) is neither, so it lowers both IoUs (a miss, never a hit). occupied IoU =
-    |P_occ & R_occ| / |P_occ | R_occ|, free IoU likewise, ``occupancy_iou`` = their mean (two-class mIoU).
-    ``occupancy_known`` = the fraction of observed cells the prediction knows."""
+    Counting: ground truth occupied = ``ref_occupied``, ground truth free = every other cell; predicted occupied =
+    100, predicted free = 0, predicted unknown (-1) is neither, so it lowers both IoUs (a miss, never a hit).
+    occupied IoU = |P_occ & R_occ| / |P_occ | R_occ|, free IoU likewise, within the evaluated area; the mean of the
+    two is the score (two-class mIoU).
+    Areas (``observed_cells`` computes both masks from ground-truth depth): ``occupancy_iou`` is evaluated over the
+    cells where the ground truth saw what it says: ground-truth occupied cells whose obstacle surface (in the band)
+    was seen by some camera, and ground-truth free cells that were seen (``observed & ~ref_occupied``). An obstacle
+    whose surface no camera ever saw (a table top above a low camera: only the floor under it is visible) cannot
+    be mapped by any camera, and is not counted there. ``occupancy_iou_strict`` counts every observed cell (any
+    ground-truth vote), such obstacles included. ``occupancy_known`` = fraction of the evaluated cells the
+    prediction knows."""
     pred, R, obs = np.asarray(pred), np.asarray(ref_occupied, bool), np.asarray(observed, bool)
     if not (pred.shape == R.shape == obs.shape):
         raise ValueError(f"grids differ in shape: {pred.shape}, {R.shape}, {obs.shape}")
-    P_occ, P_free = (pred == 100) & obs, (pred == 0) & obs
-    R_occ, R_free = R & obs, ~R & obs
 
     def iou(a, b):
         u = int((a | b).sum())
         return float((a & b).sum() / u) if u else float("nan")
 
-    io, if_ = iou(P_occ, R_occ), iou(P_free, R_free)
-    return {"occupancy_iou": float(np.nanmean([io, if_])), "occupancy_iou_occupied": io, "occupancy_iou_free": if_,
-            "occupancy_observed_cells": int(obs.sum()), "occupancy_known": float(((pred != -1) & obs).sum() / max(1, obs.sum())),
-            "occupancy_ref_occupied_cells": int(R_occ.sum()), "occupancy_pred_occupied_cells": int(P_occ.sum())}
+    def score(area):
+        io = iou((pred == 100) & area, R & area)
+        if_ = iou((pred == 0) & area, ~R & area)
+        return float(np.nanmean([io, if_])), io, if_
+
+    strict = score(obs)
+    area = obs if observed_occupied is None else (np.asarray(observed_occupied, bool) & R) | (obs & ~R)
+    main = score(area)
+    return {"occupancy_iou": main[0], "occupancy_iou_occupied": main[1], "occupancy_iou_free": main[2],
+            "occupancy_iou_strict": strict[0], "occupancy_iou_occupied_strict": strict[1],
+            "occupancy_evaluated_cells": int(area.sum()), "occupancy_observed_cells": int(obs.sum()),
+            "occupancy_known": float(((pred != -1) & area).sum() / max(1, area.sum())),
+            "occupancy_ref_occupied_cells": int((R & area).sum()),
+            "occupancy_pred_occupied_cells": int(((pred == 100) & area).sum())}
 
 
-def observed_cells(depths, K, T_map_cam, lo_cell, shape, options, stride: int = 4) -> np.ndarray:
-    """Cells (bool (H, W) on the lattice of ``reference_occupancy``) that ground-truth depth maps see: the cells that
-    get any vote (occupied or free) from the ground-truth depth through the map's own vote rule
-    (mapping/occupancy.py frame_votes, same band and range) -- the area a perfect map could know."""
+def observed_cells(depths, K, T_map_cam, lo_cell, shape, options, stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(observed, observed_occupied), bool (H, W) on the lattice of ``reference_occupancy``, from ground-truth depth
+    maps through the map's own vote rule (mapping/occupancy.py frame_votes, same band and range): observed = cells
+    with any vote (what a perfect map could know), observed_occupied = cells where a surface in the band was seen."""
     from ros2_stream4d.mapping.conventions import unproject_depth
     from ros2_stream4d.mapping.occupancy import frame_votes
 
     H, W = shape
     lo = np.asarray(lo_cell, np.int64)
-    seen = np.zeros((H, W), bool)
+    seen, seen_occ = np.zeros((H, W), bool), np.zeros((H, W), bool)
     Ks = np.asarray(K, np.float64).copy()
     Ks[:2] /= stride
     for d, T in zip(depths, T_map_cam):
         pts = unproject_depth(np.asarray(d, np.float32)[::stride, ::stride], Ks, T).reshape(-1, 3)
         votes = frame_votes(pts, np.asarray(T)[:3, 3], options)
-        for which in ("occ", "free"):
+        for which, mask in (("any", seen), ("occ", seen_occ)):
             ij = votes.cells(which) - lo
             ok = (ij[:, 0] >= 0) & (ij[:, 0] < W) & (ij[:, 1] >= 0) & (ij[:, 1] < H)
-            seen[ij[ok, 1], ij[ok, 0]] = True
-    return seen
+            mask[ij[ok, 1], ij[ok, 0]] = True
+    return seen, seen_occ

@@ -20,7 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import Sim3, ate, depth_frame_metrics, depth_metrics, map_metrics, rpe, voxel_downsample
+from .metrics import (
+    Sim3,
+    ate,
+    depth_frame_metrics,
+    depth_metrics,
+    map_metrics,
+    mesh_metrics,
+    occupancy_iou,
+    reference_occupancy,
+    rpe,
+    voxel_downsample,
+)
 
 PLOTS = {
     "topview": "trajectory_topview.png",
@@ -28,6 +39,7 @@ PLOTS = {
     "depth_examples": "depth_examples.png",
     "depth_over_time": "depth_metrics.png",
     "map": "map_errors.png",
+    "grid": "occupancy.png",
 }
 
 
@@ -44,12 +56,16 @@ class EvalResult:
     depth_examples: list = field(default_factory=list)  # (time s, gt (H, W), pred scaled (H, W))
     map: dict | None = None
     map_points_world: np.ndarray | None = None
+    mesh: dict | None = None
+    mesh_world: tuple | None = None  # (vertices (V, 3) in the ground-truth world, triangles, colours)
+    grid: dict | None = None  # metrics + "pred", "reference", "observed" (H, W) arrays, "origin", "resolution"
     notes: list[str] = field(default_factory=list)
     inputs: dict = field(default_factory=dict)
 
 
 def evaluate_arrays(pred_T, gt_T, *, times=None, pred_depths=None, gt_depths=None, depth_times=None,
-                    map_points=None, mesh=None, surface_samples=None, gt_K=None, align: str = "sim3",
+                    map_points=None, mesh=None, surface_samples=None, gt_K=None, pred_mesh=None, pred_grid=None,
+                    grid_depths=None, align: str = "sim3",
                     depth_align="median", rpe_delta: int = 1, map_threshold: float = 0.05,
                     max_map_points: int = 300_000, n_examples: int = 3, seed: int = 0) -> EvalResult:
     """Metrics for matched arrays.
@@ -59,6 +75,12 @@ def evaluate_arrays(pred_T, gt_T, *, times=None, pred_depths=None, gt_depths=Non
     map_points: (P, 3) predicted map in the prediction's frame; mesh: (vertices, triangles) ground truth.
     surface_samples: ground-truth surface points to complete; default: from gt_depths (with gt_K and gt_T, when
     the depths match the poses one to one), else uniform mesh samples.
+    pred_mesh: (vertices, triangles[, colours]) of the predicted TSDF mesh in the prediction's frame (scored like
+    the map, after the same alignment). pred_grid: dict(data (H, W) int8 -1/0/100, origin (x, y), resolution,
+    floor_z, min_height, max_height, max_range) in the prediction's map frame; scored against the cells the scene
+    mesh occupies in that band, over the cells the ground-truth depth observes (needs gt_depths, gt_K and poses
+    matching the depths one to one; metrics.occupancy_iou says how cells are counted). grid_depths: ground-truth
+    depths matching pred_T / gt_T one to one for the observed area (default gt_depths).
     """
     pred_T, gt_T = np.asarray(pred_T, np.float64), np.asarray(gt_T, np.float64)
     if len(pred_T) != len(gt_T) or len(gt_T) == 0:
@@ -103,8 +125,88 @@ def evaluate_arrays(pred_T, gt_T, *, times=None, pred_depths=None, gt_depths=Non
         m["completeness_reference"] = "observed surface" if surface_samples is not None else "whole mesh"
         result.map, result.map_points_world = m, world
         metrics.update({k: v for k, v in m.items() if not k.endswith("_errors")})
+    if pred_mesh is not None and mesh is not None and len(pred_mesh[1]):
+        mv = al.apply_points(np.asarray(pred_mesh[0], np.float64))
+        if surface_samples is None and gt_depths is not None and gt_K is not None and len(gt_depths) == len(gt_T):
+            surface_samples = observed_surface(gt_depths, gt_K, gt_T, voxel=map_threshold / 2)
+        mm = mesh_metrics(mv, pred_mesh[1], mesh[0], mesh[1], threshold=map_threshold,
+                          surface_samples=surface_samples, seed=seed)
+        result.mesh = mm
+        result.mesh_world = (mv, np.asarray(pred_mesh[1]), pred_mesh[2] if len(pred_mesh) > 2 else None)
+        metrics.update(mm)
+    if pred_grid is not None and mesh is not None:
+        obs_depths = gt_depths if grid_depths is None else grid_depths
+        if obs_depths is None or gt_K is None or len(obs_depths) != len(gt_T):
+            notes.append("occupancy not scored: it needs ground-truth depth matching the poses one to one")
+        else:
+            result.grid = _score_grid(pred_grid, al, mesh, obs_depths, gt_K, gt_T)
+            metrics.update({k: v for k, v in result.grid.items() if k.startswith("occupancy")})
     metrics["notes"] = notes
     return result
+
+
+def _score_grid(g: dict, al: Sim3, mesh, gt_depths, K, gt_T, stride: int = 4) -> dict:
+    """Occupancy IoU in the prediction's map frame: the ground truth (mesh, depths, poses) is moved into it by the
+    inverse of the trajectory alignment, so the predicted lattice is used as it is."""
+    from ros2_stream4d.mapping.occupancy import OccupancyOptions, frame_votes
+    from ros2_stream4d.sim.render import unproject
+
+    data, res = np.asarray(g["data"]), float(g["resolution"])
+    lo = np.round(np.asarray(g["origin"], np.float64)[:2] / res).astype(np.int64)
+
+    def to_map(p):
+        return (np.asarray(p, np.float64) - al.t) @ al.R / al.s
+
+    opt = OccupancyOptions(res, g["floor_z"], g["min_height"], g["max_height"], g["max_range"])
+    ref = reference_occupancy(to_map(mesh[0]), mesh[1], lo, data.shape, res, opt.floor_z, opt.min_height,
+                              opt.max_height)
+    H, W = data.shape
+    seen, seen_occ = np.zeros((H, W), bool), np.zeros((H, W), bool)
+    for d, T in zip(gt_depths, gt_T):
+        p = unproject(np.asarray(d)[::stride, ::stride], _stride_K(K, stride), T).reshape(-1, 3)
+        votes = frame_votes(to_map(p[np.isfinite(p).all(axis=1)]), to_map(T[:3, 3]), opt)
+        for which, mask in (("any", seen), ("occ", seen_occ)):
+            ij = votes.cells(which) - lo
+            ok = (ij[:, 0] >= 0) & (ij[:, 0] < W) & (ij[:, 1] >= 0) & (ij[:, 1] < H)
+            mask[ij[ok, 1], ij[ok, 0]] = True
+    out = occupancy_iou(data, ref, seen, seen_occ)
+    out.update(pred=data, reference=ref, observed=seen, origin=np.asarray(g["origin"], np.float64)[:2],
+               resolution=res)
+    return out
+
+
+def load_map_products(path) -> dict:
+    """What a saved map holds, for scoring: {"points", "mesh" (V, F, colours) or None, "grid" dict or None,
+    "source"}. path: a .ply / .pcd cloud, or a map directory written by ~/save_map (mapping/map_store.py; checked
+    with its checksums)."""
+    import open3d as o3d
+    import yaml
+
+    p = Path(path)
+    if p.is_dir():
+        from ros2_stream4d.mapping.map_store import read_metadata, read_pgm
+
+        meta = read_metadata(p)
+        pc = o3d.io.read_point_cloud(str(p / "cloud.ply"))
+        out = {"points": np.asarray(pc.points), "mesh": None, "grid": None, "source": str(p)}
+        if (p / "mesh.ply").is_file():
+            m = o3d.io.read_triangle_mesh(str(p / "mesh.ply"))
+            out["mesh"] = (np.asarray(m.vertices), np.asarray(m.triangles),
+                           np.clip(np.rint(np.asarray(m.vertex_colors) * 255), 0, 255).astype(np.uint8))
+        if (p / "occupancy.yaml").is_file():
+            y = yaml.safe_load((p / "occupancy.yaml").read_text())
+            occ = (255.0 - read_pgm(p / y["image"]).astype(np.float64)) / 255.0  # map_server, trinary, negate 0
+            data = np.flipud(np.where(occ > y["occupied_thresh"], 100, np.where(occ < y["free_thresh"], 0, -1)))
+            c = meta.get("config", {})
+            out["grid"] = {"data": data.astype(np.int8), "origin": y["origin"][:2], "resolution": y["resolution"],
+                           "floor_z": c.get("occupancy_floor_z", 0.0), "min_height": c.get("occupancy_min_height", 0.1),
+                           "max_height": c.get("occupancy_max_height", 1.5),
+                           "max_range": c.get("occupancy_max_range", 5.0)}
+        return out
+    pc = o3d.io.read_point_cloud(str(p))
+    if not p.is_file() or len(pc.points) == 0 and p.stat().st_size == 0:
+        raise FileNotFoundError(f"no map at {p}")
+    return {"points": np.asarray(pc.points), "mesh": None, "grid": None, "source": str(p)}
 
 
 def observed_surface(gt_depths, K, gt_T, voxel: float = 0.025, stride: int = 2, max_points: int = 400_000):
@@ -133,8 +235,12 @@ def _stride_K(K, stride: int) -> np.ndarray:
 def evaluate_bags(pred_path: str | Path, gt_path: str | Path, *, pose_topic: str = "/stream4d/camera_pose",
                   depth_topic: str | None = None, map_topic: str = "/stream4d/map", align: str = "sim3",
                   depth_align="median", rpe_delta: int = 1, map_threshold: float = 0.05,
-                  stamp_tolerance_ns: int = 0, **kwargs) -> EvalResult:
-    """Match the prediction bag's poses and depths to the sim bag's ground truth by stamp, then evaluate_arrays."""
+                  stamp_tolerance_ns: int = 0, map_file=None, **kwargs) -> EvalResult:
+    """Match the prediction bag's poses and depths to the sim bag's ground truth by stamp, then evaluate_arrays.
+
+    map_file: the map the run ended with (the file or directory ~/save_map wrote at the end): scored instead of the
+    bag's last ~/map message, which is a snapshot from up to one publishing period before the end (and the mesh
+    and occupancy grid of a map directory are scored too)."""
     from ros2_stream4d.sim.bag import read_ground_truth
     from ros2_stream4d.sim.scenes import load_mesh
 
@@ -143,6 +249,17 @@ def evaluate_bags(pred_path: str | Path, gt_path: str | Path, *, pose_topic: str
     gt = read_ground_truth(gt_path, with_depth=True)
     pred = read_prediction(pred_path, pose_topic, depth_topic, map_topic)
     notes = []
+    products = None
+    if map_file is not None:
+        products = load_map_products(map_file)
+        bag_n = None if pred.map_points is None else len(pred.map_points)
+        notes.append(f"map scored from {products['source']} ({len(products['points'])} points), the map the run "
+                     f"ended with" + ("" if bag_n is None else f"; the last {map_topic} message had {bag_n} points"))
+        pred.map_points = products["points"]
+        pred.map_frame = pred.map_frame or pred.pose_frame
+    elif pred.map_points is not None:
+        notes.append(f"map scored from the last {map_topic} message in the bag: a snapshot that may predate the end "
+                     "of the run (pass the saved map to score the final one)")
     pi, gi = match_stamps(pred.stamps, gt.stamps, stamp_tolerance_ns)
     if len(pi) == 0:
         raise ValueError(f"no prediction stamp of {pred_path} matches a ground-truth stamp of {gt_path}")
@@ -169,6 +286,10 @@ def evaluate_bags(pred_path: str | Path, gt_path: str | Path, *, pose_topic: str
     result = evaluate_arrays(pred.T_map_cam[pi], gt.T_world_cam[gi], times=(gt.stamps[gi] - gt.stamps[gi[0]]) * 1e-9,
                              pred_depths=pred_depths, gt_depths=gt_depths, depth_times=depth_times,
                              map_points=pred.map_points, mesh=mesh, surface_samples=surface, align=align,
+                             gt_K=gt.K if products is not None else None,
+                             pred_mesh=products["mesh"] if products else None,
+                             pred_grid=products["grid"] if products else None,
+                             grid_depths=gt.depths[gi] if products and products["grid"] else None,
                              depth_align=depth_align, rpe_delta=rpe_delta, map_threshold=map_threshold, **kwargs)
     result.notes[:0] = notes
     result.metrics["notes"] = result.notes
@@ -203,6 +324,8 @@ def write_report(result: EvalResult, out_dir: str | Path, title: str = "stream4d
         files["depth_over_time"] = _plot_depth_over_time(result, out / PLOTS["depth_over_time"])
     if result.map is not None:
         files["map"] = _plot_map(result, out / PLOTS["map"])
+    if result.grid is not None or result.mesh_world is not None:
+        files["grid"] = _plot_grid(result, out / PLOTS["grid"])
     files["metrics"] = out / "metrics.json"
     files["metrics"].write_text(json.dumps(_jsonable(result.metrics), indent=1))
     files["report"] = out / "report.md"
@@ -268,6 +391,29 @@ def _markdown(r: EvalResult, title: str, names: dict) -> str:
                   f"| completeness median (m) | {_fmt(m['map_completeness_median'])} |",
                   f"| precision | {_fmt(m['map_precision'])} |", f"| recall | {_fmt(m['map_recall'])} |",
                   f"| F-score | {_fmt(m['map_fscore'])} |", "", f"![map errors]({names['map']})", ""]
+    if r.mesh is not None:
+        lines += ["## Mesh (TSDF)", "", f"Points sampled uniformly on the predicted mesh (accuracy) and the observed "
+                  f"ground-truth surface (completeness, distance to the mesh's triangles); threshold "
+                  f"{_fmt(m['mesh_threshold'])} m.", "", "| metric | value |", "|---|---|",
+                  f"| vertices / triangles | {m['mesh_vertices']} / {m['mesh_triangles']} |",
+                  f"| accuracy mean (m) | {_fmt(m['mesh_accuracy_mean'])} |",
+                  f"| accuracy median (m) | {_fmt(m['mesh_accuracy_median'])} |",
+                  f"| completeness median (m) | {_fmt(m['mesh_completeness_median'])} |",
+                  f"| precision | {_fmt(m['mesh_precision'])} |", f"| recall | {_fmt(m['mesh_recall'])} |",
+                  f"| F-score | {_fmt(m['mesh_fscore'])} |", ""]
+    if r.grid is not None:
+        lines += ["## Occupancy grid", "", "Reference: cells where the scene mesh has surface in the grid's height "
+                  "band; counted over the cells where the ground-truth depth saw what the reference says (an obstacle "
+                  "surface in the band, or free space / floor; eval/metrics.py occupancy_iou). Predicted unknown "
+                  "cells count as misses for both classes.", "", "| metric | value |",
+                  "|---|---|", f"| IoU (mean of occupied and free) | {_fmt(m['occupancy_iou'])} |",
+                  f"| IoU occupied | {_fmt(m['occupancy_iou_occupied'])} |",
+                  f"| IoU free | {_fmt(m['occupancy_iou_free'])} |",
+                  f"| IoU strict (unseen obstacles over seen floor counted) | {_fmt(m['occupancy_iou_strict'])} |",
+                  f"| observed cells | {m['occupancy_observed_cells']} |",
+                  f"| known fraction of observed | {_fmt(m['occupancy_known'])} |", ""]
+    if "grid" in names:
+        lines += [f"![mesh and occupancy grid]({names['grid']})", ""]
     if r.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in r.notes] + [""]
     lines += [f"Metrics as JSON: [{names['metrics']}]({names['metrics']})", ""]
@@ -356,6 +502,34 @@ def _plot_depth_over_time(r: EvalResult, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Depth metrics per frame")
+    return _save(fig, path)
+
+
+def _plot_grid(r: EvalResult, path: Path) -> Path:
+    """Mesh top view (vertex colours), the predicted grid and the ground-truth grid side by side."""
+    panels = (r.mesh_world is not None) + 2 * (r.grid is not None)
+    fig = _figure(5.0 * panels, 4.8)
+    axes = list(np.atleast_1d(fig.subplots(1, panels)))
+    if r.mesh_world is not None:
+        ax = axes.pop(0)
+        v, _, c = r.mesh_world
+        sel = np.random.default_rng(0).choice(len(v), min(len(v), 60_000), replace=False) if len(v) else []
+        ax.scatter(v[sel, 0], v[sel, 1], c=None if c is None else c[sel] / 255.0, s=0.3)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_title("TSDF mesh vertices (top view, world)")
+    if r.grid is not None:
+        g = r.grid
+        H, W = g["pred"].shape
+        x0, y0 = g["origin"]
+        ext = (x0, x0 + W * g["resolution"], y0, y0 + H * g["resolution"])
+        ref = np.where(g["observed"], np.where(g["reference"], 100, 0), -1)
+        for ax, img, title in ((axes[0], g["pred"], f"predicted grid (IoU {g['occupancy_iou']:.3f})"),
+                               (axes[1], ref, "ground truth (observed area)")):
+            shown = np.full(img.shape, 0.6)
+            shown[img == 0], shown[img == 100] = 1.0, 0.0
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=1, origin="lower", extent=ext, interpolation="nearest")
+            ax.set_title(title + " in map", fontsize=9)
+            ax.set_xlabel("x (m)")
     return _save(fig, path)
 
 

@@ -44,6 +44,7 @@ KEYFRAME_FILE_VERSION = 1
 class KeyframeMapConfig:
     cloud_voxel_size: float = 0.02  # m: voxel of the ~/map cloud
     cloud_max_points: int = 1_000_000
+    cloud_batch_points: int = 100_000  # frames' points wait until this many, then fuse at once (or at a query)
     tsdf: bool = True
     tsdf_voxel_size: float = 0.05  # m
     tsdf_trunc_voxels: float = 4.0  # truncation distance in voxels
@@ -55,6 +56,7 @@ class KeyframeMapConfig:
     occupancy_min_height: float = 0.1  # m above the floor
     occupancy_max_height: float = 1.5  # m above the floor
     occupancy_max_range: float = 5.0  # m
+    occupancy_slab_height: float = 0.2  # m: height resolution of the grid's evidence inside the band
     keyframe_distance: float = 0.3  # m
     keyframe_angle_deg: float = 15.0
     keyframe_max_frames: int = 10
@@ -72,7 +74,7 @@ class KeyframeMapConfig:
 
     def occupancy_options(self) -> OccupancyOptions:
         return OccupancyOptions(self.occupancy_resolution, self.occupancy_floor_z, self.occupancy_min_height,
-                                self.occupancy_max_height, self.occupancy_max_range)
+                                self.occupancy_max_height, self.occupancy_max_range, self.occupancy_slab_height)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -211,6 +213,8 @@ class KeyframeMap:
     def _build_products(self) -> None:
         c = self.config
         self.cloud = VoxelMap(c.cloud_voxel_size, c.cloud_max_points)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_points = 0
         self.tsdf = TsdfVolume(c.tsdf_voxel_size, c.tsdf_trunc_voxels, c.depth_max, device=c.tsdf_device) \
             if c.tsdf else None
         self.grid = OccupancyGrid(c.occupancy_options()) if c.occupancy else None
@@ -232,9 +236,19 @@ class KeyframeMap:
         valid = np.isfinite(d) & (d > 0) & (d <= self.config.depth_max)
         pts = self._rays(d.shape, Kc)[valid] * d[valid, None].astype(np.float64)
         pts_map = transform_points(T_map_cam, pts)
-        self.cloud.integrate(pts_map, rgb[::cs, ::cs][valid], conf[::cs, ::cs][valid].astype(np.float32))
+        # the voxel hash re-sorts its arrays on every merge: merge batches of frames, not every frame
+        self._pending.append((pts_map, rgb[::cs, ::cs][valid], conf[::cs, ::cs][valid].astype(np.float32)))
+        self._pending_points += len(pts_map)
+        if self._pending_points >= self.config.cloud_batch_points:
+            self._flush_cloud()
         if self.grid is not None:
             self.grid.add(frame_votes(pts_map, T_map_cam[:3, 3], self.grid.options))
+
+    def _flush_cloud(self) -> None:
+        if self._pending:
+            xyz, rgb, conf = (np.concatenate(a) for a in zip(*self._pending))
+            self._pending, self._pending_points = [], 0
+            self.cloud.integrate(xyz, rgb, conf)
 
     def _refresh(self) -> None:
         if not self.stale:
@@ -312,6 +326,7 @@ class KeyframeMap:
     def points(self):
         """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map."""
         self._refresh()
+        self._flush_cloud()
         return self.cloud.points()
 
     def mesh(self):
@@ -345,12 +360,15 @@ class KeyframeMap:
         self._build_products()
 
     def __len__(self) -> int:
+        """Points of the fused cloud (pending frames fused first)."""
+        self._refresh()
+        self._flush_cloud()
         return len(self.cloud)
 
     def stats(self) -> dict:
         return {"keyframes": len(self.keyframes), "keyframes in memory": sum(kf.in_memory for kf in self.keyframes),
                 "map frames": sum(kf.n_frames for kf in self.keyframes), "segments": self.segment + 1,
-                "map points": len(self.cloud), "tsdf blocks": self.tsdf.blocks() if self.tsdf else 0,
+                "map points": len(self), "tsdf blocks": self.tsdf.blocks() if self.tsdf else 0,
                 "keyframe bytes in memory": self.memory_bytes()}
 
     def memory_bytes(self) -> int:

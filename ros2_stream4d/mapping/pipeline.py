@@ -63,6 +63,7 @@ class PipelineConfig:
     occupancy_min_height: float = 0.1  # m above the floor: lower bound (exclusive) of obstacles
     occupancy_max_height: float = 1.5  # m above the floor: upper bound of obstacles
     occupancy_max_range: float = 5.0  # m: horizontal range of the grid's votes
+    occupancy_slab_height: float = 0.2  # m: height resolution of the grid's evidence inside the band
     scale_source: str = "none"
     fixed_scale: float = 1.0
     depth_geometry: str = "camera"  # camera | model
@@ -391,6 +392,7 @@ def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:
         tsdf_device=cfg.tsdf_device, occupancy=cfg.occupancy_enabled, occupancy_resolution=cfg.occupancy_resolution,
         occupancy_floor_z=cfg.occupancy_floor_z, occupancy_min_height=cfg.occupancy_min_height,
         occupancy_max_height=cfg.occupancy_max_height, occupancy_max_range=cfg.occupancy_max_range,
+        occupancy_slab_height=cfg.occupancy_slab_height,
         keyframe_distance=cfg.map_keyframe_distance, keyframe_angle_deg=cfg.map_keyframe_angle,
         keyframe_max_frames=cfg.map_keyframe_max_frames, stride=cfg.map_stride, cloud_stride=cfg.map_cloud_stride,
         max_keyframes_in_memory=cfg.map_max_keyframes_in_memory, spill_dir=cfg.map_spill_dir)
