@@ -382,20 +382,21 @@ def test_browser_shows_the_cloud_in_the_served_web_viewer(run, tmp_path):
     if binary is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium; scripts/setup.sh does it)")
     t0 = time.monotonic()
+    cdp = _Cdp(binary, 1000, 640)
+    try:
+        target = cdp.call("Target.createTarget", {"url": "about:blank"}, timeout=15, session=False)
+        cdp.session = cdp.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True},
+                               timeout=15, session=False)["sessionId"]
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        cdp.close()
+        pytest.skip(f"Chromium ({binary}) cannot start here: {exc}")
     rrd = save_recording([run["out"], run["sim"]], tmp_path / "browser.rrd").path
     try:
         viewer = serve_web([rrd], web_port=0, grpc_port=0, log_path=tmp_path / "rerun.log")
     except ViewerUnavailable as exc:
+        cdp.close()
         pytest.fail(f"the web viewer did not start: {exc}")
-    cdp = None
     try:
-        try:
-            cdp = _Cdp(binary, 1000, 640)
-            target = cdp.call("Target.createTarget", {"url": "about:blank"}, timeout=15, session=False)
-            cdp.session = cdp.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True},
-                                   timeout=15, session=False)["sessionId"]
-        except (TimeoutError, RuntimeError, OSError) as exc:
-            pytest.skip(f"Chromium ({binary}) cannot start here: {exc}")
         cdp.call("Page.enable")
         cdp.call("Emulation.setDeviceMetricsOverride", {"width": 1000, "height": 640, "deviceScaleFactor": 1,
                                                         "mobile": False})
@@ -411,6 +412,5 @@ def test_browser_shows_the_cloud_in_the_served_web_viewer(run, tmp_path):
         assert on_screen, f"the recording never came on screen; screenshot {tmp_path / 'viewer.png'}"
         assert marks >= 100, f"the 3D view looks blank ({marks} point marks); screenshot {tmp_path / 'viewer.png'}"
     finally:
-        if cdp is not None:
-            cdp.close()
+        cdp.close()
         viewer.stop()
