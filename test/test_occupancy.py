@@ -149,3 +149,18 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="slab"):
         OccupancyOptions(slab_height=0.0)
     assert OccupancyOptions(min_height=0.1, max_height=1.5, slab_height=0.2).slabs == 7
+
+
+def test_mesh_marker_fields_expand_triangles_with_vertex_colours():
+    from ros2_stream4d.mapping.products import TRIANGLE_LIST, mesh_marker_fields
+
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], np.float32)
+    f = np.array([[0, 1, 2], [1, 3, 2]])
+    c = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], np.uint8)
+    (m,) = mesh_marker_fields(v, f, c)
+    assert m["type"] == TRIANGLE_LIST and m["header"]["frame_id"] == "map"
+    np.testing.assert_array_equal(m["points"], v[[0, 1, 2, 1, 3, 2]])
+    np.testing.assert_allclose(m["colors"][:3, :3], np.eye(3)[[0, 1, 2]])
+    assert (m["colors"][:, 3] == 1).all()
+    parts = mesh_marker_fields(v, f, c, max_triangles=1, marker_id=7)
+    assert [p["id"] for p in parts] == [7, 8] and len(parts[1]["points"]) == 3
