@@ -503,3 +503,145 @@ def test_disabled_gate_keeps_everything_and_bad_arguments_are_refused():
                 np.zeros((4, 4, 4), np.uint8), np.zeros((2, 4, 4, 3), np.uint8)):
         with pytest.raises(ValueError, match="uint8"):
             g.check(bad)
+
+
+# ------------------------------------------------------------------------------------------------- conventions
+def axis_rotation(axis: int, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    R = np.eye(3)
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R
+
+
+def test_make_transform_and_its_checks():
+    np.testing.assert_array_equal(cv.make_transform(), np.eye(4))
+    R = axis_rotation(2, 0.3)
+    T = cv.make_transform(R, [1, 2, 3])
+    np.testing.assert_array_equal(T[:3, :3], R)
+    np.testing.assert_array_equal(T[:3, 3], [1, 2, 3])
+    np.testing.assert_array_equal(T[3], [0, 0, 0, 1])
+    np.testing.assert_array_equal(cv.make_transform(t=[1, 2, 3])[:3, :3], np.eye(3))
+    np.testing.assert_array_equal(cv.make_transform(R)[:3, 3], 0)
+    with pytest.raises(ValueError, match=r"R must have shape \(3, 3\), got \(4, 4\)"):
+        cv.make_transform(np.eye(4))
+    with pytest.raises(ValueError, match="t contains NaN or Inf"):
+        cv.make_transform(t=[0, np.inf, 0])
+    with pytest.raises(ValueError, match="R contains NaN or Inf"):
+        cv.make_transform(np.full((3, 3), np.nan))
+
+
+def test_inverse_of_stacks_is_exact_and_checked():
+    rng = np.random.default_rng(7)
+    Ts = np.stack([cv.make_transform(axis_rotation(k % 3, rng.uniform(-3, 3)), rng.normal(size=3))
+                   for k in range(6)]).reshape(2, 3, 4, 4)
+    inv = cv.inverse(Ts)
+    assert inv.shape == (2, 3, 4, 4)
+    np.testing.assert_allclose(inv, np.linalg.inv(Ts), atol=1e-12)
+    np.testing.assert_array_equal(inv[..., 3, :], np.broadcast_to([0, 0, 0, 1], (2, 3, 4)))
+    with pytest.raises(ValueError, match=r"expected \[\.\.\., 4, 4\] transforms"):
+        cv.inverse(np.eye(3))
+
+
+def test_transform_points_dtypes_and_checks():
+    T = cv.make_transform(axis_rotation(0, np.pi / 2), [1.0, 0.0, 0.0])
+    p = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]], np.float32)
+    out = cv.transform_points(T, p)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[1, 0, 1], [1, -2, 0]], atol=1e-6)
+    out = cv.transform_points(T, np.array([[0, 1, 0]]))  # integers come back as float64
+    assert out.dtype == np.float64 and np.allclose(out, [[1, 0, 1]])
+    with pytest.raises(ValueError, match="trailing dimension of 3"):
+        cv.transform_points(T, np.zeros((5, 2)))
+    with pytest.raises(ValueError, match=r"T must have shape \(4, 4\)"):
+        cv.transform_points(np.eye(3), p)
+
+
+def test_extrinsic_camera_only_and_map_to_odom():
+    T = cv.make_transform(axis_rotation(1, 0.7), [0.5, -1.0, 2.0])
+    E = cv.inverse(T)
+    np.testing.assert_allclose(cv.extrinsic_to_pose(E[:3]), T, atol=1e-12)
+    np.testing.assert_allclose(cv.extrinsic_to_pose(E), T, atol=1e-12)
+    with pytest.raises(ValueError, match="extrinsic must be 3x4 or 4x4, got"):
+        cv.extrinsic_to_pose(np.eye(3))
+    np.testing.assert_allclose(cv.camera_only_map_cam(T), cv.T_MAP_WORLD @ T)
+    with pytest.raises(ValueError, match="T_world_cam must have shape"):
+        cv.camera_only_map_cam(np.eye(3))
+    T_odom_base = cv.make_transform(axis_rotation(2, 0.4), [3.0, 1.0, 0.0])
+    T_map_odom = cv.map_to_odom(T, T_odom_base)
+    np.testing.assert_allclose(T_map_odom @ T_odom_base, T, atol=1e-12)
+    with pytest.raises(ValueError, match="T_odom_base must have shape"):
+        cv.map_to_odom(T, np.eye(3))
+    with pytest.raises(ValueError, match="T_base_cam must have shape"):
+        cv.robot_map_base(T, np.eye(3))
+    with pytest.raises(ValueError, match="T_world_cam must have shape"):
+        cv.robot_map_base(np.eye(3), T)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("angle", [0.0, 0.4, 2.0, 3.0, np.pi, -2.5])
+def test_quaternion_every_branch_round_trips(axis, angle):
+    """Half turns and large angles about x, y and z pick each pivot of Shepperd's method (w, x, y, z)."""
+    R = axis_rotation(axis, angle)
+    q = cv.quaternion_from_matrix(R)
+    expected = np.zeros(4)
+    expected[axis], expected[3] = np.sin(angle / 2), np.cos(angle / 2)
+    if expected[3] < 0 or (expected[3] == 0 and expected[axis] < 0):
+        expected = -expected
+    np.testing.assert_allclose(q, expected, atol=1e-12)
+    np.testing.assert_allclose(cv.matrix_from_quaternion(q), R, atol=1e-12)
+    np.testing.assert_allclose(cv.quaternion_from_matrix(cv.make_transform(R, [1, 2, 3])), q)  # 4x4 works too
+
+
+def test_quaternion_of_general_rotations_near_each_pivot():
+    rng = np.random.default_rng(11)
+    for pivot in range(4):
+        for _ in range(5):
+            q = rng.normal(size=4) * 0.2
+            q[pivot] = 1.0 if pivot < 3 else 1.0  # the largest component is the pivot
+            q /= np.linalg.norm(q)
+            R = cv.matrix_from_quaternion(q)
+            out = cv.quaternion_from_matrix(R)
+            np.testing.assert_allclose(out, q if q[3] >= 0 else -q, atol=1e-12)
+            assert out[3] >= 0
+    with pytest.raises(ValueError):
+        cv.quaternion_from_matrix(np.eye(2))
+
+
+def test_matrix_from_quaternion_values():
+    s = np.sqrt(0.5)
+    np.testing.assert_allclose(cv.matrix_from_quaternion([0, 0, s, s]), [[0, -1, 0], [1, 0, 0], [0, 0, 1]],
+                               atol=1e-12)
+    np.testing.assert_allclose(cv.matrix_from_quaternion([3 * s, 0, 0, 3 * s]),  # not normalised: same rotation
+                               [[1, 0, 0], [0, 0, -1], [0, 1, 0]], atol=1e-12)
+    x, y, z, w = np.array([0.1, -0.5, 0.3, 0.8]) / np.linalg.norm([0.1, -0.5, 0.3, 0.8])
+    v = np.array([x, y, z])
+    Kx = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+    rodrigues = np.eye(3) + 2 * w * Kx + 2 * Kx @ Kx  # the rotation of a unit quaternion
+    np.testing.assert_allclose(cv.matrix_from_quaternion([x, y, z, w]), rodrigues, atol=1e-12)
+    assert np.linalg.norm(v) < 1
+    with pytest.raises(ValueError, match="zero norm"):
+        cv.matrix_from_quaternion([0, 0, 0, 1e-13])
+    with pytest.raises(ValueError):
+        cv.matrix_from_quaternion([0, 0, 1])
+
+
+def test_pixel_rays_and_unprojection_on_a_non_square_image():
+    K = np.array([[50.0, 0, 20.0], [0, 40.0, 5.0], [0, 0, 1]])
+    rays = cv.pixel_rays((7, 30), K)
+    assert rays.shape == (7, 30, 3)
+    v, u = 6, 29
+    np.testing.assert_allclose(rays[v, u], [(u - 20.0) / 50.0, (v - 5.0) / 40.0, 1.0])
+    np.testing.assert_allclose(cv.pixel_rays((7, 30), 2 * K), rays)  # a K scaled as a whole: normalised back
+    depth = np.full((7, 30), 2.0)
+    depth[0, 0] = np.nan
+    pts = cv.unproject_depth(depth, K)
+    assert pts.dtype == np.float32 and pts.shape == (7, 30, 3)
+    np.testing.assert_allclose(pts[v, u], 2.0 * rays[v, u], rtol=1e-6)
+    assert np.isnan(pts[0, 0]).all()
+    T = cv.make_transform(axis_rotation(2, 0.5), [1, 2, 3])
+    np.testing.assert_allclose(cv.unproject_depth(depth, K, T)[v, u], cv.transform_points(T, pts[v, u]), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"depth must be \(h, w\)"):
+        cv.unproject_depth(np.ones((2, 2, 1)), K)
+    with pytest.raises(ValueError, match=r"K must have shape \(3, 3\)"):
+        cv.pixel_rays((2, 2), np.eye(4))
