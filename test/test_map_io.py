@@ -120,3 +120,26 @@ def test_pcd_fields_and_confidence(tmp_path):
     rec = np.frombuffer(body, dtype=[("xyz", "<f4", 3), ("rgb", "<u4"), ("c", "<f4")])
     np.testing.assert_array_equal(rec["c"], conf)
     np.testing.assert_array_equal((rec["rgb"] >> 16) & 255, rgb[:, 0])
+
+
+def test_map_directory_path_validation(tmp_path):
+    from ros2_stream4d.mapping.map_io import validate_map_dir_path
+
+    assert validate_map_dir_path(tmp_path / "new_map") == tmp_path / "new_map"
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "metadata.json").write_text("{}")
+    assert validate_map_dir_path(tmp_path / "saved") == tmp_path / "saved"
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not a saved map"):
+        validate_map_dir_path(tmp_path / "photos")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        validate_map_dir_path(tmp_path / "f")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        validate_map_dir_path(tmp_path / "missing" / "map")
+    root = tmp_path / "maps"
+    root.mkdir()
+    assert validate_map_dir_path("site_a", root=root) == root / "site_a"
+    with pytest.raises(PermissionError, match="outside"):
+        validate_map_dir_path("../escape", root=root)

@@ -44,6 +44,32 @@ def validate_map_path(path, root=None) -> Path:
     return p
 
 
+def validate_map_dir_path(path, root=None) -> Path:
+    """The absolute map directory to write (mapping/map_store.py), or a clear error: like validate_map_path, but the
+    target is a directory that is absent, empty, or a map saved before (it has metadata.json); never a file."""
+    text = os.fspath(path)
+    if not text or "\x00" in text:
+        raise ValueError(f"invalid map path {text!r}")
+    p = Path(text).expanduser()
+    if root is not None:
+        root_dir = Path(root).expanduser().resolve()
+        p = (root_dir / p).resolve()
+        if not p.is_relative_to(root_dir):
+            raise PermissionError(f"map path {text!r} resolves to {p}, outside the allowed directory {root_dir}")
+    else:
+        p = p.resolve()
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"map path {p} exists and is not a directory")
+    if p.is_dir() and not (p / "metadata.json").is_file() and any(p.iterdir()):
+        raise FileExistsError(f"{p} is a non-empty directory that is not a saved map")
+    parent = p.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"directory {parent} is not writable")
+    return p
+
+
 def _check_cloud(xyz, rgb, conf):
     xyz = np.asarray(xyz)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
