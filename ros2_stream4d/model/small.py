@@ -51,7 +51,7 @@ TRANS_SCALE = 0.05  # translation unit, in mean depths of the previous frame
 class SmallConfig:
     hw: tuple[int, int] = (168, 224)  # input size (multiples of 14)
     enc_layers: tuple[int, ...] = (5, 8, 11)  # 0-based encoder blocks whose (normed) tokens are used
-    agg_depth: int = 1  # frame + global block pairs
+    agg_depth: int = 1  # frame + global block pairs (0: heads straight on the encoder, a learned camera token)
     agg_heads: int = 6
     agg_mlp_ratio: float = 2.0  # half of VGGT's 4: the aggregator is most of a training step's cost on a CPU
     agg_init_values: float = 0.01  # LayerScale: the aggregator starts close to identity
@@ -196,8 +196,9 @@ def local_cost_volume(a: torch.Tensor, b: torch.Tensor, radius: int) -> torch.Te
     N, C, h, w = a.shape
     k = 2 * radius + 1
     bp = F.pad(b, (radius, radius, radius, radius))
-    patches = F.unfold(bp, kernel_size=k).reshape(N, C, k * k, h, w)
-    return (a[:, :, None] * patches).sum(1)
+    # one shifted dot product per displacement (row-major dy, dx as F.unfold orders them): no [N, C, k*k, h, w]
+    # intermediate, which made the unfold version the slowest part of a training step on a CPU
+    return torch.stack([(a * bp[:, :, dy: dy + h, dx: dx + w]).sum(1) for dy in range(k) for dx in range(k)], dim=1)
 
 
 class CostVolumeCameraHead(nn.Module):
@@ -368,20 +369,27 @@ class SmallSession:
         self.window, self.anchors = window, anchors
         self.cache = StreamCache(num_global_blocks=model.cfg.agg_depth, window=window, anchors=anchors)
         self.state = _StreamState()
+        self._frames = 0
 
     @property
     def frames_seen(self) -> int:
-        return self.cache.frames_seen
+        return self._frames
 
     def reset(self) -> None:
         self.cache.reset()
         self.state = _StreamState()
+        self._frames = 0
 
     def stats(self) -> CacheStats:
         return self.cache.stats()
 
+    def shrunk(self, window: int) -> SmallSession:
+        """A new, empty session of the same model with a smaller window (session protocol, model/session.py)."""
+        self.reset()
+        return SmallSession(self.model, window=window, anchors=self.anchors)
+
     @torch.inference_mode()
-    def step(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, image: torch.Tensor, stamp_ns: int | None = None, mapping=None) -> dict[str, torch.Tensor]:
         if image.ndim == 3:
             image = image[None]
         if image.ndim != 4:
@@ -392,7 +400,8 @@ class SmallSession:
             raise ValueError(f"image size {H}x{W} must be a multiple of 14 (trained at {m.cfg.hw[0]}x{m.cfg.hw[1]})")
         grid = (H // 14, W // 14)
         feats = m.encoder(image.float())
-        first = self.cache.frames_seen == 0
+        first = self._frames == 0
+        self._frames += 1
         cam_tok, patch_tok = m.aggregator.step(feats, self.cache.aggregator, first=first, grid=grid)
         fh = m.head_features(feats, patch_tok)
         depth, conf = m.depth_head(fh, grid)
