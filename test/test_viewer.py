@@ -165,8 +165,10 @@ def test_bags_in_any_order_and_a_foreign_bag_is_refused(run, tmp_path):
 
 def test_view_cli_saves_a_recording(run, tmp_path, capsys):
     out = tmp_path / "cli.rrd"
-    assert main(["view", str(run["sim"]), str(run["out"]), "--save", str(out), "--cloud-points", "100"]) == 0
+    assert main(["view", str(run["sim"]), str(run["out"]), "--save", str(out), "--cloud-points", "100",
+                 "--mcap-topics", "^/tf$"]) == 0
     got = read_rrd(out)
+    assert "Transform3D:translation" in got["tf"]["columns"]  # from Rerun's own MCAP importer, on request
     assert got[E.CLOUD]["rows"] == FRAMES
     assert max(len(p) for rb in got[E.CLOUD]["batches"] for p in rb.column("Points3D:positions").to_pylist()) == 100
     printed = capsys.readouterr().out

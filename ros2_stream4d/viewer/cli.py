@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--mesh", metavar="PLY", help="a mesh of the map (map frame) to show")
     p.add_argument("--gt-scene", action="store_true", help="also show the sim scene mesh (scene.ply in the sim "
                                                            "bag), aligned like the ground-truth trajectory")
+    p.add_argument("--mcap-topics", nargs="+", metavar="REGEX", help="also add these topics as Rerun's own MCAP "
+                                                                     "importer decodes them (e.g. '^/tf$')")
     p.add_argument("--cloud-points", type=int, default=4000, help="per-frame cloud points kept")
     p.add_argument("--map-points", type=int, default=150_000, help="map points kept per logged map")
     p.add_argument("--map-updates", type=int, default=10, help="map messages logged at most (the last always)")
@@ -61,7 +63,8 @@ def run(args) -> int:
     else:
         path = Path(args.save) if args.save else Path(tempfile.mkdtemp(prefix="stream4d_view_")) / "recording.rrd"
         try:
-            summary = save_recording(args.bags, path, options, topics, mesh=args.mesh, gt_scene=args.gt_scene)
+            summary = save_recording(args.bags, path, options, topics, mesh=args.mesh, gt_scene=args.gt_scene,
+                                     mcap_topics=args.mcap_topics)
         except (ValueError, FileNotFoundError) as exc:
             print(f"stream4d view: {exc}")
             return 1

@@ -105,8 +105,13 @@ def new_recording(application_id: str = E.APPLICATION_ID, recording_id: str | No
 
 
 def log_bags(rec: rr.RecordingStream, bags, options: ViewOptions | None = None, topics: Topics | None = None,
-             mesh: str | Path | None = None, gt_scene: bool = False) -> RecordingSummary:
-    """Log every entity of the given bags into `rec` (whatever its sinks). Returns what was logged."""
+             mesh: str | Path | None = None, gt_scene: bool = False,
+             mcap_topics: list[str] | None = None) -> RecordingSummary:
+    """Log every entity of the given bags into `rec` (whatever its sinks). Returns what was logged.
+
+    mcap_topics: regular expressions (RE2) of further topics to add as Rerun's own MCAP importer decodes them
+    (e.g. "^/tf$", "^/diagnostics$"), from every MCAP bag given, under their topic names; they bring the importer's
+    timelines (ros2_timestamp, shared with ours, and message_log_time / message_publish_time)."""
     from ros2_stream4d.sim.bag import bag_topics
 
     t0 = time.perf_counter()
@@ -127,6 +132,8 @@ def log_bags(rec: rr.RecordingStream, bags, options: ViewOptions | None = None, 
 
         vertices, triangles = load_mesh(mesh)
         log.mesh(vertices, triangles, albedo=(200, 200, 200, 255))
+    if mcap_topics:
+        _import_mcap_topics(rec, [Path(b) for b in bags], mcap_topics, summary)
     summary.frames = int(len(pred_stamps))
     summary.counts = dict(log.counts)
     summary.seconds = time.perf_counter() - t0
@@ -174,7 +181,8 @@ def _log_sim_bag(log: RunLogger, bag: Path, topics: Topics, pred_stamps, pred_T,
                  summary: RecordingSummary) -> None:
     import cv2
 
-    from ros2_stream4d.sim.bag import bag_topics, iter_messages, pose_to_matrix, rgb_from_image_msg, stamp_ns
+    from ros2_stream4d.codec import image_to_rgb as rgb_from_image_msg
+    from ros2_stream4d.sim.bag import bag_topics, iter_messages, pose_to_matrix, stamp_ns
 
     have = bag_topics(bag)
     compressed = f"{topics.image}/compressed"
@@ -217,11 +225,23 @@ def _log_sim_bag(log: RunLogger, bag: Path, topics: Topics, pred_stamps, pred_T,
         log.mesh(to_map.apply_points(vertices), triangles, entity=E.GT_SCENE, albedo=(120, 200, 140, 255))
 
 
+def _import_mcap_topics(rec: rr.RecordingStream, bags: list[Path], patterns: list[str],
+                        summary: RecordingSummary) -> None:
+    from rerun.chunk import McapReader
+
+    files = [f for b in bags for f in (sorted(b.glob("*.mcap")) if b.is_dir() else [b] if b.suffix == ".mcap" else [])]
+    if not files:
+        summary.notes.append("--mcap-topics: no MCAP file among the bags (sqlite3 bags are not imported)")
+    for f in files:
+        rr.send_chunks(McapReader(f, include_topic_regex=list(patterns)).stream(), recording=rec)
+        summary.notes.append(f"Rerun's MCAP importer added {', '.join(patterns)} from {f.name}")
+
+
 def _ground_truth_to_map(pred_stamps, pred_T, gt_stamps, gt_T, summary: RecordingSummary):
     """The Sim(3) taking world (ground truth) coordinates into the prediction's map frame, from the poses both
     have (the inverse of what eval aligns); None without enough common stamps."""
+    from ros2_stream4d.eval.evaluate import match_stamps
     from ros2_stream4d.eval.metrics import Sim3, align_trajectory
-    from ros2_stream4d.eval.report import match_stamps
 
     pi, gi = match_stamps(pred_stamps, gt_stamps)
     if len(pi) < 2:
@@ -234,7 +254,8 @@ def _ground_truth_to_map(pred_stamps, pred_T, gt_stamps, gt_T, summary: Recordin
 
 
 def save_recording(bags, path: str | Path, options: ViewOptions | None = None, topics: Topics | None = None,
-                   mesh: str | Path | None = None, gt_scene: bool = False) -> RecordingSummary:
+                   mesh: str | Path | None = None, gt_scene: bool = False,
+                   mcap_topics: list[str] | None = None) -> RecordingSummary:
     """Write the bags' recording to an .rrd file (replaced). Returns what was logged, with the file's size."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +264,7 @@ def save_recording(bags, path: str | Path, options: ViewOptions | None = None, t
     rec = new_recording()
     rec.save(path, default_blueprint=E.default_blueprint())
     try:
-        summary = log_bags(rec, bags, options, topics, mesh=mesh, gt_scene=gt_scene)
+        summary = log_bags(rec, bags, options, topics, mesh=mesh, gt_scene=gt_scene, mcap_topics=mcap_topics)
     finally:
         rec.flush()
         rec.disconnect()
