@@ -201,6 +201,7 @@ class KeyframeMap:
         self._own_spill = False
         self._finalizer = None
         self.keyframes: list[Keyframe] = []
+        self._spilled = 0  # keyframes[:_spilled] are on disk
         self.segment = 0
         self._current: Keyframe | None = None
         self._next_id = 0
@@ -354,7 +355,7 @@ class KeyframeMap:
         for kf in self.keyframes:
             if kf.spill_path is not None:
                 kf.spill_path.unlink(missing_ok=True)
-        self.keyframes, self._current = [], None
+        self.keyframes, self._current, self._spilled = [], None, 0
         self.segment, self._next_id, self.frames = 0, 0, 0
         self.stale = False
         self._build_products()
@@ -387,12 +388,16 @@ class KeyframeMap:
         return self._spill_root
 
     def _bound_memory(self) -> None:
-        in_mem = [kf for kf in self.keyframes if kf.in_memory and kf is not self._current]
-        excess = len(in_mem) + (self._current is not None) - self.config.max_keyframes_in_memory
-        for kf in in_mem[:max(0, excess)]:
-            path = self.spill_root() / f"kf_{id(self):x}_{kf.id:07d}.npz"
-            write_keyframe_file(path, kf.id, kf.segment, kf.frames)
-            kf.spill_path, kf.frames = path, None
+        # keyframes are spilled oldest first, so the spilled ones are a prefix of the list: O(spilled now) per call
+        kfs, i = self.keyframes, self._spilled
+        while len(kfs) - i > self.config.max_keyframes_in_memory and kfs[i] is not self._current:
+            kf = kfs[i]
+            if kf.frames is not None:
+                path = self.spill_root() / f"kf_{id(self):x}_{kf.id:07d}.npz"
+                write_keyframe_file(path, kf.id, kf.segment, kf.frames)
+                kf.spill_path, kf.frames = path, None
+            i += 1
+        self._spilled = i
 
     def _frames_of(self, kf: Keyframe) -> FrameBatch:
         if kf.frames is not None:
