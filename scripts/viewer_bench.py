@@ -2,13 +2,15 @@
 """What the live viewer costs the node: the mapping pipeline (oracle model) over a sim sequence, without and with a
 LiveViewer, frame for frame as the node runs it.
 
-Measures, per frame: the pipeline step (wall), LiveViewer.submit (the only call on the node's hot path); over the
-run: the logging thread's CPU time, frames logged / dropped, this process's peak RSS and the viewer server's RSS;
-then a long run (the same results re-stamped, submitted at full speed) sampling both RSS figures to show they stay
-bounded. Prints a table and writes JSON. No browser is involved: the served viewer buffers for late viewers up to
-its memory limit, which is the live path's worst case.
+Alternating rounds (without, with a fresh viewer; --rounds) so that a shared machine's load drift hits both alike.
+Measures, per frame: the pipeline step (wall), LiveViewer.submit (the only call on the node's hot path) and, without
+a viewer, the same kind of call (lock + deque append) as this machine's noise floor; per run: wall and process CPU,
+the logging thread's CPU, the viewer server process's CPU, frames logged / dropped; then a long run (the same
+results re-stamped, submitted every ~2 ms) sampling this process's and the server's RSS. Prints a table and writes
+JSON. No browser is involved: the served viewer buffers for late viewers up to its memory limit, the live path's
+worst case.
 
-    python scripts/viewer_bench.py --frames 100 --long 3000 --out out/viewer_bench.json
+    python scripts/viewer_bench.py --frames 60 --rounds 3 --long 10000 --memory-limit 64MiB
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ def pipeline_run(gt, input_width: int, viewer=None, rate_hz: float = 0.0, map_ev
     return np.array(step_s), np.array(submit_s), results, totals
 
 
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 when unknown)."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
 def stats_ms(a: np.ndarray) -> dict:
     if len(a) == 0:
         return {}
@@ -90,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--input-width", type=int, default=518, help="model input width (the demo's)")
     ap.add_argument("--rate", type=float, default=0.0, help="frames per second (0: back to back)")
     ap.add_argument("--mode", default="serve", choices=("serve", "save"), help="LiveViewer mode")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs without / with the viewer")
     ap.add_argument("--long", type=int, default=3000, help="frames of the long run (0: skip)")
     ap.add_argument("--memory-limit", default="512MiB", help="the viewer server's memory limit")
     ap.add_argument("--out", default="out/viewer_bench.json")
@@ -110,28 +125,44 @@ def main(argv=None) -> int:
                              images=gt.images[:n])
     load0 = os.getloadavg()
     cpu0 = time.process_time()
-    off1, floor1, _, tot_off1 = pipeline_run(gt, args.input_width, rate_hz=args.rate)
-
     warnings: list[str] = []
     kw = {"path": tmp / "live.rrd"} if args.mode == "save" else {"web_port": 0, "grpc_port": 0}
-    viewer = LiveViewer(args.mode, warn=warnings.append, memory_limit=args.memory_limit, **kw)
-    t_ready = time.perf_counter()
-    viewer.ready.wait(60)  # the node starts its viewer at start-up, before frames come in
-    t_ready = time.perf_counter() - t_ready
-    on, submit, results, tot_on = pipeline_run(gt, args.input_width, viewer=viewer, rate_hz=args.rate)
-    t_drain = time.monotonic() + 20
-    while viewer.pending() and time.monotonic() < t_drain:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    run_stats = {"logged": viewer.logged, "dropped": viewer.dropped, "submitted": viewer.submitted,
-                 "thread_cpu_s": viewer.thread_cpu_s, "thread_cpu_ms_per_logged_frame":
-                 1e3 * viewer.thread_cpu_s / max(1, viewer.logged), "maps_logged": viewer.maps_logged}
-    server_pid = getattr(getattr(viewer, "_viewer", None), "proc", None)
-    server_pid = server_pid.pid if server_pid is not None else None
-    run_stats["server_rss_mib"] = rss_mib(server_pid) if server_pid else None
-    run_stats["process_rss_mib"] = rss_mib()
-
-    off2, floor2, _, tot_off2 = pipeline_run(gt, args.input_width, rate_hz=args.rate)
+    off, on, floor, submit, tot_off, tot_on, starts, rounds = [], [], [], [], [], [], [], []
+    viewer = results = server_pid = None
+    for _ in range(args.rounds):  # alternate, so that the load's drift hits both alike
+        s_off, f_off, _, t_off = pipeline_run(gt, args.input_width, rate_hz=args.rate)
+        off.append(s_off)
+        floor.append(f_off)
+        tot_off.append(t_off)
+        if viewer is not None:
+            viewer.close()
+        viewer = LiveViewer(args.mode, warn=warnings.append, memory_limit=args.memory_limit, **kw)
+        t_ready = time.perf_counter()
+        viewer.ready.wait(60)  # the node starts its viewer at start-up, before frames come in
+        starts.append(time.perf_counter() - t_ready)
+        proc = getattr(getattr(viewer, "_viewer", None), "proc", None)
+        server_pid = proc.pid if proc is not None else None
+        server_cpu0 = cpu_s(server_pid)
+        s_on, f_on, results, t_on = pipeline_run(gt, args.input_width, viewer=viewer, rate_hz=args.rate)
+        t_drain = time.monotonic() + 20
+        while viewer.pending() and time.monotonic() < t_drain:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t_on["server_cpu_s"] = cpu_s(server_pid) - server_cpu0 if server_pid else None
+        on.append(s_on)
+        submit.append(f_on)
+        tot_on.append(t_on)
+        rounds.append({"logged": viewer.logged, "dropped": viewer.dropped, "submitted": viewer.submitted,
+                       "thread_cpu_s": viewer.thread_cpu_s, "maps_logged": viewer.maps_logged,
+                       "server_rss_mib": rss_mib(server_pid) if server_pid else None})
+    off, on, floor, submit = (np.concatenate(x) for x in (off, on, floor, submit))
+    logged = sum(r["logged"] for r in rounds)
+    run_stats = {"rounds": rounds, "logged": logged, "dropped": sum(r["dropped"] for r in rounds),
+                 "thread_cpu_s": sum(r["thread_cpu_s"] for r in rounds),
+                 "thread_cpu_ms_per_logged_frame": 1e3 * sum(r["thread_cpu_s"] for r in rounds) / max(1, logged),
+                 "server_cpu_ms_per_frame": (1e3 * sum(t["server_cpu_s"] or 0 for t in tot_on) / max(1, logged)),
+                 "process_rss_mib": rss_mib()}
+    t_ready = float(np.median(starts))
 
     long_samples = []
     if args.long > 0 and viewer.active:
@@ -156,13 +187,12 @@ def main(argv=None) -> int:
         "frames": n, "image": f"{args.width}x{args.height}", "input_width": args.input_width, "mode": args.mode,
         "rate_hz": args.rate, "cpus": os.cpu_count(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "process_cpu_s": time.process_time() - cpu0,
-        "pipeline_step_without_viewer": stats_ms(np.concatenate([off1, off2])),
-        "pipeline_step_with_viewer": stats_ms(on), "submit": stats_ms(submit),
-        "lock_and_append_without_viewer": stats_ms(np.concatenate([floor1, floor2])),
+        "pipeline_step_without_viewer": stats_ms(off), "pipeline_step_with_viewer": stats_ms(on),
+        "submit": stats_ms(submit), "lock_and_append_without_viewer": stats_ms(floor),
         "submit_series_ms": [round(float(x) * 1e3, 3) for x in submit],
-        "step_series_ms": {"without_viewer": [round(float(x) * 1e3, 1) for x in off1],
+        "step_series_ms": {"without_viewer": [round(float(x) * 1e3, 1) for x in off],
                            "with_viewer": [round(float(x) * 1e3, 1) for x in on]},
-        "run_totals": {"without_viewer": [tot_off1, tot_off2], "with_viewer": tot_on}, "viewer": run_stats,
+        "run_totals": {"without_viewer": tot_off, "with_viewer": tot_on}, "viewer": run_stats,
         "long_run": long_samples, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "warnings": warnings, "viewer_url": viewer.view_url, "viewer_start_s": t_ready}
     out = Path(args.out)
@@ -176,17 +206,19 @@ def main(argv=None) -> int:
     print(f"{n} frames {args.width}x{args.height}, model input {args.input_width}, mode {args.mode}, "
           f"load {load0[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("| per frame | median ms | p99 ms | max ms |\n|---|---|---|---|")
-    print(row("pipeline step, no viewer", report["pipeline_step_without_viewer"]))
-    print(row("pipeline step, viewer on", report["pipeline_step_with_viewer"]))
+    print(row(f"pipeline step, no viewer ({args.rounds} x {n} frames)", report["pipeline_step_without_viewer"]))
+    print(row(f"pipeline step, viewer on ({args.rounds} x {n} frames)", report["pipeline_step_with_viewer"]))
     print(row("LiveViewer.submit (+ submit_map every 10th)", report["submit"]))
     print(row("noise floor: lock + deque append, no viewer", report["lock_and_append_without_viewer"]))
     if "long_submit" in run_stats:
         print(row(f"LiveViewer.submit, long run ({args.long} frames)", run_stats["long_submit"]))
     print(f"logging thread: {run_stats['thread_cpu_s']:.2f} s CPU for {run_stats['logged']} frames "
           f"({run_stats['thread_cpu_ms_per_logged_frame']:.1f} ms/frame), dropped {run_stats['dropped']}")
-    print(f"viewer start (server up, SDK warmed up): {t_ready:.1f} s")
-    for name, t in (("without viewer (1st)", tot_off1), ("with viewer", tot_on), ("without viewer (2nd)", tot_off2)):
-        print(f"run {name}: {t['wall_s']:.1f} s wall, {t['process_cpu_s']:.1f} s process CPU (all threads)")
+    print(f"viewer start (server up, SDK warmed up): {t_ready:.1f} s (median of {args.rounds})")
+    print(f"viewer server process: {run_stats['server_cpu_ms_per_frame']:.1f} ms CPU per logged frame")
+    for k, (a, b) in enumerate(zip(tot_off, tot_on)):
+        print(f"round {k + 1}: without viewer {a['wall_s']:.1f} s wall / {a['process_cpu_s']:.1f} s CPU; with viewer "
+              f"{b['wall_s']:.1f} s wall / {b['process_cpu_s']:.1f} s CPU (+ server {b['server_cpu_s'] or 0:.1f} s)")
     for s in long_samples:
         print(f"  long run frame {s['frame']:>6}: process RSS {s['process_rss_mib']:.0f} MiB, server RSS "
               f"{s['server_rss_mib'] or float('nan'):.0f} MiB, logged {s['logged']}, dropped {s['dropped']}")
