@@ -35,10 +35,10 @@ def main(argv=None) -> int:
         map_metrics,
         mesh_metrics,
         observed_cells,
+        observed_surface,
         occupancy_iou,
         reference_occupancy,
     )
-    from ros2_stream4d.eval.report import observed_surface
     from ros2_stream4d.mapping.conventions import inverse
     from ros2_stream4d.mapping.occupancy import OccupancyOptions
     from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig

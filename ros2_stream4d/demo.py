@@ -164,7 +164,8 @@ def run(args) -> int:
         rclpy.try_shutdown()
 
     print("[demo] 5/5 evaluating against ground truth")
-    from ros2_stream4d.eval.report import evaluate_bags, write_report
+    from ros2_stream4d.eval.evaluate import evaluate_bags
+    from ros2_stream4d.eval.report import write_report
 
     result = evaluate_bags(out / "output_bag", gt_bag)
     files = write_report(result, out / "report", title=f"stream4d demo: {args.model} on {args.scene}/{args.trajectory}")

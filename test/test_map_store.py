@@ -203,7 +203,8 @@ def test_an_empty_map_round_trips(tmp_path):
 def test_stream4d_eval_scores_the_saved_map_directory(tmp_path):
     """The report scores the map a run ends with (a saved directory: cloud, mesh and grid), not the bag's snapshot."""
     from ros2_stream4d.eval.bagio import read_prediction, write_perturbed_prediction
-    from ros2_stream4d.eval.report import evaluate_bags, write_report
+    from ros2_stream4d.eval.evaluate import evaluate_bags
+    from ros2_stream4d.eval.report import write_report
     from ros2_stream4d.mapping.keyframe_map import MapFrame
     from ros2_stream4d.sim.bag import SimConfig, read_ground_truth, write_sim_bag
 

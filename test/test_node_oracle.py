@@ -145,8 +145,8 @@ def test_oracle_replay_robot_publishes_map_to_odom(ros_node, ros_process, sim_ba
     map_odom = map_odom()
     assert {t.header.frame_id for t in map_odom} == {"map"}
     # the bag's odom is the world and map is the base at the first frame: map->odom = inv(T_world_base0)
+    from ros2_stream4d.codec import transform_to_matrix as bag_tf
     from ros2_stream4d.sim.bag import TOPICS, iter_messages
-    from ros2_stream4d.sim.bag import transform_to_matrix as bag_tf
 
     first_odom = next(m for _t, _ns, msg in iter_messages(sim_bag, [TOPICS["tf"]]) for m in msg.transforms)
     T_world_base0 = bag_tf(first_odom.transform)

@@ -6,6 +6,7 @@ units); odometry (odom->base_link from the sim's ground truth) and a metric dept
 import numpy as np
 import pytest
 
+from ros2_stream4d.codec import transform_to_matrix
 from ros2_stream4d.mapping.conventions import inverse
 from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
 from ros2_stream4d.sim.bag import (
@@ -13,7 +14,6 @@ from ros2_stream4d.sim.bag import (
     SimConfig,
     iter_messages,
     read_ground_truth,
-    transform_to_matrix,
     write_sim_bag,
 )
 from ros2_stream4d.sim.oracle import OracleSession

@@ -3,11 +3,15 @@
 import numpy as np
 import pytest
 
+from ros2_stream4d.mapping.conventions import inverse as inv_se3
+from ros2_stream4d.mapping.conventions import matrix_from_quaternion as quat_to_matrix
+from ros2_stream4d.mapping.conventions import quaternion_from_matrix as matrix_to_quat
+from ros2_stream4d.mapping.conventions import rotation_angle
+from ros2_stream4d.mapping.conventions import rotation_from_vector as so3_exp
 from ros2_stream4d.sim.render import CameraModel, Renderer, unproject
 from ros2_stream4d.sim.scenes import SCENE_KINDS, Scene, build_scene
 from ros2_stream4d.sim.textures import PATTERNS, Texture, hash01
 from ros2_stream4d.sim.trajectories import R_CAMLINK_OPTICAL, TRAJECTORY_KINDS, make_trajectory
-from ros2_stream4d.sim.transforms import inv_se3, matrix_to_quat, quat_to_matrix, rotation_angle, so3_exp
 
 SMALL = CameraModel.from_hfov(64, 48, 60.0)
 

@@ -10,6 +10,8 @@ from rosbags.highlevel import AnyReader
 from rosbags.interfaces import QosDurability
 
 from ros2_stream4d.cli import main
+from ros2_stream4d.codec import transform_to_matrix
+from ros2_stream4d.mapping.conventions import rotation_angle
 from ros2_stream4d.sim.bag import (
     FRAMES,
     TOPICS,
@@ -21,12 +23,10 @@ from ros2_stream4d.sim.bag import (
     noisy_odometry,
     read_ground_truth,
     stamp_ns,
-    transform_to_matrix,
     write_sim_bag,
 )
 from ros2_stream4d.sim.render import mesh_raycasting_scene, unproject
 from ros2_stream4d.sim.scenes import Scene, load_mesh
-from ros2_stream4d.sim.transforms import rotation_angle
 
 N = 12
 EXPECTED = {

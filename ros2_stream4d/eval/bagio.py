@@ -18,26 +18,26 @@ from pathlib import Path
 import numpy as np
 from rosbags.rosbag2 import Writer
 
-from ros2_stream4d.topics import output_topic
-
+from ros2_stream4d.codec import camera_info_to_k, image_to_numpy, pointcloud2_to_arrays, pose_to_matrix, stamp_ns
+from ros2_stream4d.codec import pointcloud2_msg as _pointcloud2_msg
+from ros2_stream4d.mapping.conventions import rotation_from_vector
 from ros2_stream4d.sim.bag import (
+    MSG,
     STORAGES,
     TYPESTORE,
     bag_topics,
     camera_info_msg,
-    header,
-    image_to_numpy,
+    image_msg,
     iter_messages,
     pose_msg,
-    pose_to_matrix,
     prepare_out_dir,
-    stamp_ns,
 )
+from ros2_stream4d.topics import output_topic
+
+from .metrics import Sim3, observed_surface
 
 PRED_TOPICS = {key: output_topic(name) for key, name in
                (("pose", "camera_pose"), ("depth", "depth"), ("depth_relative", "depth_relative"), ("map", "map"))}
-_PF_DTYPES = {1: np.int8, 2: np.uint8, 3: np.int16, 4: np.uint16, 5: np.int32, 6: np.uint32, 7: np.float32,
-              8: np.float64}
 
 
 @dataclass
@@ -55,54 +55,13 @@ class Prediction:
     depth_topic: str = ""  # the topic the depths were read from
 
 
-def pointcloud2_to_arrays(msg) -> dict[str, np.ndarray]:
-    """PointCloud2 (rosbags or rclpy) -> {"xyz": (N, 3) float32, "rgb": (N, 3) uint8?, "<field>": (N,) ...}."""
-    endian = ">" if msg.is_bigendian else "<"
-    names, formats, offsets = [], [], []
-    for f in msg.fields:
-        dt = np.dtype(_PF_DTYPES[f.datatype]).newbyteorder(endian)
-        names.append(f.name)
-        formats.append(dt if f.count == 1 else (dt, f.count))
-        offsets.append(f.offset)
-    dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": msg.point_step})
-    raw = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data, np.uint8)
-    n = msg.width * msg.height
-    if msg.row_step != msg.width * msg.point_step:
-        raw = np.ascontiguousarray(raw.reshape(msg.height, msg.row_step)[:, : msg.width * msg.point_step])
-    s = raw[: n * msg.point_step].view(dtype)
-    out = {"xyz": np.stack([s["x"], s["y"], s["z"]], -1).astype(np.float32)}
-    for name in names:
-        if name in ("x", "y", "z"):
-            continue
-        if name in ("rgb", "rgba"):
-            u = np.ascontiguousarray(s[name]).view(np.uint32) if s[name].dtype.itemsize == 4 else s[name]
-            u = u.astype(np.uint32)
-            out["rgb"] = np.stack([(u >> 16) & 255, (u >> 8) & 255, u & 255], -1).astype(np.uint8)
-        else:
-            out[name] = np.asarray(s[name]).astype(s[name].dtype.newbyteorder("="))
-    return out
-
-
 def pointcloud2_msg(ns: int, frame_id: str, xyz: np.ndarray, rgb: np.ndarray | None = None,
                     confidence: np.ndarray | None = None):
     """rosbags PointCloud2 with x, y, z float32 (+ rgb packed 0x00RRGGBB as float32, + confidence float32)."""
-    T = TYPESTORE.types
     xyz = np.asarray(xyz, np.float32).reshape(-1, 3)
-    cols = ["x", "y", "z"] + (["rgb"] if rgb is not None else []) + (["confidence"] if confidence is not None else [])
-    buf = np.empty((len(xyz), len(cols)), np.float32)
-    buf[:, :3] = xyz
-    c = 3
-    if rgb is not None:
-        rgb = np.asarray(rgb, np.uint32).reshape(-1, 3)
-        buf[:, c].view(np.uint32)[:] = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
-        c += 1
-    if confidence is not None:
-        buf[:, c] = np.asarray(confidence, np.float32).reshape(-1)
-    fields = [T["sensor_msgs/msg/PointField"](name=nm, offset=4 * i, datatype=7, count=1) for i, nm in enumerate(cols)]
-    return T["sensor_msgs/msg/PointCloud2"](
-        header=header(ns, frame_id), height=1, width=len(xyz), fields=fields, is_bigendian=False,
-        point_step=4 * len(cols), row_step=4 * len(cols) * len(xyz), data=buf.view(np.uint8).reshape(-1),
-        is_dense=bool(np.isfinite(xyz).all()))
+    rgb = None if rgb is None else np.asarray(rgb).reshape(-1, 3).astype(np.uint8)
+    return _pointcloud2_msg(MSG, xyz, rgb, None if confidence is None else np.asarray(confidence).reshape(-1),
+                            ns, frame_id)
 
 
 def read_prediction(path: str | Path, pose_topic: str = PRED_TOPICS["pose"], depth_topic: str | None = None,
@@ -120,14 +79,14 @@ def read_prediction(path: str | Path, pose_topic: str = PRED_TOPICS["pose"], dep
     poses, depths, K, last_map, pose_frame = {}, {}, None, None, ""
     for topic, _, msg in iter_messages(path, want):
         if topic == pose_topic:  # PoseStamped (or Odometry: pose.pose)
-            poses[stamp_ns(msg.header.stamp)] = pose_to_matrix(getattr(msg.pose, "pose", msg.pose))
+            poses[stamp_ns(msg.header.stamp)] = pose_to_matrix(msg)
             pose_frame = msg.header.frame_id
         elif topic == depth_topic:
             depths[stamp_ns(msg.header.stamp)] = image_to_numpy(msg).astype(np.float32)
         elif topic == map_topic:
             last_map = msg
         elif K is None:
-            K = np.asarray(msg.k, np.float64).reshape(3, 3)
+            K = camera_info_to_k(msg)[0]
     stamps = np.array(sorted(poses), np.int64)
     dstamps = np.array(sorted(depths), np.int64)
     cloud = pointcloud2_to_arrays(last_map) if last_map is not None else None
@@ -147,7 +106,6 @@ def write_prediction_bag(path: str | Path, stamps, T_map_cam, depths=None, depth
     """A bag shaped like the node's output (see the module docstring); the map is written once, at the last stamp."""
     path = prepare_out_dir(path, overwrite)
     stamps = [int(s) for s in stamps]
-    T = TYPESTORE.types
     with Writer(path, version=9, storage_plugin=STORAGES[storage]) as w:
         c_pose = w.add_connection(PRED_TOPICS["pose"], "geometry_msgs/msg/PoseStamped", typestore=TYPESTORE)
         c_depth = c_info = c_map = None
@@ -166,10 +124,8 @@ def write_prediction_bag(path: str | Path, stamps, T_map_cam, depths=None, depth
         for i, ns in enumerate(stamps):
             put(c_pose, ns, pose_msg(ns, frame_id, np.asarray(T_map_cam[i])))
             if c_depth is not None:
-                d = np.ascontiguousarray(depths[i], np.float32)
-                put(c_depth, ns, T["sensor_msgs/msg/Image"](
-                    header=header(ns, depth_frame_id), height=d.shape[0], width=d.shape[1], encoding="32FC1",
-                    is_bigendian=0, step=d.shape[1] * 4, data=d.view(np.uint8).reshape(-1)))
+                d = np.asarray(depths[i], np.float32)
+                put(c_depth, ns, image_msg(ns, depth_frame_id, d, "32FC1"))
                 if c_info is not None:
                     put(c_info, ns, camera_info_msg(ns, depth_frame_id, depth_K, d.shape[1], d.shape[0]))
         if c_map is not None:
@@ -212,13 +168,9 @@ def write_perturbed_prediction(gt_bag: str | Path, out: str | Path, scale: float
     surface (voxel 2 cm) with ``map_noise`` metres of noise. half_res_depth: depth at half resolution with its
     camera_info. Returns (bag path, the Sim3 that eval should find)."""
     from ros2_stream4d.sim.bag import read_ground_truth
-    from ros2_stream4d.sim.transforms import so3_exp
-
-    from .metrics import Sim3
-    from .report import observed_surface
 
     gt = read_ground_truth(gt_bag)
-    sim = Sim3(float(scale), so3_exp(np.asarray(rotvec, np.float64)), np.asarray(offset, np.float64))
+    sim = Sim3(float(scale), rotation_from_vector(np.asarray(rotvec, np.float64)), np.asarray(offset, np.float64))
     rng = np.random.default_rng(seed)
     P = gt.T_world_cam.copy()
     P[:, :3, :3] = sim.R.T @ P[:, :3, :3]

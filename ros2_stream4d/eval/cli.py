@@ -33,7 +33,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .report import evaluate_bags, write_report
+    from .evaluate import evaluate_bags
+    from .report import write_report
 
     depth_align = args.depth_align if args.depth_align in ("median", "none") else float(args.depth_align)
     result = evaluate_bags(args.pred, args.gt, pose_topic=args.pose_topic, depth_topic=args.depth_topic,

@@ -359,3 +359,26 @@ def observed_cells(depths, K, T_map_cam, lo_cell, shape, options, stride: int = 
             ok = (ij[:, 0] >= 0) & (ij[:, 0] < W) & (ij[:, 1] >= 0) & (ij[:, 1] < H)
             mask[ij[ok, 1], ij[ok, 0]] = True
     return seen, seen_occ
+
+
+def observed_surface(gt_depths, K, gt_T, voxel: float = 0.025, stride: int = 2, max_points: int = 400_000):
+    """Ground-truth surface points seen by the camera (unprojected ground-truth depth), voxel-thinned to a uniform
+    density: the reference for map completeness (a map cannot be asked to cover what was never seen)."""
+    from ros2_stream4d.sim.render import unproject
+
+    pts = []
+    for d, T in zip(gt_depths, gt_T):
+        p = unproject(np.asarray(d)[::stride, ::stride], stride_intrinsics(K, stride), T).reshape(-1, 3)
+        pts.append(p[np.isfinite(p).all(axis=1)])
+    pts = voxel_downsample(np.concatenate(pts), voxel)
+    if len(pts) > max_points:
+        pts = pts[np.random.default_rng(0).choice(len(pts), max_points, replace=False)]
+    return pts
+
+
+def stride_intrinsics(K, stride: int) -> np.ndarray:
+    """Intrinsics of depth[::stride, ::stride] (pixel i of the strided image is pixel stride*i of the full one)."""
+    K = np.asarray(K, np.float64).copy()
+    K[0, :] /= stride
+    K[1, :] /= stride
+    return K

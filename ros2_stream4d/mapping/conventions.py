@@ -92,46 +92,108 @@ def map_to_odom(T_map_base, T_odom_base) -> np.ndarray:
     return _as(T_map_base, (4, 4), "T_map_base") @ inverse(_as(T_odom_base, (4, 4), "T_odom_base"))
 
 
+# ------------------------------------------------------------------------------------------------ rotations
+# The project's one home for rotation maths (numpy, float64, any leading batch dimensions). Quaternions are
+# (x, y, z, w), scalar last, as in ROS messages; rotation vectors are axis * angle in radians. The model's torch
+# versions (model/geometry.py) work on tensors inside the network and stay there.
+
 def quaternion_from_matrix(R) -> np.ndarray:
-    """Rotation matrix (3x3 or the top-left of 4x4) -> unit quaternion (x, y, z, w), w >= 0 (ROS order)."""
-    R = np.asarray(R, dtype=np.float64)[:3, :3]
-    if R.shape != (3, 3):
-        raise ValueError(f"expected a 3x3 rotation, got {R.shape}")
-    # Shepperd's method: pick the largest of w, x, y, z as the pivot for numerical stability.
-    tr = np.trace(R)
-    d = np.array([tr, R[0, 0], R[1, 1], R[2, 2]])
-    i = int(np.argmax(d))
-    if i == 0:
-        s = 2.0 * np.sqrt(1.0 + tr)
-        q = [(R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s, 0.25 * s]
-    elif i == 1:
-        s = 2.0 * np.sqrt(1.0 + R[0, 0] - R[1, 1] - R[2, 2])
-        q = [0.25 * s, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s, (R[2, 1] - R[1, 2]) / s]
-    elif i == 2:
-        s = 2.0 * np.sqrt(1.0 + R[1, 1] - R[0, 0] - R[2, 2])
-        q = [(R[0, 1] + R[1, 0]) / s, 0.25 * s, (R[1, 2] + R[2, 1]) / s, (R[0, 2] - R[2, 0]) / s]
-    else:
-        s = 2.0 * np.sqrt(1.0 + R[2, 2] - R[0, 0] - R[1, 1])
-        q = [(R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, 0.25 * s, (R[1, 0] - R[0, 1]) / s]
-    q = np.array(q)
-    q /= np.linalg.norm(q)
-    return -q if q[3] < 0 else q
+    """Rotations [..., 3, 3] (or the top-left of [..., 4, 4]) -> unit quaternions [..., 4] (x, y, z, w), w >= 0.
+
+    Shepperd's method: per rotation, the largest of 4w^2, 4x^2, 4y^2, 4z^2 is the pivot (numerically stable)."""
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim < 2 or R.shape[-2:] not in ((3, 3), (4, 4)):
+        raise ValueError(f"expected [..., 3, 3] rotations, got {R.shape}")
+    m = R[..., :3, :3]
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = (m[..., i, j] for i in range(3) for j in range(3))
+    four_sq = np.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
+    # row k: (x, y, z, w) times 4 (w, x, y, z)[k]
+    cand = np.stack([
+        np.stack([m21 - m12, m02 - m20, m10 - m01, four_sq[..., 0]], -1),
+        np.stack([four_sq[..., 1], m01 + m10, m02 + m20, m21 - m12], -1),
+        np.stack([m01 + m10, four_sq[..., 2], m12 + m21, m02 - m20], -1),
+        np.stack([m02 + m20, m12 + m21, four_sq[..., 3], m10 - m01], -1),
+    ], -2)
+    k = np.argmax(four_sq, axis=-1)[..., None]
+    q = np.take_along_axis(cand, k[..., None], -2)[..., 0, :] / (2.0 * np.sqrt(np.take_along_axis(four_sq, k, -1)))
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    return np.where(q[..., 3:] < 0, -q, q)
 
 
 def matrix_from_quaternion(q) -> np.ndarray:
-    """Quaternion (x, y, z, w), normalised here -> 3x3 rotation."""
-    q = _as(q, (4,), "q")
-    n = np.linalg.norm(q)
-    if n < 1e-12:
+    """Quaternions [..., 4] (x, y, z, w), normalised here -> rotations [..., 3, 3]. ValueError for a zero or
+    non-finite quaternion."""
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim < 1 or q.shape[-1] != 4:
+        raise ValueError(f"q must have a trailing dimension of 4, got {q.shape}")
+    if not np.all(np.isfinite(q)):
+        raise ValueError("q contains NaN or Inf")
+    n = np.linalg.norm(q, axis=-1, keepdims=True)
+    if np.any(n < 1e-12):
         raise ValueError("quaternion has zero norm")
-    x, y, z, w = q / n
-    return np.array(
-        [
-            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-        ]
-    )
+    x, y, z, w = np.moveaxis(q / n, -1, 0)
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    ], -2)
+
+
+def rotation_from_vector(rotvec) -> np.ndarray:
+    """Rotation vectors [..., 3] (axis * angle, rad) -> rotations [..., 3, 3] (Rodrigues; exact at 0)."""
+    v = np.asarray(rotvec, dtype=np.float64)
+    if v.ndim < 1 or v.shape[-1] != 3:
+        raise ValueError(f"rotation vectors must have a trailing dimension of 3, got {v.shape}")
+    theta = np.linalg.norm(v, axis=-1, keepdims=True)
+    k = v / np.where(theta > 1e-12, theta, 1.0)
+    K = np.zeros(v.shape[:-1] + (3, 3))
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K[..., 1, 0], K[..., 2, 0], K[..., 2, 1] = k[..., 2], -k[..., 1], k[..., 0]
+    th = theta[..., None]
+    return np.eye(3) + np.sin(th) * K + (1.0 - np.cos(th)) * (K @ K)
+
+
+def rotation_vector(R) -> np.ndarray:
+    """Rotations [..., 3, 3] -> rotation vectors [..., 3] (axis * angle, angle in [0, pi]).
+
+    Through the unit quaternion: angle = 2 atan2(|xyz|, w), accurate near 0 and near pi alike."""
+    q = quaternion_from_matrix(R)
+    xyz, w = q[..., :3], q[..., 3:]
+    n = np.linalg.norm(xyz, axis=-1, keepdims=True)
+    small = n < 1e-12
+    # small angles: angle / sin(angle / 2) -> 2 / w (w ~ 1)
+    scale = np.where(small, 2.0 / np.maximum(w, 1e-300), 2.0 * np.arctan2(n, w) / np.where(small, 1.0, n))
+    return xyz * scale
+
+
+def rotation_angle(R) -> np.ndarray:
+    """Rotations [..., 3, 3] -> angles [...] in radians, in [0, pi] (atan2 form: accurate for small and large
+    angles alike)."""
+    R = np.asarray(R, dtype=np.float64)
+    c = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
+    v = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    return np.arctan2(0.5 * np.linalg.norm(v, axis=-1), c)
+
+
+def slerp(q0, q1, w: float) -> np.ndarray:
+    """Spherical interpolation between unit quaternions (x, y, z, w) at weight w in [0, 1], the short way."""
+    q0, q1 = np.asarray(q0, np.float64), np.asarray(q1, np.float64)
+    dot = float(np.dot(q0, q1))
+    if dot < 0:
+        q1, dot = -q1, -dot
+    angle = np.arccos(min(dot, 1.0))
+    if angle < 1e-9:
+        return q0.copy()
+    return (np.sin((1.0 - w) * angle) * q0 + np.sin(w * angle) * q1) / np.sin(angle)
+
+
+def interpolate_transform(T0, T1, w: float) -> np.ndarray:
+    """Rigid 4x4 transform between T0 (w = 0) and T1 (w = 1): translation linear, rotation slerp."""
+    T0, T1 = _as(T0, (4, 4), "T0"), _as(T1, (4, 4), "T1")
+    out = np.eye(4)
+    out[:3, :3] = matrix_from_quaternion(slerp(quaternion_from_matrix(T0), quaternion_from_matrix(T1), w))
+    out[:3, 3] = (1.0 - w) * T0[:3, 3] + w * T1[:3, 3]
+    return out
 
 
 def pixel_rays(hw: tuple[int, int], K) -> np.ndarray:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ros2_stream4d.mapping.conventions import rotation_vector
+
 UNKNOWN_VARIANCE = 1e6
 MAX_CONF_FACTOR = 100.0
 
@@ -37,24 +39,6 @@ def confidence_factor(median_confidence: float) -> float:
     if not np.isfinite(c) or c <= 1.0:
         return MAX_CONF_FACTOR
     return float(np.clip(1.0 / (1.0 - 1.0 / c), 1.0, MAX_CONF_FACTOR))
-
-
-def rotation_vector(R: np.ndarray) -> np.ndarray:
-    """Axis * angle of a rotation matrix (robust near 0 and pi)."""
-    cos = np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)
-    angle = float(np.arccos(cos))
-    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
-    if angle < 1e-7:
-        return w / 2.0
-    if np.pi - angle < 1e-4:  # near pi: axis from the symmetric part
-        axis = np.sqrt(np.clip((np.diag(R) + 1.0) / 2.0, 0.0, None))
-        k = int(np.argmax(axis))
-        axis[k] = axis[k] if axis[k] > 0 else 1.0
-        for j in range(3):
-            if j != k:
-                axis[j] = np.copysign(axis[j], R[k, j] + R[j, k])
-        return axis / np.linalg.norm(axis) * angle
-    return w * angle / (2.0 * np.sin(angle))
 
 
 class MotionEstimator:

@@ -35,19 +35,32 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from rosbags.highlevel import AnyReader
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
+from ros2_stream4d import codec
+from ros2_stream4d.codec import (
+    compressed_image_msg,
+    compressed_to_rgb,
+    header_msg,
+    image_to_numpy,
+    image_to_rgb,
+    message_factory,
+    pose_stamped_msg,
+    pose_to_matrix,
+    stamp_ns,
+    time_msg,
+    transform_stamped_msg,
+)
+from ros2_stream4d.mapping.conventions import inverse, rotation_angle, rotation_from_vector
 from ros2_stream4d.mapping.undistort import DISTORTION_MODELS, LensModel
 
 from .render import CameraModel, Renderer
 from .scenes import build_scene
 from .trajectories import T_CAMLINK_OPTICAL, Trajectory, make_trajectory
-from .transforms import inv_se3, matrix_to_quat, quat_to_matrix, rotation_angle, so3_exp
 
 TOPICS = {
     "image": "/camera/image_raw",
@@ -101,107 +114,40 @@ class SimConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- messages
+# rosbags messages through the codec (ros2_stream4d/codec.py): its readers (image_to_numpy, pose_to_matrix,
+# transform_to_matrix, stamp_ns, image_to_rgb) read these and rclpy messages alike; the writers below bind its
+# writers to this module's typestore with the (ns, frame_id, ...) argument order the sim uses.
+MSG = message_factory(TYPESTORE)
+
+
 def stamp_msg(ns: int):
-    return _T["builtin_interfaces/msg/Time"](sec=int(ns) // 10**9, nanosec=int(ns) % 10**9)
-
-
-def stamp_ns(stamp) -> int:
-    """A builtin_interfaces/Time (rosbags or rclpy message) -> nanoseconds."""
-    return int(stamp.sec) * 10**9 + int(stamp.nanosec)
+    return time_msg(MSG, ns)
 
 
 def header(ns: int, frame_id: str):
-    return _T["std_msgs/msg/Header"](stamp=stamp_msg(ns), frame_id=frame_id)
+    return header_msg(MSG, ns, frame_id)
 
 
 def transform_msg(ns: int, parent: str, child: str, T: np.ndarray):
-    q = matrix_to_quat(T[:3, :3])
-    return _T["geometry_msgs/msg/TransformStamped"](
-        header=header(ns, parent), child_frame_id=child,
-        transform=_T["geometry_msgs/msg/Transform"](
-            translation=_T["geometry_msgs/msg/Vector3"](x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])),
-            rotation=_T["geometry_msgs/msg/Quaternion"](x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3]))))
+    return transform_stamped_msg(MSG, T, ns, parent, child)
 
 
 def pose_msg(ns: int, frame_id: str, T: np.ndarray):
-    q = matrix_to_quat(T[:3, :3])
-    return _T["geometry_msgs/msg/PoseStamped"](
-        header=header(ns, frame_id),
-        pose=_T["geometry_msgs/msg/Pose"](
-            position=_T["geometry_msgs/msg/Point"](x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])),
-            orientation=_T["geometry_msgs/msg/Quaternion"](x=float(q[0]), y=float(q[1]), z=float(q[2]),
-                                                          w=float(q[3]))))
+    return pose_stamped_msg(MSG, T, ns, frame_id)
 
 
 def image_msg(ns: int, frame_id: str, array: np.ndarray, encoding: str):
-    a = np.ascontiguousarray(array)
-    h, w = a.shape[:2]
-    return _T["sensor_msgs/msg/Image"](header=header(ns, frame_id), height=h, width=w, encoding=encoding,
-                                       is_bigendian=0, step=a.strides[0], data=a.view(np.uint8).reshape(-1))
+    return codec.image_msg(MSG, array, encoding, ns, frame_id)
 
 
 def compressed_msg(ns: int, frame_id: str, rgb: np.ndarray, quality: int = 90):
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise RuntimeError("jpeg encoding failed")
-    return _T["sensor_msgs/msg/CompressedImage"](header=header(ns, frame_id), format="rgb8; jpeg compressed bgr8",
-                                                 data=buf.reshape(-1))
+    return compressed_image_msg(MSG, rgb, "jpeg", "rgb8", quality, ns, frame_id)
 
 
 def camera_info_msg(ns: int, frame_id: str, K: np.ndarray, width: int, height: int,
                     distortion_model: str = "plumb_bob", D=None):
     """CameraInfo with P = [K | 0]; D None = the model's zeros (5 for plumb_bob)."""
-    K = np.asarray(K, np.float64)
-    P = np.zeros((3, 4))
-    P[:, :3] = K
-    d = np.zeros(5) if D is None or not len(D) else np.asarray(D, np.float64)
-    return _T["sensor_msgs/msg/CameraInfo"](
-        header=header(ns, frame_id), height=height, width=width, distortion_model=distortion_model, d=d,
-        k=K.reshape(-1), r=np.eye(3).reshape(-1), p=P.reshape(-1), binning_x=0, binning_y=0,
-        roi=_T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
-
-
-def image_to_numpy(msg) -> np.ndarray:
-    """sensor_msgs/Image (rosbags or rclpy) -> (H, W) or (H, W, C) array; handles row padding and endianness.
-    Supported encodings: rgb8, bgr8, rgba8, bgra8, mono8, mono16, 8UC1, 8UC3, 16UC1, 32FC1."""
-    dtypes = {"rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3), "rgba8": (np.uint8, 4), "bgra8": (np.uint8, 4),
-              "mono8": (np.uint8, 1), "8UC1": (np.uint8, 1), "8UC3": (np.uint8, 3), "mono16": (np.uint16, 1),
-              "16UC1": (np.uint16, 1), "32FC1": (np.float32, 1)}
-    if msg.encoding not in dtypes:
-        raise ValueError(f"unsupported image encoding {msg.encoding!r}")
-    dt, c = dtypes[msg.encoding]
-    dt = np.dtype(dt).newbyteorder(">" if msg.is_bigendian else "<")
-    raw = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data, np.uint8)
-    rows = raw.reshape(msg.height, msg.step)[:, : msg.width * c * dt.itemsize]
-    arr = np.ascontiguousarray(rows).view(dt).reshape(msg.height, msg.width, c).astype(dt.newbyteorder("="))
-    return arr[:, :, 0] if c == 1 else arr
-
-
-def rgb_from_image_msg(msg) -> np.ndarray:
-    arr = image_to_numpy(msg)
-    if msg.encoding.startswith("bgr"):
-        return np.ascontiguousarray(arr[:, :, 2::-1])
-    if arr.ndim == 2:
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(arr[:, :, :3])
-
-
-def pose_to_matrix(pose) -> np.ndarray:
-    """geometry_msgs/Pose -> 4x4."""
-    T = np.eye(4)
-    o, p = pose.orientation, pose.position
-    T[:3, :3] = quat_to_matrix([o.x, o.y, o.z, o.w])
-    T[:3, 3] = [p.x, p.y, p.z]
-    return T
-
-
-def transform_to_matrix(tf) -> np.ndarray:
-    """geometry_msgs/Transform -> 4x4."""
-    T = np.eye(4)
-    r, t = tf.rotation, tf.translation
-    T[:3, :3] = quat_to_matrix([r.x, r.y, r.z, r.w])
-    T[:3, 3] = [t.x, t.y, t.z]
-    return T
+    return codec.camera_info_msg(MSG, K, width, height, ns, frame_id, distortion_model=distortion_model, d=D)
 
 
 # ---------------------------------------------------------------------------------------------------- odometry
@@ -218,7 +164,7 @@ def noisy_odometry(T_world_base: np.ndarray, level: float, rng: np.random.Genera
     out = np.empty_like(T_world_base)
     out[0] = T_world_base[0]
     for i in range(1, len(T_world_base)):
-        D = inv_se3(T_world_base[i - 1]) @ T_world_base[i]
+        D = inverse(T_world_base[i - 1]) @ T_world_base[i]
         t = D[:3, 3]
         step = float(np.linalg.norm(t))
         ang = float(rotation_angle(D[:3, :3]))
@@ -228,7 +174,7 @@ def noisy_odometry(T_world_base: np.ndarray, level: float, rng: np.random.Genera
             noise_t[2] = 0.0
             noise_r[:2] = 0.0
         Dn = np.eye(4)
-        Dn[:3, :3] = so3_exp(noise_r + drift_bias * step) @ D[:3, :3]
+        Dn[:3, :3] = rotation_from_vector(noise_r + drift_bias * step) @ D[:3, :3]
         Dn[:3, 3] = t * (1.0 + scale_bias + level * rng.normal()) + noise_t
         out[i] = out[i - 1] @ Dn
     return out
@@ -410,16 +356,15 @@ def read_ground_truth(path: str | Path, with_depth: bool = True, with_images: bo
     for topic, _, msg in iter_messages(path, want):
         ns = stamp_ns(msg.header.stamp)
         if topic == TOPICS["gt_pose"]:
-            poses[ns] = pose_to_matrix(msg.pose)
+            poses[ns] = pose_to_matrix(msg)
         elif topic == TOPICS["gt_depth"]:
             depths[ns] = image_to_numpy(msg)
         elif topic == TOPICS["camera_info"]:
             info = info or msg
         elif topic == TOPICS["image"]:
-            images[ns] = rgb_from_image_msg(msg)
+            images[ns] = image_to_rgb(msg)
         elif ns not in images:  # compressed, only when there is no raw image
-            images[ns] = cv2.cvtColor(cv2.imdecode(np.asarray(msg.data, np.uint8), cv2.IMREAD_COLOR),
-                                      cv2.COLOR_BGR2RGB)
+            images[ns] = compressed_to_rgb(msg)
     if not poses or info is None:
         raise ValueError(f"{path}: not a sim bag (needs {TOPICS['gt_pose']} and {TOPICS['camera_info']})")
     stamps = np.array(sorted(poses), np.int64)

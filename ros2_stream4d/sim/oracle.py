@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ros2_stream4d.mapping.conventions import inverse as inv_se3
+
 from .render import mesh_raycasting_scene, raycast_depth, unproject
-from .transforms import inv_se3
 
 
 class OracleSession:

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from ros2_stream4d.mapping.conventions import interpolate_transform
+from ros2_stream4d.ros.conversions import time_to_ns, transform_to_matrix
 from ros2_stream4d.ros.tf_policy import TransformNotFound
-from ros2_stream4d.ros.conversions import matrix_to_quaternion, quaternion_to_matrix, time_to_ns, transform_to_matrix
 
 HISTORY = 1000  # samples kept per dynamic edge (20 s of 50 Hz odometry)
 
@@ -47,22 +48,7 @@ class Edge:
         if stamps[i] == stamp_ns:
             return self.history[i][1]
         (s0, m0), (s1, m1) = self.history[i - 1], self.history[i]
-        return _interpolate(m0, m1, (stamp_ns - s0) / max(s1 - s0, 1))
-
-
-def _interpolate(m0: np.ndarray, m1: np.ndarray, w: float) -> np.ndarray:
-    q0, q1 = matrix_to_quaternion(m0[:3, :3]), matrix_to_quaternion(m1[:3, :3])
-    if np.dot(q0, q1) < 0:
-        q1 = -q1
-    angle = np.arccos(np.clip(np.dot(q0, q1), -1.0, 1.0))
-    if angle < 1e-9:
-        q = q0
-    else:
-        q = (np.sin((1 - w) * angle) * q0 + np.sin(w * angle) * q1) / np.sin(angle)
-    out = np.eye(4)
-    out[:3, :3] = quaternion_to_matrix(q)
-    out[:3, 3] = (1 - w) * m0[:3, 3] + w * m1[:3, 3]
-    return out
+        return interpolate_transform(m0, m1, (stamp_ns - s0) / max(s1 - s0, 1))
 
 
 def _strip(frame: str) -> str:
