@@ -130,11 +130,13 @@ def test_recording_poses_and_ground_truth_in_the_map_frame(run, recording):
     assert np.ptp(pred_strip, axis=0).max() > 0.05  # the camera moved: the check above is not vacuous
 
 
-def test_camera_frame_clouds_and_meshes(run, tmp_path):
-    out = write_output_bag(tmp_path / "out_cam", run["results"], run["map"], cloud_in_camera=True)
+def test_camera_frame_clouds_old_topic_names_and_meshes(run, tmp_path):
+    # 0.1's topic names (~/depth, ~/confidence) as well
+    out = write_output_bag(tmp_path / "out_cam", run["results"], run["map"], cloud_in_camera=True, legacy_names=True)
     path = tmp_path / "cam.rrd"
     save_recording([out, run["sim"]], path, OPTIONS, mesh=run["sim"] / "scene.ply", gt_scene=True)
     got = read_rrd(path)
+    assert got[E.DEPTH]["rows"] == got[E.CONFIDENCE]["rows"] == FRAMES
     assert E.CLOUD not in got and got[E.CAMERA_CLOUD]["rows"] == FRAMES  # under the moving camera transform
     i = int(np.argmax(got[E.CAMERA_CLOUD]["stamps"]))
     last = max(run["results"], key=lambda r: r.stamp_ns)

@@ -36,10 +36,11 @@ def oracle_results(sim_bag: str | Path, input_width: int = 0, conf_percentile: f
 
 def write_output_bag(path: str | Path, results, map_cloud=None, ns: str = "/stream4d", map_frame: str = "map",
                      camera_frame: str = "camera_optical_frame", storage: str = "mcap",
-                     overwrite: bool = False, cloud_in_camera: bool = False) -> Path:
+                     overwrite: bool = False, cloud_in_camera: bool = False, legacy_names: bool = False) -> Path:
     """The node's per-frame outputs (camera_pose, depth + camera_info, confidence, cloud in the map frame, or the
     camera frame with cloud_in_camera) for each FrameResult (clouds in the map frame), and the map (xyz, rgb) once
-    at the last stamp."""
+    at the last stamp. Topic names as ros2_stream4d/topics.py has them (depth in model units: the oracle pipeline
+    has no scale source), or 0.1's (~/depth, ~/confidence) with legacy_names."""
     from ros2_stream4d.mapping.conventions import inverse, transform_points
 
     path = prepare_out_dir(path, overwrite)
@@ -47,10 +48,14 @@ def write_output_bag(path: str | Path, results, map_cloud=None, ns: str = "/stre
         def conn(topic, msgtype):
             return w.add_connection(f"{ns}/{topic}", msgtype, typestore=TYPESTORE)
 
+        if legacy_names:
+            depth, info, conf = "depth", "depth/camera_info", "confidence"
+        else:
+            depth, info, conf = "depth_relative/image", "depth_relative/camera_info", "confidence/image"
         c = {"pose": conn("camera_pose", "geometry_msgs/msg/PoseStamped"),
-             "depth": conn("depth", "sensor_msgs/msg/Image"),
-             "info": conn("depth/camera_info", "sensor_msgs/msg/CameraInfo"),
-             "conf": conn("confidence", "sensor_msgs/msg/Image"),
+             "depth": conn(depth, "sensor_msgs/msg/Image"),
+             "info": conn(info, "sensor_msgs/msg/CameraInfo"),
+             "conf": conn(conf, "sensor_msgs/msg/Image"),
              "cloud": conn("cloud", "sensor_msgs/msg/PointCloud2"),
              "map": conn("map", "sensor_msgs/msg/PointCloud2")}
 

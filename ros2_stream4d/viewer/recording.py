@@ -27,7 +27,9 @@ from .entities import RunLogger, ViewOptions, spread_indices
 
 @dataclass
 class Topics:
-    """Where the node's outputs and the camera input are (the demo's defaults)."""
+    """Where the node's outputs and the camera input are (the demo's defaults). Depth is read from every one of
+    ~/depth/image (metres), ~/depth_relative/image (model units: no valid scale yet) and 0.1's ~/depth that the
+    bag has (ros2_stream4d/topics.py), confidence from ~/confidence/image or 0.1's ~/confidence."""
 
     ns: str = "/stream4d"
     image: str = "/camera/image_raw"
@@ -39,12 +41,12 @@ class Topics:
         return f"{self.ns}/camera_pose"
 
     @property
-    def depth(self) -> str:
-        return f"{self.ns}/depth"
+    def depths(self) -> tuple[str, ...]:
+        return f"{self.ns}/depth/image", f"{self.ns}/depth_relative/image", f"{self.ns}/depth"
 
     @property
-    def confidence(self) -> str:
-        return f"{self.ns}/confidence"
+    def confidences(self) -> tuple[str, ...]:
+        return f"{self.ns}/confidence/image", f"{self.ns}/confidence"
 
     @property
     def cloud(self) -> str:
@@ -147,7 +149,9 @@ def _log_output_bag(log: RunLogger, bag: Path, topics: Topics, have: dict, summa
     n_maps = have.get(topics.map, ("", 0))[1]
     keep_maps = spread_indices(n_maps, log.opt.map_updates)
     keep_maps = set(range(n_maps)) if keep_maps is None else set(keep_maps.tolist()) | {n_maps - 1}
-    want = [t for t in (topics.pose, topics.depth, topics.confidence, topics.cloud, topics.map) if t in have]
+    depths = [t for t in topics.depths if have.get(t, ("",))[0] == "sensor_msgs/msg/Image"]
+    confidences = [t for t in topics.confidences if have.get(t, ("",))[0] == "sensor_msgs/msg/Image"][:1]
+    want = [t for t in (topics.pose, topics.cloud, topics.map) if t in have] + depths + confidences
     stamps, poses, map_frame, i_map = [], [], "", -1
     for topic, _, msg in iter_messages(bag, want):
         ns = stamp_ns(msg.header.stamp)
@@ -157,9 +161,9 @@ def _log_output_bag(log: RunLogger, bag: Path, topics: Topics, have: dict, summa
             stamps.append(ns)
             poses.append(T)
             log.camera_pose(ns, T)
-        elif topic == topics.depth:
+        elif topic in depths:
             log.depth(ns, image_to_numpy(msg))
-        elif topic == topics.confidence:
+        elif topic in confidences:
             log.confidence(ns, image_to_numpy(msg))
         elif topic == topics.cloud:
             c = pointcloud2_to_arrays(msg)
