@@ -120,7 +120,8 @@ def load_trained(path: str | Path, model_cfg: dict[str, Any] | None = None, pret
     return model.eval()
 
 
-def train(cfg: SmallTrainConfig, max_minutes: float | None = None, log=print) -> Path:
+def train(cfg: SmallTrainConfig, max_minutes: float | None = None, log=print, max_steps: int | None = None) -> Path:
+    """Train (or resume) until the schedule's wall time, ``max_minutes`` of this sitting or ``max_steps`` (total)."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if (run / "config.json").exists():
@@ -153,7 +154,7 @@ def train(cfg: SmallTrainConfig, max_minutes: float | None = None, log=print) ->
         elapsed = elapsed0 + time.time() - t_start
         if max_minutes is not None and time.time() - t_start > 60 * max_minutes:
             break
-        if elapsed > 60 * cfg.minutes:
+        if elapsed > 60 * cfg.minutes or (max_steps is not None and step >= max_steps):
             break
         if step % 200 == 0:
             for p in pools:
