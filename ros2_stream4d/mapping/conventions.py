@@ -140,17 +140,22 @@ def matrix_from_quaternion(q) -> np.ndarray:
 
 
 def rotation_from_vector(rotvec) -> np.ndarray:
-    """Rotation vectors [..., 3] (axis * angle, rad) -> rotations [..., 3, 3] (Rodrigues; exact at 0)."""
+    """Rotation vectors [..., 3] (axis * angle, rad) -> rotations [..., 3, 3].
+
+    Rodrigues as R = I + a [v]x + b [v]x^2 with a = sin(t)/t, b = (1 - cos(t))/t^2, their series below 1e-4 rad,
+    so tiny rotations stay exact (a 1e-12 rad rotation is not rounded to the identity)."""
     v = np.asarray(rotvec, dtype=np.float64)
     if v.ndim < 1 or v.shape[-1] != 3:
         raise ValueError(f"rotation vectors must have a trailing dimension of 3, got {v.shape}")
-    theta = np.linalg.norm(v, axis=-1, keepdims=True)
-    k = v / np.where(theta > 1e-12, theta, 1.0)
+    t = np.linalg.norm(v, axis=-1)[..., None, None]
+    small = t < 1e-4
+    safe = np.where(small, 1.0, t)
+    a = np.where(small, 1.0 - t * t / 6.0, np.sin(safe) / safe)
+    b = np.where(small, 0.5 - t * t / 24.0, (1.0 - np.cos(safe)) / (safe * safe))
     K = np.zeros(v.shape[:-1] + (3, 3))
-    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
-    K[..., 1, 0], K[..., 2, 0], K[..., 2, 1] = k[..., 2], -k[..., 1], k[..., 0]
-    th = theta[..., None]
-    return np.eye(3) + np.sin(th) * K + (1.0 - np.cos(th)) * (K @ K)
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -v[..., 2], v[..., 1], -v[..., 0]
+    K[..., 1, 0], K[..., 2, 0], K[..., 2, 1] = v[..., 2], -v[..., 1], v[..., 0]
+    return np.eye(3) + a * K + b * (K @ K)
 
 
 def rotation_vector(R) -> np.ndarray:
