@@ -9,9 +9,10 @@ Per frame (``frame_votes``), with points and the camera position in ``map`` (z u
 - occupied vote: the (cell, slab) of every point whose height above the floor is in the band;
 - floor vote: the cell of every floor point (height <= min_height);
 - free vote: every (cell, slab) a 3D ray from the camera to an occupied (cell, slab) centre or a floor cell's centre
-  passes through, sampled every half cell, stopping one cell width (horizontally) short of its end (so grazing rays
+  passes through, sampled every cell length, stopping one cell width (horizontally) short of its end (so grazing rays
   do not clear the obstacles next to the one they end on). Points above max_height (ceilings) cast no rays; points
-  farther than ``max_range`` (horizontally) from the camera are ignored.
+  farther than ``max_range`` (horizontally) from the camera are ignored. Only the farthest end per azimuth bin (one
+  cell wide at max_range) and end slab casts a ray: the nearer ends in that direction lie on or beside it.
 
 A frame votes at most once per (cell, slab) and class; occupied wins over free within a frame. The grid sums votes
 over frames and decides each slab with OctoMap's default sensor model as log-odds: L = 0.85 occupied - 0.4 free.
@@ -33,6 +34,7 @@ import numpy as np
 
 L_OCC, L_FREE = 0.85, -0.4  # log-odds of one hit / one miss (OctoMap defaults 0.7 / 0.4)
 UNKNOWN, FREE, OCCUPIED = -1, 0, 100
+RAY_STEP = 1.0  # ray samples every cell length (a diagonal may skip a corner-touched cell)
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,22 @@ def frame_votes(points_map: np.ndarray, camera_xyz, opt: OccupancyOptions) -> Vo
         d = ends_xy - c[:2]
         dz = ends_h + opt.floor_z - c[2]
         length = np.hypot(d[:, 0], d[:, 1])
-        steps = np.maximum(0, np.ceil((length - r) / (0.5 * r)).astype(np.int64))
+        # one ray per azimuth bin (one cell wide at max_range) and end height: the farthest; nearer ends in the
+        # same direction lie on or beside it (their own cells are voted anyway)
+        kind = np.concatenate([ts, np.full(len(fi), S)])
+        az = np.floor((np.arctan2(d[:, 1], d[:, 0]) + np.pi) * (opt.max_range / r)).astype(np.int64)
+        key = az * (S + 1) + kind
+        order = np.lexsort((length, key))
+        last = np.r_[key[order][1:] != key[order][:-1], True]
+        sel = order[last]
+        d, dz, length = d[sel], dz[sel], length[sel]
+        step = RAY_STEP * r
+        steps = np.maximum(0, np.ceil((length - r) / step).astype(np.int64))
         total = int(steps.sum())
         if total:
             ray = np.repeat(np.arange(len(steps)), steps)
             k = np.arange(total) - np.repeat(np.cumsum(steps) - steps, steps)
-            t = k * (0.5 * r) / np.maximum(length[ray], 1e-12)
+            t = k * step / np.maximum(length[ray], 1e-12)
             hh = c[2] - opt.floor_z + dz[ray] * t
             inb = (hh > opt.min_height) & (hh <= opt.max_height)
             xy = c[:2] + d[ray[inb]] * t[inb, None]
