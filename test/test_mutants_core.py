@@ -84,6 +84,49 @@ def test_confidence_percentile_extremes_and_options_object():
     assert sorted(frame_cloud(pred, opts)[2].tolist()) == list(range(76, 101))
 
 
+def test_cloud_filters_never_bring_back_invalid_pixels():
+    """Each filter narrows the valid set: a NaN-depth pixel stays out whatever threshold, depth limit or percentile
+    is set (a filter that replaced the mask instead of narrowing it would let rows 8-9 back in)."""
+    pred = ramp_prediction(seed=4, invalid_rows=2)
+    assert len(frame_cloud(pred)[0]) == 80
+    assert len(frame_cloud(pred, conf_threshold=1)[0]) == 80
+    assert len(frame_cloud(pred, max_depth=10.0)[0]) == 80
+    assert len(frame_cloud(pred, max_depth=2.0)[0]) == 80  # a point exactly at the limit is kept
+    assert len(frame_cloud(pred, max_depth=1.99)[0]) == 0
+    _, _, conf = frame_cloud(pred, conf_threshold=50, max_depth=5.0)
+    assert sorted(conf.tolist()) == sorted(c for c in pred.points_conf[:-2].ravel().tolist() if c >= 50)
+
+
+def test_cloud_subsample_is_without_replacement_and_outputs_are_cast():
+    pred = ramp_prediction(seed=5)
+    _, _, conf = frame_cloud(pred, max_points=90)
+    assert len(conf) == 90 and len(set(conf.tolist())) == 90  # 90 distinct pixels out of 100
+    assert conf.tolist() == [c for c in pred.points_conf.ravel().tolist() if c in set(conf.tolist())]  # in order
+    assert len(frame_cloud(pred, max_points=100)[2]) == 100 and len(frame_cloud(pred, max_points=0)[2]) == 0
+    assert frame_cloud(pred, max_points=5, seed=1)[2].tolist() != frame_cloud(pred, max_points=5, seed=2)[2].tolist()
+    wide = FramePrediction(**{**pred.__dict__, "points_world": pred.points_world.astype(np.float64),
+                              "rgb_model": pred.rgb_model.astype(np.int64),
+                              "points_conf": pred.points_conf.astype(np.float64)})
+    for frame in ("world", "camera"):
+        xyz, rgb, conf = frame_cloud(wide, frame=frame)
+        assert (xyz.dtype, rgb.dtype, conf.dtype) == (np.float32, np.uint8, np.float32)
+        assert xyz.flags.c_contiguous and rgb.flags.c_contiguous
+
+
+def test_cloud_options_are_checked():
+    CloudOptions(conf_percentile=0)
+    CloudOptions(conf_percentile=100, max_points=0, stride=1)
+    for kwargs, match in ((dict(conf_percentile=100.5), r"conf_percentile must be in \[0, 100\], got 100.5"),
+                          (dict(conf_percentile=-1), "conf_percentile must be in"),
+                          (dict(max_points=-1), "max_points must be >= 0, got -1"),
+                          (dict(frame="map"), "frame must be one of .*got 'map'"),
+                          (dict(stride=0), "stride must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=match):
+            CloudOptions(**kwargs)
+    with pytest.raises(TypeError, match="pass either options or keyword overrides, not both"):
+        frame_cloud(ramp_prediction(), CloudOptions(), stride=2)
+
+
 # ------------------------------------------------------------------------------------------------ windowed median
 def test_depth_scale_median_ignores_a_wild_last_frame():
     """Three good frames, then a wild one LAST: the windowed median stays at the good value; an estimate that
