@@ -147,6 +147,18 @@ def test_camera_frame_clouds_old_topic_names_and_meshes(run, tmp_path):
         assert got[entity]["static"] and "Mesh3D:vertex_positions" in got[entity]["columns"]
 
 
+def test_compressed_camera_images_are_kept_as_recorded(run, tmp_path):
+    from ros2_stream4d.sim.bag import iter_messages
+
+    sim = tmp_path / "compressed_bag"
+    write_sim_bag(sim, SimConfig(scene="room", trajectory="ground_robot", frames=FRAMES, width=64, height=48, seed=5,
+                                 raw=False, compressed=True), progress=False)
+    path = save_recording([run["out"], sim], tmp_path / "c.rrd", OPTIONS).path
+    blobs = [bytes(b) for b in column_values(read_rrd(path)[E.IMAGE], "EncodedImage:blob")]
+    recorded = [bytes(m.data) for _, _, m in iter_messages(sim, ["/camera/image_raw/compressed"])]
+    assert len(blobs) == FRAMES and sorted(blobs) == sorted(recorded)  # no second JPEG generation
+
+
 def test_bags_in_any_order_and_a_foreign_bag_is_refused(run, tmp_path):
     assert classify_bags([run["sim"], run["out"]]) == ([run["out"]], [run["sim"]])
     from ros2_stream4d.eval.bagio import write_prediction_bag
