@@ -24,13 +24,13 @@ from .metrics import (
     Sim3,
     ate,
     depth_metrics,
+    depth_points,
     map_metrics,
     mesh_metrics,
     observed_surface,
     occupancy_iou,
     reference_occupancy,
     rpe,
-    stride_intrinsics,
 )
 
 
@@ -140,7 +140,6 @@ def _score_grid(g: dict, al: Sim3, mesh, gt_depths, K, gt_T, stride: int = 4) ->
     """Occupancy IoU in the prediction's map frame: the ground truth (mesh, depths, poses) is moved into it by the
     inverse of the trajectory alignment, so the predicted lattice is used as it is."""
     from ros2_stream4d.mapping.occupancy import OccupancyOptions, frame_votes
-    from ros2_stream4d.sim.render import unproject
 
     data, res = np.asarray(g["data"]), float(g["resolution"])
     lo = np.round(np.asarray(g["origin"], np.float64)[:2] / res).astype(np.int64)
@@ -154,8 +153,7 @@ def _score_grid(g: dict, al: Sim3, mesh, gt_depths, K, gt_T, stride: int = 4) ->
     H, W = data.shape
     seen, seen_occ = np.zeros((H, W), bool), np.zeros((H, W), bool)
     for d, T in zip(gt_depths, gt_T):
-        p = unproject(np.asarray(d)[::stride, ::stride], stride_intrinsics(K, stride), T).reshape(-1, 3)
-        votes = frame_votes(to_map(p[np.isfinite(p).all(axis=1)]), to_map(T[:3, 3]), opt)
+        votes = frame_votes(to_map(depth_points(d, K, T, stride)), to_map(T[:3, 3]), opt)
         for which, mask in (("any", seen), ("occ", seen_occ)):
             ij = votes.cells(which) - lo
             ok = (ij[:, 0] >= 0) & (ij[:, 0] < W) & (ij[:, 1] >= 0) & (ij[:, 1] < H)

@@ -361,16 +361,18 @@ def observed_cells(depths, K, T_map_cam, lo_cell, shape, options, stride: int = 
     return seen, seen_occ
 
 
+def depth_points(depth, K, T_world_cam, stride: int = 1) -> np.ndarray:
+    """(P, 3) finite world points of a z-depth map (every stride-th pixel each way; NaN = no hit)."""
+    from ros2_stream4d.sim.render import unproject
+
+    p = unproject(np.asarray(depth)[::stride, ::stride], stride_intrinsics(K, stride), T_world_cam).reshape(-1, 3)
+    return p[np.isfinite(p).all(axis=1)]
+
+
 def observed_surface(gt_depths, K, gt_T, voxel: float = 0.025, stride: int = 2, max_points: int = 400_000):
     """Ground-truth surface points seen by the camera (unprojected ground-truth depth), voxel-thinned to a uniform
     density: the reference for map completeness (a map cannot be asked to cover what was never seen)."""
-    from ros2_stream4d.sim.render import unproject
-
-    pts = []
-    for d, T in zip(gt_depths, gt_T):
-        p = unproject(np.asarray(d)[::stride, ::stride], stride_intrinsics(K, stride), T).reshape(-1, 3)
-        pts.append(p[np.isfinite(p).all(axis=1)])
-    pts = voxel_downsample(np.concatenate(pts), voxel)
+    pts = voxel_downsample(np.concatenate([depth_points(d, K, T, stride) for d, T in zip(gt_depths, gt_T)]), voxel)
     if len(pts) > max_points:
         pts = pts[np.random.default_rng(0).choice(len(pts), max_points, replace=False)]
     return pts
