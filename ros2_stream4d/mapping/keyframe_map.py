@@ -202,6 +202,7 @@ class KeyframeMap:
         self._finalizer = None
         self.keyframes: list[Keyframe] = []
         self._spilled = 0  # keyframes[:_spilled] are on disk
+        self._buf: dict[str, np.ndarray] = {}  # the open keyframe's preallocated frame buffers
         self.segment = 0
         self._current: Keyframe | None = None
         self._next_id = 0
@@ -285,8 +286,13 @@ class KeyframeMap:
         kf = self._current
         if kf is None or self._needs_keyframe(kf, T, (h, w)):
             kf = self._new_keyframe(T, (h, w))
-        kf.frames = kf.frames.append(frame.stamp_ns, inverse(kf.T_map_kf) @ T, K, depth16, conf16, rgb)
-        kf.n_frames = len(kf.frames)
+        # the open keyframe fills preallocated buffers (no per-frame re-allocation); frames = views of the filled part
+        n, buf = kf.n_frames, self._buf
+        for name, value in (("stamps", np.int64(frame.stamp_ns)), ("T_kf_cam", inverse(kf.T_map_kf) @ T), ("K", K),
+                            ("depth", depth16), ("conf", conf16), ("rgb", rgb)):
+            buf[name][n] = value
+        kf.n_frames = n + 1
+        kf.frames = FrameBatch(**{name: a[:n + 1] for name, a in buf.items()})
         # products see exactly what a rebuild will see: the stored (float16) frame at the stored relative pose
         self._fuse(depth16.astype(np.float32), conf16, rgb, K, kf.T_map_kf @ kf.frames.T_kf_cam[-1])
         self.frames += 1
@@ -300,7 +306,19 @@ class KeyframeMap:
         rel = inverse(kf.T_map_kf) @ T
         return bool(np.linalg.norm(rel[:3, 3]) > c.keyframe_distance or rotation_angle_deg(rel) > c.keyframe_angle_deg)
 
+    def _close_current(self) -> None:
+        """Trim the open keyframe's buffers to its frames (copies, so the buffers can be dropped)."""
+        kf = self._current
+        if kf is not None and kf.frames is not None:
+            kf.frames = FrameBatch(**{k: v.copy() for k, v in kf.frames.arrays().items()})
+        self._buf = {}
+
     def _new_keyframe(self, T_map_kf: np.ndarray, hw) -> Keyframe:
+        self._close_current()
+        cap, (h, w) = self.config.keyframe_max_frames, hw
+        self._buf = {"stamps": np.zeros(cap, np.int64), "T_kf_cam": np.zeros((cap, 4, 4)), "K": np.zeros((cap, 3, 3)),
+                     "depth": np.zeros((cap, h, w), np.float16), "conf": np.zeros((cap, h, w), np.float16),
+                     "rgb": np.zeros((cap, h, w, 3), np.uint8)}
         kf = Keyframe(self._next_id, self.segment, T_map_kf.copy(), empty_batch(*hw))
         self._next_id += 1
         self.keyframes.append(kf)
@@ -348,6 +366,7 @@ class KeyframeMap:
         """A stream reset: the next frame starts a new keyframe in a new segment; the map is kept."""
         if self._current is not None or self.keyframes:
             self.segment += 1
+        self._close_current()
         self._current = None
 
     def erase(self) -> None:
@@ -355,7 +374,7 @@ class KeyframeMap:
         for kf in self.keyframes:
             if kf.spill_path is not None:
                 kf.spill_path.unlink(missing_ok=True)
-        self.keyframes, self._current, self._spilled = [], None, 0
+        self.keyframes, self._current, self._spilled, self._buf = [], None, 0, {}
         self.segment, self._next_id, self.frames = 0, 0, 0
         self.stale = False
         self._build_products()
