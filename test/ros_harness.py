@@ -238,7 +238,6 @@ def assert_tf_matches_poses(node_edges: Sequence[Any], tf_messages: Sequence[Any
         if stamp not in by_stamp:
             continue
         from ros2_stream4d.ros.conversions import transform_to_matrix
-
         from ros2_stream4d.ros.tf_policy import TransformNotFound
 
         T_map_child = transform_to_matrix(edge)

@@ -33,8 +33,20 @@ def pose(i):
 class FakeSession:
     """Sees a fronto-parallel-ish depth ramp; returns exact geometry like the sim oracle (or a pose encoding)."""
 
+    window, anchors = None, 1  # the StreamingSession protocol (model/session.py)
+
     def __init__(self, exact=True, fov=(0.9, 1.1)):
         self.exact, self.fov, self.i, self.calls = exact, fov, 0, []
+
+    @property
+    def frames_seen(self):
+        return self.i
+
+    def stats(self):
+        return None
+
+    def shrunk(self, window):
+        return None
 
     def reset(self):
         self.i = 0
@@ -64,11 +76,6 @@ class FakeSession:
         return out
 
 
-class PlainSession(FakeSession):
-    def step(self, image):  # the model session's signature: no stamp, no mapping
-        return super().step(image)
-
-
 IMG = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
 
 
@@ -77,14 +84,11 @@ def recon(session=None, **kw):
 
 
 # ------------------------------------------------------------------------------------------------ reconstructor
-def test_step_passes_stamp_and_mapping_only_to_sessions_that_take_them():
+def test_step_passes_the_image_its_stamp_and_its_pixel_mapping():
     r = recon()
     pred = r.step(IMG, 123)
     shape, dtype, stamp, mapping = r.session.calls[0]
     assert shape == (1, 3, 84, 112) and dtype == torch.float32 and stamp == 123 and mapping is pred.mapping
-    r2 = recon(PlainSession())
-    r2.step(IMG, 5)
-    assert r2.session.calls[0][2:] == (None, None)
 
 
 def test_prediction_geometry_from_exact_session():
@@ -161,14 +165,14 @@ def test_size_change_mid_stream_needs_reset():
 
 
 def test_bad_sessions_and_outputs():
-    with pytest.raises(TypeError, match="step"):
+    with pytest.raises(TypeError, match="StreamingSession protocol"):
         StreamingReconstructor(object(), Preprocessor(112))
     with pytest.raises(ValueError, match="points_source"):
         recon(points_source="lidar")
 
     class Broken(FakeSession):
-        def step(self, image, **kw):
-            out = super().step(image)
+        def step(self, image, stamp_ns=None, mapping=None):
+            out = super().step(image, stamp_ns, mapping)
             out["depth"] = out["depth"][:, :10]
             return out
 

@@ -320,11 +320,10 @@ def test_compressed_header_peek_matches_the_decoder(w, h, fmt, encoding):
 
 
 def test_depth_inputs_mask_non_finite_and_skip_unusable():
-    from ros2_stream4d.ros.params import PARAMS
+    from ros2_stream4d.ros.config import make_config
 
-    params = {p.name: p.default for p in PARAMS}
     log = ListLogger()
-    proc = FrameProcessor(params, pipeline=None, tf=None, warnings=RateLimitedWarnings(log), logger=log)
+    proc = FrameProcessor(make_config({}), pipeline=None, tf=None, warnings=RateLimitedWarnings(log), logger=log)
     d = np.full((8, 8), 1.5, np.float32)
     d[0] = np.nan
     d[1] = np.inf
@@ -350,18 +349,33 @@ class OutOfMemoryOnce:
     def __init__(self, inner, error: BaseException):
         self.inner, self.error, self.raised = inner, error, 0
 
-    def step(self, image):
+    def step(self, image, stamp_ns=None, mapping=None):
         if self.error is not None:
             error, self.error = self.error, None
             self.raised += 1
             raise error
-        return self.inner.step(image)
+        return self.inner.step(image, stamp_ns, mapping)
 
     def reset(self):
         self.inner.reset()
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    @property
+    def window(self):
+        return self.inner.window
+
+    @property
+    def anchors(self):
+        return self.inner.anchors
+
+    @property
+    def frames_seen(self):
+        return self.inner.frames_seen
+
+    def stats(self):
+        return self.inner.stats()
+
+    def shrunk(self, window):
+        return self.inner.shrunk(window)
 
 
 def _small_params(**over):

@@ -18,12 +18,9 @@ def _rgb(i: int) -> np.ndarray:
 
 
 def _call(node, client, request, timeout=30.0):
-    import rclpy
-
     assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
     future = client.call_async(request)
-    rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
-    assert future.done(), f"{client.srv_name} did not answer"
+    wait_until(future.done, timeout, node, f"{client.srv_name} to answer")
     return future.result()
 
 
@@ -48,6 +45,7 @@ def test_namespaced_node_reads_its_yaml_and_takes_remapped_compressed_input(ros_
     pub = ros_node.create_publisher(CompressedImage, "/cam/color/image_raw/compressed",
                                     QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     wait_for_subscribers(ros_node, pub, timeout=20)
+    wait_until(lambda: pose.subscription.get_publisher_count() > 0, 20, ros_node, "the pose publisher")
     for i in range(3):
         msg = numpy_to_compressed(_rgb(i), "jpeg")
         msg.header.stamp, msg.header.frame_id = ns_to_time(1_000_000_000 + i * 100_000_000), "cam_optical"
@@ -89,6 +87,7 @@ def test_parameters_are_refused_with_the_reason_or_applied_live(ros_node, ros_pr
     cloud = MessageCollector(ros_node, PointCloud2, "/stream4d/cloud")
     pub = ros_node.create_publisher(Image, "/image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     wait_for_subscribers(ros_node, pub, timeout=20)
+    wait_until(lambda: cloud.subscription.get_publisher_count() > 0, 20, ros_node, "the cloud publisher")
 
     def send(i):
         pub.publish(numpy_to_image(_rgb(i), "rgb8", stamp=ns_to_time(1_000_000_000 + i * 100_000_000),
@@ -129,6 +128,7 @@ def test_lifecycle_transitions_over_dds(ros_node, ros_process):
     pub = ros_node.create_publisher(Image, "/image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     transition(Transition.TRANSITION_ACTIVATE)
     wait_for_subscribers(ros_node, pub, timeout=20)
+    wait_until(lambda: pose.subscription.get_publisher_count() > 0, 20, ros_node, "the pose publisher")
 
     def send(i):
         pub.publish(numpy_to_image(_rgb(i), "rgb8", stamp=ns_to_time(1_000_000_000 + i * 100_000_000),

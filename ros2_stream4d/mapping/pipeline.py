@@ -331,7 +331,7 @@ class MappingPipeline:
     # ------------------------------------------------------------------ faults
     def window(self) -> int | None:
         """The rolling window of the current session (None = unlimited or not a windowed session)."""
-        return getattr(self.reconstructor.session, "window", None)
+        return self.reconstructor.session.window
 
     def shrink_window(self) -> int | None:
         """After a device out-of-memory error: open a new session of the same model with half the window.
@@ -339,25 +339,19 @@ class MappingPipeline:
         The KV cache is the memory that grows with the window, so halving it is the cheapest way to fit again. The
         new session is a new stream (new world frame), so the whole pipeline is reset (map included). Returns the
         new window, or None when the session cannot shrink (window already 1, the first frame of an unlimited
-        stream, or a session without a model, e.g. the oracle).
+        stream, or a session without a cache, e.g. the oracle).
         """
         session = self.reconstructor.session
-        model = getattr(session, "model", None)
-        if model is None or not callable(getattr(model, "stream", None)):
-            return None
-        old = getattr(session, "window", None)
-        anchors = int(getattr(session, "anchors", 1))
-        if old is None:  # unlimited: half of what it held when memory ran out
-            held = int(getattr(session, "frames_seen", 0)) - anchors
-            new = held // 2
-        else:
-            new = int(old) // 2
+        old = session.window
+        new = (session.frames_seen - session.anchors) // 2 if old is None else int(old) // 2  # unlimited: half held
         if new < 1:
             return None
-        session.reset()  # frees the old cache before the new one is allocated
+        smaller = session.shrunk(new)  # frees the old cache before the new one is allocated
+        if smaller is None:
+            return None
         del session
         _free_device_memory()
-        self.reconstructor.session = model.stream(window=new, anchors=anchors)
+        self.reconstructor.session = smaller
         self.reset()
         return new
 
@@ -366,12 +360,10 @@ class MappingPipeline:
                                "scale": f"{self.last.scale:.4f}" if self.last else "nan",
                                "scale valid": self.last.scale_valid if self.last else False,
                                "scale source": self.cfg.scale_source}
-        session_stats = getattr(self.reconstructor.session, "stats", None)
-        if callable(session_stats):
-            s = session_stats()
-            out.update({"cache frames held": getattr(s, "frames_held", ""),
-                        "cache capacity": getattr(s, "capacity_frames", "") or "unlimited",
-                        "cache bytes": getattr(s, "aggregator_bytes", 0) + getattr(s, "camera_bytes", 0)})
+        s = self.reconstructor.session.stats()
+        if s is not None:
+            out.update({"cache frames held": s.frames_held, "cache capacity": s.capacity_frames or "unlimited",
+                        "cache bytes": s.aggregator_bytes + s.camera_bytes})
         out.update({f"time {k} [ms]": f"{v * 1e3:.1f}" for k, v in self.timings.items()})
         try:
             import torch

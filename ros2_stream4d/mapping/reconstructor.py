@@ -7,30 +7,21 @@ a FramePrediction is in the MODEL pixel geometry; helpers return depth/confidenc
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ros2_stream4d.mapping.conventions import extrinsic_to_pose, inverse, transform_points, unproject_depth
 from ros2_stream4d.mapping.preprocess import PixelMapping, Preprocessor
+from ros2_stream4d.model.session import StreamingSession
 
 INTRINSICS = ("model", "camera_info")
 POINTS_SOURCES = ("depth", "point_head")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-class Session(Protocol):
-    """What the reconstructor needs from a model session (the StreamVGGT stream, the sim oracle, a fake)."""
-
-    def step(self, image: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]: ...
-
-    def reset(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -112,8 +103,7 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 class StreamingReconstructor:
     """Runs one stream: each ``step`` feeds a frame to the session and returns its FramePrediction.
 
-    session: anything with ``step(image [1, 3, H, W]) -> dict`` and ``reset()``. ``stamp_ns`` and ``mapping`` are
-        passed as keyword arguments only when its ``step`` names them (or takes **kwargs), e.g. the sim oracle.
+    session: a model/session.StreamingSession; every step passes the image, its stamp and its pixel mapping.
     intrinsics: "model" = from the pose encoding's field of view; "camera_info" = ``source_to_model_K(K_src)``
         when ``step`` gets K_src (otherwise the model's). Exact "extrinsic"/"intrinsic" outputs of a session
         (the oracle) take precedence over the pose encoding.
@@ -121,10 +111,11 @@ class StreamingReconstructor:
         "point_head" = the point head's world points.
     """
 
-    def __init__(self, session: Session, preprocessor: Preprocessor | None = None, device: str | torch.device = "cpu",
+    def __init__(self, session: StreamingSession, preprocessor: Preprocessor | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, intrinsics: str = "model", points_source: str = "depth"):
-        if not (callable(getattr(session, "step", None)) and callable(getattr(session, "reset", None))):
-            raise TypeError(f"session must have step() and reset(), got {type(session).__name__}")
+        if not isinstance(session, StreamingSession):
+            raise TypeError(f"{type(session).__name__} does not implement the StreamingSession protocol "
+                            "(model/session.py: window, anchors, frames_seen, step, reset, stats, shrunk)")
         if intrinsics not in INTRINSICS:
             raise ValueError(f"intrinsics must be one of {INTRINSICS}, got {intrinsics!r}")
         if points_source not in POINTS_SOURCES:
@@ -137,7 +128,6 @@ class StreamingReconstructor:
         self.points_source = points_source
         self.stats = ReconstructorStats()
         self._model_hw: tuple[int, int] | None = None
-        self._step_kwargs = _accepted_kwargs(session.step, ("stamp_ns", "mapping"))
 
     def reset(self) -> None:
         """Start a new stream: the next frame defines a new world frame."""
@@ -158,9 +148,8 @@ class StreamingReconstructor:
         batch = image[None].to(self.device, self.dtype)
         t1 = time.perf_counter()
 
-        kwargs = {"stamp_ns": int(stamp_ns), "mapping": mapping}
         with torch.inference_mode():
-            out = self.session.step(batch, **{k: kwargs[k] for k in self._step_kwargs})
+            out = self.session.step(batch, stamp_ns=int(stamp_ns), mapping=mapping)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
@@ -230,16 +219,6 @@ def nominal_K(hw, hfov_deg: float = NOMINAL_HFOV_DEG) -> np.ndarray:
 
 def _usable_K(K: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(K)) and K[0, 0] > 0 and K[1, 1] > 0 and abs(np.linalg.det(K)) > 0)
-
-
-def _accepted_kwargs(fn, names) -> tuple[str, ...]:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return ()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return tuple(names)
-    return tuple(n for n in names if n in params and params[n].kind is not inspect.Parameter.POSITIONAL_ONLY)
 
 
 def _numpy(t) -> np.ndarray:

@@ -7,7 +7,6 @@ track_head.*), so an official state dict loads strict into ``StreamVGGT(ModelCon
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any
 
 import torch
@@ -21,14 +20,6 @@ from .layers import set_attention_backend
 OUTPUT_KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def _call_with_supported(cls, **kwargs):
-    """Build cls passing only the keyword arguments its constructor accepts (the heads own their signatures)."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return cls(**kwargs)
-    return cls(**{k: v for k, v in kwargs.items() if k in params})
 
 
 class StreamVGGT(nn.Module):
@@ -52,8 +43,8 @@ class StreamVGGT(nn.Module):
         if cfg.depth_head or cfg.point_head:
             from .heads.dpt_head import DPTHead
         self.depth_head = (
-            _call_with_supported(
-                DPTHead, dim_in=dim_in, patch_size=cfg.patch_size, output_dim=2, activation="exp",
+            DPTHead(
+                dim_in=dim_in, patch_size=cfg.patch_size, output_dim=2, activation="exp",
                 conf_activation="expp1", features=cfg.dpt_features, out_channels=cfg.dpt_out_channels,
                 intermediate_layer_idx=cfg.dpt_layers,
             )
@@ -61,8 +52,8 @@ class StreamVGGT(nn.Module):
             else None
         )
         self.point_head = (
-            _call_with_supported(
-                DPTHead, dim_in=dim_in, patch_size=cfg.patch_size, output_dim=4, activation="inv_log",
+            DPTHead(
+                dim_in=dim_in, patch_size=cfg.patch_size, output_dim=4, activation="inv_log",
                 conf_activation="expp1", features=cfg.dpt_features, out_channels=cfg.dpt_out_channels,
                 intermediate_layer_idx=cfg.dpt_layers,
             )
@@ -76,19 +67,15 @@ class StreamVGGT(nn.Module):
     def _build_camera_head(cfg: ModelConfig, dim_in: int) -> nn.Module:
         from .heads.camera_head import CameraHead
 
-        return _call_with_supported(
-            CameraHead, dim_in=dim_in, trunk_depth=cfg.camera_trunk_depth, num_heads=cfg.camera_num_heads,
-            mlp_ratio=cfg.mlp_ratio, backend=cfg.attn_backend, attn_backend=cfg.attn_backend,
-        )
+        return CameraHead(dim_in=dim_in, trunk_depth=cfg.camera_trunk_depth, num_heads=cfg.camera_num_heads,
+                          mlp_ratio=cfg.mlp_ratio, backend=cfg.attn_backend)
 
     @staticmethod
     def _build_track_head(cfg: ModelConfig, dim_in: int) -> nn.Module:
         from .heads.track_head import TrackHead
 
-        return _call_with_supported(
-            TrackHead, dim_in=dim_in, patch_size=cfg.patch_size, features=cfg.track_features,
-            intermediate_layer_idx=cfg.dpt_layers, out_channels=cfg.dpt_out_channels,
-        )
+        return TrackHead(dim_in=dim_in, patch_size=cfg.patch_size, features=cfg.track_features,
+                         intermediate_layer_idx=cfg.dpt_layers, out_channels=cfg.dpt_out_channels)
 
     # -- helpers ----------------------------------------------------------------------------------------------------
     def set_attention_backend(self, backend: str) -> StreamVGGT:
@@ -138,10 +125,8 @@ class StreamVGGT(nn.Module):
                 dt = self._head_dtype(self.camera_head)
                 cam_tokens = [t.to(dt) if t is not None else None for t in tokens]
                 kw: dict[str, Any] = {"num_iterations": self.cfg.camera_num_iterations, "kv_caches": camera_caches}
-                if not causal:
-                    if "causal" not in inspect.signature(self.camera_head.forward).parameters:
-                        raise NotImplementedError("this camera head has no non-causal (VGGT) mode")
-                    kw["causal"] = False
+                if not causal:  # CameraHead.forward is causal only (StreamVGGT's training semantics)
+                    raise NotImplementedError("this camera head has no non-causal (VGGT) mode")
                 pose_enc_list = self.camera_head(cam_tokens, **kw)
                 out["pose_enc"] = pose_enc_list[-1]
                 if self.training:
@@ -207,9 +192,16 @@ class StreamSession:
     def stats(self) -> CacheStats:
         return self.cache.stats()
 
+    def shrunk(self, window: int) -> StreamSession:
+        """A new, empty session of the same model with a smaller window (after a device out-of-memory error);
+        this session's cache is freed first."""
+        self.reset()
+        return StreamSession(self.model, window=window, anchors=self.anchors, cache_dtype=self._cache_dtype)
+
     @torch.inference_mode()
-    def step(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """image [B, 3, H, W] in [0, 1] -> dict of OUTPUT_KEYS for this frame (no S dimension)."""
+    def step(self, image: torch.Tensor, stamp_ns: int | None = None, mapping: Any = None) -> dict[str, torch.Tensor]:
+        """image [B, 3, H, W] in [0, 1] -> dict of OUTPUT_KEYS for this frame (no S dimension). stamp_ns and
+        mapping are part of the session protocol (model/session.py); a learned model does not use them."""
         if image.ndim == 3:
             image = image.unsqueeze(0)
         if image.ndim != 4:

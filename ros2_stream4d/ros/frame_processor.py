@@ -25,10 +25,11 @@ import numpy as np
 from sensor_msgs.msg import CompressedImage
 
 from ros2_stream4d.mapping.pipeline import FrameOutcome, Gated, MappingPipeline, Processed, Skipped, is_out_of_memory
+from ros2_stream4d.mapping.undistort import LensModel, Undistorter
 from ros2_stream4d.ros import conversions as conv
 from ros2_stream4d.ros.assembler import OutputAssembler
-from ros2_stream4d.mapping.undistort import LensModel, Undistorter
 from ros2_stream4d.ros.tf_policy import TfDecision, TransformNotFound, decide
+
 DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")  # REP-118: millimetres (16-bit) or metres (float)
 BAD_IMAGE, BAD_DEPTH = "bad image skipped", "depth image skipped"
 SIZE_CHANGE_FRAMES = 10  # this many consecutive frames at a new size mean the camera really changed resolution

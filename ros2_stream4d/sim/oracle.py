@@ -60,6 +60,9 @@ class OracleSession:
         self.tolerance = int(stamp_tolerance_ns)
         self._T_world_first: np.ndarray | None = None
         self._next = 0
+        self._seen = 0
+        self.window: int | None = None  # the session protocol (model/session.py): no cache, nothing to shrink
+        self.anchors = 1
 
     @classmethod
     def from_bag(cls, path: str | Path, use_mesh: bool = True, **kwargs) -> OracleSession:
@@ -77,6 +80,17 @@ class OracleSession:
     def reset(self) -> None:
         """The next step defines a new world frame."""
         self._T_world_first = None
+        self._seen = 0
+
+    @property
+    def frames_seen(self) -> int:
+        return self._seen
+
+    def stats(self) -> None:
+        return None  # no KV cache
+
+    def shrunk(self, window: int) -> None:
+        return None  # nothing to shrink: the oracle holds no cache
 
     def index(self, stamp_ns: int) -> int:
         i = int(np.searchsorted(self.stamps, stamp_ns))
@@ -128,6 +142,7 @@ class OracleSession:
         if i >= len(self):
             raise IndexError("the oracle sequence is exhausted")
         self._next = i + 1
+        self._seen += 1
         model_hw = None if image is None else tuple(image.shape[-2:])
         if mapping is not None and model_hw is not None and tuple(mapping.model_hw) != model_hw:
             raise ValueError(f"image is {model_hw} but the mapping's model size is {mapping.model_hw}")
