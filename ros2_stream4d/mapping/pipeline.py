@@ -323,6 +323,7 @@ class MappingPipeline:
         old.close()
         self.reconstructor.reset()
         self.gate.reset()
+        self.scale_source.reset()
         self.T_map_world, self.last, self._next_T_map_world = None, None, None
         self._start_T_map_body = np.eye(4) if start_pose is None else np.asarray(start_pose, np.float64)
         return meta
