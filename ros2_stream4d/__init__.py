@@ -4,7 +4,8 @@ Layers (imports point down only):
     ros/      rclpy adapters: node, message conversion, TF, services, diagnostics, bag player
     mapping/  frames in, geometry out (numpy/torch/open3d; never rclpy)
     model/    the transformer, rolling KV cache, checkpoints (torch only)
-Beside them: sim/ (synthetic worlds), eval/ (metrics, reports), bench/ (performance), cli.py.
+Beside them: sim/ (synthetic worlds), eval/ (metrics, reports), bench/ (performance), cli.py, and codec.py
+(ROS messages <-> numpy without ROS, for rclpy and rosbags messages alike; ros/, sim/ and eval/ use it).
 Importing this package imports none of them (and never rclpy).
 """
 

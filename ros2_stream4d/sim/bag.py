@@ -43,6 +43,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from ros2_stream4d import codec
 from ros2_stream4d.codec import (
+    camera_info_to_k,
     compressed_image_msg,
     compressed_to_rgb,
     header_msg,
@@ -368,10 +369,11 @@ def read_ground_truth(path: str | Path, with_depth: bool = True, with_images: bo
     if not poses or info is None:
         raise ValueError(f"{path}: not a sim bag (needs {TOPICS['gt_pose']} and {TOPICS['camera_info']})")
     stamps = np.array(sorted(poses), np.int64)
+    K, width, height = camera_info_to_k(info)
     meta_path, mesh_path = path / "scene.json", path / "scene.ply"
     return GroundTruth(
         stamps=stamps, T_world_cam=np.stack([poses[s] for s in stamps]),
-        K=np.asarray(info.k, np.float64).reshape(3, 3), width=int(info.width), height=int(info.height),
+        K=K, width=width, height=height,
         depths=np.stack([depths[s] for s in stamps]) if with_depth else None,
         images=np.stack([images[s] for s in stamps]) if with_images and images else None,
         mesh_path=mesh_path if mesh_path.exists() else None,
