@@ -259,13 +259,20 @@ def _wait_for_failure(viewer: LiveViewer, timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("case", ["port taken", "no display"])
+@pytest.mark.parametrize("case", ["port taken", "no display", "nothing to connect to"])
 def test_live_viewer_that_cannot_start_warns_once_and_mapping_goes_on(run, monkeypatch, case):
     warnings: list[str] = []
     if case == "port taken":
         blocker = _listening_port()
         port = blocker.getsockname()[1]
         viewer = LiveViewer("serve", grpc_port=port, web_port=0, warn=warnings.append)
+    elif case == "nothing to connect to":
+        blocker = None
+        free = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()  # a port nobody listens on
+        viewer = LiveViewer("connect", url=f"rerun+http://127.0.0.1:{port}/proxy", warn=warnings.append)
     else:
         blocker = None
         monkeypatch.delenv("DISPLAY", raising=False)
@@ -282,8 +289,29 @@ def test_live_viewer_that_cannot_start_warns_once_and_mapping_goes_on(run, monke
         if blocker is not None:
             blocker.close()
     assert len(warnings) == 1
-    assert ("taken" if case == "port taken" else "display") in warnings[0]
+    assert {"port taken": "taken", "no display": "display", "nothing to connect to": "nothing listens"}[case] \
+        in warnings[0]
     assert "mapping goes on" in warnings[0]
+
+
+def test_live_viewer_stops_when_its_viewer_goes_away(run):
+    """connect mode: the SDK would buffer every frame while the viewer is gone; the thread notices and stops."""
+    listener = _listening_port()  # stands in for a viewer: it accepts connections (and says nothing)
+    warnings: list[str] = []
+    viewer = LiveViewer("connect", url=f"rerun+http://127.0.0.1:{listener.getsockname()[1]}/proxy",
+                        warn=warnings.append)
+    try:
+        assert viewer.ready.wait(30) and viewer.active
+        listener.close()
+        deadline = time.monotonic() + 30
+        while viewer.active and time.monotonic() < deadline:
+            viewer.submit(run["results"][0])
+            time.sleep(0.05)
+        assert not viewer.active and viewer.submit(run["results"][0]) is False
+    finally:
+        viewer.close()
+        listener.close()
+    assert len(warnings) == 1 and "went away" in warnings[0]
 
 
 def test_viewer_package_never_imports_ros():

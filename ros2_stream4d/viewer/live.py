@@ -15,8 +15,10 @@ Memory stays bounded over any run length: the queue holds at most `queue_size` r
 `options.path_points` vertices, one pending map; the viewer keeps at most `memory_limit` of data and drops the
 oldest (Rerun's own limit, for the served viewer's gRPC buffer and the native window alike).
 
-A viewer that cannot start (port taken, no display, no rerun-sdk) or that stops: one warning through `warn`, the
-thread ends, and `submit` returns False from then on at no cost; the node maps on.
+A viewer that cannot start (port taken, no display, nothing listening, no rerun-sdk) or that stops (its process
+exits; in connect mode it stops listening, checked every CHECK_S, since the SDK would buffer every frame for an
+unreachable viewer): one warning through `warn`, the thread ends, and `submit` returns False from then on at no
+cost; the node maps on.
 
 Modes: "serve" (Rerun's web viewer on 127.0.0.1: web_port for the page, grpc_port for data; the URL goes to
 `info`), "spawn" (a native viewer window; needs a display), "connect" (a viewer or server already running at
@@ -40,6 +42,7 @@ MODES = ("serve", "spawn", "connect", "save")
 # The thread looks for new results this often. submit() does not wake it: waking a thread from the node's thread
 # hands it the CPU (and the GIL) right then, which measured as 2-15 ms stalls of submit on a loaded 2-core machine.
 POLL_S = 0.02
+CHECK_S = 2.0  # connect mode: how often the thread checks that the viewer still listens
 
 
 def _default_live_options() -> ViewOptions:
@@ -97,6 +100,7 @@ class LiveViewer:
         self._disabled = False
         self._thread: threading.Thread | None = None
         self._viewer = None  # server.ServedViewer or a Popen we started
+        self._endpoint: tuple[str, int] | None = None  # connect: (host, port) checked every CHECK_S
         self.view_url: str | None = None  # serve: the page to open
         # counters (read by the node's diagnostics and the benchmark)
         self.submitted = 0
@@ -209,6 +213,10 @@ class LiveViewer:
             self._info(f"viewer:=rerun: native viewer window on port {self.grpc_port}")
         elif self.mode == "connect":
             url = self.url or server.proxy_url(self.grpc_port)
+            self._endpoint = server.url_endpoint(url)
+            if not server.listening(*self._endpoint):
+                raise server.ViewerUnavailable(f"nothing listens at {url} (start a viewer there: rerun --port "
+                                               f"{self._endpoint[1]})")
             rec.connect_grpc(url, default_blueprint=blueprint)
             self._info(f"viewer:=rerun: logging to {url}")
         else:
@@ -217,6 +225,8 @@ class LiveViewer:
         return rec
 
     def _run(self) -> None:
+        from . import server
+
         try:
             rec = self._open()
         except Exception as exc:  # noqa: BLE001 - any failure to start means: warn once and map on
@@ -228,7 +238,7 @@ class LiveViewer:
         log.setup(blueprint=False)
         _warm_up(self.options)
         self.ready.set()
-        last_map = -1e9
+        last_map = last_check = -1e9
         cpu0 = time.thread_time()
         try:
             while not self._stop.is_set():
@@ -245,6 +255,13 @@ class LiveViewer:
                 if self._viewer is not None and not self._viewer_alive():
                     self._fail("viewer:=rerun: the viewer process exited; mapping goes on without a viewer")
                     break
+                if self._endpoint is not None and time.monotonic() - last_check > CHECK_S:
+                    # the SDK buffers everything while a viewer is unreachable: stop before memory grows
+                    last_check = time.monotonic()
+                    if not server.listening(*self._endpoint):
+                        self._fail(f"viewer:=rerun: the viewer at {self.url or self._endpoint} went away; mapping "
+                                   "goes on without a viewer")
+                        break
                 if reset:
                     log.reset_paths()
                 if item is not None:

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_GRPC_PORT = 9876
@@ -56,6 +56,21 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def url_endpoint(url: str) -> tuple[str, int]:
+    """(host, port) of a rerun+http(s):// URL (port 9876 when the URL has none)."""
+    parsed = urlparse(url)
+    return parsed.hostname or LOOPBACK, parsed.port or DEFAULT_GRPC_PORT
 
 
 def proxy_url(grpc_port: int, host: str = LOOPBACK) -> str:
