@@ -117,3 +117,37 @@ def test_a_backwards_time_jump_starts_a_new_stream():
     processor.process(0, 1_000_000_000, "cam", _image(2))
     assert processor.resets == 1 and len(processor.path.poses) == 1
     assert pipeline.reconstructor.session.stats().frames_seen == 1
+
+
+def test_a_distorted_lens_is_undistorted_before_the_model_and_depth_info_is_pinhole(tmp_path):
+    """Item 7 of the ROS-citizen issue: the frame processor undistorts with the CameraInfo's lens before the model;
+    the image the model sees matches the pinhole render, and the published CameraInfo has no distortion."""
+    from ros2_stream4d.cli import main
+    from ros2_stream4d.ros.conversions import numpy_to_image
+    from ros2_stream4d.sim.bag import TOPICS, iter_messages, read_ground_truth
+    from ros2_stream4d.sim.render import CameraModel, Renderer
+    from ros2_stream4d.sim.scenes import build_scene
+    from ros2_stream4d.sim.trajectories import make_trajectory
+
+    w, h, D = 160, 120, [-0.25, 0.08, 0.0, 0.0, -0.015]
+    out = tmp_path / "lens"
+    assert main(["sim", "--scene", "room", "--frames", "2", "--width", str(w), "--height", str(h), "--seed", "5",
+                 "--out", str(out), "--quiet", "--distortion", "plumb_bob:" + ",".join(map(str, D))]) == 0
+    gt = read_ground_truth(out, with_images=True)
+    info = next(m for _, _, m in iter_messages(out, [TOPICS["camera_info"]]))
+    scene = build_scene("room", 5)
+    pinhole = Renderer(scene, CameraModel.from_hfov(w, h, 60.0)).render(
+        make_trajectory(scene, "handheld", 2, seed=5).T_world_cam[0])
+
+    processor, pipeline, _ = _processor(intrinsics_source="camera_info", input_width=154)
+    processor.camera_info[0] = info
+    rgb = processor.decode(numpy_to_image(gt.images[0], "rgb8", stamp=1, frame_id="cam"))
+    outputs = dict(processor.process(0, 1_000_000_000, "cam", rgb).messages)
+    seen = pipeline.last.prediction.rgb_model.astype(float)
+    ideal = pipeline.reconstructor.preprocessor.prepare(pinhole.rgb)[0].permute(1, 2, 0).numpy() * 255.0
+    raw = pipeline.reconstructor.preprocessor.prepare(gt.images[0])[0].permute(1, 2, 0).numpy() * 255.0
+    inner = (slice(8, -8), slice(8, -8))  # interpolation differs at the border
+    assert np.abs(seen - ideal)[inner].mean() < 0.5 * np.abs(raw - ideal)[inner].mean()
+    assert processor.frames_undistorted == 1
+    info_out = outputs["depth_relative_info"]
+    assert not any(info_out.d) and info_out.distortion_model == "plumb_bob"

@@ -146,3 +146,34 @@ def test_lifecycle_transitions_over_dds(ros_node, ros_process):
     transition(Transition.TRANSITION_DEACTIVATE)
     transition(Transition.TRANSITION_CLEANUP)
     assert _call(ros_node, get, GetState.Request()).current_state.label == "unconfigured"
+
+
+def test_two_camera_processes_are_stepped_one_instant_at_a_time(ros_node, ros_process):
+    """Two camera drivers in their own processes, both at 10 Hz on the wall clock's 100 ms boundaries (frames of one
+    instant differ by process jitter, consecutive instants by 100 ms); with num_cameras 2 the node groups frames by
+    stamp within sync_slop and steps each group together, camera 0 then camera 1, so the model sees one instant."""
+    from sensor_msgs.msg import Image
+
+    from ros2_stream4d.ros.conversions import time_to_ns
+
+    slop = 0.03
+    node = ros_process(python_command(
+        "-m", "ros2_stream4d.ros.node", "--ros-args", "-p", "model:=random-small", "-p", "input_width:=112",
+        "-p", "window:=4", "-p", "num_cameras:=2", "-p", f"sync_slop:={slop}", "-p", "input_qos:=reliable",
+        "-r", "cam0/image:=/left/image_raw", "-r", "cam0/camera_info:=/left/camera_info",
+        "-r", "cam1/image:=/right/image_raw", "-r", "cam1/camera_info:=/right/camera_info"), name="node")
+    node.wait_for_output("active", timeout=60)
+    assert "/left/image_raw" in node.output() and "/right/image_raw" in node.output()
+    depth = MessageCollector(ros_node, Image, "/stream4d/depth_relative/image")
+    wait_until(lambda: depth.subscription.get_publisher_count() > 0, 20, ros_node, "the depth publisher")
+    peer = "test/ros_peer.py"
+    ros_process(python_command(peer, "camera", "/left", "left_optical", "10"), name="left")
+    ros_process(python_command(peer, "camera", "/right", "right_optical", "10"), name="right")
+    msgs = depth.wait_for(12, timeout=120)
+    frames = [m.header.frame_id for m in msgs]
+    start = frames.index("left_optical")
+    pairs = [(msgs[i], msgs[i + 1]) for i in range(start, len(msgs) - 1, 2)]
+    assert len(pairs) >= 5
+    for left, right in pairs:  # each step group: camera 0 then camera 1, stamps within the slop
+        assert (left.header.frame_id, right.header.frame_id) == ("left_optical", "right_optical")
+        assert abs(time_to_ns(left.header.stamp) - time_to_ns(right.header.stamp)) <= slop * 1e9
