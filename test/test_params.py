@@ -67,3 +67,25 @@ def test_live_and_read_only_split_matches_what_the_node_can_apply():
     assert {"model", "device", "window", "num_cameras", "image_transport", "base_frame", "scale_source"}.isdisjoint(live)
     assert {"conf_threshold", "conf_percentile", "gate_threshold", "publish_cloud", "path_max_length",
             "map_publish_rate", "sync_slop"} <= live
+
+
+@pytest.mark.ros
+def test_node_declares_exactly_these_parameters_with_descriptors():
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from ros2_stream4d.ros.node import Stream4DNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = Stream4DNode(context=context, parameter_overrides=[Parameter("autostart", value=False)])
+    try:
+        declared = {name for name in node._parameters} - {"use_sim_time"}
+        assert declared == {p.name for p in PARAMS}
+        for p in PARAMS:
+            d = node.describe_parameter(p.name)
+            assert d.read_only == (not p.live), p.name
+            assert p.help in d.description and (not p.unit or f"[{p.unit}]" in d.description), p.name
+    finally:
+        node.destroy_node()
+        context.try_shutdown()

@@ -33,7 +33,6 @@ class PipelineConfig:
     intrinsics_source: str = "model"
     points_source: str = "depth"
     device: str = "cpu"
-    dtype: str = "float32"
     gate_threshold: float = 0.0  # grey levels (0-255); 0 = off
     gate_max_skip: int = 30
     cloud_frame: str = "map"  # map | camera
@@ -357,7 +356,8 @@ class MappingPipeline:
         return new
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"frames": self.reconstructor.stats.frames, **self.map.stats(),
+        out: dict[str, Any] = {"frames": self.reconstructor.stats.frames,
+                               "frames with nominal 60 deg intrinsics": self.reconstructor.stats.fallback_intrinsics, **self.map.stats(),
                                "scale": f"{self.last.scale:.4f}" if self.last else "nan",
                                "scale valid": self.last.scale_valid if self.last else False,
                                "scale source": self.cfg.scale_source}

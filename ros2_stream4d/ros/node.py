@@ -362,6 +362,10 @@ class Stream4DNode(LifecycleNode):
             why = ("scale_source is none" if self.cfg.scale_source == "none"
                    else f"scale_source {self.cfg.scale_source} has no valid scale yet")
             return DiagnosticStatus.WARN, f"no metric scale ({why}): depth goes to ~/depth_relative/image in model units"
+        fallback = self.pipeline.reconstructor.stats.fallback_intrinsics if self.pipeline is not None else 0
+        if fallback:
+            return DiagnosticStatus.WARN, (f"{fallback} frame(s) had unusable model intrinsics: a nominal 60 deg field "
+                                           "of view was used (give CameraInfo and intrinsics_source camera_info)")
         if pr is not None and pr.oom_recoveries:
             return DiagnosticStatus.OK, (f"running (window reduced to {values['window']} after "
                                          f"{pr.oom_recoveries} out-of-memory recoveries)")
