@@ -51,7 +51,7 @@ def _default_live_options() -> ViewOptions:
 
 
 def _warm_up(options: ViewOptions) -> None:
-    """Log one small frame of every kind into a throwaway in-memory recording: the SDK's first call of each
+    """Log one small frame of every kind into a throwaway recording (a byte stream): the SDK's first call of each
     archetype imports and builds its converters (hundreds of ms holding the GIL), which must not happen while the
     node is processing frames."""
     from types import SimpleNamespace
@@ -73,6 +73,12 @@ def _warm_up(options: ViewOptions) -> None:
 
 
 class LiveViewer:
+    """See the module docstring. mode: serve | spawn | connect | save; web_port / grpc_port (serve, spawn: 0 = any
+    free port), url (connect), path (save); queue_size: results held at most; options: downsampling;
+    map_period_s: the map is logged at most this often; memory_limit: the viewer's data limit (serve, spawn);
+    cloud_in_camera: FrameResult.cloud_xyz is in the camera frame (cloud_frame:=camera); camera: the camera index
+    shown (None: all); warn / info: the node's logger; start: start the thread now (else start())."""
+
     def __init__(self, mode: str = "serve", *, web_port: int = 9090, grpc_port: int = 9876, url: str | None = None,
                  path: str | Path | None = None, queue_size: int = 2, options: ViewOptions | None = None,
                  map_period_s: float = 2.0, memory_limit: str = "512MiB", cloud_in_camera: bool = False,
@@ -229,14 +235,14 @@ class LiveViewer:
 
         try:
             rec = self._open()
+            log = RunLogger(rec, self.options)
+            log.setup(blueprint=False)
+            _warm_up(self.options)
         except Exception as exc:  # noqa: BLE001 - any failure to start means: warn once and map on
             self._stop_viewer()
             self._fail(f"viewer:=rerun could not start ({type(exc).__name__}: {exc}); mapping goes on without "
                        "a viewer")
             return
-        log = RunLogger(rec, self.options)
-        log.setup(blueprint=False)
-        _warm_up(self.options)
         self.ready.set()
         last_map = last_check = -1e9
         cpu0 = time.thread_time()
@@ -288,6 +294,8 @@ class LiveViewer:
                 rec.disconnect()
             except Exception:  # noqa: BLE001, S110 - shutting down anyway
                 pass
+            if self._stop.is_set():  # close() gave up waiting for a slow start: the viewer is ours to stop
+                self._stop_viewer()
 
     def _viewer_alive(self) -> bool:
         v = self._viewer
