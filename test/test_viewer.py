@@ -110,6 +110,16 @@ def test_recording_is_downsampled_as_asked(run, recording):
     assert len(map_rows[0]) == min(OPTIONS.map_points, len(run["map"][0]))
     fmt = column_values(got[E.DEPTH], "DepthImage:format")[0]
     assert fmt["width"] <= OPTIONS.depth_width and fmt["height"] < run["results"][0].depth.shape[0]
+    # the depth reads back in thousandths of the map unit (meter = 1000), 0 where the node had none
+    i = int(np.argmax(got[E.DEPTH]["stamps"]))
+    stored = np.frombuffer(bytes(column_values(got[E.DEPTH], "DepthImage:buffer")[i]), np.uint16)
+    last = max(run["results"], key=lambda r: r.stamp_ns)
+    step = -(-last.depth.shape[1] // OPTIONS.depth_width)
+    want = last.depth[::step, ::step]
+    assert stored.shape == (want.size,) and set(column_values(got[E.DEPTH], "DepthImage:meter")) == {1000.0}
+    stored = stored.reshape(want.shape).astype(np.float64)
+    valid = np.isfinite(want) & (want > 0)
+    assert valid.any() and np.abs(stored[valid] - want[valid] * 1000).max() <= 0.5 and not stored[~valid].any()
     for blob in column_values(got[E.IMAGE], "EncodedImage:blob")[:1]:
         img = cv2.imdecode(np.frombuffer(bytes(blob), np.uint8), cv2.IMREAD_COLOR)
         assert img.shape[:2] == run["images"][0].shape[:2]
