@@ -339,6 +339,9 @@ def test_stream_cache_bundles_and_reports_its_caches():
     half = StreamCache(1, dtype=torch.float16, window=None, anchors=0)
     assert half.aggregator[0].dtype == torch.float16 and half.aggregator[0].window is None
     assert half.camera == [] and half.aggregator[0].anchors == 0
+    one = StreamCache(1, window=2)
+    one.aggregator[0].write(*kv(0))
+    assert one.stats().frames_seen == 1 and one.stats().capacity_frames == 3
     empty = StreamCache(0)
     assert empty.frames_seen == 0 and empty.stats() == CacheStats(0, 0, None, 0, 0)
 
@@ -390,8 +393,11 @@ def test_scale_source_defaults_as_documented():
     assert d.update(pred * 2, pred) == pytest.approx(2.0)  # exactly 100 usable pixels is enough
     assert d.update(pred[:9] * 2, pred[:9]) is None  # 90 is not
     sensor = np.full((20, 20), 0.05)
-    sensor[:10] = 20.0
-    assert d.update(sensor, np.ones((20, 20))) is not None  # both ends of the range are in
+    sensor[:8] = 20.0
+    assert d.update(sensor, np.ones((20, 20))) == pytest.approx(0.05)  # 60 % at the lower end: counted
+    sensor = np.full((20, 20), 20.0)
+    sensor[:8] = 0.05
+    assert d.update(sensor, np.ones((20, 20))) == pytest.approx(20.0)  # 60 % at the upper end: counted
     assert d.update(np.full((20, 20), 0.049), np.ones((20, 20))) is None
     assert d.update(np.full((20, 20), 20.01), np.ones((20, 20))) is None
     for i in range(20):
@@ -424,6 +430,14 @@ def test_depth_scale_masks_and_ignores_non_positive_predictions():
     assert s.update(sensor, pred, mask=mask) is None  # 196 pixels needed, 200 - 5 left
     s.min_pixels = 195  # exactly enough
     assert s.update(sensor, pred, mask=mask) == pytest.approx(3.0)
+    # the mask narrows the usable pixels, it does not replace them: NaN inside the mask stays out; a 0/1 mask works
+    sensor[15:] = np.nan
+    s.min_pixels = 10
+    assert s.update(sensor, pred, mask=mask.astype(np.uint8)) == pytest.approx(3.0)
+    zero = DepthSensorScale(min_depth=0.0, min_pixels=10)  # a zero ratio is no scale
+    sensor0 = np.zeros((20, 20))
+    sensor0[:8] = 1.0
+    assert zero.update(sensor0, np.ones((20, 20))) is None and not zero.valid
     # Each kind of unusable pixel, on 60 % of the frame (so that counting it would move the median): excluded.
     for bad_pred, bad_sensor in ((-1.0, 8.0), (0.0, 8.0), (np.inf, 8.0), (np.nan, 8.0), (2.0, np.nan),
                                  (2.0, np.inf), (2.0, 500.0), (2.0, 0.01)):
