@@ -157,6 +157,20 @@ def test_camera_frame_clouds_old_topic_names_and_meshes(run, tmp_path):
         assert got[entity]["static"] and "Mesh3D:vertex_positions" in got[entity]["columns"]
 
 
+def test_long_runs_thin_out_frames_and_path_updates(run, tmp_path):
+    options = ViewOptions(cloud_points=100, depth_width=16, frame_stride=3, path_updates=4)
+    got = read_rrd(save_recording([run["out"], run["sim"]], tmp_path / "thin.rrd", options).path)
+    stamps = sorted(int(r.stamp_ns) for r in run["results"])
+    assert sorted(got[E.CAMERA]["stamps"]) == stamps  # every pose
+    for entity in (E.DEPTH, E.CONFIDENCE, E.CLOUD):
+        assert sorted(got[entity]["stamps"]) == stamps[::3], entity
+    assert len(column_values(got[E.IMAGE], "EncodedImage:blob")) == len(stamps[::3])
+    for entity in (E.TRAJECTORY, E.GT_TRAJECTORY):
+        assert len(got[entity]["stamps"]) <= 4 + 1 and max(got[entity]["stamps"]) == stamps[-1], entity
+        last = column_values(got[entity], "LineStrips3D:strips")[int(np.argmax(got[entity]["stamps"]))]
+        assert len(last) == FRAMES  # the strip still has every pose
+
+
 def test_compressed_camera_images_are_kept_as_recorded(run, tmp_path):
     from ros2_stream4d.sim.bag import iter_messages
 

@@ -40,6 +40,10 @@ def register(subparsers) -> None:
     p.add_argument("--depth-width", type=int, default=160, help="depth / confidence subsampled to this width")
     p.add_argument("--image-width", type=int, default=0, help="camera images resized to this width (0 = as is)")
     p.add_argument("--jpeg-quality", type=int, default=80)
+    p.add_argument("--frame-stride", type=int, default=1, help="images, depth, confidence and clouds of every n-th "
+                                                             "frame only (poses of all): for long runs")
+    p.add_argument("--path-updates", type=int, default=300, help="the growing trajectories are logged at most this "
+                                                               "many times (the last pose always)")
     p.set_defaults(func=run)
 
 
@@ -49,7 +53,8 @@ def run(args) -> int:
     from .server import ViewerUnavailable, display_available, serve_web, spawn_native
 
     options = ViewOptions(jpeg_quality=args.jpeg_quality, image_width=args.image_width, depth_width=args.depth_width,
-                          cloud_points=args.cloud_points, map_points=args.map_points, map_updates=args.map_updates)
+                          cloud_points=args.cloud_points, map_points=args.map_points, map_updates=args.map_updates,
+                          frame_stride=args.frame_stride, path_updates=args.path_updates)
     topics = Topics(ns=args.ns.rstrip("/"), image=args.image_topic, camera_info=args.camera_info_topic)
     rrds = [Path(b) for b in args.bags if Path(b).suffix == ".rrd"]
     if rrds:  # a recording already (e.g. out/demo/demo.rrd): open it as it is

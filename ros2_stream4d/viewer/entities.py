@@ -62,6 +62,8 @@ class ViewOptions:
     map_points: int = 150_000  # accumulated map points kept per logged map
     map_updates: int = 10  # offline: at most this many map messages are logged (evenly spread, the last always)
     path_points: int = 2000  # trajectory line strips keep at most this many vertices (older ones thinned)
+    path_updates: int = 300  # offline: the growing trajectory strips are logged at most this often (the last always)
+    frame_stride: int = 1  # offline: images, depth, confidence and clouds of every n-th frame (poses of all)
 
 
 def default_blueprint() -> rrb.Blueprint:
@@ -188,21 +190,25 @@ class RunLogger:
         self.path.clear()
 
     # ------------------------------------------------------------------ per frame
-    def camera_pose(self, stamp_ns: int, T_map_cam: np.ndarray) -> None:
+    def camera_pose(self, stamp_ns: int, T_map_cam: np.ndarray, log_path: bool = True) -> None:
+        """The camera transform, and the trajectory so far (when log_path: a strip of up to path_points vertices
+        per call, so offline recordings of long runs log it only every few frames)."""
         T = np.asarray(T_map_cam, np.float64)
         if not np.isfinite(T).all():
             return
         self.time(stamp_ns)
         self._log(CAMERA, rr.Transform3D(translation=T[:3, 3], mat3x3=T[:3, :3]))
         self.path.append(T[:3, 3])
-        self._log(TRAJECTORY, rr.LineStrips3D([self.path.array()], colors=[PATH_COLOUR],
-                                              radii=rr.Radius.ui_points(2.0)))
+        if log_path:
+            self._log(TRAJECTORY, rr.LineStrips3D([self.path.array()], colors=[PATH_COLOUR],
+                                                  radii=rr.Radius.ui_points(2.0)))
 
-    def ground_truth_pose(self, stamp_ns: int, position) -> None:
-        self.time(stamp_ns)
+    def ground_truth_pose(self, stamp_ns: int, position, log_path: bool = True) -> None:
         self.gt_path.append(position)
-        self._log(GT_TRAJECTORY, rr.LineStrips3D([self.gt_path.array()], colors=[GT_COLOUR],
-                                                 radii=rr.Radius.ui_points(2.0)))
+        if log_path:
+            self.time(stamp_ns)
+            self._log(GT_TRAJECTORY, rr.LineStrips3D([self.gt_path.array()], colors=[GT_COLOUR],
+                                                     radii=rr.Radius.ui_points(2.0)))
 
     def image(self, stamp_ns: int, K: np.ndarray | None, rgb: np.ndarray | None = None,
               jpeg: bytes | None = None, size: tuple[int, int] | None = None) -> None:

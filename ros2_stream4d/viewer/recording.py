@@ -152,15 +152,22 @@ def _log_output_bag(log: RunLogger, bag: Path, topics: Topics, have: dict, summa
     depths = [t for t in topics.depths if have.get(t, ("",))[0] == "sensor_msgs/msg/Image"]
     confidences = [t for t in topics.confidences if have.get(t, ("",))[0] == "sensor_msgs/msg/Image"][:1]
     want = [t for t in (topics.pose, topics.cloud, topics.map) if t in have] + depths + confidences
+    n_poses = have.get(topics.pose, ("", 0))[1]
+    path_every = max(1, -(-n_poses // max(1, log.opt.path_updates)))
+    stride = max(1, log.opt.frame_stride)
+    seen: dict[str, int] = {}  # per topic: messages so far (one per frame: the stride keeps the same frames)
     stamps, poses, map_frame, i_map = [], [], "", -1
     for topic, _, msg in iter_messages(bag, want):
         ns = stamp_ns(msg.header.stamp)
+        i = seen[topic] = seen.get(topic, -1) + 1
         if topic == topics.pose:
             T = pose_to_matrix(getattr(msg.pose, "pose", msg.pose))
             map_frame = map_frame or msg.header.frame_id
             stamps.append(ns)
             poses.append(T)
-            log.camera_pose(ns, T)
+            log.camera_pose(ns, T, log_path=(i + 1) % path_every == 0 or i == n_poses - 1)
+        elif topic != topics.map and i % stride:
+            continue  # a frame the stride leaves out
         elif topic in depths:
             log.depth(ns, image_to_numpy(msg))
         elif topic in confidences:
@@ -199,7 +206,9 @@ def _log_sim_bag(log: RunLogger, bag: Path, topics: Topics, pred_stamps, pred_T,
     if image_topic is None:
         summary.notes.append(f"{bag}: no camera images ({topics.image})")
     else:
-        for _, _, msg in iter_messages(bag, [image_topic]):
+        for i, (_, _, msg) in enumerate(iter_messages(bag, [image_topic])):
+            if i % max(1, log.opt.frame_stride):
+                continue
             ns = stamp_ns(msg.header.stamp)
             if image_topic == compressed and "jpeg" in msg.format.lower() and size is not None \
                     and not log.opt.image_width:
@@ -219,8 +228,9 @@ def _log_sim_bag(log: RunLogger, bag: Path, topics: Topics, pred_stamps, pred_T,
     if to_map is None:
         return
     positions = to_map.apply_points(gt_T[:, :3, 3])
-    for s, p in zip(gt_stamps, positions):
-        log.ground_truth_pose(int(s), p)
+    path_every = max(1, -(-len(positions) // max(1, log.opt.path_updates)))
+    for i, (s, p) in enumerate(zip(gt_stamps, positions)):
+        log.ground_truth_pose(int(s), p, log_path=(i + 1) % path_every == 0 or i == len(positions) - 1)
     scene = bag / "scene.ply"
     if gt_scene and scene.exists():
         from ros2_stream4d.sim.scenes import load_mesh
