@@ -151,3 +151,38 @@ def test_a_distorted_lens_is_undistorted_before_the_model_and_depth_info_is_pinh
     assert processor.frames_undistorted == 1
     info_out = outputs["depth_relative_info"]
     assert not any(info_out.d) and info_out.distortion_model == "plumb_bob"
+
+
+def test_a_resolution_change_mid_stream_skips_then_starts_a_new_stream():
+    from ros2_stream4d.ros.frame_processor import SIZE_CHANGE_FRAMES
+
+    processor, pipeline, log = _processor()
+    processor.process(0, 1_000_000_000, "cam", _image(0))
+    stamp = 1_000_000_000
+    for k in range(SIZE_CHANGE_FRAMES - 1):  # a few odd frames are skipped, the stream goes on
+        stamp += 100_000_000
+        out = processor.process(0, stamp, "cam", _image(k + 1, h=60, w=80))
+        assert out.messages == [] and out.outcome.reason == "image size changed"
+    assert processor.resets == 0
+    out = processor.process(0, stamp + 100_000_000, "cam", _image(99, h=60, w=80))
+    assert processor.resets == 1 and out.messages, "the camera really changed resolution: a new stream"
+    assert dict(out.messages)["depth_relative"].width == 80
+
+
+def test_cloud_frame_camera_publishes_points_in_the_optical_frame():
+    from ros2_stream4d.ros.conversions import pointcloud2_to_numpy, pose_to_matrix
+
+    proc_map, _, _ = _processor()
+    proc_cam, _, _ = _processor(cloud_frame="camera")
+    for k in range(2):
+        stamp = 1_000_000_000 + k * 100_000_000
+        in_map = dict(proc_map.process(0, stamp, "cam", _image(k)).messages)
+        in_cam = dict(proc_cam.process(0, stamp, "cam", _image(k)).messages)
+    assert in_map["cloud"].header.frame_id == "map" and in_cam["cloud"].header.frame_id == "cam"
+    xyz_cam = pointcloud2_to_numpy(in_cam["cloud"]).xyz.astype(np.float64)
+    assert np.median(xyz_cam[:, 2]) > 0, "optical frame: z forward"
+    T = pose_to_matrix(in_cam["camera_pose"])
+    xyz_map = pointcloud2_to_numpy(in_map["cloud"]).xyz.astype(np.float64)
+    moved = xyz_cam @ T[:3, :3].T + T[:3, 3]
+    # the same model and input: the camera-frame cloud moved by ~/camera_pose is the map-frame cloud
+    np.testing.assert_allclose(np.sort(moved, axis=0), np.sort(xyz_map, axis=0), atol=1e-3)

@@ -86,7 +86,7 @@ def deliver(ros_node, image_pub, image, collector, count, info_pub=None, timeout
 
 
 def test_random_model_end_to_end_outputs_are_well_formed(ros_node, ros_process, tmp_path):
-    from diagnostic_msgs.msg import DiagnosticArray
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
     from geometry_msgs.msg import PoseStamped
     from nav_msgs.msg import Odometry, Path
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -171,6 +171,52 @@ def test_random_model_end_to_end_outputs_are_well_formed(ros_node, ros_process, 
     import open3d as o3d
 
     assert len(o3d.io.read_point_cloud(str(map_path)).points) > 0
+
+    # the confidence image and its CameraInfo, beside each other
+    conf_img = MessageCollector(ros_node, Image, "/stream4d/confidence/image")
+    conf_info = MessageCollector(ros_node, CameraInfo, "/stream4d/confidence/camera_info")
+    wait_until(lambda: conf_img.subscription.get_publisher_count() > 0, 20, ros_node, "confidence publisher")
+    # ~/reset: a new stream and map; the next frame starts a new path and a new cache
+    reset = ros_node.create_client(Trigger, "/stream4d/reset")
+    assert reset.wait_for_service(timeout_sec=20)
+    future = reset.call_async(Trigger.Request())
+    wait_until(future.done, 20, ros_node, "reset")
+    assert future.result().success
+    deliver(ros_node, image_pub, make_image(7, stamps[-1] + 100_000_000), pose, 6, info_pub=info_pub)
+    path.wait_for(6, timeout=30)
+    assert len(path.messages[-1].poses) == 1, "after ~/reset the path starts again"
+    (c_img,), (c_info,) = conf_img.wait_for(1, timeout=30), conf_info.wait_for(1, timeout=30)
+    assert c_img.header == c_info.header and c_img.encoding == "32FC1" and (c_info.width, c_info.height) == (W, H)
+    wait_until(lambda: latest_diagnostics().get("resets") == "1", 10, ros_node, "the reset in diagnostics")
+
+    # no image for no_image_warn_s (2 s): diagnostics warn, naming the input
+    def warned():
+        return any(s.level == DiagnosticStatus.WARN and "no image" in s.message and "/camera/image_raw" in s.message
+                   for m in diag.messages[-3:] for s in m.status)
+
+    wait_until(warned, 20, ros_node, "the no-image warning")
+
+
+def test_a_slow_model_drops_old_frames_unless_every_frame_is_wanted(ros_node, ros_process):
+    """Live mode (process_every_frame false): a one-slot queue keeps the latest frame, older ones are dropped and
+    counted; every output still belongs to a frame that was sent."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseStamped
+
+    start_node(ros_process, "process_every_frame:=false", "input_qos:=reliable", "input_width:=224")
+    pose = MessageCollector(ros_node, PoseStamped, "/stream4d/camera_pose")
+    diag = MessageCollector(ros_node, DiagnosticArray, "/diagnostics")
+    image_pub, info_pub = publisher_pair(ros_node)
+    wait_until(lambda: pose.subscription.get_publisher_count() > 0, 20, ros_node, "node outputs")
+    stamps = [1_000_000_000 + i * 10_000_000 for i in range(40)]
+    for i, stamp in enumerate(stamps):  # far faster than the model
+        image_pub.publish(make_image(i, stamp))
+    wait_until(lambda: any(kv.key == "frames dropped" and int(kv.value) > 0 for m in diag.messages
+                           for s in m.status for kv in s.values), 60, ros_node, "dropped frames in diagnostics")
+    wait_until(lambda: pose.messages and time_to_ns(pose.messages[-1].header.stamp) == stamps[-1], 60, ros_node,
+               "the latest frame to be processed")
+    got = [time_to_ns(m.header.stamp) for m in pose.messages]
+    assert set(got) <= set(stamps) and len(got) < len(stamps) and got == sorted(got)
 
 
 def test_bad_images_are_skipped_and_counted(ros_node, ros_process):
