@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--voxel", type=float, default=0.05, help="TSDF voxel, grid cell and F-score threshold (m)")
     p.add_argument("--cloud-voxel", type=float, default=0.02)
     p.add_argument("--conf-percentile", type=float, default=30.0, help="as the demo sets it")
+    p.add_argument("--depth-max", type=float, default=5.0, help="map_depth_max (m)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     T_wc = traj.T_world_cam
     session = OracleSession(stamps, T_wc, K, source_hw=(h, w), mesh=(V, F))
     cfg = PipelineConfig(input_width=518, conf_percentile=args.conf_percentile, map_voxel_size=args.cloud_voxel,
-                         tsdf_voxel_size=args.voxel, occupancy_resolution=args.voxel, intrinsics_source="model")
+                         tsdf_voxel_size=args.voxel, occupancy_resolution=args.voxel, intrinsics_source="model",
+                         map_depth_max=args.depth_max)
     pipe = MappingPipeline(cfg, session)
     T_base_cam = traj.T_base_cam
     img = np.zeros((h, w, 3), np.uint8)
