@@ -318,6 +318,20 @@ def test_live_viewer_that_cannot_start_warns_once_and_mapping_goes_on(run, monke
     assert "mapping goes on" in warnings[0]
 
 
+def test_live_viewer_without_rerun_sdk_warns_once(tmp_path):
+    code = ("import sys; sys.modules['rerun'] = None\n"  # as if rerun-sdk were not installed
+            "from ros2_stream4d.viewer.live import LiveViewer\n"
+            "w = []\n"
+            f"v = LiveViewer('save', path={str(tmp_path / 'x.rrd')!r}, warn=w.append)\n"
+            "v.ready.wait(30); active = v.active; v.close()\n"
+            "print(len(w), w[0] if w else '', active)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("1 viewer:=rerun could not start (ModuleNotFoundError") or \
+        out.stdout.startswith("1 viewer:=rerun could not start (ImportError"), out.stdout
+    assert out.stdout.strip().endswith("False")
+
+
 def test_live_viewer_stops_when_its_viewer_goes_away(run):
     """connect mode: the SDK would buffer every frame while the viewer is gone; the thread notices and stops."""
     listener = _listening_port()  # stands in for a viewer: it accepts connections (and says nothing)

@@ -32,11 +32,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .entities import RunLogger, ViewOptions
+if TYPE_CHECKING:  # rerun-sdk is imported by the thread only: without it the viewer warns, the node maps on
+    from .entities import ViewOptions
 
 MODES = ("serve", "spawn", "connect", "save")
 # The thread looks for new results this often. submit() does not wake it: waking a thread from the node's thread
@@ -46,6 +47,8 @@ CHECK_S = 2.0  # connect mode: how often the thread checks that the viewer still
 
 
 def _default_live_options() -> ViewOptions:
+    from .entities import ViewOptions
+
     # lighter than a recording: the viewer keeps up at camera rate on a busy CPU
     return ViewOptions(cloud_points=3000, map_points=100_000, depth_width=160, path_points=2000, jpeg_quality=75)
 
@@ -56,6 +59,7 @@ def _warm_up(options: ViewOptions) -> None:
     node is processing frames."""
     from types import SimpleNamespace
 
+    from .entities import RunLogger
     from .recording import new_recording
 
     rec = new_recording(application_id="stream4d-warm-up")
@@ -90,7 +94,7 @@ class LiveViewer:
         if mode == "save" and not path:
             raise ValueError("viewer mode 'save' needs a path")
         self.mode, self.web_port, self.grpc_port, self.url, self.path = mode, web_port, grpc_port, url, path
-        self.options = options or _default_live_options()
+        self.options = options
         self.map_period_s = float(map_period_s)
         self.memory_limit = memory_limit
         self.cloud_in_camera = bool(cloud_in_camera)  # FrameResult.cloud_xyz in the camera frame (cloud_frame)
@@ -234,6 +238,9 @@ class LiveViewer:
         from . import server
 
         try:
+            from .entities import RunLogger
+
+            self.options = self.options or _default_live_options()
             rec = self._open()
             log = RunLogger(rec, self.options)
             log.setup(blueprint=False)
