@@ -54,7 +54,7 @@ class PipelineConfig:
     map_start_pose: tuple = ()  # x, y, z, yaw (m, rad) of the body frame in map at the first frame
     mesh_enabled: bool = True  # TSDF + mesh
     tsdf_voxel_size: float = 0.05  # m
-    tsdf_trunc_voxels: float = 4.0  # truncation distance in voxels
+    tsdf_trunc_voxels: float = 6.0  # truncation distance in voxels (grazing floors need > 4)
     tsdf_device: str = "CPU:0"  # Open3D device, "CUDA:0" with the CUDA build of Open3D
     occupancy_enabled: bool = True
     occupancy_resolution: float = 0.05  # m per cell

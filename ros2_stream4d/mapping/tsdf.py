@@ -24,7 +24,7 @@ o3c = o3d.core
 
 
 class TsdfVolume:
-    def __init__(self, voxel_size: float = 0.05, trunc_voxels: float = 4.0, depth_max: float = 5.0,
+    def __init__(self, voxel_size: float = 0.05, trunc_voxels: float = 6.0, depth_max: float = 5.0,
                  block_resolution: int = 8, block_count: int = 20_000, device: str = "CPU:0",
                  min_weight: float = 1.0):
         if not (np.isfinite(voxel_size) and voxel_size > 0):
