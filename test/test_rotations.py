@@ -66,3 +66,15 @@ def test_slerp_and_transform_interpolation():
     np.testing.assert_allclose(mid[:3, 3], [1.0, -2.0, 0.5])
     np.testing.assert_allclose(mid[:3, :3], cv.rotation_from_vector([0, 0, 0.6]), atol=1e-12)
     np.testing.assert_allclose(cv.interpolate_transform(T0, T1, 1.0), T1, atol=1e-12)
+
+
+def test_axis_rotations_agree_with_rotation_vectors_in_batches():
+    angles = np.linspace(-3.0, 3.0, 7).reshape(7, 1)
+    for rot, axis in ((cv.rot_x, 0), (cv.rot_y, 1), (cv.rot_z, 2)):
+        v = np.zeros((7, 1, 3))
+        v[..., axis] = angles
+        R = rot(angles)
+        assert R.shape == (7, 1, 3, 3)
+        np.testing.assert_allclose(R, cv.rotation_from_vector(v), atol=1e-15)
+    # REP-103 yaw: +90 deg about z turns x (forward) into y (left)
+    np.testing.assert_allclose(cv.rot_z(np.pi / 2) @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-15)

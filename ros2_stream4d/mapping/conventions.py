@@ -139,6 +139,31 @@ def matrix_from_quaternion(q) -> np.ndarray:
     ], -2)
 
 
+def rot_x(angle) -> np.ndarray:
+    """Rotations [..., 3, 3] about the x axis by angles [...] (rad, right-handed)."""
+    c, s = np.cos(angle), np.sin(angle)
+    return _stack3([[1, 0, 0], [0, c, -s], [0, s, c]], angle)
+
+
+def rot_y(angle) -> np.ndarray:
+    """Rotations [..., 3, 3] about the y axis by angles [...] (rad, right-handed)."""
+    c, s = np.cos(angle), np.sin(angle)
+    return _stack3([[c, 0, s], [0, 1, 0], [-s, 0, c]], angle)
+
+
+def rot_z(angle) -> np.ndarray:
+    """Rotations [..., 3, 3] about the z axis by angles [...] (rad, right-handed; yaw in REP-103 body frames)."""
+    c, s = np.cos(angle), np.sin(angle)
+    return _stack3([[c, -s, 0], [s, c, 0], [0, 0, 1]], angle)
+
+
+def _stack3(rows, like) -> np.ndarray:
+    """(..., 3, 3) from nested rows whose entries are scalars or arrays shaped like `like`."""
+    like = np.asarray(like, np.float64)
+    return np.stack([np.stack([np.broadcast_to(np.asarray(e, np.float64), like.shape) for e in r], -1)
+                     for r in rows], -2)
+
+
 def rotation_from_vector(rotvec) -> np.ndarray:
     """Rotation vectors [..., 3] (axis * angle, rad) -> rotations [..., 3, 3].
 

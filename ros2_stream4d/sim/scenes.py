@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import open3d as o3d
 
+from ros2_stream4d.mapping.conventions import rot_z
+
 from . import SCENE_KINDS
 from .textures import Texture, random_texture
 
@@ -175,11 +177,6 @@ def _param(overrides: dict, params: dict, name: str, draw):
     return value
 
 
-def _rot_z(yaw: float) -> np.ndarray:
-    c, s = np.cos(yaw), np.sin(yaw)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
-
-
 class _Builder:
     """Collects parts and textures; shape helpers place meshes in world coordinates."""
 
@@ -197,7 +194,7 @@ class _Builder:
             v, t = np.asarray(mesh_or_vt.vertices, np.float64), np.asarray(mesh_or_vt.triangles, np.int32)
         else:
             v, t = mesh_or_vt
-        v = v @ _rot_z(yaw).T + np.asarray(at, np.float64)
+        v = v @ rot_z(yaw).T + np.asarray(at, np.float64)
         tex = self.texture(family_or_tex) if isinstance(family_or_tex, str) else int(family_or_tex)
         part = Part(name, v, np.asarray(t, np.int32), tex, obstacle)
         self.parts.append(part)
@@ -270,7 +267,7 @@ class _Builder:
             parts = [self.add(name + "_top", self.box(sx, sy, 0.05), tex, yaw=yaw,
                               at=np.r_[xy, h - 0.05])]
             for i, (dx, dy) in enumerate(((-1, -1), (1, -1), (1, 1), (-1, 1))):
-                leg = _rot_z(yaw)[:2, :2] @ [dx * (sx / 2 - 0.05), dy * (sy / 2 - 0.05)]
+                leg = rot_z(yaw)[:2, :2] @ [dx * (sx / 2 - 0.05), dy * (sy / 2 - 0.05)]
                 parts.append(self.add(f"{name}_leg{i}", self.box(0.05, 0.05, h - 0.05), tex, yaw=yaw,
                                       at=(*(np.asarray(xy) + leg), 0)))
             return parts

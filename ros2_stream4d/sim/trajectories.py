@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ros2_stream4d.mapping.conventions import rot_x, rot_y, rot_z
+
 from . import TRAJECTORY_KINDS
 from .scenes import Scene
 
@@ -56,28 +58,6 @@ class Trajectory:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "fps": self.fps, "n_frames": len(self), "params": self.params,
                 "T_base_camlink": self.T_base_camlink.tolist(), "T_camlink_optical": T_CAMLINK_OPTICAL.tolist()}
-
-
-def rot_x(a):
-    c, s = np.cos(a), np.sin(a)
-    return _stack3([[1, 0, 0], [0, c, -s], [0, s, c]], a)
-
-
-def rot_y(a):
-    c, s = np.cos(a), np.sin(a)
-    return _stack3([[c, 0, s], [0, 1, 0], [-s, 0, c]], a)
-
-
-def rot_z(a):
-    c, s = np.cos(a), np.sin(a)
-    return _stack3([[c, -s, 0], [s, c, 0], [0, 0, 1]], a)
-
-
-def _stack3(rows, a) -> np.ndarray:
-    """Build (..., 3, 3) from nested rows whose entries are scalars or arrays shaped like a."""
-    a = np.asarray(a, np.float64)
-    return np.stack([np.stack([np.broadcast_to(np.asarray(e, np.float64), a.shape) for e in r], -1) for r in rows],
-                    -2)
 
 
 def body_rotation(yaw, pitch, roll) -> np.ndarray:
