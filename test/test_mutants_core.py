@@ -502,6 +502,15 @@ def test_gate_compares_area_averaged_thumbnails():
     g.check(board)
     d = g.check(255 - board)
     assert d.reason == "duplicate" and d.difference < 0.01
+    # one bright pixel per 10x10 block, at a block corner or near its centre: the same mean, so the same thumbnail
+    # (bilinear or nearest sampling at the block centres would see the centred dots only)
+    corner, centre = np.zeros((480, 640), np.uint8), np.zeros((480, 640), np.uint8)
+    corner[::10, ::10] = 255
+    centre[4::10, 4::10] = 255
+    g = KeyframeGate(threshold=0.01)
+    g.check(corner)
+    d = g.check(centre)
+    assert d.reason == "duplicate" and d.difference < 1e-6
     assert g._thumb(board).shape == (48, 64)  # (width, height) = (64, 48) by default
     assert KeyframeGate(size=(8, 6))._thumb(board).shape == (6, 8)
 
