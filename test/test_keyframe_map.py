@@ -48,8 +48,9 @@ def test_pose_correction_of_every_keyframe_moves_cloud_mesh_and_grid():
     # the TSDF is re-integrated from the moved poses: the same surface, up to pixel-rounding flips at its rim
     mv, moved = m.mesh()[0], before[1][0] + t
     assert abs(len(mv) - len(moved)) <= 0.01 * len(moved)
-    assert np.percentile(cKDTree(moved).query(mv)[0], 99) < 1e-3
-    assert np.percentile(cKDTree(mv).query(moved)[0], 99) < 1e-3
+    for a, b in ((moved, mv), (mv, moved)):  # 10 cm voxels: the surface moved to within a twentieth of a voxel
+        dist = cKDTree(a).query(b)[0]
+        assert np.median(dist) < 1e-4 and np.percentile(dist, 99) < 5e-3
     data, origin, _ = m.occupancy()
     np.testing.assert_array_equal(data, before[2][0])
     np.testing.assert_allclose(origin, before[2][1] + t[:2], atol=1e-9)
