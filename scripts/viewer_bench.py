@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
         "run_totals": {"without_viewer": tot_off, "with_viewer": tot_on}, "viewer": run_stats,
         "long_run": long_samples, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "warnings": warnings, "viewer_url": viewer.view_url, "viewer_start_s": t_ready}
+    shutil.rmtree(tmp, ignore_errors=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
