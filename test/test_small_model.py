@@ -57,6 +57,17 @@ def test_stream_equals_causal_forward(model):
     assert out["world_points"].shape == (1, *CFG.hw, 3)
 
 
+def test_session_implements_the_streaming_protocol(model):
+    from ros2_stream4d.model.session import StreamingSession
+
+    s = model.stream(window=4, anchors=1)
+    assert isinstance(s, StreamingSession)
+    s.step(torch.rand(1, 3, *CFG.hw), stamp_ns=1, mapping=None)
+    assert s.frames_seen == 1 and s.stats().frames_seen == 1
+    smaller = s.shrunk(2)
+    assert smaller.window == 2 and smaller.frames_seen == 0 and s.frames_seen == 0
+
+
 def test_rolling_window_bounds_the_cache(model):
     s = model.stream(window=3, anchors=1)
     x = torch.rand(1, 3, *CFG.hw)

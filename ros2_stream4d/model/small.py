@@ -381,7 +381,9 @@ class SmallSession:
         self._frames = 0
 
     def stats(self) -> CacheStats:
-        return self.cache.stats()
+        st = self.cache.stats()
+        st.frames_seen = self._frames  # the cache counts nothing when there are no global blocks (agg_depth 0)
+        return st
 
     def shrunk(self, window: int) -> SmallSession:
         """A new, empty session of the same model with a smaller window (session protocol, model/session.py)."""
