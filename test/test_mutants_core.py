@@ -258,6 +258,9 @@ def test_unlimited_cache_grows_by_half_and_keeps_every_frame():
     assert allocated == [2, 2, 3, 4, 6, 6, 9]  # 1.5x, at least one frame more
     assert slot_contents(c) == list(range(7))  # growing copies what was held
     assert c.nbytes == 9 * FRAME_BYTES and c.used_bytes == 7 * FRAME_BYTES
+    c8 = RollingKVCache(window=None)  # by default an unlimited cache starts with room for 8 frames
+    c8.write(*kv(0))
+    assert c8.allocated_frames == 8 and c8.nbytes == 8 * FRAME_BYTES
     c0 = RollingKVCache(window=None, initial_frames=0)  # at least one frame is allocated
     c0.write(*kv(0))
     assert c0.allocated_frames == 1
@@ -275,6 +278,9 @@ def test_rolling_cache_storage_is_allocated_once_in_its_own_dtype():
     assert c.k.dtype == c.v.dtype == torch.float16 and c.held()[0].dtype == torch.float16
     assert c.nbytes == 3 * FRAME_BYTES // 2
     assert RollingKVCache(window=2).update(*kv(1))[0].dtype == torch.float32  # no dtype: the input's
+    meta = RollingKVCache(window=2)  # storage on the frames' device
+    meta.write(torch.empty(B, HEADS, N, D, device="meta"), torch.empty(B, HEADS, N, D, device="meta"))
+    assert meta.k.device.type == meta.v.device.type == "meta"
 
 
 def test_flash_buffers_return_the_whole_storage_and_the_valid_token_count():
@@ -287,13 +293,13 @@ def test_flash_buffers_return_the_whole_storage_and_the_valid_token_count():
 
 
 def test_rolling_cache_rejects_bad_frames_and_arguments():
-    with pytest.raises(ValueError, match="window"):
+    with pytest.raises(ValueError, match=r"^window must be >= 1 \(the current frame is part of the window\) or None$"):
         RollingKVCache(window=0)
-    with pytest.raises(ValueError, match="anchors"):
+    with pytest.raises(ValueError, match="^anchors must be >= 0$"):
         RollingKVCache(anchors=-1)
     RollingKVCache(window=1, anchors=0)  # the smallest legal cache
     c = RollingKVCache(window=2)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="^empty cache$"):
         c.held()
     k, v = kv(0)
     with pytest.raises(ValueError, match="both be"):
@@ -304,7 +310,7 @@ def test_rolling_cache_rejects_bad_frames_and_arguments():
     with pytest.raises(ValueError, match="tokens"):
         c.write(*kv(1, n=N + 1))
     for changed in (dict(b=2), dict(heads=3), dict(d=D + 1)):
-        with pytest.raises(ValueError, match="reset"):
+        with pytest.raises(ValueError, match="^batch size / heads / head dim changed in a running stream; reset the"):
             c.write(*kv(1, **changed))
     assert c.frames_seen == 1  # nothing was written by the refused frames
     c.reset()
@@ -320,7 +326,7 @@ def test_stream_cache_bundles_and_reports_its_caches():
     caches = sc.all_caches()
     assert len(caches) == 8 and len({id(c) for c in caches}) == 8
     assert caches[:2] == sc.aggregator and len(sc.camera) == 3 and all(len(row) == 2 for row in sc.camera)
-    assert all((c.window, c.anchors) == (4, 1) for c in caches)
+    assert all((c.window, c.anchors) == (4, 1) for c in caches) and (sc.window, sc.anchors) == (4, 1)
     for i in range(7):
         for c in caches:
             c.write(*kv(i))
@@ -336,9 +342,12 @@ def test_stream_cache_bundles_and_reports_its_caches():
     sc.reset()
     assert all(c.frames_seen == 0 and c.k is None for c in caches)
     assert sc.stats().as_dict()["nbytes"] == 0 and sc.storage_nbytes() == 0
-    half = StreamCache(1, dtype=torch.float16, window=None, anchors=0)
-    assert half.aggregator[0].dtype == torch.float16 and half.aggregator[0].window is None
-    assert half.camera == [] and half.aggregator[0].anchors == 0
+    half = StreamCache(1, camera_iterations=2, camera_trunk_depth=1, dtype=torch.float16, window=None, anchors=0)
+    assert all(c.dtype == torch.float16 and c.window is None and c.anchors == 0 for c in half.all_caches())
+    assert len(half.all_caches()) == 3
+    plain = StreamCache(2, camera_iterations=2)  # defaults: no trunk blocks, one anchor, unlimited window
+    assert plain.camera == [[], []] and len(plain.all_caches()) == 2
+    assert (plain.window, plain.anchors, plain.aggregator[0].anchors, plain.aggregator[0].window) == (None, 1, 1, None)
     one = StreamCache(1, window=2)
     one.aggregator[0].write(*kv(0))
     assert one.stats().frames_seen == 1 and one.stats().capacity_frames == 3
