@@ -236,3 +236,38 @@ def export_small(run: Path, checkpoint: Path, out_prefix: Path, metrics: Path | 
                                  for k in KINDS if k in m[src]} for src in ("own", "sim") if src in m}
     out_prefix.with_suffix(".yaml").write_text(yaml.safe_dump(card, sort_keys=False, width=118))
     return st
+
+
+def plot_small_curves(metrics_jsonl: Path, out_png: Path) -> Path:
+    """Training curves of a run (metrics.jsonl): depth loss, and the consecutive-pair rotation error on the training
+    clips against the identity (constant pose) error of the same clips."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])  # resumed sittings repeat steps
+    step = np.array([r["step"] for r in recs])
+
+    k = 10 if len(recs) > 20 else 1
+    step = step[k - 1:]
+
+    def smooth(y: np.ndarray) -> np.ndarray:  # running mean over k log records (valid part only)
+        return np.convolve(y, np.ones(k) / k, mode="valid")
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].semilogy(step, smooth(np.array([r["depth"] for r in recs])))
+    ax[0].set_title("depth: scale-invariant log loss", fontsize=9)
+    ax[1].plot(step, smooth(np.array([r.get("rot_err_deg", np.nan) for r in recs])), label="model")
+    ax[1].plot(step, smooth(np.array([r.get("rot_ident_deg", np.nan) for r in recs])), label="identity (constant pose)")
+    ax[1].set_title("rotation error of the pair (deg), training clips, strides 1-3", fontsize=9)
+    ax[1].legend(fontsize=8)
+    ax[2].plot(step, smooth(np.array([r.get("trans", np.nan) for r in recs])))
+    ax[2].set_title("translation loss (standardised smooth L1)", fontsize=9)
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
