@@ -180,4 +180,9 @@ def run(args) -> int:
     for key, path in files.items():
         print(f"  {key:<20} {path}")
     print(f"  node log             {out / 'node.log'}")
+    from ros2_stream4d.viewer.recording import write_demo_recording
+
+    rrd = write_demo_recording(out)
+    print(f"  rerun recording      {rrd}")
+    print(f"[demo] look at it in a browser: stream4d view {rrd} --serve")
     return 0

@@ -32,6 +32,8 @@ INPUTS = {
 OUTPUTS = {
     "cloud": ("~/cloud", "sensor_msgs/msg/PointCloud2"),
     "map": ("~/map", "sensor_msgs/msg/PointCloud2"),
+    "mesh": ("~/mesh", "visualization_msgs/msg/Marker"),
+    "occupancy": ("~/occupancy", "nav_msgs/msg/OccupancyGrid"),
     "depth": ("~/depth/image", "sensor_msgs/msg/Image"),
     "depth_info": ("~/depth/camera_info", "sensor_msgs/msg/CameraInfo"),
     "depth_relative": ("~/depth_relative/image", "sensor_msgs/msg/Image"),
@@ -44,7 +46,7 @@ OUTPUTS = {
     "tf": ("/tf", "tf2_msgs/msg/TFMessage"),
     "diagnostics": ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
 }
-LATCHED_OUTPUTS = ("map",)  # reliable + transient_local
+LATCHED_OUTPUTS = ("map", "mesh", "occupancy")  # reliable + transient_local
 
 
 def camera_input(key: str, camera: int, num_cameras: int) -> str:

@@ -195,3 +195,55 @@ def test_offline_processing_writes_every_output_topic(tmp_path):
     assert counts["/stream4d/map"] == frames // 100 + 1
     assert types["/stream4d/cloud"] == "sensor_msgs/msg/PointCloud2"
     assert types["/tf"] == "tf2_msgs/msg/TFMessage"
+
+
+def test_map_products_over_dds_mesh_grid_save_erase_load(ros_node, ros_process, sim_bag, tmp_path):
+    """~/mesh (Marker TRIANGLE_LIST, vertex colours) and ~/occupancy (latched OccupancyGrid in map) come from the
+    keyframe map; ~/save_map writes a map directory, ~/erase_map empties the map, ~/load_map brings it back."""
+    from nav_msgs.msg import OccupancyGrid
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from std_srvs.srv import Trigger
+    from visualization_msgs.msg import Marker
+
+    map_dir = tmp_path / "saved_map"
+    node, c = _replay(ros_node, ros_process, sim_bag, "base_frame:=base_link", "mesh_publish_rate:=0.5",
+                      "occupancy_publish_rate:=2.0", f"map_save_path:={map_dir}", "map_keyframe_distance:=0.05",
+                      "use_sim_time:=false")  # product timers on the wall clock: /clock stops with the bag
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    mesh = MessageCollector(ros_node, Marker, "/stream4d/mesh", qos=latched)
+    grid = MessageCollector(ros_node, OccupancyGrid, "/stream4d/occupancy", qos=latched)
+    (m,) = mesh.wait_for(1, timeout=60)[:1]
+    assert m.type == Marker.TRIANGLE_LIST and m.header.frame_id == "map"
+    assert len(m.points) >= 3 and len(m.points) % 3 == 0 and len(m.colors) == len(m.points)
+    (g,) = grid.wait_for(1, timeout=60)[:1]
+    data = np.array(g.data, np.int8).reshape(g.info.height, g.info.width)
+    assert g.header.frame_id == "map" and (data == 100).any() and (data == 0).any() and (data == -1).any()
+
+    def call(name):
+        client = ros_node.create_client(Trigger, f"/stream4d/{name}")
+        assert client.wait_for_service(timeout_sec=20)
+        future = client.call_async(Trigger.Request())
+        wait_until(future.done, 60, ros_node, name)
+        return future.result()
+
+    saved = call("save_map")
+    assert saved.success, saved.message
+    assert (map_dir / "occupancy.pgm").exists() or any(map_dir.glob("*.pgm")), sorted(map_dir.iterdir())
+    assert call("erase_map").success
+    refused = call("load_map")
+    assert not refused.success and "map_load_path is empty" in refused.message
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    setter = ros_node.create_client(SetParameters, "/stream4d/set_parameters")
+    assert setter.wait_for_service(timeout_sec=20)
+    value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(map_dir))
+    future = setter.call_async(SetParameters.Request(parameters=[Parameter(name="map_load_path", value=value)]))
+    wait_until(future.done, 30, ros_node, "set map_load_path")
+    assert future.result().results[0].successful
+    loaded = call("load_map")
+    assert loaded.success, loaded.message
+    n = len(grid.messages)
+    wait_until(lambda: len(grid.messages) > n, 60, ros_node, "the grid after loading")
+    again = np.array(grid.messages[-1].data, np.int8).reshape(grid.messages[-1].info.height, -1)
+    assert again.shape == data.shape and np.mean(again == data) > 0.99, "the loaded map is the saved one"

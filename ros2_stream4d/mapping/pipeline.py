@@ -69,8 +69,13 @@ class PipelineConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PipelineConfig:
+        """From the node's parameter values. map_start_pose only means something with a map to load: without
+        map_load_path the map is anchored at the first frame as usual."""
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in params.items() if k in known})
+        values = {k: v for k, v in params.items() if k in known}
+        if "map_start_pose" in values:
+            values["map_start_pose"] = tuple(values["map_start_pose"]) if values.get("map_load_path") else ()
+        return cls(**values)
 
 
 @dataclass

@@ -7,11 +7,15 @@ covariances, and the map message; the topic names come from ros2_stream4d.topics
 
 from __future__ import annotations
 
+import array
 from typing import Any
 
 import numpy as np
-from nav_msgs.msg import Path
+from geometry_msgs.msg import Point
+from nav_msgs.msg import OccupancyGrid, Path
+from std_msgs.msg import ColorRGBA
 from tf2_msgs.msg import TFMessage
+from visualization_msgs.msg import Marker
 
 from ros2_stream4d.mapping.motion import MotionEstimator
 from ros2_stream4d.mapping.pipeline import FrameResult, Gated, Processed, Skipped
@@ -109,6 +113,37 @@ class OutputAssembler:
 
     def map_message(self, xyz: np.ndarray, rgb: np.ndarray, conf: np.ndarray, stamp: Any):
         return conv.numpy_to_pointcloud2(xyz, rgb, conf, frame_id=self.cfg.map_frame, stamp=stamp)
+
+    def mesh_message(self, vertices: np.ndarray, triangles: np.ndarray, colours: np.ndarray, stamp: Any) -> Marker:
+        """The TSDF mesh as a visualization_msgs/Marker TRIANGLE_LIST in map, one colour per corner (RViz draws
+        it as is; frame_locked so it follows map)."""
+        m = Marker()
+        m.header = conv.make_header(stamp, self.cfg.map_frame)
+        m.ns, m.id, m.type, m.action = "stream4d_mesh", 0, Marker.TRIANGLE_LIST, Marker.ADD
+        m.pose.orientation.w = 1.0
+        m.scale.x = m.scale.y = m.scale.z = 1.0
+        m.color.a = 1.0
+        m.frame_locked = True
+        corners = np.asarray(triangles, np.int64).reshape(-1)
+        xyz = np.asarray(vertices, np.float64)[corners]
+        rgb = np.asarray(colours, np.float64)[corners] / 255.0
+        m.points = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in xyz]
+        m.colors = [ColorRGBA(r=float(r), g=float(g), b=float(b), a=1.0) for r, g, b in rgb]
+        return m
+
+    def occupancy_message(self, data: np.ndarray, origin: Any, resolution: float, stamp: Any) -> OccupancyGrid:
+        """nav_msgs/OccupancyGrid in map (row-major from the origin cell, -1 unknown, 0 free, 100 occupied)."""
+        grid = OccupancyGrid()
+        grid.header = conv.make_header(stamp, self.cfg.map_frame)
+        h, w = data.shape
+        grid.info.map_load_time = grid.header.stamp
+        grid.info.resolution = float(resolution)
+        grid.info.width, grid.info.height = int(w), int(h)
+        grid.info.origin.position.x, grid.info.origin.position.y = float(origin[0]), float(origin[1])
+        grid.info.origin.position.z = float(self.cfg.occupancy_floor_z)
+        grid.info.origin.orientation.w = 1.0
+        grid.data = array.array("b", np.ascontiguousarray(data, np.int8).tobytes())
+        return grid
 
     def path_snapshot(self) -> Path:
         """A copy of the path for a timer to publish (the worker keeps appending to the original)."""

@@ -29,11 +29,18 @@ class ParameterError(ValueError):
 
 
 def _field_type(default: Any) -> type:
+    if isinstance(default, list | tuple):
+        return tuple  # ROS list parameters, held immutable
     return type(default) if not isinstance(default, bool) else bool
 
 
+def _field_default(default: Any) -> Any:
+    return tuple(default) if isinstance(default, list) else default
+
+
 Config = dataclasses.make_dataclass(
-    "Config", [(p.name, _field_type(p.default), dataclasses.field(default=p.default)) for p in PARAMS],
+    "Config", [(p.name, _field_type(p.default), dataclasses.field(default=_field_default(p.default)))
+               for p in PARAMS],
     frozen=True)
 Config.__module__ = __name__
 Config.__doc__ = "Every stream4d_node parameter, typed and validated (built by make_config)."
@@ -45,6 +52,11 @@ def _coerce(name: str, value: Any) -> Any:
     want = _field_type(p.default)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if want is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                          for v in value):
+            raise TypeError(f"expected a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
     if want is bool and not isinstance(value, bool):
         raise TypeError(f"expected true or false, got {value!r}")
     if want is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -90,10 +102,21 @@ def _check_rules(c: Any) -> dict[str, str]:
         problems["base_frame"] = f"map_frame, odom_frame and base_frame must differ (got {frames})"
     if c.camera_frame and c.camera_frame in frames:
         problems["camera_frame"] = f"{c.camera_frame!r} is also the map, odom or base frame"
-    if c.map_save_path and os.path.splitext(c.map_save_path)[1].lower() not in MAP_FORMATS:
-        problems["map_save_path"] = f"{c.map_save_path!r} must end in one of {MAP_FORMATS}"
-    elif c.map_save_path and os.path.isdir(os.path.expanduser(c.map_save_path)):
-        problems["map_save_path"] = f"{c.map_save_path!r} is a directory"
+    if c.map_save_path:
+        path = os.path.expanduser(c.map_save_path)
+        is_file_format = os.path.splitext(path)[1].lower() in MAP_FORMATS
+        if is_file_format and os.path.isdir(path):
+            problems["map_save_path"] = f"{c.map_save_path!r} is a directory, not a {MAP_FORMATS} file"
+        elif not is_file_format and os.path.isfile(path):
+            problems["map_save_path"] = (f"{c.map_save_path!r} is a file: give a .ply/.pcd path (cloud) or a "
+                                         "directory path (the whole map)")
+    if c.viewer == "rerun" and c.viewer_mode == "save" and not c.viewer_path:
+        problems["viewer_path"] = "viewer_mode save needs viewer_path (the .rrd to write)"
+    if len(c.map_start_pose) != 4:
+        problems["map_start_pose"] = f"needs 4 numbers (x, y, z, yaw), got {list(c.map_start_pose)}"
+    if c.occupancy_min_height >= c.occupancy_max_height:
+        problems["occupancy_min_height"] = (f"{c.occupancy_min_height} is not below occupancy_max_height "
+                                            f"{c.occupancy_max_height}")
     if c.device not in ("auto", "cpu", "cuda") and not (c.device.startswith("cuda:") and c.device[5:].isdigit()):
         problems["device"] = f"{c.device!r} is not auto, cpu, cuda or cuda:N"
     if c.num_cameras > 1 and c.process_every_frame is False and c.sync_slop <= 0:

@@ -373,3 +373,7 @@ class FrameProcessor:
     def reset(self) -> None:
         self.pipeline.reset()
         self._reset_stream_state()
+
+    def reset_stream_only(self) -> None:
+        """After the pipeline replaced its map and started a new stream itself (a loaded map)."""
+        self._reset_stream_state()

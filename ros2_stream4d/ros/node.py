@@ -27,22 +27,23 @@ import rclpy
 import rclpy.executors
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
-from nav_msgs.msg import Odometry, Path
+from nav_msgs.msg import OccupancyGrid, Odometry, Path
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
+from visualization_msgs.msg import Marker
 
 from ros2_stream4d import topics
 from ros2_stream4d.loader import ModelOptions, load_pipeline
 from ros2_stream4d.mapping.frame_sync import ApproximateSync
 from ros2_stream4d.mapping.map_io import validate_map_path
-from ros2_stream4d.mapping.pipeline import PipelineConfig, Processed
+from ros2_stream4d.mapping.pipeline import PipelineConfig, Processed, start_pose_matrix
 from ros2_stream4d.ros import conversions as conv
 from ros2_stream4d.ros.compat.tf_buffer import make_tf_listener
-from ros2_stream4d.ros.config import ParameterError, as_dict, check_change, make_config
+from ros2_stream4d.ros.config import MAP_FORMATS, ParameterError, as_dict, check_change, make_config
 from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
 from ros2_stream4d.ros.params import PARAMS, Param, describe
 
@@ -52,7 +53,8 @@ LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability
 MESSAGE_TYPES = {"sensor_msgs/msg/PointCloud2": PointCloud2, "sensor_msgs/msg/Image": Image,
                  "sensor_msgs/msg/CameraInfo": CameraInfo, "geometry_msgs/msg/PoseStamped": PoseStamped,
                  "nav_msgs/msg/Odometry": Odometry, "nav_msgs/msg/Path": Path, "tf2_msgs/msg/TFMessage": TFMessage,
-                 "diagnostic_msgs/msg/DiagnosticArray": DiagnosticArray}
+                 "diagnostic_msgs/msg/DiagnosticArray": DiagnosticArray, "visualization_msgs/msg/Marker": Marker,
+                 "nav_msgs/msg/OccupancyGrid": OccupancyGrid}
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Stream4DNode(LifecycleNode):
         self.warnings = RateLimitedWarnings(self.get_logger())
         self.tf = make_tf_listener(self)
         self.pipeline = None
+        self.viewer = None  # a LiveViewer when viewer:=rerun (created at configure)
         self.processor: FrameProcessor | None = None
         self.startup_error = ""
         self._own_pubs: dict[str, object] = {}
@@ -128,11 +131,22 @@ class Stream4DNode(LifecycleNode):
         self.get_logger().info(f"model ready: {self.pipeline.describe()}")
         self.processor = FrameProcessor(self.cfg, self.pipeline, self.tf, self.warnings, self.get_logger(),
                                         num_cameras=self.cfg.num_cameras)
+        self.viewer = None
+        if self.cfg.viewer == "rerun":  # starts in its own thread; a viewer that cannot start logs one warning
+            from ros2_stream4d.viewer.live import LiveViewer
+
+            c = self.cfg
+            self.viewer = LiveViewer(c.viewer_mode, web_port=c.viewer_web_port, grpc_port=c.viewer_grpc_port,
+                                     url=c.viewer_url or None, path=c.viewer_path or None,
+                                     memory_limit=c.viewer_memory_limit, cloud_in_camera=c.cloud_frame == "camera",
+                                     warn=self.get_logger().warning, info=self.get_logger().info)
         for key, (name, type_name) in topics.OUTPUTS.items():
             qos = LATCHED if key in topics.LATCHED_OUTPUTS else (QoSProfile(depth=100) if key == "tf" else RELIABLE)
             self._own_pubs[key] = self.create_publisher(MESSAGE_TYPES[type_name], name, qos)
         self._own_services = [self.create_service(Trigger, "~/reset", self._srv_reset),
-                          self.create_service(Trigger, "~/save_map", self._srv_save_map)]
+                              self.create_service(Trigger, "~/save_map", self._srv_save_map),
+                              self.create_service(Trigger, "~/load_map", self._srv_load_map),
+                              self.create_service(Trigger, "~/erase_map", self._srv_erase_map)]
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -186,6 +200,7 @@ class Stream4DNode(LifecycleNode):
         for srv in self._own_services:
             self.destroy_service(srv)
         self._own_pubs, self._own_services = {}, []
+        self._close_viewer()
         self.processor = None
         self.pipeline = None
         _free_device_memory()
@@ -204,6 +219,11 @@ class Stream4DNode(LifecycleNode):
         # the path grows to path_max_length poses: sent with every frame it would cost O(length) per frame
         if self.cfg.path_publish_rate > 0:
             self._own_timers["path"] = self.create_timer(1.0 / self.cfg.path_publish_rate, self._publish_path)
+        if self.cfg.mesh_enabled and self.cfg.mesh_publish_rate > 0:
+            self._own_timers["mesh"] = self.create_timer(1.0 / self.cfg.mesh_publish_rate, self._publish_mesh)
+        if self.cfg.occupancy_enabled and self.cfg.occupancy_publish_rate > 0:
+            self._own_timers["occupancy"] = self.create_timer(1.0 / self.cfg.occupancy_publish_rate,
+                                                              self._publish_occupancy)
 
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -222,7 +242,8 @@ class Stream4DNode(LifecycleNode):
                 self.pipeline.update_config(PipelineConfig.from_params({**as_dict(new),
                                                                          "device": self.pipeline.cfg.device}))
         self._sync.set_slop(new.sync_slop)
-        rates = ("map_publish_rate", "path_publish_rate", "diagnostics_rate")
+        rates = ("map_publish_rate", "path_publish_rate", "diagnostics_rate", "mesh_publish_rate",
+                 "occupancy_publish_rate")
         if self._own_timers and any(getattr(old, r) != getattr(new, r) for r in rates):
             self._make_timers()
         self.get_logger().info(f"parameters changed: {changes}")
@@ -285,6 +306,8 @@ class Stream4DNode(LifecycleNode):
                         self._own_pubs[key].publish(msg)
                     if isinstance(out.outcome, Processed):
                         self._latencies.append(time.monotonic() - frame.received)
+                        if self.viewer is not None:  # non-blocking: a bounded queue, drop-oldest
+                            self.viewer.submit(out.outcome, frame.rgb)
                 except Exception as exc:  # one bad frame must never kill the node
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     self.warnings.warn("processing failed", self.last_error)
@@ -309,7 +332,30 @@ class Stream4DNode(LifecycleNode):
                 return
             xyz, rgb, conf = self.pipeline.map_points()
             msg = self.processor.assembler.map_message(xyz, rgb, conf, self.get_clock().now().to_msg())
+            last_stamp = self.pipeline.last.stamp_ns if self.pipeline.last is not None else None
         self._own_pubs["map"].publish(msg)
+        if self.viewer is not None:
+            self.viewer.submit_map(xyz, rgb, last_stamp)
+
+    def _publish_mesh(self) -> None:
+        with self._map_lock:
+            if self.pipeline is None or self.pipeline.map_size() == 0:
+                return
+            vertices, triangles, colours = self.pipeline.mesh()
+        if len(triangles) == 0:
+            return
+        self._own_pubs["mesh"].publish(self.processor.assembler.mesh_message(
+            vertices, triangles, colours, self.get_clock().now().to_msg()))
+
+    def _publish_occupancy(self) -> None:
+        with self._map_lock:
+            if self.pipeline is None or self.pipeline.map_size() == 0:
+                return
+            data, origin, resolution = self.pipeline.occupancy()
+        if data.size == 0:
+            return
+        self._own_pubs["occupancy"].publish(self.processor.assembler.occupancy_message(
+            data, origin, resolution, self.get_clock().now().to_msg()))
 
     def _publish_path(self) -> None:
         with self._map_lock:
@@ -388,7 +434,9 @@ class Stream4DNode(LifecycleNode):
             self._sync.clear()
         with self._map_lock:
             self.processor.reset()
-        response.success, response.message = True, "new stream and map"
+        if self.viewer is not None:
+            self.viewer.reset()
+        response.success, response.message = True, "new stream (the map is kept: ~/erase_map erases it)"
         return response
 
     def _map_save_path(self) -> str:
@@ -396,27 +444,67 @@ class Stream4DNode(LifecycleNode):
             return self.cfg.map_save_path
         default_dir = os.path.join(os.path.expanduser("~"), ".ros")
         os.makedirs(default_dir, exist_ok=True)  # only the default location is created; a configured one must exist
-        return os.path.join(default_dir, "stream4d_map.ply")
+        return os.path.join(default_dir, "stream4d_map")
+
+    @staticmethod
+    def _validate_save_target(path: str) -> None:
+        """A .ply/.pcd file (map_io's checks) or a map directory whose parent exists and is writable."""
+        if os.path.splitext(path)[1].lower() in MAP_FORMATS:
+            validate_map_path(path)
+            return
+        parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"directory {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"directory {parent} is not writable")
 
     def _check_map_save_path(self) -> None:
         """A map_save_path whose directory is missing or read-only now may be fixed later (a disk mounted): a
-        warning (an impossible one, wrong extension or a directory, is refused by make_config)."""
+        warning (an impossible one is refused by make_config)."""
         if not self.cfg.map_save_path:
             return
         try:
-            validate_map_path(self.cfg.map_save_path)
+            self._validate_save_target(self.cfg.map_save_path)
         except (OSError, ValueError) as exc:
             self.get_logger().warning(f"map_save_path: {exc} (~/save_map will fail until this is fixed)")
 
     def save_map(self) -> str:
-        """Write the map atomically (temporary file + rename); ValueError/OSError with a clear message."""
+        """Write the map atomically (a .ply/.pcd cloud, or the whole map directory); ValueError/OSError with a
+        clear message."""
         path = self._map_save_path()
         try:
-            validate_map_path(path)
+            self._validate_save_target(path)
         except (OSError, ValueError) as exc:
             raise type(exc)(f"cannot save the map to {path!r}: {exc}") from exc
         with self._map_lock:
             return self.pipeline.save_map(path)
+
+    def _srv_load_map(self, _request, response):
+        """Replace the map by the directory in map_load_path and continue in it from map_start_pose; a bad
+        directory is refused with the reason and the running map is kept."""
+        path = self.cfg.map_load_path
+        if not path:
+            response.success, response.message = False, "map_load_path is empty: set it first (ros2 param set)"
+            return response
+        with self._cv:
+            self._queue.clear()
+            self._slot = None
+        try:
+            with self._map_lock:
+                meta = self.pipeline.load_map(path, start_pose_matrix(self.cfg.map_start_pose))
+                self.processor.reset_stream_only()
+            response.success = True
+            response.message = f"loaded {path} ({meta.get('keyframes', '?')} keyframes)"
+        except (OSError, ValueError) as exc:
+            response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"~/load_map failed (the running map is kept): {response.message}")
+        return response
+
+    def _srv_erase_map(self, _request, response):
+        with self._map_lock:
+            self.pipeline.erase_map()
+        response.success, response.message = True, "map erased"
+        return response
 
     def _srv_save_map(self, _request, response):
         try:
@@ -427,8 +515,14 @@ class Stream4DNode(LifecycleNode):
             self.get_logger().error(f"~/save_map failed: {response.message}")
         return response
 
+    def _close_viewer(self) -> None:
+        if self.viewer is not None:
+            self.viewer.close()
+            self.viewer = None
+
     def shutdown(self) -> None:
         self._stop_worker()
+        self._close_viewer()
         if self.cfg.save_map_on_shutdown and self.pipeline is not None and self.pipeline.map_size() > 0:
             try:
                 self.get_logger().info(f"map saved to {self.save_map()}")
