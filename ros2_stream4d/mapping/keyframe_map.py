@@ -23,9 +23,11 @@ frame ``kf`` (its first camera's optical frame).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -161,6 +163,17 @@ class Keyframe:
         return self.frames is not None
 
 
+def _locked(method):
+    """Run a KeyframeMap method under the map's lock (integration and product queries come from several threads)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def rotation_angle_deg(R: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(R[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
 
@@ -196,6 +209,7 @@ class KeyframeMap:
 
     def __init__(self, config: KeyframeMapConfig | None = None):
         self.config = config or KeyframeMapConfig()
+        self._lock = threading.RLock()  # the node's worker integrates while timers and services read products
         self._ray_cache: tuple = (None, None)
         self._spill_root: Path | None = None
         self._own_spill = False
@@ -265,6 +279,7 @@ class KeyframeMap:
         self.rebuilds += 1
 
     # ------------------------------------------------------------------ the interface
+    @_locked
     def integrate(self, frame: MapFrame) -> Keyframe:
         """Store the frame in the current keyframe (or start a new one) and fuse it into every product."""
         self._refresh()
@@ -325,6 +340,7 @@ class KeyframeMap:
         self._current = kf
         return kf
 
+    @_locked
     def update_poses(self, poses: dict[int, np.ndarray]) -> None:
         """New T_map_kf for the given keyframe ids; the products follow at the next query or integration."""
         by_id = {kf.id: kf for kf in self.keyframes}
@@ -339,15 +355,18 @@ class KeyframeMap:
         if poses:
             self.stale = True
 
+    @_locked
     def keyframe_poses(self) -> dict[int, np.ndarray]:
         return {kf.id: kf.T_map_kf.copy() for kf in self.keyframes}
 
+    @_locked
     def points(self):
         """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map."""
         self._refresh()
         self._flush_cloud()
         return self.cloud.points()
 
+    @_locked
     def mesh(self):
         """(vertices float32 (V, 3), triangles int32 (T, 3), colours uint8 (V, 3)) in map; empty without TSDF."""
         self._refresh()
@@ -355,6 +374,7 @@ class KeyframeMap:
             return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.uint8)
         return self.tsdf.mesh()
 
+    @_locked
     def occupancy(self):
         """(data int8 (H, W) -1/0/100, origin (x, y), resolution) like nav_msgs/OccupancyGrid; empty without it."""
         self._refresh()
@@ -362,6 +382,7 @@ class KeyframeMap:
             return np.zeros((0, 0), np.int8), np.zeros(2), self.config.occupancy_resolution
         return self.grid.to_arrays()
 
+    @_locked
     def new_segment(self) -> None:
         """A stream reset: the next frame starts a new keyframe in a new segment; the map is kept."""
         if self._current is not None or self.keyframes:
@@ -369,6 +390,7 @@ class KeyframeMap:
         self._close_current()
         self._current = None
 
+    @_locked
     def erase(self) -> None:
         """Drop every keyframe and product (the explicit action; a stream reset does not do this)."""
         for kf in self.keyframes:
@@ -379,12 +401,14 @@ class KeyframeMap:
         self.stale = False
         self._build_products()
 
+    @_locked
     def __len__(self) -> int:
         """Points of the fused cloud (pending frames fused first)."""
         self._refresh()
         self._flush_cloud()
         return len(self.cloud)
 
+    @_locked
     def stats(self) -> dict:
         return {"keyframes": len(self.keyframes), "keyframes in memory": sum(kf.in_memory for kf in self.keyframes),
                 "map frames": sum(kf.n_frames for kf in self.keyframes), "segments": self.segment + 1,

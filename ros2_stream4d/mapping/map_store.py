@@ -150,7 +150,14 @@ def _stage_hook(name: str) -> None:
 
 def save_map_dir(kmap: KeyframeMap, path, *, frame_id: str = "map", scale: float | None = None,
                  scale_valid: bool = False, extra: dict | None = None) -> Path:
-    """Write ``kmap`` to the directory ``path`` atomically (module docstring); returns the final path."""
+    """Write ``kmap`` to the directory ``path`` atomically (module docstring); returns the final path. The map is
+    locked while it is written (a consistent snapshot; integration waits)."""
+    with kmap._lock:
+        return _save_map_dir(kmap, path, frame_id=frame_id, scale=scale, scale_valid=scale_valid, extra=extra)
+
+
+def _save_map_dir(kmap: KeyframeMap, path, *, frame_id: str, scale: float | None, scale_valid: bool,
+                  extra: dict | None) -> Path:
     target = Path(os.fspath(path)).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"map path {target} exists and is not a directory")
