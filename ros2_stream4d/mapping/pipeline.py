@@ -47,7 +47,8 @@ class PipelineConfig:
     map_keyframe_max_frames: int = 10  # frames stored per keyframe at most
     map_stride: int = 2  # pixel stride of the stored depth/colour (model resolution)
     map_cloud_stride: int = 2  # extra stride of the points fused into the cloud and the grid
-    map_depth_max: float = 5.0  # m: depth fused into the map (cloud, TSDF)
+    map_depth_max: float = 5.0  # m: depth fused into the TSDF
+    map_cloud_depth_max: float = 0.0  # m: depth fused into the ~/map cloud; 0 = no limit
     map_max_keyframes_in_memory: int = 50  # older keyframes are spilled to map_spill_dir
     map_spill_dir: str = ""  # "" = a private temporary directory
     map_load_path: str = ""  # a saved map directory to continue from (start pose map_start_pose)
@@ -387,6 +388,7 @@ def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:
     return KeyframeMapConfig(
         cloud_voxel_size=cfg.map_voxel_size, cloud_max_points=cfg.map_max_points, tsdf=cfg.mesh_enabled,
         tsdf_voxel_size=cfg.tsdf_voxel_size, tsdf_trunc_voxels=cfg.tsdf_trunc_voxels, depth_max=cfg.map_depth_max,
+        cloud_depth_max=cfg.map_cloud_depth_max,
         tsdf_device=cfg.tsdf_device, occupancy=cfg.occupancy_enabled, occupancy_resolution=cfg.occupancy_resolution,
         occupancy_floor_z=cfg.occupancy_floor_z, occupancy_min_height=cfg.occupancy_min_height,
         occupancy_max_height=cfg.occupancy_max_height, occupancy_max_range=cfg.occupancy_max_range,

@@ -1,0 +1,348 @@
+"""A Sim(3) pose graph over keyframes (GTSAM Similarity3), optimised in a worker thread that never blocks frames.
+
+Nodes: keyframe poses ``S_map_kf`` as Sim(3) (the scale of a node is the local scale of the front-end around that
+keyframe, as in monocular Sim(3) pose-graph SLAM, Strasdat et al. 2010). Edges ``S_i_j`` (pose of keyframe j in
+keyframe i):
+- odometry: between consecutive keyframes of a segment, from the front-end's poses, scale ratio 1;
+- segment: the Sim(3) that aligned a new segment to the previous one (mapping/backend/sim3.py);
+- loop: a verified loop closure (mapping/backend/loops.py).
+Segment and loop edges are screened by graduated non-convexity with a truncated-least-squares loss (GTSAM's
+GncLMOptimizer, odometry as known inliers): an edge GNC weighs out is switched off. The survivors are optimised by
+Levenberg-Marquardt with a robust kernel (Cauchy by default) from the GNC solution; an edge whose whitened residual
+still exceeds ``outlier_chi`` is switched off and the graph re-optimised (a wrong loop cannot bend the map). A robust
+kernel alone is not enough: after long drift a true loop starts with a residual the kernel already ignores.
+Odometry sigmas grow with the edge length and must cover the front-end's real drift per metre.
+
+An optimisation is dropped with a reason (never applied) when it fails, is not finite, does not converge, or moves a
+keyframe implausibly far (more than ``max_correction_fraction`` of the path length plus ``max_correction_m``).
+
+Outputs: corrected ``S_map_kf`` per keyframe; ``rigid_poses()`` their SE(3) part for KeyframeMap.update_poses (the
+scale of a keyframe is reported, not applied to its stored geometry); ``odom_correction()`` the map <- odom Sim(3) at
+the newest keyframe (its rigid part is what map -> odom publishes; odometry itself stays continuous).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ros2_stream4d.mapping.backend import sim3 as S3
+
+ODOMETRY, SEGMENT, LOOP = "odometry", "segment", "loop"
+
+
+def to_gtsam(S):
+    import gtsam
+
+    R, t, s = S3.decompose(S)
+    U, _, Vt = np.linalg.svd(R)  # re-orthonormalise
+    return gtsam.Similarity3(gtsam.Rot3(U @ Vt), t / s, s)
+
+
+def from_gtsam(g) -> np.ndarray:
+    s = float(g.scale())
+    return S3.sim3(g.rotation().matrix(), s * np.asarray(g.translation()), s)
+
+
+@dataclass
+class Edge:
+    i: int
+    j: int
+    S_i_j: np.ndarray
+    kind: str
+    sigma_rot: float  # rad
+    sigma_trans: float  # m
+    sigma_scale: float  # log scale
+    robust: bool = True
+    active: bool = True
+
+
+@dataclass
+class PoseGraphConfig:
+    # odometry uncertainty grows with the edge's length (a front-end drifts per metre travelled); these must cover
+    # the front-end's real drift, or a true loop costs more than the inlier threshold and is rejected
+    odom_sigma_rot: float = 0.005  # rad, floor per edge
+    odom_sigma_trans: float = 0.01  # m
+    odom_sigma_scale: float = 0.005  # log scale
+    odom_sigma_rot_per_m: float = 0.03  # rad per metre of the edge (1.7 deg/m)
+    odom_sigma_trans_per_m: float = 0.05  # m per metre
+    odom_sigma_scale_per_m: float = 0.03  # log scale per metre
+    loop_sigma_rot: float = 0.02
+    loop_sigma_trans: float = 0.05
+    loop_sigma_scale: float = 0.02
+    kernel: str = "cauchy"  # cauchy | huber
+    kernel_width: float = 1.0  # in whitened units
+    gnc: bool = True  # graduated non-convexity (TLS) selects the inlier segment / loop edges first
+    gnc_inlier_probability: float = 0.99
+    outlier_chi: float = 5.0  # an edge whose whitened residual norm exceeds this is switched off and re-optimised
+    max_iterations: int = 100
+    max_correction_m: float = 2.0  # a correction beyond this + max_correction_fraction x path length is dropped
+    max_correction_fraction: float = 0.5
+
+
+@dataclass
+class OptimisationResult:
+    ok: bool
+    poses: dict[int, np.ndarray] = field(default_factory=dict)  # S_map_kf (Sim(3)) per keyframe id
+    reason: str = ""
+    initial_error: float = float("nan")
+    final_error: float = float("nan")
+    iterations: int = 0
+    seconds: float = 0.0
+    rejected_edges: list[tuple[int, int, str]] = field(default_factory=list)
+    max_move_m: float = 0.0
+
+
+class PoseGraph:
+    """Keyframes, edges and the last accepted solution (not thread-safe: BackendWorker serialises access)."""
+
+    def __init__(self, config: PoseGraphConfig | None = None):
+        self.config = config or PoseGraphConfig()
+        self.odometry: dict[int, np.ndarray] = {}  # S_odom_kf: the front-end's poses (never changed)
+        self.segment_of: dict[int, int] = {}
+        self.order: list[int] = []
+        self.edges: list[Edge] = []
+        self.solution: dict[int, np.ndarray] = {}  # last accepted S_map_kf
+        self.path_length = 0.0
+
+    # ------------------------------------------------------------------ building
+    def add_keyframe(self, kid: int, S_odom_kf, segment: int = 0, odometry_edge: bool = True) -> None:
+        """A keyframe with its front-end pose; joined by an odometry edge to the previous keyframe of the same
+        segment (a new segment is joined by a segment edge instead, see add_edge)."""
+        kid = int(kid)
+        if kid in self.odometry:
+            raise ValueError(f"keyframe {kid} already in the graph")
+        S = np.asarray(S_odom_kf, np.float64)
+        prev = self.order[-1] if self.order else None
+        self.odometry[kid], self.segment_of[kid] = S.copy(), int(segment)
+        self.order.append(kid)
+        if prev is not None:
+            self.path_length += float(np.linalg.norm(S[:3, 3] - self.odometry[prev][:3, 3]))
+        # initial guess: the newest correction carried forward
+        self.solution[kid] = self.odom_correction(prev) @ S if prev is not None else S.copy()
+        if odometry_edge and prev is not None and self.segment_of[prev] == int(segment):
+            c = self.config
+            Z = S3.inverse(self.odometry[prev]) @ S
+            d = float(np.linalg.norm(Z[:3, 3]))
+            self.edges.append(Edge(prev, kid, Z, ODOMETRY, np.hypot(c.odom_sigma_rot, c.odom_sigma_rot_per_m * d),
+                                   np.hypot(c.odom_sigma_trans, c.odom_sigma_trans_per_m * d),
+                                   np.hypot(c.odom_sigma_scale, c.odom_sigma_scale_per_m * d), robust=False))
+
+    def add_edge(self, i: int, j: int, S_i_j, kind: str = LOOP, sigma_rot: float | None = None,
+                 sigma_trans: float | None = None, sigma_scale: float | None = None, robust: bool = True) -> Edge:
+        c = self.config
+        if int(i) not in self.odometry or int(j) not in self.odometry:
+            raise KeyError(f"edge {i}-{j}: unknown keyframe")
+        e = Edge(int(i), int(j), np.asarray(S_i_j, np.float64).copy(), kind,
+                 c.loop_sigma_rot if sigma_rot is None else sigma_rot,
+                 c.loop_sigma_trans if sigma_trans is None else sigma_trans,
+                 c.loop_sigma_scale if sigma_scale is None else sigma_scale, robust)
+        self.edges.append(e)
+        return e
+
+    def odom_correction(self, kid: int | None = None) -> np.ndarray:
+        """map <- odom Sim(3) at keyframe kid (default the newest): solution @ inverse(odometry)."""
+        if not self.order:
+            return np.eye(4)
+        kid = self.order[-1] if kid is None else kid
+        return self.solution[kid] @ S3.inverse(self.odometry[kid])
+
+    def rigid_poses(self) -> dict[int, np.ndarray]:
+        return {k: S3.to_se3(S) for k, S in self.solution.items()}
+
+    def snapshot(self):
+        """What an optimisation needs, copied (the worker optimises it while frames keep coming)."""
+        return (list(self.order), {k: v.copy() for k, v in self.odometry.items()},
+                [Edge(**{**e.__dict__}) for e in self.edges], {k: v.copy() for k, v in self.solution.items()},
+                self.path_length)
+
+    # ------------------------------------------------------------------ solving
+    def optimise(self) -> OptimisationResult:
+        return self.accept(optimise_snapshot(self.snapshot(), self.config))
+
+    def accept(self, res: OptimisationResult) -> OptimisationResult:
+        """Store an accepted result (keyframes added since its snapshot are carried by the new correction);
+        switch off the edges it rejected."""
+        if not res.ok:
+            return res
+        rejected = {(i, j, k) for i, j, k in res.rejected_edges}
+        for e in self.edges:
+            if (e.i, e.j, e.kind) in rejected:
+                e.active = False
+        last_solved = None
+        for kid in self.order:
+            if kid in res.poses:
+                self.solution[kid] = res.poses[kid]
+                last_solved = kid
+            elif last_solved is not None:
+                C = res.poses[last_solved] @ S3.inverse(self.odometry[last_solved])
+                self.solution[kid] = C @ self.odometry[kid]
+        return res
+
+
+def _noise(e: Edge, config: PoseGraphConfig, robust: bool = True):
+    import gtsam
+
+    sig = np.r_[[e.sigma_rot] * 3, [e.sigma_trans] * 3, e.sigma_scale]
+    base = gtsam.noiseModel.Diagonal.Sigmas(sig)
+    if not (e.robust and robust):
+        return base
+    est = gtsam.noiseModel.mEstimator
+    kernel = (est.Huber if config.kernel == "huber" else est.Cauchy).Create(config.kernel_width)
+    return gtsam.noiseModel.Robust.Create(kernel, base)
+
+
+def _whitened(e: Edge, X: dict[int, np.ndarray]) -> float:
+    """Norm of the whitened residual of an edge at the poses X."""
+    import gtsam
+
+    pred = S3.inverse(X[e.i]) @ X[e.j]
+    err = gtsam.Similarity3.Logmap(to_gtsam(S3.inverse(e.S_i_j) @ pred))
+    sig = np.r_[[e.sigma_rot] * 3, [e.sigma_trans] * 3, e.sigma_scale]
+    return float(np.linalg.norm(err / sig))
+
+
+def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
+    import gtsam
+
+    t0 = time.perf_counter()
+    order, odometry, edges, initial, path_length = snap
+    if len(order) < 2 or not any(e.kind != ODOMETRY and e.active for e in edges):
+        return OptimisationResult(False, reason="nothing to optimise (no segment or loop edge)")
+    first = order[0]
+    prior = gtsam.PriorFactorSimilarity3(first, to_gtsam(initial[first]), gtsam.noiseModel.Isotropic.Sigma(7, 1e-6))
+    values = gtsam.Values()
+    for k in order:
+        values.insert(k, to_gtsam(initial[k]))
+    active = [e for e in edges if e.active]
+    rejected: list[tuple[int, int, str]] = []
+    try:
+        if config.gnc and any(e.robust for e in active):
+            # graduated non-convexity (truncated least squares) decides which segment / loop edges are inliers;
+            # odometry is a known inlier. A robust kernel alone cannot: a true loop after long drift starts with a
+            # residual the kernel would already ignore.
+            graph = gtsam.NonlinearFactorGraph()
+            graph.add(prior)
+            for e in active:
+                graph.add(gtsam.BetweenFactorSimilarity3(e.i, e.j, to_gtsam(e.S_i_j), _noise(e, config, False)))
+            gp = gtsam.GncLMParams()
+            gp.setLossType(gtsam.GncLossType.TLS)
+            gp.setKnownInliers([0] + [1 + n for n, e in enumerate(active) if not e.robust])
+            gnc = gtsam.GncLMOptimizer(graph, values, gp)
+            gnc.setInlierCostThresholdsAtProbability(config.gnc_inlier_probability)
+            values = gnc.optimize()
+            weights = np.asarray(gnc.getWeights())
+            rejected = [(e.i, e.j, e.kind) for n, e in enumerate(active) if e.robust and weights[1 + n] < 0.5]
+    except RuntimeError as exc:
+        return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
+    res = None
+    for _round in range(3):
+        graph = gtsam.NonlinearFactorGraph()
+        graph.add(prior)
+        kept = [e for e in active if (e.i, e.j, e.kind) not in rejected]
+        for e in kept:
+            graph.add(gtsam.BetweenFactorSimilarity3(e.i, e.j, to_gtsam(e.S_i_j), _noise(e, config)))
+        params = gtsam.LevenbergMarquardtParams()
+        params.setMaxIterations(config.max_iterations)
+        try:
+            opt = gtsam.LevenbergMarquardtOptimizer(graph, values, params)
+            e0 = graph.error(values)
+            out = opt.optimize()
+            e1 = graph.error(out)
+        except RuntimeError as exc:  # an indeterminant system (a disconnected keyframe) and other GTSAM failures
+            return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
+        poses = {k: from_gtsam(out.atSimilarity3(k)) for k in order}
+        res = OptimisationResult(True, poses, initial_error=float(e0), final_error=float(e1),
+                                 iterations=int(opt.iterations()))
+        bad = [e for e in kept if e.robust and _whitened(e, poses) > config.outlier_chi]
+        if not bad:
+            break
+        worst = max(bad, key=lambda e: _whitened(e, poses))  # one at a time: the worst edge explains the others
+        rejected.append((worst.i, worst.j, worst.kind))
+    res.rejected_edges = rejected
+    res.seconds = time.perf_counter() - t0
+    # plausibility
+    if not all(np.isfinite(S).all() and S3.scale_of(S) > 0 for S in res.poses.values()):
+        return OptimisationResult(False, reason="non-finite solution", seconds=res.seconds)
+    moves = [float(np.linalg.norm(res.poses[k][:3, 3] - initial[k][:3, 3])) for k in order]
+    res.max_move_m = max(moves)
+    limit = config.max_correction_m + config.max_correction_fraction * path_length
+    if res.max_move_m > limit:
+        return OptimisationResult(False, reason=f"implausible correction: a keyframe moved {res.max_move_m:.2f} m "
+                                  f"(limit {limit:.2f} m)", seconds=res.seconds, max_move_m=res.max_move_m)
+    if not np.isfinite(res.final_error) or res.final_error > res.initial_error * 1.0001 + 1e-9:
+        return OptimisationResult(False, reason="diverged (error grew)", seconds=res.seconds,
+                                  initial_error=res.initial_error, final_error=res.final_error)
+    return res
+
+
+class BackendWorker:
+    """The pose graph behind a lock, optimised in a daemon thread: ``add_keyframe`` / ``add_edge`` return at once,
+    ``request()`` wakes the worker, ``latest()`` returns the newest accepted result (or None), ``on_result``
+    (called from the worker) gets every result, accepted or dropped."""
+
+    def __init__(self, config: PoseGraphConfig | None = None, on_result=None):
+        self.graph = PoseGraph(config)
+        self.on_result = on_result
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._latest: OptimisationResult | None = None
+        self.results: list[OptimisationResult] = []  # every result (diagnostics); bounded
+        self._thread = threading.Thread(target=self._run, name="stream4d-posegraph", daemon=True)
+        self._thread.start()
+
+    def add_keyframe(self, kid: int, S_odom_kf, segment: int = 0, odometry_edge: bool = True) -> None:
+        with self._lock:
+            self.graph.add_keyframe(kid, S_odom_kf, segment, odometry_edge)
+
+    def add_edge(self, *args, **kwargs) -> Edge:
+        with self._lock:
+            return self.graph.add_edge(*args, **kwargs)
+
+    def request(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def latest(self) -> OptimisationResult | None:
+        return self._latest
+
+    def poses(self) -> dict[int, np.ndarray]:
+        with self._lock:
+            return {k: v.copy() for k, v in self.graph.solution.items()}
+
+    def odom_correction(self) -> np.ndarray:
+        with self._lock:
+            return self.graph.odom_correction()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                break
+            with self._lock:
+                snap, config = self.graph.snapshot(), self.graph.config
+            res = optimise_snapshot(snap, config)
+            with self._lock:
+                self.graph.accept(res)
+            if res.ok:
+                self._latest = res
+            self.results = (self.results + [res])[-100:]
+            if self.on_result is not None:
+                self.on_result(res)
+            if not self._wake.is_set():
+                self._idle.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5.0)

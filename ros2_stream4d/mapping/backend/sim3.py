@@ -1,0 +1,195 @@
+"""Sim(3) helpers, confidence-weighted Umeyama with outlier rejection, and ICP refinement (Open3D).
+
+A Sim(3) is a 4x4 ``[[s R, t], [0, 1]]`` (see the package docstring). ``umeyama`` is the closed form of
+Umeyama (1991) with per-point weights; ``robust_sim3`` wraps it in RANSAC over minimal 3-point samples followed by
+iteratively re-selected inliers; ``align_point_maps`` aligns two segments from the point maps (and camera centres)
+of the frames they share, the step of VGGT-Long's chunk alignment; ``icp_refine`` refines a Sim(3) on keyframe
+geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def sim3(R=None, t=None, s: float = 1.0) -> np.ndarray:
+    S = np.eye(4)
+    if R is not None:
+        S[:3, :3] = float(s) * np.asarray(R, np.float64)
+    else:
+        S[:3, :3] *= float(s)
+    if t is not None:
+        S[:3, 3] = np.asarray(t, np.float64)
+    return S
+
+
+def decompose(S) -> tuple[np.ndarray, np.ndarray, float]:
+    """(R, t, s) of a Sim(3) matrix."""
+    S = np.asarray(S, np.float64)
+    s = float(np.cbrt(np.linalg.det(S[:3, :3])))
+    return S[:3, :3] / s, S[:3, 3].copy(), s
+
+
+def inverse(S) -> np.ndarray:
+    R, t, s = decompose(S)
+    Ri = R.T / s
+    out = np.eye(4)
+    out[:3, :3] = Ri
+    out[:3, 3] = -Ri @ t
+    return out
+
+
+def scale_of(S) -> float:
+    return decompose(S)[2]
+
+
+def to_se3(S) -> np.ndarray:
+    """The rigid part (R, t) of a Sim(3): the pose of a frame whose own geometry is rescaled by s."""
+    R, t, _ = decompose(S)
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, t
+    return T
+
+
+def apply(S, xyz) -> np.ndarray:
+    S = np.asarray(S, np.float64)
+    return np.asarray(xyz, np.float64) @ S[:3, :3].T + S[:3, 3]
+
+
+def rotation_angle_deg(R) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def umeyama(src, dst, w=None, with_scale: bool = True) -> np.ndarray:
+    """The Sim(3) S minimising sum_i w_i |dst_i - S src_i|^2 (src, dst (N, 3), N >= 3 not collinear)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    w = np.ones(len(src)) if w is None else np.asarray(w, np.float64)
+    W = w.sum()
+    if len(src) < 3 or not W > 0:
+        raise ValueError("umeyama needs >= 3 points with positive total weight")
+    mu_s, mu_d = (w @ src) / W, (w @ dst) / W
+    xs, xd = src - mu_s, dst - mu_d
+    cov = (xd * w[:, None]).T @ xs / W
+    U, D, Vt = np.linalg.svd(cov)
+    E = np.eye(3)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
+        E[2, 2] = -1.0
+    R = U @ E @ Vt
+    var_s = (w * (xs ** 2).sum(1)).sum() / W
+    s = float(np.trace(np.diag(D) @ E) / var_s) if with_scale else 1.0
+    if not np.isfinite(s) or s <= 0:
+        raise ValueError("degenerate point set for umeyama")
+    return sim3(R, mu_d - s * R @ mu_s, s)
+
+
+@dataclass
+class Sim3Fit:
+    S: np.ndarray  # dst <- src
+    inliers: np.ndarray  # (N,) bool
+    rmse: float  # weighted RMS residual of the inliers (dst units)
+
+    @property
+    def inlier_ratio(self) -> float:
+        return float(self.inliers.mean()) if len(self.inliers) else 0.0
+
+
+def robust_sim3(src, dst, w=None, threshold: float | None = None, iterations: int = 200, refine_rounds: int = 5,
+                seed: int = 0, with_scale: bool = True) -> Sim3Fit:
+    """Sim(3) dst <- src with outliers rejected: RANSAC over 3-point samples (inliers: residual < threshold), then
+    weighted Umeyama on the inliers, re-selected ``refine_rounds`` times. threshold None = 3 x the median residual
+    of a first all-points fit (at least 1 % of the point cloud's spread)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    n = len(src)
+    w = np.ones(n) if w is None else np.clip(np.asarray(w, np.float64), 0.0, None)
+    if n < 3:
+        raise ValueError("robust_sim3 needs >= 3 correspondences")
+    spread = float(np.sqrt(((dst - dst.mean(0)) ** 2).sum(1).mean()))
+    if threshold is None:
+        r0 = np.linalg.norm(apply(umeyama(src, dst, w, with_scale), src) - dst, axis=1)
+        threshold = max(3.0 * float(np.median(r0)), 0.01 * spread)
+    rng = np.random.default_rng(seed)
+    best, best_score = None, -1.0
+    p = w / w.sum() if w.sum() > 0 else None
+    for _ in range(iterations):
+        idx = rng.choice(n, 3, replace=False, p=p) if np.count_nonzero(w) >= 3 else rng.choice(n, 3, replace=False)
+        a = src[idx]
+        if np.linalg.norm(np.cross(a[1] - a[0], a[2] - a[0])) < 1e-9:
+            continue
+        try:
+            S = umeyama(a, dst[idx], with_scale=with_scale)
+        except ValueError:
+            continue
+        inl = np.linalg.norm(apply(S, src) - dst, axis=1) < threshold
+        score = float(w[inl].sum())
+        if score > best_score:
+            best, best_score = inl, score
+    if best is None or best.sum() < 3:
+        raise ValueError("no Sim(3) consensus")
+    inl = best
+    S = umeyama(src[inl], dst[inl], w[inl], with_scale)
+    for _ in range(refine_rounds):
+        new = np.linalg.norm(apply(S, src) - dst, axis=1) < threshold
+        if new.sum() < 3:
+            break
+        S = umeyama(src[new], dst[new], w[new], with_scale)
+        if np.array_equal(new, inl):
+            break
+        inl = new
+    r = np.linalg.norm(apply(S, src) - dst, axis=1)
+    rmse = float(np.sqrt((w[inl] * r[inl] ** 2).sum() / max(w[inl].sum(), 1e-12)))
+    return Sim3Fit(S, inl, rmse)
+
+
+def align_point_maps(points_dst, points_src, conf_dst=None, conf_src=None, centres_dst=None, centres_src=None,
+                     max_points: int = 20000, threshold: float | None = None, seed: int = 0) -> Sim3Fit:
+    """Sim(3) of segment ``src`` into segment ``dst`` from the frames both segments hold.
+
+    points_*: (F, H, W, 3) (or (F, N, 3)) the shared frames' point maps in each segment's world (same pixels;
+    non-finite or zero = invalid); conf_*: (F, H, W) confidences (weight = sqrt(conf_dst conf_src)); centres_*:
+    (F, 3) the frames' camera centres in each world (added with the median weight). A regular subsample of at
+    most max_points pixel correspondences is used (deterministic)."""
+    a = np.asarray(points_dst, np.float64).reshape(-1, 3)
+    b = np.asarray(points_src, np.float64).reshape(-1, 3)
+    if a.shape != b.shape:
+        raise ValueError(f"point maps differ in shape: {a.shape} vs {b.shape}")
+    ca = np.ones(len(a)) if conf_dst is None else np.asarray(conf_dst, np.float64).reshape(-1)
+    cb = np.ones(len(b)) if conf_src is None else np.asarray(conf_src, np.float64).reshape(-1)
+    valid = np.isfinite(a).all(1) & np.isfinite(b).all(1) & (np.abs(a).sum(1) > 0) & (np.abs(b).sum(1) > 0) \
+        & np.isfinite(ca) & np.isfinite(cb) & (ca > 0) & (cb > 0)
+    idx = np.flatnonzero(valid)
+    if len(idx) > max_points:
+        idx = idx[np.linspace(0, len(idx) - 1, max_points).astype(int)]
+    src, dst, w = b[idx], a[idx], np.sqrt(ca[idx] * cb[idx])
+    if centres_dst is not None and centres_src is not None:
+        wc = float(np.median(w)) if len(w) else 1.0
+        src = np.vstack([src, np.asarray(centres_src, np.float64)])
+        dst = np.vstack([dst, np.asarray(centres_dst, np.float64)])
+        w = np.r_[w, np.full(len(np.asarray(centres_src).reshape(-1, 3)), wc)]
+    return robust_sim3(src, dst, w, threshold=threshold, seed=seed)
+
+
+def icp_refine(src_xyz, dst_xyz, S_init, max_distance: float, iterations: int = 30,
+               with_scale: bool = True) -> tuple[np.ndarray, float, float]:
+    """Refine S (dst <- src) by point-to-point ICP (Open3D, scale estimated when with_scale): (S, fitness,
+    inlier RMSE). Fitness = fraction of source points with a neighbour within max_distance."""
+    import open3d as o3d
+
+    def cloud(x):
+        pc = o3d.geometry.PointCloud()
+        pc.points = o3d.utility.Vector3dVector(np.asarray(x, np.float64))
+        return pc
+
+    est = o3d.pipelines.registration.TransformationEstimationPointToPoint(with_scaling=with_scale)
+    crit = o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=iterations)
+    res = o3d.pipelines.registration.registration_icp(cloud(src_xyz), cloud(dst_xyz), float(max_distance),
+                                                      np.asarray(S_init, np.float64), est, crit)
+    return np.asarray(res.transformation).copy(), float(res.fitness), float(res.inlier_rmse)
+
+
+def sim3_distance(Sa, Sb) -> tuple[float, float, float]:
+    """(translation difference, rotation angle in degrees, |log scale ratio|) between two Sim(3)."""
+    Ra, ta, sa = decompose(Sa)
+    Rb, tb, sb = decompose(Sb)
+    return float(np.linalg.norm(ta - tb)), rotation_angle_deg(Ra.T @ Rb), float(abs(np.log(sa / sb)))

@@ -1,0 +1,215 @@
+"""Back-end: Sim(3) alignment (Umeyama + outliers, ICP) and the Sim(3) pose graph (drift, wrong loops, gating)."""
+
+import numpy as np
+import pytest
+
+from ros2_stream4d.mapping.backend import sim3 as S3
+from ros2_stream4d.mapping.backend.drift import DriftModel
+from ros2_stream4d.mapping.backend.posegraph import LOOP, SEGMENT, BackendWorker, PoseGraph, PoseGraphConfig
+from ros2_stream4d.mapping.conventions import rot_x, rot_z
+
+pytest.importorskip("gtsam")
+
+
+def random_sim3(rng, s=None):
+    R = rot_z(rng.uniform(-np.pi, np.pi)) @ rot_x(rng.uniform(-0.5, 0.5))
+    return S3.sim3(R, rng.normal(0, 2, 3), rng.uniform(0.5, 2.0) if s is None else s)
+
+
+def test_sim3_helpers_roundtrip():
+    rng = np.random.default_rng(0)
+    S = random_sim3(rng)
+    R, t, s = S3.decompose(S)
+    assert np.allclose(R @ R.T, np.eye(3)) and s > 0
+    assert np.allclose(S3.inverse(S) @ S, np.eye(4), atol=1e-12)
+    x = rng.normal(size=(5, 3))
+    assert np.allclose(S3.apply(S, x), s * x @ R.T + t)
+
+
+def test_umeyama_recovers_known_sim3_with_weights():
+    rng = np.random.default_rng(1)
+    S = random_sim3(rng)
+    src = rng.normal(size=(200, 3))
+    dst = S3.apply(S, src)
+    w = rng.uniform(0.1, 1.0, 200)
+    dst_bad = dst.copy()
+    dst_bad[:5] += 10.0
+    w[:5] = 0.0  # zero weight = ignored
+    assert np.allclose(S3.umeyama(src, dst_bad, w), S, atol=1e-9)
+    assert not np.allclose(S3.umeyama(src, dst_bad), S, atol=1e-3)
+
+
+def test_robust_sim3_rejects_outliers():
+    rng = np.random.default_rng(2)
+    S = random_sim3(rng)
+    src = rng.uniform(-2, 2, (500, 3))
+    dst = S3.apply(S, src) + rng.normal(0, 0.005, (500, 3))
+    out = rng.choice(500, 150, replace=False)  # 30 % gross outliers
+    dst[out] += rng.uniform(-3, 3, (150, 3))
+    fit = S3.robust_sim3(src, dst, threshold=0.05)
+    dt, dr, ds = S3.sim3_distance(fit.S, S)
+    assert dt < 0.02 and dr < 0.3 and ds < 0.01
+    assert not fit.inliers[out].mean() > 0.1 and fit.inliers.sum() >= 330
+
+
+def test_align_point_maps_of_two_segments():
+    """The same 3 frames seen by two segments (worlds differ by a known Sim(3)); segment b's confidence is low on a
+    corrupted patch."""
+    rng = np.random.default_rng(3)
+    S_a_b = random_sim3(rng)
+    pts_a = rng.uniform(-3, 3, (3, 24, 32, 3))
+    pts_b = S3.apply(S3.inverse(S_a_b), pts_a.reshape(-1, 3)).reshape(pts_a.shape)
+    conf_b = np.ones(pts_b.shape[:3])
+    pts_b[:, :6, :6] += 1.0  # a wrong region
+    conf_b[:, :6, :6] = 0.05
+    pts_b[1, 10, 10] = np.nan  # invalid pixel
+    centres_a = rng.uniform(-1, 1, (3, 3))
+    fit = S3.align_point_maps(pts_a, pts_b, None, conf_b, centres_a, S3.apply(S3.inverse(S_a_b), centres_a))
+    dt, dr, ds = S3.sim3_distance(fit.S, S_a_b)
+    assert dt < 1e-6 and dr < 1e-5 and ds < 1e-8
+
+
+def test_icp_refines_a_perturbed_sim3():
+    rng = np.random.default_rng(4)
+    # a room-like cloud: three planes with texture-free geometry but distinct normals, and some boxes
+    g = rng.uniform(0, 4, (3000, 2))
+    cloud = np.vstack([np.c_[g, np.zeros(3000)], np.c_[g[:, 0], np.zeros(3000), g[:, 1] * 0.6],
+                       np.c_[np.zeros(3000), g[:, 0], g[:, 1] * 0.6], rng.uniform(1, 1.5, (500, 3))])
+    S_true = S3.sim3(rot_z(0.2), [0.3, -0.2, 0.1], 1.1)
+    src = S3.apply(S3.inverse(S_true), cloud)
+    S_init = S3.sim3(rot_z(0.23), [0.35, -0.15, 0.1], 1.07)
+    S, fitness, rmse = S3.icp_refine(src, cloud, S_init, max_distance=0.3, iterations=60)
+    before = S3.sim3_distance(S_init, S_true)
+    after = S3.sim3_distance(S, S_true)
+    assert after[0] < 0.3 * before[0] and after[1] < 0.3 * before[1] and fitness > 0.9
+
+
+# ---------------------------------------------------------------------------------------------- pose graph
+def circle_keyframes(n=40, radius=4.0):
+    """Keyframe camera poses (optical, looking along the path) on a horizontal circle, returning to the start."""
+    out = []
+    for k in range(n):
+        a = 2 * np.pi * k / n
+        T = np.eye(4)
+        # optical z forward along the tangent, y down
+        fwd = np.array([-np.sin(a), np.cos(a), 0.0])
+        down = np.array([0.0, 0.0, -1.0])
+        T[:3, :3] = np.c_[np.cross(down, fwd), down, fwd]
+        T[:3, 3] = [radius * np.cos(a), radius * np.sin(a), 1.2]
+        out.append(T)
+    return np.stack(out)
+
+
+def ideal_sim3(T_true, s):
+    """The node a perfect Sim(3) graph would hold: metric pose with the keyframe's local scale s (its geometry
+    is s times larger than metric)."""
+    return T_true @ S3.sim3(s=1.0 / s)
+
+
+def drifted_graph(T_true, drift, config=None):
+    odo, scales = drift.run(T_true)
+    g = PoseGraph(config)
+    for k in range(len(T_true)):
+        g.add_keyframe(k, odo[k])
+    return g, odo, scales
+
+
+def loop_edge(T_true, scales, i, j):
+    return S3.inverse(ideal_sim3(T_true[i], scales[i])) @ ideal_sim3(T_true[j], scales[j])
+
+
+def ate(poses, T_true):
+    est = np.array([p[:3, 3] for p in poses])
+    gt = T_true[:, :3, 3]
+    S = S3.umeyama(est, gt)
+    return float(np.sqrt(((S3.apply(S, est) - gt) ** 2).sum(1).mean()))
+
+
+def test_pose_graph_corrects_scale_and_yaw_drift_with_one_loop():
+    T = circle_keyframes()
+    g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=0))
+    n = len(T)
+    g.add_edge(n - 1, 0, loop_edge(T, scales, n - 1, 0), LOOP)
+    res = g.optimise()
+    assert res.ok, res.reason
+    before = ate(list(odo), T)
+    after = ate([res.poses[k] for k in range(n)], T)
+    assert before > 0.3  # the drift is real
+    assert after < 0.2 * before
+    # the node scales followed the drift (the last keyframe is larger than the first)
+    assert S3.scale_of(res.poses[n - 1]) < S3.scale_of(res.poses[0]) * 0.9
+
+
+def test_wrong_loop_edge_is_switched_off():
+    T = circle_keyframes()
+    g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=1))
+    n = len(T)
+    g.add_edge(n - 1, 0, loop_edge(T, scales, n - 1, 0), LOOP)
+    g.add_edge(20, 2, S3.sim3(rot_z(0.1), [0.2, 0.0, 0.1]), LOOP)  # a look-alike place: claims 20 ~ 2
+    res = g.optimise()
+    assert res.ok, res.reason
+    assert (20, 2, LOOP) in res.rejected_edges and (n - 1, 0, LOOP) not in res.rejected_edges
+    assert ate([res.poses[k] for k in range(n)], T) < 0.2 * ate(list(odo), T)
+    assert not [e for e in g.edges if (e.i, e.j) == (20, 2)][0].active
+
+
+def test_exact_inputs_change_nothing():
+    T = circle_keyframes()
+    g = PoseGraph()
+    for k in range(len(T)):
+        g.add_keyframe(k, T[k])
+    g.add_edge(len(T) - 1, 0, S3.inverse(T[-1]) @ T[0], LOOP)
+    g.add_edge(10, 30, S3.inverse(T[10]) @ T[30], SEGMENT)
+    res = g.optimise()
+    assert res.ok
+    assert max(np.linalg.norm(res.poses[k][:3, 3] - T[k][:3, 3]) for k in range(len(T))) < 1e-3
+    assert np.allclose(g.odom_correction(), np.eye(4), atol=1e-6)
+
+
+def test_implausible_correction_is_dropped_and_nothing_applied():
+    T = circle_keyframes()
+    g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=2),
+                                   PoseGraphConfig(max_correction_m=0.05, max_correction_fraction=0.0))
+    g.add_edge(len(T) - 1, 0, loop_edge(T, scales, len(T) - 1, 0), LOOP)
+    before = {k: v.copy() for k, v in g.solution.items()}
+    res = g.optimise()
+    assert not res.ok and "implausible" in res.reason
+    assert all(np.array_equal(before[k], g.solution[k]) for k in before)
+
+
+def test_nothing_to_optimise_without_loop_or_segment_edges():
+    g = PoseGraph()
+    for k, T in enumerate(circle_keyframes(5)):
+        g.add_keyframe(k, T)
+    assert not g.optimise().ok
+
+
+def test_worker_optimises_off_thread_and_carries_new_keyframes():
+    T = circle_keyframes()
+    odo, scales = DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=3).run(T)
+    results = []
+    w = BackendWorker(on_result=results.append)
+    try:
+        for k in range(len(T)):
+            w.add_keyframe(k, odo[k])
+        w.add_edge(len(T) - 1, 0, loop_edge(T, scales, len(T) - 1, 0), LOOP)
+        w.request()
+        assert w.wait_idle(60.0)
+        assert results and results[-1].ok and w.latest() is results[-1]
+        C = w.odom_correction()
+        # a keyframe added after the optimisation is placed through the correction
+        extra = odo[-1] @ S3.sim3(t=[0.0, 0.0, 0.3])
+        w.add_keyframe(len(T), extra)
+        assert np.allclose(w.poses()[len(T)], C @ extra)
+        assert ate([w.poses()[k] for k in range(len(T))], T) < 0.2 * ate(list(odo), T)
+    finally:
+        w.close()
+
+
+def test_drift_model_is_seeded_and_exact_without_drift():
+    T = circle_keyframes()
+    a, sa = DriftModel(seed=5).run(T)
+    b, sb = DriftModel(seed=5).run(T)
+    assert np.array_equal(a, b) and np.array_equal(sa, sb)
+    z, sz = DriftModel(scale_per_m=0, yaw_deg_per_m=0, scale_walk=0, yaw_walk_deg=0).run(T)
+    assert np.allclose(z, T, atol=1e-12) and np.allclose(sz, 1.0)
