@@ -50,7 +50,8 @@ class KeyframeMapConfig:
     tsdf: bool = True
     tsdf_voxel_size: float = 0.05  # m
     tsdf_trunc_voxels: float = 6.0  # truncation distance in voxels (grazing floors need > 4: corridor recall 0.93 -> 0.98)
-    depth_max: float = 5.0  # m: depth beyond this is not fused (TSDF, cloud)
+    depth_max: float = 5.0  # m: depth beyond this is not fused into the TSDF
+    cloud_depth_max: float = 0.0  # m: depth of the points fused into the cloud; 0 = no limit (as ~/map was)
     tsdf_device: str = "CPU:0"  # Open3D device ("CUDA:0" on a robot with the CUDA build)
     occupancy: bool = True
     occupancy_resolution: float = 0.05  # m per cell
@@ -249,7 +250,7 @@ class KeyframeMap:
         d = depth[::cs, ::cs]
         Kc = K.copy()
         Kc[:2] /= cs
-        valid = np.isfinite(d) & (d > 0) & (d <= self.config.depth_max)
+        valid = np.isfinite(d) & (d > 0) & (d <= (self.config.cloud_depth_max or np.inf))
         pts = self._rays(d.shape, Kc)[valid] * d[valid, None].astype(np.float64)
         pts_map = transform_points(T_map_cam, pts)
         # the voxel hash re-sorts its arrays on every merge: merge batches of frames, not every frame
