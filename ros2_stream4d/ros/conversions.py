@@ -48,7 +48,7 @@ from ros2_stream4d.codec import (
 )
 
 __all__ = [
-    "ENCODINGS", "MAX_IMAGE_SIDE", "RCLPY", "CloudArrays", "CloudConversionError", "ImageConversionError",
+    "ENCODINGS", "MAX_IMAGE_SIDE", "RCLPY", "message_class", "CloudArrays", "CloudConversionError", "ImageConversionError",
     "TransformConversionError", "array_to_rgb", "as_time_msg", "camera_info_to_k", "compressed_to_numpy",
     "compressed_to_rgb", "image_to_numpy", "image_to_rgb", "make_camera_info", "make_header",
     "matrix_to_odometry", "matrix_to_pose_stamped", "matrix_to_quaternion", "matrix_to_transform_stamped",
@@ -61,7 +61,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------ the factory
 
 @cache
-def _message_class(msgtype: str) -> type:
+def message_class(msgtype: str) -> type:
+    """'sensor_msgs/msg/Image' -> the rclpy message class (ImportError / AttributeError when not installed,
+    ValueError for a name that is not pkg/kind/Name)."""
     package, kind, name = msgtype.split("/")
     return getattr(importlib.import_module(f"{package}.{kind}"), name)
 
@@ -87,7 +89,7 @@ def _store_array(msg: Any, name: str, value: np.ndarray) -> None:
 def RCLPY(msgtype: str, **fields: Any) -> Any:  # noqa: N802  (a factory, named like the classes it makes)
     """The codec's message factory for rclpy: ``RCLPY("sensor_msgs/msg/Image", height=..., ...)``."""
     arrays = {k: fields.pop(k) for k in [k for k, v in fields.items() if isinstance(v, np.ndarray)]}
-    msg = _message_class(msgtype)(**fields)
+    msg = message_class(msgtype)(**fields)
     for name, value in arrays.items():
         _store_array(msg, name, value)
     return msg

@@ -151,9 +151,9 @@ def process_bag(in_bag, out_bag, params: dict, remaps: dict[str, str] | None = N
     from ros2_stream4d.loader import ModelOptions, load_pipeline
     from ros2_stream4d.mapping.pipeline import PipelineConfig
     from ros2_stream4d.ros import conversions as conv
-    from ros2_stream4d.ros.compat.player import message_class
     from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
     from ros2_stream4d.ros.config import as_dict, make_config
+    from ros2_stream4d.ros.conversions import message_class
     from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
 
     remaps = parse_remaps(SIM_REMAPS) if remaps is None else remaps

@@ -8,7 +8,6 @@ follow the bag, and topics recorded with transient_local durability (/tf_static)
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from collections import Counter
@@ -32,12 +31,6 @@ class PlayStats:
     skipped_topics: dict[str, str] = field(default_factory=dict)  # topic -> why it was not played
     bag_start_ns: int = 0
     bag_end_ns: int = 0
-
-
-def message_class(msgtype: str) -> Any:
-    """'sensor_msgs/msg/Image' -> the rclpy message class (ImportError / AttributeError when not installed)."""
-    package, kind, name = msgtype.split("/")
-    return getattr(importlib.import_module(f"{package}.{kind}"), name)
 
 
 def is_latched(connection: Any) -> bool:
@@ -84,6 +77,8 @@ def play_bag(path: str | Path, rate: float = 1.0, loop: bool = False, clock: boo
     should_stop: polled between messages; True ends the playback early.
     """
     from rosbags.rosbag2 import Reader
+
+    from ros2_stream4d.ros.conversions import message_class
 
     if rate <= 0:
         raise ValueError(f"rate must be > 0, got {rate}")

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import threading
 from pathlib import Path
-from typing import Any
-
-
-def _message_class(msgtype: str) -> Any:
-    package, _, name = msgtype.split("/")
-    return getattr(importlib.import_module(f"{package}.msg"), name)
 
 
 class BagRecorder:
@@ -23,6 +16,8 @@ class BagRecorder:
         from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
         from rosbags.rosbag2 import StoragePlugin, Writer
         from rosbags.typesys import Stores, get_typestore
+
+        from ros2_stream4d.ros.conversions import message_class
 
         self._node = node
         self._lock = threading.Lock()
@@ -45,7 +40,7 @@ class BagRecorder:
             qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL if is_latched else DurabilityPolicy.VOLATILE)
             self._subscriptions.append(node.create_subscription(
-                _message_class(msgtype), topic, lambda raw, t=topic: self._write(t, raw), qos, raw=True))
+                message_class(msgtype), topic, lambda raw, t=topic: self._write(t, raw), qos, raw=True))
 
     def _write(self, topic: str, raw: bytes) -> None:
         with self._lock:
