@@ -170,22 +170,36 @@ def align_point_maps(points_dst, points_src, conf_dst=None, conf_src=None, centr
     return robust_sim3(src, dst, w, threshold=threshold, seed=seed)
 
 
-def icp_refine(src_xyz, dst_xyz, S_init, max_distance: float, iterations: int = 30,
-               with_scale: bool = True) -> tuple[np.ndarray, float, float]:
-    """Refine S (dst <- src) by point-to-point ICP (Open3D, scale estimated when with_scale): (S, fitness,
-    inlier RMSE). Fitness = fraction of source points with a neighbour within max_distance."""
+def icp_refine(src_xyz, dst_xyz, S_init, max_distance: float, iterations: int = 30, with_scale: bool = True,
+               point_to_plane: bool = False) -> tuple[np.ndarray, float, float]:
+    """Refine S (dst <- src) by ICP (Open3D): (S, fitness, inlier RMSE); fitness = fraction of source points with a
+    neighbour within max_distance. Point-to-point estimates the scale too when with_scale; point-to-plane keeps the
+    scale of S_init and refines the rigid part (more accurate on sampled surfaces: it does not pull sample points
+    onto each other)."""
     import open3d as o3d
+
+    reg = o3d.pipelines.registration
 
     def cloud(x):
         pc = o3d.geometry.PointCloud()
         pc.points = o3d.utility.Vector3dVector(np.asarray(x, np.float64))
         return pc
 
-    est = o3d.pipelines.registration.TransformationEstimationPointToPoint(with_scaling=with_scale)
-    crit = o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=iterations)
-    res = o3d.pipelines.registration.registration_icp(cloud(src_xyz), cloud(dst_xyz), float(max_distance),
-                                                      np.asarray(S_init, np.float64), est, crit)
-    return np.asarray(res.transformation).copy(), float(res.fitness), float(res.inlier_rmse)
+    crit = reg.ICPConvergenceCriteria(max_iteration=iterations)
+    S_init = np.asarray(S_init, np.float64)
+    if not point_to_plane:
+        est = reg.TransformationEstimationPointToPoint(with_scaling=with_scale)
+        res = reg.registration_icp(cloud(src_xyz), cloud(dst_xyz), float(max_distance), S_init, est, crit)
+        return np.asarray(res.transformation).copy(), float(res.fitness), float(res.inlier_rmse)
+    R, t, s = decompose(S_init)
+    dst = cloud(dst_xyz)
+    dst.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=3.0 * max_distance, max_nn=30))
+    T0 = np.eye(4)
+    T0[:3, :3], T0[:3, 3] = R, t
+    res = reg.registration_icp(cloud(s * np.asarray(src_xyz, np.float64)), dst, float(max_distance), T0,
+                               reg.TransformationEstimationPointToPlane(), crit)
+    S = np.asarray(res.transformation) @ sim3(s=s)
+    return S, float(res.fitness), float(res.inlier_rmse)
 
 
 def sim3_distance(Sa, Sb) -> tuple[float, float, float]:

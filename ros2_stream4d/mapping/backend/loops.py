@@ -1,0 +1,233 @@
+"""Loop closure over keyframes: place recognition with a global descriptor, then geometric verification into a Sim(3)
+edge for the pose graph.
+
+Place recognition: every keyframe gets a global descriptor of its first image; candidates are earlier keyframes (at
+least ``min_separation`` keyframes back) whose cosine similarity is at least ``min_similarity`` (best
+``max_candidates`` first) and whose odometry position is within ``search_radius_m`` + ``search_drift_fraction`` x
+the path travelled since then (the drift the odometry can have accumulated; a look-alike place elsewhere on the map
+is not even tried). The default descriptor is classical and needs no weights: a 16 x 12 zero-mean grey thumbnail
+(the "tiny image" of SeqSLAM-style place recognition) concatenated with a 4 x 4 grid of 8-bin gradient-orientation
+histograms, L2-normalised. ``descriptor_fn`` is the hook for a learned one (pooled model tokens when real weights
+run): any function image -> 1-D vector.
+
+Verification (``verify``): ORB features (OpenCV) matched both ways with Lowe's ratio test, lifted to 3D with each
+keyframe's depth; a RANSAC Sim(3) on the 3D-3D matches (mapping/backend/sim3.py) needs ``min_inliers`` and
+``min_inlier_ratio``; PnP (RANSAC, the older keyframe's 3D against the newer's pixels) must agree in rotation; then
+point-to-plane ICP on the two keyframes' depth clouds refines its rigid part (the scale is the RANSAC one) and must reach ``min_fitness``.
+The result, S_i_j (keyframe j's local frame into keyframe i's), is the loop edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from ros2_stream4d.mapping.backend import sim3 as S3
+
+
+def classical_descriptor(rgb_or_grey: np.ndarray) -> np.ndarray:
+    """Tiny zero-mean thumbnail + gridded gradient-orientation histograms, L2-normalised (float32)."""
+    g = np.asarray(rgb_or_grey)
+    if g.ndim == 3:
+        g = cv2.cvtColor(np.ascontiguousarray(g), cv2.COLOR_RGB2GRAY)
+    g = g.astype(np.float32) / 255.0
+    tiny = cv2.resize(g, (16, 12), interpolation=cv2.INTER_AREA).ravel()
+    tiny = tiny - tiny.mean()
+    tiny /= np.linalg.norm(tiny) + 1e-9
+    small = cv2.resize(g, (64, 48), interpolation=cv2.INTER_AREA)
+    gx, gy = cv2.Sobel(small, cv2.CV_32F, 1, 0), cv2.Sobel(small, cv2.CV_32F, 0, 1)
+    mag, ang = np.hypot(gx, gy), np.mod(np.arctan2(gy, gx), np.pi)
+    b = np.minimum((ang / np.pi * 8).astype(int), 7)
+    hist = np.zeros((4, 4, 8), np.float32)
+    rows, cols = np.indices(small.shape)
+    np.add.at(hist, (rows * 4 // small.shape[0], cols * 4 // small.shape[1], b), mag)
+    hist = np.sqrt(hist.ravel())
+    hist /= np.linalg.norm(hist) + 1e-9
+    d = np.r_[tiny, hist].astype(np.float32)
+    return d / (np.linalg.norm(d) + 1e-9)
+
+
+@dataclass
+class KeyframeView:
+    """What loop closure keeps of a keyframe: its first image, depth (local units, NaN = invalid), K, and its
+    odometry pose (S_odom_kf; the keyframe frame is that image's camera)."""
+
+    id: int
+    rgb: np.ndarray  # (h, w, 3) uint8
+    depth: np.ndarray  # (h, w) float
+    K: np.ndarray  # (3, 3)
+    S_odom_kf: np.ndarray  # (4, 4)
+    descriptor: np.ndarray | None = None
+    path_s: float = 0.0  # odometry path length at this keyframe
+
+
+@dataclass
+class LoopConfig:
+    min_separation: int = 15  # keyframes
+    min_similarity: float = 0.80
+    max_candidates: int = 3
+    search_radius_m: float = 1.0
+    search_drift_fraction: float = 0.15
+    n_features: int = 1000
+    ratio: float = 0.8
+    min_inliers: int = 25
+    min_inlier_ratio: float = 0.3
+    ransac_threshold: float = 0.05  # m (local units) for the 3D-3D RANSAC
+    max_pnp_rotation_deg: float = 5.0  # PnP and the 3D-3D Sim(3) must agree this well
+    icp_distance: float = 0.10  # m
+    icp_points: int = 5000
+    min_fitness: float = 0.3
+    max_icp_change_m: float = 0.3  # ICP may not move the RANSAC estimate further (else: rejected)
+    depth_max: float = 8.0
+
+
+@dataclass
+class LoopCandidate:
+    i: int  # the older keyframe
+    j: int  # the newer keyframe
+    similarity: float
+
+
+@dataclass
+class LoopResult:
+    i: int
+    j: int
+    accepted: bool
+    S_i_j: np.ndarray | None = None
+    reason: str = ""
+    similarity: float = 0.0
+    inliers: int = 0
+    fitness: float = 0.0
+    details: dict = field(default_factory=dict)
+
+
+class LoopDetector:
+    """Keyframes in (``add``), verified loop edges out (``detect``); counts in ``stats``."""
+
+    def __init__(self, config: LoopConfig | None = None, descriptor_fn=classical_descriptor):
+        self.config = config or LoopConfig()
+        self.descriptor_fn = descriptor_fn
+        self.views: list[KeyframeView] = []
+        self._desc = np.zeros((0, 0), np.float32)
+        self.stats = {"candidates": 0, "accepted": 0, "rejected": 0}
+        self._orb = cv2.ORB_create(self.config.n_features)
+
+    def add(self, view: KeyframeView) -> None:
+        if view.descriptor is None:
+            view.descriptor = np.asarray(self.descriptor_fn(view.rgb), np.float32)
+        if self.views:
+            prev = self.views[-1]
+            view.path_s = prev.path_s + float(np.linalg.norm(view.S_odom_kf[:3, 3] - prev.S_odom_kf[:3, 3]))
+        self.views.append(view)
+        d = view.descriptor[None]
+        self._desc = d if self._desc.size == 0 else np.vstack([self._desc, d])
+
+    def candidates(self, view: KeyframeView | None = None) -> list[LoopCandidate]:
+        c = self.config
+        view = self.views[-1] if view is None else view
+        n = len(self.views) - 1 if view is self.views[-1] else len(self.views)
+        old = n - c.min_separation + 1
+        if old <= 0:
+            return []
+        sim = self._desc[:old] @ view.descriptor
+        out = []
+        for k in np.argsort(-sim):
+            if sim[k] < c.min_similarity or len(out) >= c.max_candidates:
+                break
+            o = self.views[k]
+            radius = c.search_radius_m + c.search_drift_fraction * (view.path_s - o.path_s)
+            if np.linalg.norm(o.S_odom_kf[:3, 3] - view.S_odom_kf[:3, 3]) <= radius:
+                out.append(LoopCandidate(o.id, view.id, float(sim[k])))
+        return out
+
+    def detect(self, view: KeyframeView | None = None) -> list[LoopResult]:
+        """Candidates of the newest keyframe, each verified; accepted ones first."""
+        by_id = {v.id: v for v in self.views}
+        res = []
+        for cand in self.candidates(view):
+            self.stats["candidates"] += 1
+            r = self.verify(by_id[cand.i], by_id[cand.j])
+            r.similarity = cand.similarity
+            self.stats["accepted" if r.accepted else "rejected"] += 1
+            res.append(r)
+        return sorted(res, key=lambda r: (not r.accepted, -r.inliers))
+
+    # ------------------------------------------------------------------ geometry
+    def _features(self, v: KeyframeView):
+        grey = cv2.cvtColor(np.ascontiguousarray(v.rgb), cv2.COLOR_RGB2GRAY)
+        kp, des = self._orb.detectAndCompute(grey, None)
+        return kp, des
+
+    def verify(self, a: KeyframeView, b: KeyframeView) -> LoopResult:
+        """Geometric verification of keyframe a (older, i) against b (newer, j): S_i_j or the reason it failed."""
+        c = self.config
+        fail = lambda why, **kw: LoopResult(a.id, b.id, False, reason=why, **kw)  # noqa: E731
+        kpa, da = self._features(a)
+        kpb, db = self._features(b)
+        if da is None or db is None or len(kpa) < c.min_inliers or len(kpb) < c.min_inliers:
+            return fail("too few features")
+        bf = cv2.BFMatcher(cv2.NORM_HAMMING)
+        pairs = []
+        for m in bf.knnMatch(db, da, k=2):  # query b, train a
+            if len(m) == 2 and m[0].distance < c.ratio * m[1].distance:
+                pairs.append((m[0].trainIdx, m[0].queryIdx))
+        if len(pairs) < c.min_inliers:
+            return fail(f"{len(pairs)} matches")
+        ua = np.array([kpa[i].pt for i, _ in pairs])
+        ub = np.array([kpb[j].pt for _, j in pairs])
+        pa, oka = _lift(ua, a.depth, a.K, c.depth_max)
+        pb, okb = _lift(ub, b.depth, b.K, c.depth_max)
+        ok = oka & okb
+        if ok.sum() < c.min_inliers:
+            return fail(f"{int(ok.sum())} matches with depth")
+        try:
+            fit = S3.robust_sim3(pb[ok], pa[ok], threshold=c.ransac_threshold, iterations=300)
+        except ValueError as exc:
+            return fail(str(exc))
+        n_in = int(fit.inliers.sum())
+        if n_in < c.min_inliers or fit.inlier_ratio < c.min_inlier_ratio:
+            return fail(f"{n_in} inliers ({fit.inlier_ratio:.2f})", inliers=n_in)
+        # PnP: the older keyframe's 3D points seen at the newer keyframe's pixels give T_b_a (rigid)
+        okp, rvec, tvec, pnp_in = cv2.solvePnPRansac(pa[ok].astype(np.float64), ub[ok].astype(np.float64), b.K, None,
+                                                     reprojectionError=3.0, iterationsCount=200,
+                                                     flags=cv2.SOLVEPNP_EPNP)
+        if not okp or pnp_in is None or len(pnp_in) < c.min_inliers:
+            return fail("PnP failed", inliers=n_in)
+        R_b_a = cv2.Rodrigues(rvec)[0]
+        R_a_b = S3.decompose(fit.S)[0]
+        pnp_err = S3.rotation_angle_deg(R_b_a @ R_a_b)
+        if pnp_err > c.max_pnp_rotation_deg:
+            return fail(f"PnP disagrees by {pnp_err:.1f} deg", inliers=n_in)
+        # ICP on the two keyframes' depth clouds
+        ca, cb = _cloud(a.depth, a.K, c.icp_points, c.depth_max), _cloud(b.depth, b.K, c.icp_points, c.depth_max)
+        S, fitness, rmse = S3.icp_refine(cb, ca, fit.S, c.icp_distance, point_to_plane=True)
+        change = float(np.linalg.norm(S[:3, 3] - fit.S[:3, 3]))
+        if fitness < c.min_fitness:
+            return fail(f"ICP fitness {fitness:.2f}", inliers=n_in, fitness=fitness)
+        if change > c.max_icp_change_m:
+            return fail(f"ICP moved {change:.2f} m", inliers=n_in, fitness=fitness)
+        return LoopResult(a.id, b.id, True, S, "ok", inliers=n_in, fitness=fitness,
+                          details={"ransac_rmse": fit.rmse, "icp_rmse": rmse, "pnp_rotation_deg": pnp_err,
+                                   "pnp_inliers": int(len(pnp_in)), "S_ransac": fit.S})
+
+
+def _lift(uv: np.ndarray, depth: np.ndarray, K: np.ndarray, depth_max: float):
+    h, w = depth.shape
+    u = np.clip(np.round(uv[:, 0]).astype(int), 0, w - 1)
+    v = np.clip(np.round(uv[:, 1]).astype(int), 0, h - 1)
+    z = depth[v, u].astype(np.float64)
+    ok = np.isfinite(z) & (z > 0) & (z < depth_max)
+    x = (uv[:, 0] - K[0, 2]) / K[0, 0] * z
+    y = (uv[:, 1] - K[1, 2]) / K[1, 1] * z
+    return np.c_[x, y, z], ok
+
+
+def _cloud(depth: np.ndarray, K: np.ndarray, n: int, depth_max: float) -> np.ndarray:
+    v, u = np.nonzero(np.isfinite(depth) & (depth > 0) & (depth < depth_max))
+    if len(u) > n:
+        sel = np.linspace(0, len(u) - 1, n).astype(int)
+        u, v = u[sel], v[sel]
+    z = depth[v, u].astype(np.float64)
+    return np.c_[(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z]
