@@ -24,9 +24,9 @@ from .metrics import (
     Sim3,
     ate,
     depth_metrics,
-    depth_points,
     map_metrics,
     mesh_metrics,
+    observed_cells,
     observed_surface,
     occupancy_iou,
     reference_occupancy,
@@ -139,7 +139,7 @@ def evaluate_arrays(pred_T, gt_T, *, times=None, pred_depths=None, gt_depths=Non
 def _score_grid(g: dict, al: Sim3, mesh, gt_depths, K, gt_T, stride: int = 4) -> dict:
     """Occupancy IoU in the prediction's map frame: the ground truth (mesh, depths, poses) is moved into it by the
     inverse of the trajectory alignment, so the predicted lattice is used as it is."""
-    from ros2_stream4d.mapping.occupancy import OccupancyOptions, frame_votes
+    from ros2_stream4d.mapping.occupancy import OccupancyOptions
 
     data, res = np.asarray(g["data"]), float(g["resolution"])
     lo = np.round(np.asarray(g["origin"], np.float64)[:2] / res).astype(np.int64)
@@ -150,14 +150,12 @@ def _score_grid(g: dict, al: Sim3, mesh, gt_depths, K, gt_T, stride: int = 4) ->
     opt = OccupancyOptions(res, g["floor_z"], g["min_height"], g["max_height"], g["max_range"])
     ref = reference_occupancy(to_map(mesh[0]), mesh[1], lo, data.shape, res, opt.floor_z, opt.min_height,
                               opt.max_height)
-    H, W = data.shape
-    seen, seen_occ = np.zeros((H, W), bool), np.zeros((H, W), bool)
-    for d, T in zip(gt_depths, gt_T):
-        votes = frame_votes(to_map(depth_points(d, K, T, stride)), to_map(T[:3, 3]), opt)
-        for which, mask in (("any", seen), ("occ", seen_occ)):
-            ij = votes.cells(which) - lo
-            ok = (ij[:, 0] >= 0) & (ij[:, 0] < W) & (ij[:, 1] >= 0) & (ij[:, 1] < H)
-            mask[ij[ok, 1], ij[ok, 0]] = True
+    # the cameras in the map frame: p_map = R^T (p_world - t) / s, so rotation R^T R_wc, depth / s
+    T_map_cam = np.array(gt_T, np.float64)
+    T_map_cam[:, :3, :3] = al.R.T @ T_map_cam[:, :3, :3]
+    T_map_cam[:, :3, 3] = to_map(T_map_cam[:, :3, 3])
+    seen, seen_occ = observed_cells([np.asarray(d, np.float64) / al.s for d in gt_depths], K, T_map_cam, lo,
+                                    data.shape, opt, stride)
     out = occupancy_iou(data, ref, seen, seen_occ)
     out.update(pred=data, reference=ref, observed=seen, origin=np.asarray(g["origin"], np.float64)[:2],
                resolution=res)
