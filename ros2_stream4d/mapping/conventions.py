@@ -97,6 +97,16 @@ def map_to_odom(T_map_base, T_odom_base) -> np.ndarray:
 # (x, y, z, w), scalar last, as in ROS messages; rotation vectors are axis * angle in radians. The model's torch
 # versions (model/geometry.py) work on tensors inside the network and stay there.
 
+# Shepperd's method as tables over the row-major entries m0..m8 of R. Pivot k (w, x, y, z) has
+# four_sq[k] = 1 + D[k] . (m0, m4, m8) (= 4 w^2, 4 x^2, 4 y^2, 4 z^2); row k of the candidates is (x, y, z, w) times
+# 4 (w, x, y, z)[k]: m[A] + S * m[B] off the pivot (e.g. 4wx = m7 - m5, 4xy = m1 + m3), four_sq[k] at it (PIVOT).
+_SHEPPERD_D = np.array([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+_SHEPPERD_A = np.array([[7, 2, 3, 0], [0, 1, 2, 7], [1, 0, 5, 2], [2, 5, 0, 3]])
+_SHEPPERD_B = np.array([[5, 6, 1, 0], [0, 3, 6, 5], [3, 0, 7, 6], [6, 7, 0, 1]])
+_SHEPPERD_S = np.array([[-1.0, -1, -1, 0], [0, 1, 1, -1], [1, 0, 1, -1], [1, 1, 0, -1]])
+_SHEPPERD_PIVOT = np.array([[0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], bool)
+
+
 def quaternion_from_matrix(R) -> np.ndarray:
     """Rotations [..., 3, 3] (or the top-left of [..., 4, 4]) -> unit quaternions [..., 4] (x, y, z, w), w >= 0.
 
@@ -104,16 +114,9 @@ def quaternion_from_matrix(R) -> np.ndarray:
     R = np.asarray(R, dtype=np.float64)
     if R.ndim < 2 or R.shape[-2:] not in ((3, 3), (4, 4)):
         raise ValueError(f"expected [..., 3, 3] rotations, got {R.shape}")
-    m = R[..., :3, :3]
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = (m[..., i, j] for i in range(3) for j in range(3))
-    four_sq = np.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
-    # row k: (x, y, z, w) times 4 (w, x, y, z)[k]
-    cand = np.stack([
-        np.stack([m21 - m12, m02 - m20, m10 - m01, four_sq[..., 0]], -1),
-        np.stack([four_sq[..., 1], m01 + m10, m02 + m20, m21 - m12], -1),
-        np.stack([m01 + m10, four_sq[..., 2], m12 + m21, m02 - m20], -1),
-        np.stack([m02 + m20, m12 + m21, four_sq[..., 3], m10 - m01], -1),
-    ], -2)
+    m = R[..., :3, :3].reshape(R.shape[:-2] + (9,))
+    four_sq = 1.0 + m[..., [0, 4, 8]] @ _SHEPPERD_D.T
+    cand = np.where(_SHEPPERD_PIVOT, four_sq[..., :, None], m[..., _SHEPPERD_A] + _SHEPPERD_S * m[..., _SHEPPERD_B])
     k = np.argmax(four_sq, axis=-1)[..., None]
     q = np.take_along_axis(cand, k[..., None], -2)[..., 0, :] / (2.0 * np.sqrt(np.take_along_axis(four_sq, k, -1)))
     q = q / np.linalg.norm(q, axis=-1, keepdims=True)
