@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ros2_stream4d.mapping.conventions import rot_z
+from ros2_stream4d.mapping.conventions import inverse, rot_z
 
 
 @dataclass
@@ -75,3 +75,59 @@ class DriftModel:
         """Drift a whole trajectory: (odometry poses (N, 4, 4), depth scales (N,))."""
         out = [self.step(T) for T in np.asarray(T_world_cam)]
         return np.stack([o[0] for o in out]), np.array([o[1] for o in out])
+
+
+class DriftedSession:
+    """A session wrapper (model/session.py protocol) that gives an exact session's stream the drift above: every
+    segment (since the last reset) starts exact at its first frame and drifts with the distance travelled since it,
+    like a model whose anchor frame falls behind. Depth and points are scaled by the drifted scale, poses drifted.
+    Seeds: ``seed`` + the number of resets (reproducible)."""
+
+    def __init__(self, inner, seed: int = 0, **drift):
+        self.inner, self.seed, self.drift_params = inner, int(seed), drift
+        self.window = getattr(inner, "window", None)
+        self.anchors = getattr(inner, "anchors", 1)
+        self.resets = 0
+        self.model = DriftModel(seed=self.seed, **drift)
+
+    @property
+    def frames_seen(self) -> int:
+        return self.inner.frames_seen
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.resets += 1
+        self.model = DriftModel(seed=self.seed + 1000 * self.resets, **self.drift_params)
+
+    def stats(self):
+        return self.inner.stats()
+
+    def shrunk(self, window: int):
+        return None
+
+    def step(self, image=None, stamp_ns=None, mapping=None) -> dict:
+        import torch
+
+        from ros2_stream4d.mapping.conventions import extrinsic_to_pose, unproject_depth
+        from ros2_stream4d.model.geometry import extri_intri_to_pose_encoding
+
+        out = self.inner.step(image, stamp_ns=stamp_ns, mapping=mapping)
+        ext = out["extrinsic"][0].detach().double().cpu().numpy()
+        K = out["intrinsic"][0].detach().double().cpu().numpy()
+        T, s = self.model.step(extrinsic_to_pose(ext))
+        depth = out["depth"][0, ..., 0].detach().cpu().numpy().astype(np.float64) * s
+        ext_d = inverse(T)[:3, :]
+        dev = out["depth"].device
+
+        def t(x):
+            return torch.as_tensor(np.asarray(x, np.float32), device=dev)[None]
+
+        res = dict(out)
+        res["depth"] = out["depth"] * float(s)
+        res["extrinsic"], res["intrinsic"] = t(ext_d), t(K)
+        pts = unproject_depth(depth, K, T)
+        pts[~(depth > 0)] = 0.0
+        res["world_points"] = t(pts)
+        res["pose_enc"] = extri_intri_to_pose_encoding(torch.as_tensor(ext_d), torch.as_tensor(K),
+                                                       depth.shape).float().to(dev)[None]
+        return res
