@@ -1,5 +1,6 @@
 """Preprocessor and PixelMapping: geometry of crop/pad, pixel and intrinsics round trips, resampling, bad input."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -179,3 +180,176 @@ def test_mapping_is_a_plain_dataclass():
     assert m.scale == pytest.approx(1.4)
     u, v = m.source_to_model_pixels(np.array([0.0]), np.array([0.0]))
     assert u[0] == pytest.approx(0.5 * 1.4 - 0.5)
+
+
+# -- exact oracles: the module docstring's formulas evaluated pixel by pixel, and OpenCV's own resize ---------------
+PLANS = [("crop", None, (640, 480)), ("crop", None, (480, 640)), ("pad", None, (200, 518)), ("pad", None, (90, 40)),
+         ("crop", 56, (50, 100)), ("pad", 56, (50, 100)), ("crop", 70, (33, 21)), ("pad", 70, (33, 21))]
+
+
+def _seen(coord: np.ndarray, n: int) -> np.ndarray:
+    """A pixel centre at coord lands on pixel i when coord is in [i - 0.5, i + 0.5): inside when in [-0.5, n-0.5)."""
+    return (coord >= -0.5) & (coord < n - 0.5)
+
+
+@pytest.mark.parametrize("mode,height,hw", PLANS)
+def test_masks_and_region_match_the_pixel_convention(mode, height, hw):
+    m = Preprocessor(56 if height else 70, mode, height=height).plan(hw)[1]
+    (h, w), (mh, mw) = m.source_hw, m.model_hw
+    # model pixels showing the image: their centres map back inside the source
+    us, _ = m.model_to_source_pixels(np.arange(mw), np.zeros(mw))
+    _, vs = m.model_to_source_pixels(np.zeros(mh), np.arange(mh))
+    np.testing.assert_array_equal(m.valid_model_mask(), _seen(vs, h)[:, None] & _seen(us, w)[None, :])
+    # source pixels the model sees: their centres land on a model pixel that shows the image
+    um, _ = m.source_to_model_pixels(np.arange(w), np.zeros(w))
+    _, vm = m.source_to_model_pixels(np.zeros(h), np.arange(h))
+    col_ok = _seen(um, mw) & _seen(us, w)[np.clip(np.floor(um + 0.5).astype(int), 0, mw - 1)]
+    row_ok = _seen(vm, mh) & _seen(vs, h)[np.clip(np.floor(vm + 0.5).astype(int), 0, mh - 1)]
+    expected = row_ok[:, None] & col_ok[None, :]
+    np.testing.assert_array_equal(m.valid_source_mask(), expected)
+    rows, cols = np.flatnonzero(row_ok), np.flatnonzero(col_ok)
+    assert m.valid_source_region() == (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+
+
+@pytest.mark.parametrize("mode,height,hw", PLANS)
+def test_nearest_resampling_picks_the_pixel_under_each_centre(mode, height, hw):
+    m = Preprocessor(56 if height else 70, mode, height=height).plan(hw)[1]
+    (h, w), (mh, mw) = m.source_hw, m.model_hw
+    src = np.random.default_rng(0).random((h, w, 2)).astype(np.float32)
+    out = m.resample_to_model(src, fill=-1.0)
+    assert out.shape == (mh, mw, 2) and out.dtype == np.float32
+    for v in range(mh):
+        for u in range(mw):
+            us, vs = m.model_to_source_pixels(u, v)
+            if _seen(us, w) and _seen(vs, h):
+                np.testing.assert_array_equal(out[v, u], src[int(np.floor(vs + 0.5)), int(np.floor(us + 0.5))])
+            else:
+                assert (out[v, u] == -1.0).all()
+    model = np.random.default_rng(1).random((mh, mw)).astype(np.float64)
+    back = m.resample_to_source(model)
+    seen = m.valid_source_mask()
+    for v in range(h):
+        for u in range(w):
+            um, vm = m.source_to_model_pixels(u, v)
+            if seen[v, u]:
+                assert back[v, u] == model[int(np.floor(vm + 0.5)), int(np.floor(um + 0.5))]
+            else:
+                assert np.isnan(back[v, u])
+
+
+@pytest.mark.parametrize("mode,height,hw", PLANS)
+def test_prepared_image_is_opencvs_resize_cropped_or_padded(mode, height, hw):
+    """INTER_AREA when both sides shrink, INTER_CUBIC otherwise; then the centre crop (crop) or white padding
+    around the resized image at the mapping's offset (pad)."""
+    pre = Preprocessor(56 if height else 70, mode, height=height)
+    img = np.random.default_rng(2).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    (rh, rw), m = pre.plan(hw)
+    arr, m2 = pre.prepare_array(img)
+    assert m2 == m and arr.shape == (3, *m.model_hw) and arr.dtype == np.float32 and arr.flags.c_contiguous
+    interp = cv2.INTER_AREA if (rh < hw[0] and rw < hw[1]) else cv2.INTER_CUBIC
+    resized = cv2.resize(img, (rw, rh), interpolation=interp).astype(np.float32) / 255.0
+    mh, mw = m.model_hw
+    if mode == "crop":
+        y0, x0 = int(-m.offset_y), int(-m.offset_x)
+        assert y0 >= 0 and x0 >= 0
+        expected = resized[y0:y0 + mh, x0:x0 + mw]
+    else:
+        y0, x0 = int(m.offset_y), int(m.offset_x)
+        expected = np.ones((mh, mw, 3), np.float32)
+        expected[y0:y0 + rh, x0:x0 + rw] = resized
+    np.testing.assert_array_equal(arr, expected.transpose(2, 0, 1))
+    t, _ = pre.prepare(img)
+    assert torch.equal(t, torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+
+
+def test_shrinking_uses_area_averaging():
+    """Shrinking by 8 averages each 8x8 block: one bright pixel per block gives the same image wherever it sits in
+    the block (cubic or linear sampling would see the dots near the sampling points only)."""
+    corner, centre = np.zeros((400, 560), np.uint8), np.zeros((400, 560), np.uint8)
+    corner[::8, ::8] = 255
+    centre[3::8, 4::8] = 255
+    pre = Preprocessor(70, "pad")
+    a, m = pre.prepare_array(corner)
+    b, _ = pre.prepare_array(centre)
+    assert m.model_hw == (56, 70) and (m.scale_x, m.scale_y) == (1 / 8, 1 / 8)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a[:, m.valid_model_mask()], round(255 / 64) / 255, atol=1e-6)  # uint8 resize rounds
+
+
+def test_plan_branches_exactly():
+    # crop, free height: width to W, height rounded to patches, centre crop when taller than W
+    (rh, rw), m = Preprocessor(70, "crop").plan((100, 50))
+    assert (rh, rw) == (140, 70) and m.model_hw == (70, 70) and (m.offset_x, m.offset_y) == (0.0, -35.0)
+    assert (m.scale_x, m.scale_y) == (70 / 50, 140 / 100)
+    (rh, rw), m = Preprocessor(70, "crop").plan((33, 70))
+    assert (rh, rw) == (28, 70) and m.model_hw == (28, 70) and m.offset_y == 0.0  # round(33 / 14) * 14 = 28
+    # crop, fixed height: a uniform scale covering W x H, then a centre crop of both axes
+    (rh, rw), m = Preprocessor(56, "crop", height=28).plan((40, 40))
+    assert (rh, rw) == (56, 56) and m.model_hw == (28, 56) and (m.offset_x, m.offset_y) == (0.0, -14.0)
+    (rh, rw), m = Preprocessor(28, "crop", height=56).plan((40, 40))
+    assert (rh, rw) == (56, 56) and m.model_hw == (56, 28) and (m.offset_x, m.offset_y) == (-14.0, 0.0)
+    # pad, free height: aspect kept, height padded up to a multiple of the patch, centred
+    (rh, rw), m = Preprocessor(70, "pad").plan((45, 70))
+    assert (rh, rw) == (45, 70) and m.model_hw == (56, 70) and (m.offset_x, m.offset_y) == (0.0, 5.0)
+    # pad, fixed height: fit inside W x H, pad both axes
+    (rh, rw), m = Preprocessor(56, "pad", height=28).plan((40, 40))
+    assert (rh, rw) == (28, 28) and m.model_hw == (28, 56) and (m.offset_x, m.offset_y) == (14.0, 0.0)
+    (rh, rw), m = Preprocessor(28, "pad", height=56).plan((40, 41))
+    assert (rh, rw) == (27, 28) and m.model_hw == (56, 28) and (m.offset_x, m.offset_y) == (0.0, 14.0)
+    assert Preprocessor(14, "pad").plan((1, 1))[1].model_hw == (14, 14)  # the smallest image
+
+
+def test_plan_limits_and_constructor_checks():
+    Preprocessor(14, "crop").plan((10_000, 10_000))  # exactly the source pixel limit is allowed
+    with pytest.raises(ValueError, match="exceeds the 100000000 pixel limit"):
+        Preprocessor(14, "crop").plan((10_000, 10_001))
+    with pytest.raises(ValueError, match="at least 1x1"):
+        Preprocessor().plan((5, 0))
+    with pytest.raises(ValueError, match="too wide for mode 'pad'"):
+        Preprocessor(14, "pad").plan((1, 29))  # 14 wide, resized height 0
+    for kwargs, match in ((dict(patch_size=0), "patch_size must be >= 1"), (dict(width=0), "width must be"),
+                          (dict(width=-14), "width must be"), (dict(width=518.5), "width must be"),
+                          (dict(height=500), "height must be a positive multiple of patch_size=14"),
+                          (dict(height=0), "height must be"), (dict(mode="stretch"), "mode must be one of")):
+        with pytest.raises(ValueError, match=match):
+            Preprocessor(**kwargs)
+    pre = Preprocessor(28, "pad", patch_size=7, height=21)
+    assert (pre.width, pre.height, pre.mode, pre.patch_size) == (28, 21, "pad", 7)
+    assert pre.plan((30, 40))[1].model_hw == (21, 28)
+
+
+def test_pixel_mapping_helpers_and_checks():
+    m = PixelMapping((10, 20), (30, 20), 1.0, 3.0, 0.0, 0.0)
+    assert m.scale == 2.0  # the mean of the two axes
+    u, v = m.source_to_model_pixels(2.0, 1.0)
+    assert (u, v) == (2.0, 4.0)  # (1 + 0.5) * 3 - 0.5
+    A = m.source_to_model_matrix()
+    np.testing.assert_array_equal(A, [[1.0, 0, 0], [0, 3.0, 1.0], [0, 0, 1]])
+    K = np.array([[10.0, 0, 9.5], [0, 10.0, 4.5], [0, 0, 1]])
+    np.testing.assert_allclose(m.source_to_model_K(K), A @ K)
+    np.testing.assert_allclose(m.model_to_source_K(A @ K), K)
+    with pytest.raises(ValueError, match="intrinsics must be a finite 3x3 matrix"):
+        m.model_to_source_K(np.full((3, 3), np.nan))
+    with pytest.raises(ValueError, match=r"expected an array of shape \(10, 20\)"):
+        m.resample_to_model(np.ones(20))
+    with pytest.raises(TypeError, match="cannot fill a uint8 array with NaN"):
+        m.resample_to_model(np.ones((10, 20), np.uint8))
+    out = m.resample_to_model(np.full((10, 20), 9, np.uint8), fill=0)  # every model pixel is on the image
+    assert out.dtype == np.uint8 and (out == 9).all()
+    assert m.resample_to_model(np.ones((10, 20), np.int32), fill=-1).dtype == np.int32
+
+
+def test_image_checks():
+    pre = Preprocessor(70)
+    with pytest.raises(TypeError, match="numpy uint8"):
+        pre.prepare(torch.zeros(10, 10, 3, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="image must be uint8, got float32"):
+        pre.prepare_array(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match=r"image must be \(h, w, 3\) RGB or \(h, w\) grey"):
+        pre.prepare_array(np.zeros((10, 10, 2), np.uint8))
+    with pytest.raises(ValueError, match="image must be"):
+        pre.prepare_array(np.zeros(10, np.uint8))
+    grey = np.random.default_rng(3).integers(0, 256, (30, 40), dtype=np.uint8)
+    a, _ = pre.prepare_array(grey[:, :, None])  # (h, w, 1) is grey
+    b, _ = pre.prepare_array(np.repeat(grey[:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(a, b)
