@@ -78,3 +78,10 @@ def test_axis_rotations_agree_with_rotation_vectors_in_batches():
         np.testing.assert_allclose(R, cv.rotation_from_vector(v), atol=1e-15)
     # REP-103 yaw: +90 deg about z turns x (forward) into y (left)
     np.testing.assert_allclose(cv.rot_z(np.pi / 2) @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-15)
+
+
+def test_rotation_angle_in_degrees_of_a_rotation_or_a_transform():
+    R = cv.rotation_from_vector([0.0, 0.3, 0.0] / np.linalg.norm([0.0, 0.3, 0.0]) * np.radians(37.0))
+    assert cv.rotation_angle_deg(R) == pytest.approx(37.0, abs=1e-12)
+    assert cv.rotation_angle_deg(cv.make_transform(R, [5.0, 0.0, 0.0])) == pytest.approx(37.0, abs=1e-12)
+    assert cv.rotation_angle_deg(cv.rotation_from_vector([1e-9, 0.0, 0.0])) == pytest.approx(np.degrees(1e-9), rel=1e-6)

@@ -208,6 +208,11 @@ def rotation_angle(R) -> np.ndarray:
     return np.arctan2(0.5 * np.linalg.norm(v, axis=-1), c)
 
 
+def rotation_angle_deg(R) -> float:
+    """The angle of one rotation (3x3, or the rotation of a 4x4 transform) in degrees, in [0, 180]."""
+    return float(np.degrees(rotation_angle(np.asarray(R, np.float64)[:3, :3])))
+
+
 def slerp(q0, q1, w: float) -> np.ndarray:
     """Spherical interpolation between unit quaternions (x, y, z, w) at weight w in [0, 1], the short way."""
     q0, q1 = np.asarray(q0, np.float64), np.asarray(q1, np.float64)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ros2_stream4d.mapping.conventions import inverse, pixel_rays, transform_points
+from ros2_stream4d.mapping.conventions import inverse, pixel_rays, rotation_angle_deg, transform_points
 from ros2_stream4d.mapping.fusion import VoxelMap
 from ros2_stream4d.mapping.occupancy import OccupancyGrid, OccupancyOptions, frame_votes
 from ros2_stream4d.mapping.tsdf import TsdfVolume
@@ -173,10 +173,6 @@ def _locked(method):
             return method(self, *args, **kwargs)
 
     return wrapper
-
-
-def rotation_angle_deg(R: np.ndarray) -> float:
-    return float(np.degrees(np.arccos(np.clip((np.trace(R[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
 
 
 def write_keyframe_file(path: Path, kf_id: int, segment: int, frames: FrameBatch) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ros2_stream4d.mapping.conventions import rotation_angle_deg
+
 
 def sim3(R=None, t=None, s: float = 1.0) -> np.ndarray:
     S = np.eye(4)
@@ -56,10 +58,6 @@ def to_se3(S) -> np.ndarray:
 def apply(S, xyz) -> np.ndarray:
     S = np.asarray(S, np.float64)
     return np.asarray(xyz, np.float64) @ S[:3, :3].T + S[:3, 3]
-
-
-def rotation_angle_deg(R) -> float:
-    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
 
 
 def umeyama(src, dst, w=None, with_scale: bool = True) -> np.ndarray:
