@@ -19,7 +19,7 @@ from ros2_stream4d.model.small import (
     rotvec_to_matrix,
 )
 
-CFG = SmallConfig(hw=(56, 84))  # 4x6 tokens: small and fast, same code paths
+CFG = SmallConfig(hw=(56, 84), symmetric_pose=False, pose_strides=(1,))  # 4x6 tokens; plain chaining
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +196,27 @@ def test_bar_is_per_kind():
     bar = bar_small({"ground": kind(0.10, 0.2, 0.5, 1.0), "handheld": kind(0.16, 0.2, 0.5, 1.0)})
     assert bar["ground"]["passed"] and not bar["handheld"]["passed"] and not bar["passed"]
     assert bar_small({"ground": kind(0.10, 0.2, 0.5, 1.0), "handheld": kind(0.14, 0.2, 0.69, 1.0)})["passed"]
+
+
+def test_mean_pose_is_the_midpoint_of_two_rotations():
+    from ros2_stream4d.model.small import _mean_pose
+
+    def pose(angle, x):
+        E = torch.eye(4, dtype=torch.float64)[None].clone()
+        E[0, :3, :3] = rotvec_to_matrix(torch.tensor([[0.0, angle, 0.0]], dtype=torch.float64))[0]
+        E[0, 0, 3] = x
+        return E
+
+    m = _mean_pose([pose(0.10, 1.0), pose(0.20, 3.0)])
+    torch.testing.assert_close(m, pose(0.15, 2.0))
+
+
+def test_fused_symmetric_session_runs_and_reverses_consistently():
+    """Default streaming (symmetric pair estimates, strides 1 and 2): finite, and the first frame is the world."""
+    torch.manual_seed(0)
+    m = Stream4DSmall(SmallConfig(hw=(56, 84)), pretrained=False).eval()
+    torch.nn.init.normal_(m.camera_head.mlp[-1].weight, std=0.05)
+    s = m.stream(window=4)
+    outs = [s.step(torch.rand(1, 3, 56, 84)) for _ in range(4)]
+    assert torch.allclose(outs[0]["pose_enc"][0, :7], torch.tensor([0, 0, 0, 0, 0, 0, 1.0]))
+    assert all(bool(torch.isfinite(o["pose_enc"]).all()) for o in outs)

@@ -61,11 +61,16 @@ class SmallConfig:
     cost_radius: int = 3  # 7x7 displacements
     cam_hidden: int = 256
     fov_default_deg: float = 60.0
+    symmetric_pose: bool = True  # streaming: average the forward pair estimate with the inverted backward one
+    pose_strides: tuple[int, ...] = (1, 2)  # streaming: the pose of frame t from frames t-k (fused), k in these
     kind: str = "stream4d-small"  # tells model cards / loaders which class this is
 
     def __post_init__(self) -> None:
         self.hw = tuple(int(v) for v in self.hw)
         self.enc_layers = tuple(int(v) for v in self.enc_layers)
+        self.pose_strides = tuple(int(v) for v in self.pose_strides)
+        if not self.pose_strides or self.pose_strides[0] != 1:
+            raise ValueError("pose_strides must start with 1")
         if self.hw[0] % 14 or self.hw[1] % 14:
             raise ValueError(f"hw {self.hw} must be multiples of the patch size 14")
         if len(self.enc_layers) != 3:
@@ -286,6 +291,19 @@ def matrix_to_rotvec(R: torch.Tensor) -> torch.Tensor:
     return w * scale
 
 
+def _mean_pose(Es: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of close 4x4 poses [B, 4, 4]: rotation = the first one's times the mean rotation offset, translation =
+    mean translation (float64)."""
+    if len(Es) == 1:
+        return Es[0]
+    R0 = Es[0][:, :3, :3]
+    d = torch.stack([matrix_to_rotvec(E[:, :3, :3] @ R0.transpose(1, 2)) for E in Es]).mean(0)
+    out = Es[0].clone()
+    out[:, :3, :3] = rotvec_to_matrix(d) @ R0
+    out[:, :3, 3] = torch.stack([E[:, :3, 3] for E in Es]).mean(0)
+    return out
+
+
 def _rotmat_to_quat_xyzw(R: torch.Tensor) -> torch.Tensor:
     from .geometry import mat_to_quat
 
@@ -358,6 +376,7 @@ class _StreamState:
     g_prev: torch.Tensor | None = None
     depth_prev: torch.Tensor | None = None  # [B] mean predicted depth of the previous frame
     E: torch.Tensor | None = None  # [B, 4, 4] camera-from-world of the previous frame
+    cam_prev: torch.Tensor | None = None  # [B, C] the previous frame's camera token
     extra: dict = field(default_factory=dict)
 
 
@@ -390,6 +409,23 @@ class SmallSession:
         self.reset()
         return SmallSession(self.model, window=window, anchors=self.anchors)
 
+    def _relative(self, g, cam, d, g_prev, cam_prev, d_prev) -> tuple[torch.Tensor, torch.Tensor]:
+        """T [B, 4, 4] float64 mapping the earlier camera's coordinates to the current camera's, and the FoV."""
+        m = self.model
+        rel, fov = m.camera_head(g, g_prev, cam)
+        v = rel[:, :3].double() * ROT_SCALE
+        t = rel[:, 3:].double() * TRANS_SCALE * d_prev.double()[:, None]
+        if m.cfg.symmetric_pose:  # average with the inverse of the backward estimate (current -> earlier)
+            rel_b, _ = m.camera_head(g_prev, g, cam_prev)
+            v_b = rel_b[:, :3].double() * ROT_SCALE
+            t_b = rel_b[:, 3:].double() * TRANS_SCALE * d.double()[:, None]
+            R_b = rotvec_to_matrix(v_b)
+            v = 0.5 * (v - v_b)  # rotvec of R_b^-1 is -v_b; the mean of two close rotation vectors
+            t = 0.5 * (t - torch.einsum("bji,bj->bi", R_b, t_b))  # translation of inv(T_b) = -R_b^T t_b
+        T = torch.eye(4, dtype=torch.float64, device=g.device).repeat(g.shape[0], 1, 1)
+        T[:, :3, :3], T[:, :3, 3] = rotvec_to_matrix(v), t
+        return T, fov
+
     @torch.inference_mode()
     def step(self, image: torch.Tensor, stamp_ns: int | None = None, mapping=None) -> dict[str, torch.Tensor]:
         if image.ndim == 3:
@@ -410,18 +446,24 @@ class SmallSession:
         g = m.camera_head.project(fh, grid)
         B = image.shape[0]
         st = self.state
-        if first or st.g_prev is None:
+        d_cur = depth.flatten(1).mean(1)
+        hist = st.extra.setdefault("history", [])  # (g, cam token, E, mean depth) of the last frames, newest last
+        if first or not hist:
             E = torch.eye(4, device=image.device).expand(B, 4, 4).clone()
             _, fov = m.camera_head(g, g, cam_tok)
         else:
-            rel, fov = m.camera_head(g, st.g_prev, cam_tok)
-            R = rotvec_to_matrix(rel[:, :3].double() * ROT_SCALE)
-            t = rel[:, 3:].double() * TRANS_SCALE * st.depth_prev.double()[:, None]
-            T = torch.eye(4, dtype=torch.float64, device=image.device).repeat(B, 1, 1)
-            T[:, :3, :3], T[:, :3, 3] = R, t
-            E = (T @ st.E.double()).float()
-        st.g_prev, st.E = g, E
-        st.depth_prev = depth.flatten(1).mean(1)
+            cands, fov = [], None
+            for k in m.cfg.pose_strides:  # relative pose from frame t-k, composed with that frame's pose
+                if k > len(hist):
+                    continue
+                g_k, cam_k, E_k, d_k = hist[-k]
+                T_k, f_k = self._relative(g, cam_tok, d_cur, g_k, cam_k, d_k)
+                fov = f_k if fov is None else fov
+                cands.append(T_k @ E_k.double())
+            E = _mean_pose(cands).float()
+        hist.append((g, cam_tok, E, d_cur))
+        del hist[: -max(m.cfg.pose_strides)]
+        st.g_prev, st.E, st.cam_prev, st.depth_prev = g, E, cam_tok, d_cur
         # outputs in StreamVGGT's keys
         fov_w = fov
         fov_h = 2 * torch.atan(torch.tan(fov_w / 2) * H / W)
