@@ -84,4 +84,14 @@ class TsdfVolume:
         v = (m.vertex.positions.numpy().astype(np.float64) + self.offset).astype(np.float32)
         f = m.triangle.indices.numpy().astype(np.int32) if "indices" in m.triangle else np.zeros((0, 3), np.int32)
         c = m.vertex.colors.numpy() if "colors" in m.vertex else np.zeros_like(v)
-        return v, f, np.clip(np.rint(c * 255.0), 0, 255).astype(np.uint8)
+        # Open3D's parallel extraction orders vertices and triangles differently from run to run: a canonical order
+        # (vertices by position, triangles by their vertex indices) makes the same volume give the same arrays
+        order = np.lexsort((v[:, 2], v[:, 1], v[:, 0]))
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        f = rank[f].astype(np.int32)
+        if len(f):  # each triangle starts at its smallest index (a rotation keeps its orientation)
+            first = np.argmin(f, axis=1)
+            f = f[np.arange(len(f))[:, None], (first[:, None] + np.arange(3)) % 3]
+        f = f[np.lexsort((f[:, 2], f[:, 1], f[:, 0]))] if len(f) else f
+        return v[order], f, np.clip(np.rint(c[order] * 255.0), 0, 255).astype(np.uint8)
