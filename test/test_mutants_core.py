@@ -726,3 +726,37 @@ def test_pixel_rays_and_unprojection_on_a_non_square_image():
         cv.unproject_depth(np.ones((2, 2, 1)), K)
     with pytest.raises(ValueError, match=r"^K must have shape \(3, 3\)"):
         cv.pixel_rays((2, 2), np.eye(4))
+
+
+def test_rotation_helpers_work_in_float64_and_name_their_arguments():
+    """The rotation maths is float64 whatever the input (float32 angles, integer quaternions)."""
+    a32 = np.float32(0.3)
+    for rot, axis in ((cv.rot_x, 0), (cv.rot_y, 1), (cv.rot_z, 2)):
+        R = rot(a32)
+        assert R.dtype == np.float64 and R.shape == (3, 3)
+        np.testing.assert_allclose(R, axis_rotation(axis, float(a32)), atol=1e-15)
+        assert rot(np.array([0.1, 0.2], np.float32)).shape == (2, 3, 3)
+    R32 = axis_rotation(1, 0.7).astype(np.float32)
+    angle = cv.rotation_angle(R32)
+    assert angle.dtype == np.float64 and angle == pytest.approx(0.7, abs=1e-6)
+    assert cv.rotation_angle(axis_rotation(2, 2.5)) == pytest.approx(2.5, abs=1e-12)  # a single 3x3
+    np.testing.assert_allclose(cv.rotation_angle(np.stack([axis_rotation(0, 0.2), axis_rotation(2, 3.0)])),
+                               [0.2, 3.0], atol=1e-12)
+    same = cv.slerp([0, 0, 0, 1], [0, 0, 0, 1], 0.3)  # integer quaternions: still a float64 result
+    assert same.dtype == np.float64 and same.tolist() == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match=r"^T_map_base must have shape \(4, 4\)"):
+        cv.map_to_odom(np.eye(3), np.eye(4))
+    with pytest.raises(ValueError, match="^T0 must have shape"):
+        cv.interpolate_transform(np.eye(3), np.eye(4), 0.5)
+    with pytest.raises(ValueError, match="^T1 contains NaN or Inf"):
+        cv.interpolate_transform(np.eye(4), np.full((4, 4), np.nan), 0.5)
+
+
+def test_interpolated_transform_moves_linearly_from_the_first_pose():
+    T0 = cv.make_transform(axis_rotation(2, 0.2), [4.0, 0.0, 1.0])
+    T1 = cv.make_transform(axis_rotation(2, 1.0), [0.0, 8.0, 1.0])
+    T = cv.interpolate_transform(T0, T1, 0.25)
+    np.testing.assert_allclose(T[:3, 3], [3.0, 2.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(T[:3, :3], axis_rotation(2, 0.4), atol=1e-12)
+    np.testing.assert_allclose(cv.interpolate_transform(T0, T1, 0.0), T0, atol=1e-12)
+    np.testing.assert_allclose(cv.interpolate_transform(T0, T1, 1.0), T1, atol=1e-12)
