@@ -92,7 +92,7 @@ def run(args) -> int:
                                     width=args.width, height=args.height, seed=args.seed), progress=True)
 
     input_width = args.input_width or model_input_width(args.model)
-    map_path = out / "map.ply"
+    map_path = out / "map"  # the whole map directory: keyframes, cloud.ply, mesh.ply, nav2 grid, metadata
     params = [f"model:={args.model}", f"window:={args.window}", f"input_width:={input_width}", "use_sim_time:=true",
               "process_every_frame:=true", "input_qos:=reliable", f"map_save_path:={map_path}", "conf_percentile:=30.0"]
     if args.model == "oracle":
@@ -167,14 +167,15 @@ def run(args) -> int:
     from ros2_stream4d.eval.evaluate import evaluate_bags
     from ros2_stream4d.eval.report import write_report
 
-    result = evaluate_bags(out / "output_bag", gt_bag)
+    # scored on the map the run ends with (the saved directory: cloud, mesh, grid), not an earlier ~/map snapshot
+    result = evaluate_bags(out / "output_bag", gt_bag, map_file=map_path)
     files = write_report(result, out / "report", title=f"stream4d demo: {args.model} on {args.scene}/{args.trajectory}")
     m = result.metrics
     print(f"[demo] done in {time.monotonic() - t0:.0f} s")
     print(f"  ATE RMSE {m['ate_rmse']:.4f} m (Sim(3)-aligned)   RPE {m['rpe_trans_rmse']:.4f} m / "
           f"{m['rpe_rot_rmse']:.3f} deg   depth AbsRel {m.get('depth_abs_rel', float('nan')):.3f} "
           f"delta<1.25 {m.get('depth_delta1', float('nan')):.3f}")
-    print(f"  map (PLY)            {map_path}")
+    print(f"  map directory        {map_path} (cloud.ply, mesh.ply, nav2 occupancy PGM + YAML, keyframes)")
     print(f"  output rosbag        {out / 'output_bag'}")
     print(f"  input (sim) rosbag   {gt_bag}")
     for key, path in files.items():

@@ -8,7 +8,7 @@ import pytest
 
 from ros2_stream4d.codec import transform_to_matrix
 from ros2_stream4d.mapping.conventions import inverse
-from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
+from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig, Processed
 from ros2_stream4d.sim.bag import (
     TOPICS,
     SimConfig,
@@ -47,8 +47,10 @@ def test_scale_source_makes_the_outputs_metric(ground_robot, source):
     results = []
     for i, stamp in enumerate(gt.stamps):
         T_odom_base = gt.T_world_cam[i] @ inverse(T_base_cam)  # odom = world in the sim
-        results.append(pipeline.process(gt.images[i], int(stamp), K_src=gt.K, T_base_cam=T_base_cam,
-                                        T_odom_base=T_odom_base, sensor_depth=gt.depths[i]))
+        outcome = pipeline.process(gt.images[i], int(stamp), K_src=gt.K, T_base_cam=T_base_cam,
+                                   T_odom_base=T_odom_base, sensor_depth=gt.depths[i])
+        assert isinstance(outcome, Processed), "the gate is off: every frame is processed"
+        results.append(outcome.result)
     last = results[-1]
     assert last.scale_valid
     assert last.scale == pytest.approx(1 / SHRINK, rel=0.02)

@@ -585,11 +585,13 @@ def test_sigterm_saves_the_map_on_shutdown(ros_node, ros_process, tmp_path):
 
 
 @pytest.mark.ros
-@pytest.mark.parametrize("bad", ["map.txt", "a_directory.ply"])
+@pytest.mark.parametrize("bad", ["a_file", "a_directory.ply"])
 def test_unusable_map_save_path_fails_at_startup(ros_process, tmp_path, bad):
     path = tmp_path / bad
-    if bad.startswith("a_directory"):
+    if bad.startswith("a_directory"):  # a .ply path that is a directory
         path.mkdir()
+    else:  # a directory-map path that is an existing file
+        path.write_text("not a map directory")
     node = ros_process(node_command(f"map_save_path:={path}"), name="stream4d_bad_map_path")
     assert node.wait(120) == 1
     out = node.output()

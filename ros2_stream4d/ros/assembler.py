@@ -18,7 +18,9 @@ from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import Marker
 
 from ros2_stream4d.mapping.motion import MotionEstimator
+from ros2_stream4d.mapping.occupancy import grid_msg_fields
 from ros2_stream4d.mapping.pipeline import FrameResult, Gated, Processed, Skipped
+from ros2_stream4d.mapping.products import mesh_marker_fields
 from ros2_stream4d.ros import conversions as conv
 from ros2_stream4d.ros.tf_policy import TfDecision, TfView, body_pose, edge_transforms
 
@@ -114,35 +116,38 @@ class OutputAssembler:
     def map_message(self, xyz: np.ndarray, rgb: np.ndarray, conf: np.ndarray, stamp: Any):
         return conv.numpy_to_pointcloud2(xyz, rgb, conf, frame_id=self.cfg.map_frame, stamp=stamp)
 
-    def mesh_message(self, vertices: np.ndarray, triangles: np.ndarray, colours: np.ndarray, stamp: Any) -> Marker:
-        """The TSDF mesh as a visualization_msgs/Marker TRIANGLE_LIST in map, one colour per corner (RViz draws
-        it as is; frame_locked so it follows map)."""
-        m = Marker()
-        m.header = conv.make_header(stamp, self.cfg.map_frame)
-        m.ns, m.id, m.type, m.action = "stream4d_mesh", 0, Marker.TRIANGLE_LIST, Marker.ADD
-        m.pose.orientation.w = 1.0
-        m.scale.x = m.scale.y = m.scale.z = 1.0
-        m.color.a = 1.0
-        m.frame_locked = True
-        corners = np.asarray(triangles, np.int64).reshape(-1)
-        xyz = np.asarray(vertices, np.float64)[corners]
-        rgb = np.asarray(colours, np.float64)[corners] / 255.0
-        m.points = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in xyz]
-        m.colors = [ColorRGBA(r=float(r), g=float(g), b=float(b), a=1.0) for r, g, b in rgb]
-        return m
+    def mesh_messages(self, vertices: np.ndarray, triangles: np.ndarray, colours: np.ndarray, stamp: Any
+                      ) -> list[Marker]:
+        """The TSDF mesh as visualization_msgs/Marker TRIANGLE_LISTs in map with one colour per corner (split into
+        several markers above 500k triangles; layout from mapping/products.py). frame_locked: it follows map."""
+        out = []
+        for f in mesh_marker_fields(vertices, triangles, colours, frame_id=self.cfg.map_frame, ns="stream4d_mesh"):
+            m = Marker()
+            m.header = conv.make_header(stamp, f["header"]["frame_id"])
+            m.ns, m.id, m.type, m.action = f["ns"], f["id"], f["type"], f["action"]
+            m.pose.orientation.w = 1.0
+            m.scale.x, m.scale.y, m.scale.z = f["scale"]
+            m.color.r, m.color.g, m.color.b, m.color.a = f["color"]
+            m.frame_locked = True
+            m.points = [Point(x=x, y=y, z=z) for x, y, z in f["points"].tolist()]
+            m.colors = [ColorRGBA(r=r, g=g, b=b, a=a) for r, g, b, a in f["colors"].tolist()]
+            out.append(m)
+        return out
 
     def occupancy_message(self, data: np.ndarray, origin: Any, resolution: float, stamp: Any) -> OccupancyGrid:
-        """nav_msgs/OccupancyGrid in map (row-major from the origin cell, -1 unknown, 0 free, 100 occupied)."""
+        """nav_msgs/OccupancyGrid in map (layout from mapping/occupancy.py: row-major from the origin cell, -1
+        unknown, 0 free, 100 occupied), at the floor height."""
+        f = grid_msg_fields(data, origin, resolution, frame_id=self.cfg.map_frame)
         grid = OccupancyGrid()
-        grid.header = conv.make_header(stamp, self.cfg.map_frame)
-        h, w = data.shape
+        grid.header = conv.make_header(stamp, f["header"]["frame_id"])
         grid.info.map_load_time = grid.header.stamp
-        grid.info.resolution = float(resolution)
-        grid.info.width, grid.info.height = int(w), int(h)
-        grid.info.origin.position.x, grid.info.origin.position.y = float(origin[0]), float(origin[1])
+        grid.info.resolution = f["info"]["resolution"]
+        grid.info.width, grid.info.height = f["info"]["width"], f["info"]["height"]
+        grid.info.origin.position.x = f["info"]["origin"]["position"]["x"]
+        grid.info.origin.position.y = f["info"]["origin"]["position"]["y"]
         grid.info.origin.position.z = float(self.cfg.occupancy_floor_z)
         grid.info.origin.orientation.w = 1.0
-        grid.data = array.array("b", np.ascontiguousarray(data, np.int8).tobytes())
+        grid.data = array.array("b", f["data"].tobytes())
         return grid
 
     def path_snapshot(self) -> Path:

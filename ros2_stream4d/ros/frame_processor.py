@@ -262,6 +262,8 @@ class FrameProcessor:
             if seen is not None and seen != parent:
                 self.logger.error(f"TF: {child!r} now has the parent {seen!r} from another node; this node stops "
                                   f"publishing {parent} -> {child} and decides again")
+                if child == self.cfg.base_frame:
+                    self._external_odom = True  # odometry appeared: from now on only map -> odom is ours
                 return True
         return False
 
@@ -311,6 +313,10 @@ class FrameProcessor:
             except TransformNotFound:
                 return Skipped("no extrinsic", f"waiting for TF {base} -> {camera_frame} on /tf_static")
             if self._external_odom is None:  # decided before we ever publish odom->base ourselves
+                # the first image may arrive just before the odometry of its instant: give it tf_timeout
+                deadline = time.monotonic() + self.cfg.tf_timeout
+                while self.tf.parent_of(base) is None and time.monotonic() < deadline:
+                    time.sleep(0.002)
                 parent = self.tf.parent_of(base)
                 self._external_odom = parent is not None and (parent, base) not in self.assembler.own_edges
             if self._external_odom or self.cfg.scale_source == "odometry":

@@ -344,8 +344,9 @@ class Stream4DNode(LifecycleNode):
             vertices, triangles, colours = self.pipeline.mesh()
         if len(triangles) == 0:
             return
-        self._own_pubs["mesh"].publish(self.processor.assembler.mesh_message(
-            vertices, triangles, colours, self.get_clock().now().to_msg()))
+        for marker in self.processor.assembler.mesh_messages(vertices, triangles, colours,
+                                                             self.get_clock().now().to_msg()):
+            self._own_pubs["mesh"].publish(marker)
 
     def _publish_occupancy(self) -> None:
         with self._map_lock:
