@@ -138,6 +138,9 @@ class MappingPipeline:
         self.map = KeyframeMap(map_config(cfg))
         self._start_T_map_body: np.ndarray | None = start_pose_matrix(cfg.map_start_pose)
         self._next_T_map_world: np.ndarray | None = None  # a reset stream continues where the last left
+        # T_map_odom of a back-end (mapping/backend/service.py): frames enter the keyframe map corrected; the poses
+        # published stay odometry (the correction goes to map -> odom). None = identity.
+        self.map_correction: np.ndarray | None = None
         self.cloud_options = CloudOptions(
             conf_threshold=cfg.conf_threshold if cfg.conf_threshold > 0 else None,
             conf_percentile=cfg.conf_percentile if cfg.conf_percentile > 0 else None,
@@ -229,7 +232,8 @@ class MappingPipeline:
         if xyz_map is None:  # cloud wanted in the camera frame: the map still needs map coordinates
             xyz_map = transform_points(T_map_cam, xyz)
         t_cloud = time.perf_counter()
-        self.map.integrate(self._map_frame(pred, T_map_cam, stamp_ns))
+        T_map_cam_map = T_map_cam if self.map_correction is None else self.map_correction @ T_map_cam
+        self.map.integrate(self._map_frame(pred, T_map_cam_map, stamp_ns))
         t_map = time.perf_counter()
 
         self.timings = {**{f"{k}": v for k, v in self.reconstructor.stats.last_s.items()},

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ros2_stream4d.mapping.conventions import inverse, rot_z
+from ros2_stream4d.mapping.conventions import inverse, rotation_from_vector
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DriftModel:
     scale_walk: float = 0.001  # random walk of log scale per sqrt(m)
     yaw_walk_deg: float = 0.05  # random walk of yaw per sqrt(m)
     seed: int = 0
-    up: tuple = (0.0, 0.0, 1.0)  # the world's up axis (only z is supported)
+    up: tuple = (0.0, 0.0, 1.0)  # the world's up axis: heading drift turns about it ((0, -1, 0) in a camera world)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
@@ -64,7 +64,7 @@ class DriftModel:
             + self.scale_walk * w * self.rng.standard_normal()
         self.yaw += np.radians((self.yaw_deg_per_m + self.yaw_deg_per_m2 * d) * step
                                + self.yaw_walk_deg * w * self.rng.standard_normal())
-        R_err = rot_z(self.yaw)
+        R_err = rotation_from_vector(np.asarray(self.up, np.float64) / np.linalg.norm(self.up) * self.yaw)
         odom = np.eye(4)
         odom[:3, :3] = R_err @ T[:3, :3]
         odom[:3, 3] = self._prev_odom[:3, 3] + self.scale * (R_err @ (T[:3, 3] - self._prev_true[:3, 3]))
@@ -81,9 +81,11 @@ class DriftedSession:
     """A session wrapper (model/session.py protocol) that gives an exact session's stream the drift above: every
     segment (since the last reset) starts exact at its first frame and drifts with the distance travelled since it,
     like a model whose anchor frame falls behind. Depth and points are scaled by the drifted scale, poses drifted.
-    Seeds: ``seed`` + the number of resets (reproducible)."""
+    Seeds: ``seed`` + the number of resets (reproducible). The session's world is its first camera's optical frame:
+    for a level camera up is -y there (the default ``up``)."""
 
     def __init__(self, inner, seed: int = 0, **drift):
+        drift.setdefault("up", (0.0, -1.0, 0.0))
         self.inner, self.seed, self.drift_params = inner, int(seed), drift
         self.window = getattr(inner, "window", None)
         self.anchors = getattr(inner, "anchors", 1)

@@ -14,7 +14,9 @@ kernel alone is not enough: after long drift a true loop starts with a residual 
 Odometry sigmas grow with the edge length and must cover the front-end's real drift per metre.
 
 An optimisation is dropped with a reason (never applied) when it fails, is not finite, does not converge, or moves a
-keyframe implausibly far (more than ``max_correction_fraction`` of the path length plus ``max_correction_m``).
+keyframe implausibly far (more than ``max_correction_fraction`` of the path length plus ``max_correction_m``); one that
+moves no keyframe by ``min_correction_m`` is not applied either (below the noise of loop measurements: with exact
+inputs the back-end changes nothing).
 
 Outputs: corrected ``S_map_kf`` per keyframe; ``rigid_poses()`` their SE(3) part for KeyframeMap.update_poses (the
 scale of a keyframe is reported, not applied to its stored geometry); ``odom_correction()`` the map <- odom Sim(3) at
@@ -57,7 +59,8 @@ class Edge:
     sigma_trans: float  # m
     sigma_scale: float  # log scale
     robust: bool = True
-    active: bool = True
+    active: bool = True  # False = never used (switched off by the caller)
+    inlier: bool = True  # the last optimisation's decision
 
 
 @dataclass
@@ -67,9 +70,11 @@ class PoseGraphConfig:
     odom_sigma_rot: float = 0.005  # rad, floor per edge
     odom_sigma_trans: float = 0.01  # m
     odom_sigma_scale: float = 0.005  # log scale
-    odom_sigma_rot_per_m: float = 0.03  # rad per metre of the edge (1.7 deg/m)
-    odom_sigma_trans_per_m: float = 0.05  # m per metre
-    odom_sigma_scale_per_m: float = 0.03  # log scale per metre
+    # per-edge sigmas add up like a random walk (sqrt of the length) while drift is systematic (linear): they are set
+    # ~5x the drift rate so that the drift of a 30 m loop (100 edges) stays within ~2 sigma of the odometry chain
+    odom_sigma_rot_per_m: float = 0.08  # rad per metre of the edge (4.6 deg/m)
+    odom_sigma_trans_per_m: float = 0.1  # m per metre
+    odom_sigma_scale_per_m: float = 0.05  # log scale per metre
     loop_sigma_rot: float = 0.02
     loop_sigma_trans: float = 0.05
     loop_sigma_scale: float = 0.02
@@ -81,6 +86,7 @@ class PoseGraphConfig:
     max_iterations: int = 100
     max_correction_m: float = 2.0  # a correction beyond this + max_correction_fraction x path length is dropped
     max_correction_fraction: float = 0.5
+    min_correction_m: float = 0.01  # a solution moving no keyframe this far is not applied (below loop noise)
 
 
 @dataclass
@@ -164,14 +170,14 @@ class PoseGraph:
         return self.accept(optimise_snapshot(self.snapshot(), self.config))
 
     def accept(self, res: OptimisationResult) -> OptimisationResult:
-        """Store an accepted result (keyframes added since its snapshot are carried by the new correction);
-        switch off the edges it rejected."""
+        """Store an accepted result (keyframes added since its snapshot are carried by the new correction) and
+        mark the edges it rejected as outliers (``inlier`` False; every optimisation decides afresh over all
+        edges, so a loop rejected alone is accepted once later loops agree with it)."""
         if not res.ok:
             return res
         rejected = {(i, j, k) for i, j, k in res.rejected_edges}
         for e in self.edges:
-            if (e.i, e.j, e.kind) in rejected:
-                e.active = False
+            e.inlier = (e.i, e.j, e.kind) not in rejected
         last_solved = None
         for kid in self.order:
             if kid in res.poses:
@@ -273,6 +279,9 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     if res.max_move_m > limit:
         return OptimisationResult(False, reason=f"implausible correction: a keyframe moved {res.max_move_m:.2f} m "
                                   f"(limit {limit:.2f} m)", seconds=res.seconds, max_move_m=res.max_move_m)
+    if res.max_move_m < config.min_correction_m:
+        return OptimisationResult(False, reason=f"correction below noise: no keyframe moved {config.min_correction_m} m",
+                                  seconds=res.seconds, max_move_m=res.max_move_m)
     if not np.isfinite(res.final_error) or res.final_error > res.initial_error * 1.0001 + 1e-9:
         return OptimisationResult(False, reason="diverged (error grew)", seconds=res.seconds,
                                   initial_error=res.initial_error, final_error=res.final_error)

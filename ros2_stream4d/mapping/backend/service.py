@@ -1,0 +1,223 @@
+"""The back-end beside the mapping pipeline: keyframes in, corrected keyframe poses and map -> odom out, all the work
+in one daemon thread (the frame thread only copies a new keyframe's first frame and applies finished results).
+
+Use (the node, or the offline processor), ROS-free:
+
+    backend = LongRunBackend(BackendConfig())
+    ... after every Processed frame:  backend.observe(pipeline)      # enqueue new keyframes (cheap)
+    ... on a timer or per frame:      backend.apply(pipeline)        # newest accepted correction -> keyframe map
+    ... when publishing TF:           backend.map_from_odom(T_odom_cam)  # map -> odom (identity before any loop)
+    backend.diagnostics(); backend.close()
+
+Keyframes come from the pipeline's KeyframeMap (id, segment, first frame's colour, depth and K, and T_map_kf at
+creation, mapped back to odometry through the correction then in force). The pipeline's published poses are the
+odometry (frame ``odom`` once a back-end runs); after a correction the keyframe map holds corrected poses (rigid
+part: the Sim(3) scale of a keyframe is reported in the diagnostics, not applied to its stored depth), the pipeline
+integrates new frames through ``pipeline.map_correction`` (the hook in mapping/pipeline.py) and map -> odom
+carries the correction. Consecutive keyframes of a
+segment are joined by odometry edges; the first keyframe of a new segment (a stream reset) by a weak segment edge
+(the pipeline's guess that the new stream starts where the last ended). Loops are detected and verified in the
+worker (mapping/backend/loops.py), the graph optimised there after every accepted loop (posegraph.py); a dropped
+optimisation leaves the map on odometry and says why in the diagnostics.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ros2_stream4d.mapping.backend import sim3 as S3
+from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopConfig, LoopDetector, classical_descriptor
+from ros2_stream4d.mapping.backend.posegraph import (
+    LOOP,
+    SEGMENT,
+    OptimisationResult,
+    PoseGraph,
+    PoseGraphConfig,
+    optimise_snapshot,
+)
+
+
+@dataclass
+class BackendConfig:
+    loops: LoopConfig = field(default_factory=LoopConfig)
+    graph: PoseGraphConfig = field(default_factory=PoseGraphConfig)
+    segment_sigma_rot: float = 0.2  # rad: the pipeline's guess across a stream reset is weak
+    segment_sigma_trans: float = 0.5  # m
+    segment_sigma_scale: float = 0.2
+    max_queue: int = 1000  # keyframes waiting for the worker (beyond: the oldest waiting are dropped, counted)
+
+
+class LongRunBackend:
+    def __init__(self, config: BackendConfig | None = None, descriptor_fn=classical_descriptor, logger=None):
+        self.config = config or BackendConfig()
+        self.logger = logger
+        self.graph = PoseGraph(self.config.graph)
+        self.detector = LoopDetector(self.config.loops, descriptor_fn)
+        self._lock = threading.Lock()  # guards graph
+        self._queue: queue.Queue = queue.Queue()
+        self._seen: set[int] = set()
+        self._M = np.eye(4)  # the map -> odom correction handed to the pipeline (rigid)
+        self._M_at: dict[int, np.ndarray] = {}  # ... in force when each keyframe was observed
+        self._last_segment: int | None = None
+        self._result: OptimisationResult | None = None  # newest accepted, not yet applied
+        self._applied = 0
+        self._stop = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self.stats = {"keyframes": 0, "dropped_keyframes": 0, "optimisations_ok": 0, "optimisations_dropped": 0,
+                      "last_drop_reason": "", "edges_rejected_by_graph": 0, "corrections_applied": 0}
+        self.keyframe_s: list[float] = []
+        self.optimisation_s: list[float] = []
+        self._thread = threading.Thread(target=self._run, name="stream4d-backend", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ frame thread
+    def observe(self, pipeline) -> int:
+        """Enqueue the pipeline map's keyframes not seen yet (their first frame); returns how many. Call it after
+        every processed frame (a keyframe's odometry pose is its map pose under the correction then in force)."""
+        m = pipeline.map
+        new = 0
+        M_inv = np.linalg.inv(self._M)
+        with m._lock:  # frames_of and the keyframe list, consistent with the worker-free integration thread
+            kfs = [kf for kf in m.keyframes if kf.id not in self._seen]
+            for kf in kfs:
+                frames = m.frames_of(kf)
+                if len(frames) == 0:
+                    continue
+                depth = frames.depth[0].astype(np.float32)
+                view = KeyframeView(kf.id, frames.rgb[0].copy(), depth, frames.K[0].copy(), M_inv @ kf.T_map_kf)
+                self._seen.add(kf.id)
+                self._M_at[kf.id] = self._M.copy()
+                self._put((view, kf.segment))
+                new += 1
+        return new
+
+    def _put(self, item) -> None:
+        if self._queue.qsize() >= self.config.max_queue:
+            try:
+                self._queue.get_nowait()
+                self.stats["dropped_keyframes"] += 1
+            except queue.Empty:
+                pass
+        self._idle.clear()
+        self._queue.put(item)
+
+    def apply(self, pipeline) -> bool:
+        """Write the newest accepted correction into the keyframe map and the pipeline: the graph's keyframes get
+        their corrected rigid poses, newer keyframes follow the new map -> odom, and the pipeline integrates the
+        next frames through it (pipeline.map_correction). True when something was applied."""
+        with self._lock:
+            res, self._result = self._result, None
+            if res is None:
+                return False
+            solution = {k: S3.to_se3(S) for k, S in self.graph.solution.items()}
+        last = pipeline.last
+        M_new = self.map_from_odom(last.T_map_cam) if last is not None else self._M
+        poses = {}
+        for kf in pipeline.map.keyframes:
+            if kf.id in solution:
+                poses[kf.id] = solution[kf.id]
+            elif kf.id in self._M_at:  # not in the graph yet: move it with the correction
+                poses[kf.id] = M_new @ np.linalg.inv(self._M_at[kf.id]) @ kf.T_map_kf
+                self._M_at[kf.id] = M_new
+        pipeline.update_keyframe_poses(poses)
+        pipeline.map_correction = M_new
+        self._M = M_new
+        self.stats["corrections_applied"] += 1
+        return True
+
+    def odom_correction(self) -> np.ndarray:
+        """map <- odom Sim(3) at the newest keyframe of the graph (identity before any correction)."""
+        with self._lock:
+            return self.graph.odom_correction() if self.graph.order else np.eye(4)
+
+    def map_from_odom(self, T_odom_cam: np.ndarray) -> np.ndarray:
+        """The rigid T_map_odom that places the current camera (T_odom_cam, the pipeline's pose) where the
+        corrected map has it: what map -> odom publishes."""
+        T = np.asarray(T_odom_cam, np.float64)
+        T_map_cam = S3.to_se3(self.odom_correction() @ T)
+        return T_map_cam @ np.linalg.inv(T)
+
+    def diagnostics(self) -> dict:
+        with self._lock:
+            C = self.graph.odom_correction() if self.graph.order else np.eye(4)
+        R, t, s = S3.decompose(C)
+        d = dict(self.stats)
+        d.update({"queue": self._queue.qsize(), "loop candidates": self.detector.stats["candidates"],
+                  "loops accepted": self.detector.stats["accepted"],
+                  "loops rejected": self.detector.stats["rejected"],
+                  "correction translation [m]": float(np.linalg.norm(t)),
+                  "correction rotation [deg]": S3.rotation_angle_deg(R), "correction scale": s,
+                  "time per keyframe [ms] median": 1e3 * float(np.median(self.keyframe_s)) if self.keyframe_s else 0,
+                  "time per optimisation [ms] median":
+                      1e3 * float(np.median(self.optimisation_s)) if self.optimisation_s else 0})
+        return d
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self._stop = True
+        self._queue.put(None)
+        self._thread.join(timeout=10.0)
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or self._stop:
+                break
+            try:
+                self._keyframe(*item)
+            except Exception as exc:  # never take the node down: log, count, keep running on odometry
+                self.stats["last_drop_reason"] = f"{type(exc).__name__}: {exc}"
+                if self.logger is not None:
+                    self.logger.warning(f"back-end: keyframe failed: {exc}")
+            if self._queue.empty():
+                self._idle.set()
+
+    def _keyframe(self, view: KeyframeView, segment: int) -> None:
+        t0 = time.perf_counter()
+        c = self.config
+        with self._lock:
+            prev = self.graph.order[-1] if self.graph.order else None
+            same = self._last_segment is None or segment == self._last_segment
+            self.graph.add_keyframe(view.id, view.S_odom_kf, segment, odometry_edge=same)
+            if not same and prev is not None:
+                Z = S3.inverse(self.graph.odometry[prev]) @ view.S_odom_kf
+                self.graph.add_edge(prev, view.id, Z, SEGMENT, c.segment_sigma_rot, c.segment_sigma_trans,
+                                    c.segment_sigma_scale, robust=False)
+            self._last_segment = segment
+        self.stats["keyframes"] += 1
+        self.detector.add(view)
+        accepted = [r for r in self.detector.detect() if r.accepted]
+        with self._lock:
+            for r in accepted:
+                self.graph.add_edge(r.i, r.j, r.S_i_j, LOOP)
+        self.keyframe_s.append(time.perf_counter() - t0)
+        self.keyframe_s = self.keyframe_s[-1000:]
+        if accepted:
+            self._optimise()
+
+    def _optimise(self) -> None:
+        with self._lock:
+            snap = self.graph.snapshot()
+        res = optimise_snapshot(snap, self.config.graph)
+        self.optimisation_s = (self.optimisation_s + [res.seconds])[-1000:]
+        with self._lock:
+            self.graph.accept(res)
+            if res.ok:
+                self._result = res
+        if res.ok:
+            self.stats["optimisations_ok"] += 1
+            self.stats["edges_rejected_by_graph"] += len(res.rejected_edges)
+        else:
+            self.stats["optimisations_dropped"] += 1
+            self.stats["last_drop_reason"] = res.reason
+            if self.logger is not None:
+                self.logger.warning(f"back-end: optimisation dropped: {res.reason}")
