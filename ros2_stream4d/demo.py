@@ -100,7 +100,7 @@ def run(args) -> int:
         params += [f"oracle_bag:={gt_bag}", "scale_source:=fixed", "fixed_scale:=1.0"]
     # the sim bag is a robot: base_link -> camera_link -> camera_optical_frame on /tf_static and wheel odometry
     # odom -> base_link on /tf, so the node runs the robot set-up and publishes map -> odom (REP-105)
-    params.append("base_frame:=base_link")
+    params += ["base_frame:=base_link", "tf_timeout:=1.0"]  # a replay can wait for the odometry of each image
     remaps = ["image:=/camera/image_raw", "camera_info:=/camera/camera_info"]
     node_cmd = [sys.executable, "-m", "ros2_stream4d.ros.node", "--ros-args"]
     for p in params:
