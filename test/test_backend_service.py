@@ -92,3 +92,26 @@ def test_exact_oracle_back_end_changes_nothing(loop_images):
     # and map -> odom stays near identity (loops measured on float16 keyframe depth: a few mm at most)
     M = backend.map_from_odom(cams[-1])
     assert np.linalg.norm(M[:3, 3]) < 0.01 and S3.rotation_angle_deg(M[:3, :3]) < 0.2
+
+
+def test_segmented_session_runs_in_the_pipeline_with_continuous_poses(loop_images):
+    """A SegmentedSession is a session: the pipeline runs it unchanged and its published camera poses are continuous
+    across segment boundaries (exact oracle: equal to the unsegmented stream's)."""
+    from ros2_stream4d.mapping.backend.segments import ReanchorPolicy, SegmentedSession
+    from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
+    from ros2_stream4d.sim.oracle import OracleSession
+
+    T, cam, mesh, images = loop_images
+    n = 100
+    cfg = PipelineConfig(input_width=W, conf_percentile=0.0, mesh_enabled=False, occupancy_enabled=False)
+    poses = {}
+    for segmented in (False, True):
+        s = OracleSession(np.arange(N) * 100_000_000, T, cam.K, source_hw=(H, W), mesh=mesh)
+        if segmented:
+            s = SegmentedSession(s, ReanchorPolicy(max_segment_frames=30, min_segment_frames=12, overlap_frames=5))
+        p = MappingPipeline(cfg, s)
+        poses[segmented] = np.stack([p.process(images[i], i * 100_000_000, K_src=cam.K).result.T_map_cam
+                                     for i in range(n)])
+        if segmented:
+            assert s.segment_stats.segments >= 3 and s.segment_stats.failed_alignments == 0
+    assert np.abs(poses[True][:, :3, 3] - poses[False][:, :3, 3]).max() < 2e-3
