@@ -496,3 +496,42 @@ def test_browser_shows_the_cloud_in_the_served_web_viewer(run, tmp_path):
     finally:
         cdp.close()
         viewer.stop()
+
+
+@pytest.mark.ros
+def test_the_node_feeds_its_live_viewer_off_the_worker(tmp_path):
+    """viewer:=rerun wired into stream4d_node: frames the worker processed reach the viewer (save mode: an .rrd, no
+    viewer process), the worker never waits for it, and shutdown closes it."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from ros2_stream4d.ros.conversions import ns_to_time, numpy_to_image
+    from ros2_stream4d.ros.node import Stream4DNode
+
+    rrd = tmp_path / "live.rrd"
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    overrides = [Parameter("model", value="random-small"), Parameter("input_width", value=56),
+                 Parameter("window", value=4), Parameter("process_every_frame", value=True),
+                 Parameter("viewer", value="rerun"), Parameter("viewer_mode", value="save"),
+                 Parameter("viewer_path", value=str(rrd))]
+    node = Stream4DNode(context=context, parameter_overrides=overrides)
+    try:
+        assert node.viewer is not None
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            rgb = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+            node._on_image(0, numpy_to_image(rgb, "rgb8", stamp=ns_to_time(1_000_000_000 + i * 100_000_000),
+                                             frame_id="cam"))
+        deadline = time.monotonic() + 60
+        while node.processor.frames_done < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node.processor.frames_done == 4
+    finally:
+        node.shutdown()  # closes the viewer: the recording is complete on disk
+        node.destroy_node()
+        context.try_shutdown()
+    assert node.viewer is None
+    entities = read_rrd(rrd)
+    stamps = sorted({s for e in entities.values() for s in e["stamps"]})
+    assert stamps == [1_000_000_000 + i * 100_000_000 for i in range(4)], "every processed frame, on its stamp"
