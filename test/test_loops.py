@@ -39,11 +39,15 @@ def true_edge(T, s, i, j):
     return S3.inverse(T[i] @ S3.sim3(s=1 / s[i])) @ (T[j] @ S3.sim3(s=1 / s[j]))
 
 
+def fresh(v):
+    return KeyframeView(v.id, v.rgb, v.depth, v.K, v.S_odom_kf)
+
+
 def run_detector(views):
     det = LoopDetector()
     accepted, rejected = [], []
     for v in views:
-        det.add(KeyframeView(v.id, v.rgb, v.depth, v.K, v.S_odom_kf))
+        det.add(fresh(v))
         for r in det.detect():
             (accepted if r.accepted else rejected).append(r)
     return det, accepted, rejected
@@ -66,7 +70,7 @@ def test_different_places_are_rejected_by_verification(sim_loop):
     for a in range(0, 30, 3):
         b = (a + 12) % 30  # 2.5-3 m apart, looking elsewhere
         assert np.linalg.norm(T[a][:3, 3] - T[b][:3, 3]) > 1.5
-        assert not det.verify(views[a], views[b]).accepted
+        assert not det.verify(fresh(views[a]), fresh(views[b])).accepted
 
 
 def test_descriptor_hook_and_search_radius(sim_loop):
@@ -79,7 +83,9 @@ def test_descriptor_hook_and_search_radius(sim_loop):
 
     det = LoopDetector(descriptor_fn=constant)
     for v in views[:30]:
-        det.add(KeyframeView(v.id, v.rgb, v.depth, v.K, v.S_odom_kf))
+        det.add(fresh(v))
+    assert det.views[0].rgb is None and det.views[0].depth is None  # compact: only features and a small cloud
+    assert det.views[0].cloud.shape[1] == 3 and len(det.views[0].cloud) <= det.config.icp_points
     assert len(calls) == 30
     det.config.search_radius_m, det.config.search_drift_fraction = 0.0, 0.0
     assert det.candidates() == []

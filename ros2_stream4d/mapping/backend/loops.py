@@ -52,8 +52,9 @@ def classical_descriptor(rgb_or_grey: np.ndarray) -> np.ndarray:
 
 @dataclass
 class KeyframeView:
-    """What loop closure keeps of a keyframe: its first image, depth (local units, NaN = invalid), K, and its
-    odometry pose (S_odom_kf; the keyframe frame is that image's camera)."""
+    """A keyframe for loop closure: its first image, depth (local units, NaN = invalid), K, and its odometry pose
+    (S_odom_kf; the keyframe frame is that image's camera). Once added to a LoopDetector only the descriptor, ORB
+    features, lifted keypoints and a small ICP cloud are kept (about 100 KB per keyframe)."""
 
     id: int
     rgb: np.ndarray  # (h, w, 3) uint8
@@ -62,6 +63,25 @@ class KeyframeView:
     S_odom_kf: np.ndarray  # (4, 4)
     descriptor: np.ndarray | None = None
     path_s: float = 0.0  # odometry path length at this keyframe
+    # compact geometry kept instead of the image and depth once added (bounded memory, features computed once)
+    uv: np.ndarray | None = None  # (n, 2) ORB keypoints
+    orb: np.ndarray | None = None  # (n, 32) uint8 ORB descriptors
+    xyz: np.ndarray | None = None  # (n, 3) float32 keypoints lifted with the depth (NaN = no depth)
+    cloud: np.ndarray | None = None  # (m, 3) float32 subsampled depth cloud for ICP
+
+    def compact(self, orb, n_cloud: int, depth_max: float) -> KeyframeView:
+        """Compute features, lifted keypoints and the ICP cloud, then drop the image and depth (idempotent)."""
+        if self.uv is None:
+            grey = cv2.cvtColor(np.ascontiguousarray(self.rgb), cv2.COLOR_RGB2GRAY)
+            kp, des = orb.detectAndCompute(grey, None)
+            self.uv = np.array([k.pt for k in kp], np.float64).reshape(-1, 2)
+            self.orb = des if des is not None else np.zeros((0, 32), np.uint8)
+            xyz, ok = _lift(self.uv, self.depth, self.K, depth_max)
+            xyz[~ok] = np.nan
+            self.xyz = xyz.astype(np.float32)
+            self.cloud = _cloud(self.depth, self.K, n_cloud, depth_max).astype(np.float32)
+            self.rgb = self.depth = None
+        return self
 
 
 @dataclass
@@ -118,6 +138,7 @@ class LoopDetector:
     def add(self, view: KeyframeView) -> None:
         if view.descriptor is None:
             view.descriptor = np.asarray(self.descriptor_fn(view.rgb), np.float32)
+        view.compact(self._orb, self.config.icp_points, self.config.depth_max)
         if self.views:
             prev = self.views[-1]
             view.path_s = prev.path_s + float(np.linalg.norm(view.S_odom_kf[:3, 3] - prev.S_odom_kf[:3, 3]))
@@ -156,18 +177,14 @@ class LoopDetector:
         return sorted(res, key=lambda r: (not r.accepted, -r.inliers))
 
     # ------------------------------------------------------------------ geometry
-    def _features(self, v: KeyframeView):
-        grey = cv2.cvtColor(np.ascontiguousarray(v.rgb), cv2.COLOR_RGB2GRAY)
-        kp, des = self._orb.detectAndCompute(grey, None)
-        return kp, des
-
     def verify(self, a: KeyframeView, b: KeyframeView) -> LoopResult:
         """Geometric verification of keyframe a (older, i) against b (newer, j): S_i_j or the reason it failed."""
         c = self.config
         fail = lambda why, **kw: LoopResult(a.id, b.id, False, reason=why, **kw)  # noqa: E731
-        kpa, da = self._features(a)
-        kpb, db = self._features(b)
-        if da is None or db is None or len(kpa) < c.min_inliers or len(kpb) < c.min_inliers:
+        a.compact(self._orb, c.icp_points, c.depth_max)
+        b.compact(self._orb, c.icp_points, c.depth_max)
+        da, db = a.orb, b.orb
+        if len(da) < c.min_inliers or len(db) < c.min_inliers:
             return fail("too few features")
         bf = cv2.BFMatcher(cv2.NORM_HAMMING)
         pairs = []
@@ -176,11 +193,10 @@ class LoopDetector:
                 pairs.append((m[0].trainIdx, m[0].queryIdx))
         if len(pairs) < c.min_inliers:
             return fail(f"{len(pairs)} matches")
-        ua = np.array([kpa[i].pt for i, _ in pairs])
-        ub = np.array([kpb[j].pt for _, j in pairs])
-        pa, oka = _lift(ua, a.depth, a.K, c.depth_max)
-        pb, okb = _lift(ub, b.depth, b.K, c.depth_max)
-        ok = oka & okb
+        ia, ib = np.array([i for i, _ in pairs]), np.array([j for _, j in pairs])
+        ub = b.uv[ib]
+        pa, pb = a.xyz[ia].astype(np.float64), b.xyz[ib].astype(np.float64)
+        ok = np.isfinite(pa).all(1) & np.isfinite(pb).all(1)
         if ok.sum() < c.min_inliers:
             return fail(f"{int(ok.sum())} matches with depth")
         try:
@@ -202,7 +218,7 @@ class LoopDetector:
         if pnp_err > c.max_pnp_rotation_deg:
             return fail(f"PnP disagrees by {pnp_err:.1f} deg", inliers=n_in)
         # ICP on the two keyframes' depth clouds
-        ca, cb = _cloud(a.depth, a.K, c.icp_points, c.depth_max), _cloud(b.depth, b.K, c.icp_points, c.depth_max)
+        ca, cb = a.cloud.astype(np.float64), b.cloud.astype(np.float64)
         S, fitness, rmse = S3.icp_refine(cb, ca, fit.S, c.icp_distance, point_to_plane=True)
         change = float(np.linalg.norm(S[:3, 3] - fit.S[:3, 3]))
         if fitness < c.min_fitness:
