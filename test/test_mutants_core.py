@@ -385,6 +385,7 @@ def test_scale_sources_refuse_bad_arguments_with_named_messages():
 
 
 def test_make_scale_source_builds_each_kind_with_its_arguments():
+    assert FixedScale().scale == 1.0 and make_scale_source("fixed").scale == 1.0  # the default is model units
     fixed = make_scale_source("fixed", scale=2.5)
     assert isinstance(fixed, FixedScale) and fixed.scale == 2.5 and fixed.valid
     none = make_scale_source("none")
@@ -430,6 +431,9 @@ def test_scale_source_defaults_as_documented():
     o2 = OdometryScale()
     o2.update(np.eye(4), np.eye(4))
     assert o2.update(cv.make_transform(t=[1.0, 0, 0]), cv.make_transform(t=[9e-7, 0, 0])) is None
+    o3 = OdometryScale(min_predicted=0.5)
+    o3.update(np.eye(4), np.eye(4))
+    assert o3.update(cv.make_transform(t=[1.0, 0, 0]), cv.make_transform(t=[0.5, 0, 0])) == pytest.approx(2.0)
 
 
 def test_depth_scale_masks_and_ignores_non_positive_predictions():
@@ -553,6 +557,7 @@ def test_gate_counts_skips_and_resets():
     assert [g.check(grey(1)).skipped for _ in range(3)] == [1, 2, 3]
     kept = g.check(grey(1))
     assert (kept.keep, kept.reason, kept.skipped) == (True, "max_skip", 3)
+    assert kept.difference == pytest.approx(1 / 255, abs=1e-6)  # a kept duplicate still reports its difference
     assert g.check(grey(2)).skipped == 1  # the count starts again after a kept frame
     changed = g.check(grey(200))
     assert (changed.reason, changed.skipped) == ("changed", 1)
