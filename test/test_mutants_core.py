@@ -765,3 +765,32 @@ def test_interpolated_transform_moves_linearly_from_the_first_pose():
     np.testing.assert_allclose(T[:3, :3], axis_rotation(2, 0.4), atol=1e-12)
     np.testing.assert_allclose(cv.interpolate_transform(T0, T1, 0.0), T0, atol=1e-12)
     np.testing.assert_allclose(cv.interpolate_transform(T0, T1, 1.0), T1, atol=1e-12)
+
+
+def test_conventions_compute_in_float64_from_float32_inputs():
+    T = cv.make_transform(axis_rotation(1, 0.4), [1.0, -2.0, 0.5])
+    assert cv.inverse(T.astype(np.float32)).dtype == np.float64
+    assert cv.extrinsic_to_pose(cv.inverse(T)[:3].astype(np.float32)).dtype == np.float64
+    q = cv.quaternion_from_matrix(T[:3, :3].astype(np.float32))
+    assert q.dtype == np.float64
+    assert cv.matrix_from_quaternion(q.astype(np.float32)).dtype == np.float64
+    assert cv.rotation_from_vector(np.array([0.1, 0.2, 0.3], np.float32)).dtype == np.float64
+
+
+def test_rotation_vector_checks_and_small_angle_series():
+    """Rodrigues R = I + a [v]x + b [v]x^2; below 1e-4 rad a and b come from their series. The coefficients are read
+    back from R: a from the skew part, b from the symmetric part, and compared with the stable closed forms."""
+    with pytest.raises(ValueError, match="^rotation vectors must have a trailing dimension of 3"):
+        cv.rotation_from_vector([0.1, 0.2])
+    with pytest.raises(ValueError, match="^q must have a trailing dimension of 4"):
+        cv.matrix_from_quaternion([0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="^q contains NaN or Inf"):
+        cv.matrix_from_quaternion([0.0, 0.0, np.nan, 1.0])
+    np.testing.assert_array_equal(cv.rotation_from_vector([0.0, 0.0, 0.0]), np.eye(3))  # exactly, no 0/0
+    for t in (9e-5, 3e-5, 0.3):
+        v = t * np.array([0.6, 0.0, 0.8])
+        R = cv.rotation_from_vector(v)
+        a = (R[1, 0] - R[0, 1]) / 2 / v[2]
+        b = ((R[0, 2] + R[2, 0]) / 2) / (v[0] * v[2])
+        assert a == pytest.approx(np.sin(t) / t, rel=1e-12)
+        assert b == pytest.approx(2 * np.sin(t / 2) ** 2 / t**2, rel=1e-9)
