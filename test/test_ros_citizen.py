@@ -19,9 +19,17 @@ def _rgb(i: int) -> np.ndarray:
 
 def _call(node, client, request, timeout=30.0):
     assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
-    future = client.call_async(request)
-    wait_until(future.done, timeout, node, f"{client.srv_name} to answer")
-    return future.result()
+    # a request sent before the server has matched the client is lost (ROS 2's discovery race, seen under load):
+    # ask again rather than wait forever
+    for attempt in range(3):
+        future = client.call_async(request)
+        try:
+            wait_until(future.done, timeout / 3, node, f"{client.srv_name} to answer")
+            return future.result()
+        except TimeoutError:
+            client.remove_pending_request(future)
+            if attempt == 2:
+                raise
 
 
 def test_namespaced_node_reads_its_yaml_and_takes_remapped_compressed_input(ros_node, ros_process, tmp_path):

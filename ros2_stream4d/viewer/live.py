@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ros2_stream4d.mapping.pipeline import Gated, Processed
+
 if TYPE_CHECKING:  # rerun-sdk is imported by the thread only: without it the viewer warns, the node maps on
     from .entities import ViewOptions
 
@@ -178,7 +180,14 @@ class LiveViewer:
             self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread (results still queued are dropped), flush, stop a viewer we started."""
+        """Log what is still queued (for up to half the timeout; the rest is dropped and counted), stop the thread,
+        flush, stop a viewer we started."""
+        deadline = time.monotonic() + timeout / 2
+        while self._thread is not None and self._thread.is_alive() and not self._disabled and \
+                self._queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._cond:
+            self.dropped += len(self._queue)
         self._stop.set()
         with self._cond:
             self._cond.notify()
@@ -279,8 +288,8 @@ class LiveViewer:
                     log.reset_paths()
                 if item is not None:
                     result, rgb, K_rgb = item
-                    if not hasattr(result, "stamp_ns"):  # an outcome (Processed / Gated): its FrameResult
-                        result = getattr(result, "result", None)
+                    if isinstance(result, Processed | Gated):  # an outcome: its FrameResult
+                        result = result.result
                     if result is not None:
                         log.frame(result, rgb=rgb, K_rgb=K_rgb, cloud_in_camera=self.cloud_in_camera)
                         self.logged += 1
