@@ -184,6 +184,7 @@ def test_mapping_is_a_plain_dataclass():
 
 # -- exact oracles: the module docstring's formulas evaluated pixel by pixel, and OpenCV's own resize ---------------
 PLANS = [("crop", None, (640, 480)), ("crop", None, (480, 640)), ("pad", None, (200, 518)), ("pad", None, (90, 40)),
+         ("crop", None, (12, 84)), ("crop", None, (14, 84)), ("crop", None, (20, 70)),
          ("crop", 56, (50, 100)), ("pad", 56, (50, 100)), ("crop", 70, (33, 21)), ("pad", 70, (33, 21))]
 
 
@@ -194,7 +195,19 @@ def _seen(coord: np.ndarray, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("mode,height,hw", PLANS)
 def test_masks_and_region_match_the_pixel_convention(mode, height, hw):
-    m = Preprocessor(56 if height else 70, mode, height=height).plan(hw)[1]
+    check_masks_against_the_convention(Preprocessor(56 if height else 70, mode, height=height).plan(hw)[1])
+
+
+@pytest.mark.parametrize("mapping", [PixelMapping((5, 7), (10, 9), 0.3, 0.294, 0.9, 0.919),
+                                     PixelMapping((6, 6), (4, 5), 0.45, 0.7, -0.8, 0.35),
+                                     PixelMapping((4, 9), (12, 12), 2.5, 1.3, 1.6, -2.2)])
+def test_masks_of_fractional_mappings(mapping):
+    """Mappings no plan makes (fractional offsets, strong shrinking): a source pixel can land on a model pixel whose
+    own centre is off the source; such a pixel is not seen."""
+    check_masks_against_the_convention(mapping)
+
+
+def check_masks_against_the_convention(m):
     (h, w), (mh, mw) = m.source_hw, m.model_hw
     # model pixels showing the image: their centres map back inside the source
     us, _ = m.model_to_source_pixels(np.arange(mw), np.zeros(mw))
@@ -208,7 +221,10 @@ def test_masks_and_region_match_the_pixel_convention(mode, height, hw):
     expected = row_ok[:, None] & col_ok[None, :]
     np.testing.assert_array_equal(m.valid_source_mask(), expected)
     rows, cols = np.flatnonzero(row_ok), np.flatnonzero(col_ok)
-    assert m.valid_source_region() == (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    if len(rows) and len(cols):
+        assert m.valid_source_region() == (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    back = m.resample_to_source(np.zeros((mh, mw)), fill=-5.0)
+    np.testing.assert_array_equal(back == -5.0, ~expected)  # the fill marks exactly the unseen pixels
 
 
 @pytest.mark.parametrize("mode,height,hw", PLANS)
@@ -307,6 +323,7 @@ def test_plan_limits_and_constructor_checks():
         Preprocessor().plan((5, 0))
     with pytest.raises(ValueError, match="too wide for mode 'pad'"):
         Preprocessor(14, "pad").plan((1, 29))  # 14 wide, resized height 0
+    assert Preprocessor(width=1, patch_size=1, height=1).plan((3, 5))[1].model_hw == (1, 1)  # the smallest sizes
     for kwargs, match in ((dict(patch_size=0), "patch_size must be >= 1"), (dict(width=0), "width must be"),
                           (dict(width=-14), "width must be"), (dict(width=518.5), "width must be"),
                           (dict(height=500), "height must be a positive multiple of patch_size=14"),
@@ -316,6 +333,17 @@ def test_plan_limits_and_constructor_checks():
     pre = Preprocessor(28, "pad", patch_size=7, height=21)
     assert (pre.width, pre.height, pre.mode, pre.patch_size) == (28, 21, "pad", 7)
     assert pre.plan((30, 40))[1].model_hw == (21, 28)
+
+
+def test_pixel_maps_are_float64_and_the_matrix_is_the_pixel_map():
+    m = PixelMapping((40, 60), (30, 50), 0.8, 0.75, 2.0, -3.0)
+    u, v = np.array([0, 7, 59], np.float32), np.array([0, 13, 39], np.float32)
+    um, vm = m.source_to_model_pixels(u, v)
+    assert um.dtype == vm.dtype == np.float64
+    np.testing.assert_allclose(m.source_to_model_matrix() @ np.stack([u, v, np.ones(3)]), [um, vm, np.ones(3)])
+    us, vs = m.model_to_source_pixels(um.astype(np.float32), vm.astype(np.float32))
+    assert us.dtype == vs.dtype == np.float64
+    np.testing.assert_allclose([us, vs], [u, v], atol=1e-5)
 
 
 def test_pixel_mapping_helpers_and_checks():
@@ -341,7 +369,7 @@ def test_pixel_mapping_helpers_and_checks():
 
 def test_image_checks():
     pre = Preprocessor(70)
-    with pytest.raises(TypeError, match="numpy uint8"):
+    with pytest.raises(TypeError, match=r"^Preprocessor.prepare takes a numpy uint8 \(h, w, 3\) RGB image, not a"):
         pre.prepare(torch.zeros(10, 10, 3, dtype=torch.uint8))
     with pytest.raises(TypeError, match="image must be uint8, got float32"):
         pre.prepare_array(np.zeros((10, 10, 3), np.float32))
