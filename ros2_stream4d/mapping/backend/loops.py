@@ -91,9 +91,9 @@ class LoopConfig:
     max_candidates: int = 3
     search_radius_m: float = 1.0
     search_drift_fraction: float = 0.15
-    n_features: int = 1000
+    n_features: int = 1500
     ratio: float = 0.8
-    min_inliers: int = 25
+    min_inliers: int = 20
     min_inlier_ratio: float = 0.3
     ransac_threshold: float = 0.05  # m (local units) for the 3D-3D RANSAC
     max_pnp_rotation_deg: float = 5.0  # PnP and the 3D-3D Sim(3) must agree this well
