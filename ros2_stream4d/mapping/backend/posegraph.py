@@ -15,8 +15,9 @@ Odometry sigmas grow with the edge length and must cover the front-end's real dr
 
 An optimisation is dropped with a reason (never applied) when it fails, is not finite, does not converge, or moves a
 keyframe implausibly far (more than ``max_correction_fraction`` of the path length plus ``max_correction_m``); one that
-moves no keyframe by ``min_correction_m`` is not applied either (below the noise of loop measurements: with exact
-inputs the back-end changes nothing).
+moves no keyframe by ``min_correction_m`` is not applied either, and no optimisation runs while every segment / loop
+edge already agrees with the current poses (whitened residual <= ``consistent_chi``, a chi test of the odometry
+against the loops): loop measurements are never exact, and with exact inputs the back-end must change nothing.
 
 Outputs: corrected ``S_map_kf`` per keyframe; ``rigid_poses()`` their SE(3) part for KeyframeMap.update_poses (the
 scale of a keyframe is reported, not applied to its stored geometry); ``odom_correction()`` the map <- odom Sim(3) at
@@ -87,6 +88,7 @@ class PoseGraphConfig:
     max_correction_m: float = 2.0  # a correction beyond this + max_correction_fraction x path length is dropped
     max_correction_fraction: float = 0.5
     min_correction_m: float = 0.01  # a solution moving no keyframe this far is not applied (below loop noise)
+    consistent_chi: float = 3.0  # no optimisation while every segment / loop edge's whitened residual is below this
 
 
 @dataclass
@@ -218,6 +220,11 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     order, odometry, edges, initial, path_length = snap
     if len(order) < 2 or not any(e.kind != ODOMETRY and e.active for e in edges):
         return OptimisationResult(False, reason="nothing to optimise (no segment or loop edge)")
+    worst = max((_whitened(e, initial) for e in edges if e.active and e.robust), default=0.0)
+    if worst <= config.consistent_chi:
+        return OptimisationResult(False, reason=f"loops agree with the current poses (worst whitened residual "
+                                  f"{worst:.2f} <= {config.consistent_chi}): nothing to correct",
+                                  seconds=time.perf_counter() - t0)
     first = order[0]
     prior = gtsam.PriorFactorSimilarity3(first, to_gtsam(initial[first]), gtsam.noiseModel.Isotropic.Sigma(7, 1e-6))
     values = gtsam.Values()
