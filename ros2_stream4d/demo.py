@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (replaced)")
     p.add_argument("--model", default="auto",
                    help="model card, checkpoint, 'random-small', 'oracle', or auto: the shipped default model "
-                        "(stream4d-tiny) when present, else the ground-truth oracle (said so loudly)")
+                        "(stream4d-small, trained here on a frozen DINOv2-S encoder), else the ground-truth oracle "
+                        "(said so loudly); 'oracle' for exact geometry")
     p.add_argument("--scene", default="room")
     p.add_argument("--trajectory", default="ground_robot")
     p.add_argument("--frames", type=int, default=200)
@@ -58,12 +59,12 @@ def _default_model() -> str:
     from ros2_stream4d.mapping.reconstructor import resolve_model_spec
 
     try:
-        resolve_model_spec("stream4d-tiny")
-        return "stream4d-tiny"
+        resolve_model_spec("stream4d-small")
+        return "stream4d-small"
     except FileNotFoundError:
-        print("[demo] NOTE: no trained default model (model/stream4d-tiny) is shipped in this version, so the demo "
+        print("[demo] NOTE: the embedded model (model/stream4d-small) is missing from this install, so the demo "
               "runs the ORACLE model: ground-truth depth and poses in the model's output format. It shows the whole "
-              "ROS pipeline working, not a learned model; pass --model random-small or a checkpoint to try others.")
+              "ROS pipeline working, not a learned model.")
         return "oracle"
 
 
@@ -98,6 +99,10 @@ def run(args) -> int:
     if args.model == "oracle":
         # the oracle replays ground truth, metric by construction: its scale is exactly 1 m per unit
         params += [f"oracle_bag:={gt_bag}", "scale_source:=fixed", "fixed_scale:=1.0"]
+    else:
+        # a learned model predicts up to scale: the robot's wheel odometry (odom -> base_link) gives metres; the
+        # sim camera's calibration comes with CameraInfo; 1 torch thread beside the player and the recorder
+        params += ["scale_source:=odometry", "intrinsics_source:=camera_info", "torch_threads:=1"]
     # the sim bag is a robot: base_link -> camera_link -> camera_optical_frame on /tf_static and wheel odometry
     # odom -> base_link on /tf, so the node runs the robot set-up and publishes map -> odom (REP-105)
     params += ["base_frame:=base_link", "tf_timeout:=1.0"]  # a replay can wait for the odometry of each image

