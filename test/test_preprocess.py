@@ -324,6 +324,12 @@ def test_plan_limits_and_constructor_checks():
     with pytest.raises(ValueError, match="too wide for mode 'pad'"):
         Preprocessor(14, "pad").plan((1, 29))  # 14 wide, resized height 0
     assert Preprocessor(width=1, patch_size=1, height=1).plan((3, 5))[1].model_hw == (1, 1)  # the smallest sizes
+    # pad into a fixed box: a very wide image that would shrink to 0 rows is refused, one that keeps 1 column is not
+    with pytest.raises(ValueError, match="too wide for mode 'pad': it would be resized to 0x14"):
+        Preprocessor(14, "pad", height=14).plan((1, 1000))
+    assert Preprocessor(14, "pad", height=14).plan((1000, 50))[0] == (14, 1)
+    # exactly the resized-pixel limit (2000 x 20000 = 40,000,000) is allowed
+    assert Preprocessor(2000, "crop", patch_size=2).plan((20_000, 2000))[0] == (20_000, 2000)
     for kwargs, match in ((dict(patch_size=0), "patch_size must be >= 1"), (dict(width=0), "width must be"),
                           (dict(width=-14), "width must be"), (dict(width=518.5), "width must be"),
                           (dict(height=500), "height must be a positive multiple of patch_size=14"),
