@@ -94,9 +94,17 @@ def back_end(P, depths, renderer, T_world_cam, T_true, kf_idx):
             det.add(KeyframeView(k, images[i], np.where(d > 0, d, np.nan), K, P[i]))
             found = False
             for r in det.detect():
-                gt_dist = float(np.linalg.norm(T_true[kf_idx[r.i]][:3, 3] - T_true[i][:3, 3]))
+                Ti, Tj = T_true[kf_idx[r.i]], T_true[i]
+                gt_dist = float(np.linalg.norm(Ti[:3, 3] - Tj[:3, 3]))
+                rel = inverse(Ti) @ Tj
+                if r.accepted:  # correct = the measured relative pose is the true one (scale drift <= ~10 %)
+                    Rm, tm, _ = S3.decompose(r.S_i_j)
+                    correct = bool(S3.rotation_angle_deg(Rm.T @ rel[:3, :3]) < 3.0
+                                   and np.linalg.norm(tm - rel[:3, 3]) < 0.2)
+                else:
+                    correct = gt_dist < 1.0 and S3.rotation_angle_deg(rel[:3, :3]) < 30.0
                 loops.append({"i": r.i, "j": r.j, "accepted": r.accepted, "reason": r.reason,
-                              "gt_distance_m": gt_dist, "true_revisit": gt_dist < 1.0})
+                              "gt_distance_m": gt_dist, "true_revisit": correct})
                 if r.accepted:
                     worker.add_edge(r.i, r.j, r.S_i_j, LOOP)
                     found = True

@@ -166,6 +166,19 @@ def test_exact_inputs_change_nothing():
     assert np.allclose(g.odom_correction(), np.eye(4), atol=1e-12)
 
 
+def test_a_wrong_loop_alone_does_not_move_exact_poses():
+    T = circle_keyframes()
+    g = PoseGraph()
+    for k in range(len(T)):
+        g.add_keyframe(k, T[k])
+    g.add_edge(len(T) - 1, 0, S3.inverse(T[-1]) @ T[0], LOOP)
+    g.add_edge(25, 3, S3.sim3(rot_z(0.1), [0.2, 0.0, 0.1]), LOOP)  # a look-alike
+    res = g.optimise()
+    assert not res.ok and "outlier" in res.reason and res.rejected_edges == [(25, 3, LOOP)]
+    assert all(np.allclose(g.solution[k], T[k], atol=1e-9) for k in range(len(T)))
+    assert not [e for e in g.edges if (e.i, e.j) == (25, 3)][0].inlier
+
+
 def test_implausible_correction_is_dropped_and_nothing_applied():
     T = circle_keyframes()
     g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=2),

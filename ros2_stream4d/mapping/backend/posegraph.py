@@ -175,11 +175,12 @@ class PoseGraph:
         """Store an accepted result (keyframes added since its snapshot are carried by the new correction) and
         mark the edges it rejected as outliers (``inlier`` False; every optimisation decides afresh over all
         edges, so a loop rejected alone is accepted once later loops agree with it)."""
+        rejected = {(i, j, k) for i, j, k in res.rejected_edges}
+        if res.ok or rejected:
+            for e in self.edges:
+                e.inlier = (e.i, e.j, e.kind) not in rejected
         if not res.ok:
             return res
-        rejected = {(i, j, k) for i, j, k in res.rejected_edges}
-        for e in self.edges:
-            e.inlier = (e.i, e.j, e.kind) not in rejected
         last_solved = None
         for kid in self.order:
             if kid in res.poses:
@@ -251,6 +252,13 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
             rejected = [(e.i, e.j, e.kind) for n, e in enumerate(active) if e.robust and weights[1 + n] < 0.5]
     except RuntimeError as exc:
         return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
+    if rejected:  # the chi test again without the outliers: a wrong loop alone is no reason to move the map
+        worst = max((_whitened(e, initial) for e in active if e.robust and (e.i, e.j, e.kind) not in rejected),
+                    default=0.0)
+        if worst <= config.consistent_chi:
+            return OptimisationResult(False, reason=f"loops agree with the current poses once {len(rejected)} "
+                                      f"outlier(s) are removed: nothing to correct", rejected_edges=rejected,
+                                      seconds=time.perf_counter() - t0)
     res = None
     for _round in range(3):
         graph = gtsam.NonlinearFactorGraph()
