@@ -17,6 +17,7 @@ from pathlib import Path
 from ros2_stream4d.topics import OUTPUTS, output_topic
 from ros2_stream4d.topics import resolve as topics_resolve
 
+QUIET_S = 20.0  # s without a new pose after the bag was played: the remaining frames were skipped
 # every output of the node (one topic table: ros2_stream4d.topics) plus the input TF, for the TF-tree check
 OUTPUT_TOPICS = {**{output_topic(key): msgtype for key, (_, msgtype) in OUTPUTS.items()},
                  "/tf_static": "tf2_msgs/msg/TFMessage"}
@@ -145,10 +146,16 @@ def run(args) -> int:
             if n != last[0]:
                 last[:] = [n, time.monotonic()]
                 print(f"\r[demo]     frames processed: {n}/{args.frames}", end="", flush=True)
-            return n >= args.frames
+            # a frame the node skipped (logged in node.log) never gets a pose: once the bag is played, stop
+            # waiting when no pose came for QUIET_S
+            played = player.poll() is not None
+            return n >= args.frames or (played and time.monotonic() - last[1] > QUIET_S)
 
         spin_until(all_frames_done, 30 + args.frames * 5.0 / args.rate, "every frame to be processed")
         print()
+        if last[0] < args.frames:
+            print(f"[demo] WARNING: {args.frames - last[0]} of {args.frames} frames gave no pose (skipped by the "
+                  f"node: see {out / 'node.log'})")
         client = demo_node.create_client(Trigger, topics_resolve("~/save_map"))
         client.wait_for_service(timeout_sec=30)
         future = client.call_async(Trigger.Request())

@@ -61,8 +61,15 @@ class TsdfVolume:
         T_vol_cam = np.asarray(T_map_cam, np.float64).copy()
         T_vol_cam[:3, 3] -= self.offset
         E_t = o3c.Tensor(inverse(T_vol_cam))  # camera-from-volume extrinsic
-        blocks = self.vbg.compute_unique_block_coordinates(depth_t, K_t, E_t, 1.0, self.depth_max,
-                                                           self.trunc_voxels)
+        try:
+            blocks = self.vbg.compute_unique_block_coordinates(depth_t, K_t, E_t, 1.0, self.depth_max,
+                                                               self.trunc_voxels)
+        except RuntimeError as exc:
+            # Open3D raises (no exception type of its own) when the valid pixels touch no block, e.g. a few
+            # stray depths at the range limit: nothing to integrate, like the all-invalid case above
+            if "No block is touched" not in str(exc):
+                raise
+            return False
         self.vbg.integrate(blocks, depth_t, color_t, K_t, K_t, E_t, 1.0, self.depth_max, self.trunc_voxels)
         self.frames += 1
         return True
