@@ -7,8 +7,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
+# the venv setup.sh built: .venv (Kilted, the default) or .venv-<distro> (STREAM4D_ROS_DISTRO=jazzy)
+case "${STREAM4D_ROS_DISTRO:-kilted}" in kilted|Kilted|KILTED) VENV_DIR=.venv ;; *) VENV_DIR=".venv-${STREAM4D_ROS_DISTRO,,}" ;; esac
 # shellcheck disable=SC1091
-. .venv/bin/activate
+. "${STREAM4D_VENV:-$ROOT/$VENV_DIR}/bin/activate"
 # shellcheck disable=SC1091
 . scripts/ros_env.sh
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST

@@ -96,10 +96,14 @@ def test_oracle_replay_camera_only_matches_ground_truth(ros_node, ros_process, s
                >= FRAMES, 20, ros_node, "TF of every frame")
     node_edges = [t for m in c["tf"].messages for t in m.transforms if t.header.frame_id == "map"]
     assert {t.child_frame_id for t in node_edges} == {"base_link"}
-    assert_tf_tree(c["tf"].messages + c["tf_static"].messages)
+    # the driver's static tree as played (from the bag: the player, and its latched /tf_static, may be gone before
+    # the test's own subscription matched it under load) with everything the node published
+    from ros2_stream4d.sim.bag import TOPICS, iter_messages
+
+    bag_static = [msg for _t, _ns, msg in iter_messages(sim_bag, [TOPICS["tf_static"]])]
+    assert_tf_tree(c["tf"].messages + c["tf_static"].messages + bag_static)
     # the published TF composed with the bag's own tree gives ~/camera_pose and the ground truth
-    assert_tf_matches_poses(node_edges, c["tf"].messages, c["tf_static"].messages, c["pose"].messages,
-                            "camera_optical_frame")
+    assert_tf_matches_poses(node_edges, c["tf"].messages, bag_static, c["pose"].messages, "camera_optical_frame")
 
     # depth: the camera's geometry, NaN = invalid, its CameraInfo shares the header (REP-118)
     for d, info, i in zip(c["depth"].messages, c["depth_info"].messages, range(FRAMES)):
@@ -153,11 +157,11 @@ def test_oracle_replay_robot_publishes_map_to_odom(ros_node, ros_process, sim_ba
     T_world_base0 = bag_tf(first_odom.transform)
     for t in map_odom:
         assert np.abs(transform_to_matrix(t) - inverse(T_world_base0)).max() < 1e-3
-    assert_tf_tree(c["tf"].messages + c["tf_static"].messages)
     # composed with the bag's own odometry and static tree (read from the bag: the test's /tf subscription may
     # match the player only after its first messages)
     bag_tf = [msg for _t, _ns, msg in iter_messages(sim_bag, [TOPICS["tf"]])]
     bag_static = [msg for _t, _ns, msg in iter_messages(sim_bag, [TOPICS["tf_static"]])]
+    assert_tf_tree(c["tf"].messages + c["tf_static"].messages + bag_static + bag_tf)
     assert_tf_matches_poses(map_odom, bag_tf, bag_static, c["pose"].messages, "camera_optical_frame")
     odom_msgs = c["odom"].messages
     assert {m.child_frame_id for m in odom_msgs} == {"base_link"}
