@@ -124,12 +124,12 @@ class _Logger:
 def run_inprocess(args) -> dict:
     from rclpy.serialization import serialize_message
 
-    from ros2_stream4d.ros import conversions as conv
-    from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
     from ros2_stream4d.loader import ModelOptions, load_pipeline
     from ros2_stream4d.mapping.pipeline import PipelineConfig
+    from ros2_stream4d.ros import conversions as conv
     from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
     from ros2_stream4d.ros.config import as_dict, make_config
+    from ros2_stream4d.ros.frame_processor import FrameProcessor, RateLimitedWarnings
 
     params = node_params(args)
     cfg = make_config(params)

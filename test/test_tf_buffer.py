@@ -5,8 +5,8 @@ import pytest
 
 pytest.importorskip("geometry_msgs")
 
-from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, ns_to_time  # noqa: E402
 from ros2_stream4d.ros.compat.tf_buffer import TfBuffer  # noqa: E402
+from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, ns_to_time  # noqa: E402
 from ros2_stream4d.ros.tf_policy import TransformNotFound  # noqa: E402
 
 
