@@ -17,19 +17,21 @@ def _rgb(i: int) -> np.ndarray:
     return np.stack([(xx * 2 + i * 7) % 256, (yy * 3 + i) % 256, ((xx + yy) * 5 + i) % 256], -1).astype(np.uint8)
 
 
-def _call(node, client, request, timeout=30.0):
+def _call(node, client, request, timeout=30.0, attempts=3):
+    """Call a service and wait for the answer. A request sent before the server has matched the client is lost (ROS
+    2's discovery race, seen under load): idempotent calls ask again (attempts); a transition is asked once and
+    given the whole timeout (configure loads the model)."""
     assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
-    # a request sent before the server has matched the client is lost (ROS 2's discovery race, seen under load):
-    # ask again rather than wait forever
-    for attempt in range(3):
+    for attempt in range(attempts):
         future = client.call_async(request)
         try:
-            wait_until(future.done, timeout / 3, node, f"{client.srv_name} to answer")
+            wait_until(future.done, timeout / attempts, node, f"{client.srv_name} to answer")
             return future.result()
         except TimeoutError:
             client.remove_pending_request(future)
-            if attempt == 2:
+            if attempt == attempts - 1:
                 raise
+    raise AssertionError("unreachable")
 
 
 def test_namespaced_node_reads_its_yaml_and_takes_remapped_compressed_input(ros_node, ros_process, tmp_path):
@@ -128,7 +130,8 @@ def test_lifecycle_transitions_over_dds(ros_node, ros_process):
     assert "model ready" not in node.output(), "nothing is loaded before configure"
 
     def transition(tid):
-        assert _call(ros_node, change, ChangeState.Request(transition=Transition(id=tid))).success
+        request = ChangeState.Request(transition=Transition(id=tid))
+        assert _call(ros_node, change, request, timeout=180.0, attempts=1).success
 
     transition(Transition.TRANSITION_CONFIGURE)
     assert "model ready" in node.output()
