@@ -574,7 +574,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    executor = rclpy.executors.MultiThreadedExecutor(num_threads=2)
+    # one executor thread: lifecycle transitions destroy subscriptions, publishers and timers from a callback, and
+    # a second executor thread building its wait set at that moment crashed rclpy (InvalidHandle, seen in CI on
+    # cleanup). The model runs on its own worker thread either way.
+    executor = rclpy.executors.SingleThreadedExecutor()
     executor.add_node(node)
     try:
         while rclpy.ok() and not stop.is_set():
