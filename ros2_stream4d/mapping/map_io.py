@@ -15,59 +15,59 @@ import numpy as np
 FORMATS = (".ply", ".pcd")
 
 
+def _path_text(path) -> str:
+    text = os.fspath(path)
+    if not text or "\x00" in text:
+        raise ValueError(f"invalid map path {text!r}")
+    return text
+
+
+def _resolve_target(text: str, root) -> Path:
+    """The absolute target of a map path: inside `root` when given (symlinks followed, no escape), else resolved
+    (a symlinked target: os.replace on the link would replace the link itself)."""
+    p = Path(text).expanduser()
+    if root is None:
+        return p.resolve()
+    root_dir = Path(root).expanduser().resolve()
+    p = (root_dir / p).resolve()
+    if not p.is_relative_to(root_dir):
+        raise PermissionError(f"map path {text!r} resolves to {p}, outside the allowed directory {root_dir}")
+    return p
+
+
+def _check_parent(p: Path) -> Path:
+    parent = p.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"directory {parent} is not writable")
+    return p
+
+
 def validate_map_path(path, root=None) -> Path:
     """The absolute path to write, or a clear error.
 
     root: when given (e.g. a ``~/save_map`` service writing for remote clients), relative paths are taken relative to
     it and the resolved target (symlinks followed) must stay inside it, so "../" or a link cannot escape.
     """
-    text = os.fspath(path)
-    if not text or "\x00" in text:
-        raise ValueError(f"invalid map path {text!r}")
-    p = Path(text).expanduser()
-    if p.suffix.lower() not in FORMATS:
+    text = _path_text(path)
+    if Path(text).suffix.lower() not in FORMATS:
         raise ValueError(f"map path must end in one of {FORMATS}, got {text!r}")
-    if root is not None:
-        root_dir = Path(root).expanduser().resolve()
-        p = (root_dir / p).resolve()
-        if not p.is_relative_to(root_dir):
-            raise PermissionError(f"map path {text!r} resolves to {p}, outside the allowed directory {root_dir}")
-    else:
-        p = p.resolve()  # follow a symlinked target: os.replace on the link would replace the link itself
+    p = _resolve_target(text, root)
     if p.is_dir():
         raise IsADirectoryError(f"map path {p} is a directory")
-    parent = p.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"directory {parent} is not writable")
-    return p
+    return _check_parent(p)
 
 
 def validate_map_dir_path(path, root=None) -> Path:
     """The absolute map directory to write (mapping/map_store.py), or a clear error: like validate_map_path, but the
     target is a directory that is absent, empty, or a map saved before (it has metadata.json); never a file."""
-    text = os.fspath(path)
-    if not text or "\x00" in text:
-        raise ValueError(f"invalid map path {text!r}")
-    p = Path(text).expanduser()
-    if root is not None:
-        root_dir = Path(root).expanduser().resolve()
-        p = (root_dir / p).resolve()
-        if not p.is_relative_to(root_dir):
-            raise PermissionError(f"map path {text!r} resolves to {p}, outside the allowed directory {root_dir}")
-    else:
-        p = p.resolve()
+    p = _resolve_target(_path_text(path), root)
     if p.exists() and not p.is_dir():
         raise NotADirectoryError(f"map path {p} exists and is not a directory")
     if p.is_dir() and not (p / "metadata.json").is_file() and any(p.iterdir()):
         raise FileExistsError(f"{p} is a non-empty directory that is not a saved map")
-    parent = p.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"directory {parent} is not writable")
-    return p
+    return _check_parent(p)
 
 
 def _check_cloud(xyz, rgb, conf):

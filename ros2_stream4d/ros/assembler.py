@@ -106,7 +106,7 @@ class OutputAssembler:
                 del self.path.poses[: len(self.path.poses) - c.path_max_length]
             out.append(("path", self.path))
         if c.publish_tf:
-            edges = edge_transforms(decision, c, r, self.tf, camera_frame)
+            edges = edge_transforms(decision, c, r, body)
             if edges:
                 self.own_edges.update((parent, child) for parent, child, _ in edges)
                 out.append(("tf", TFMessage(transforms=[conv.matrix_to_transform_stamped(T, stamp, parent, child)

@@ -196,27 +196,25 @@ class FrameProcessor:
         self.depth_invalid_pixels += int(usable.size - usable.sum())
         self.sensor_depth = np.where(usable, depth, np.float32(np.nan)).astype(np.float32)
 
-    def _intrinsics(self, cam: int, rgb: np.ndarray):
-        """(K_src, info) from this camera's CameraInfo; (None, None) without a usable one; (False, None) when the
-        frame must be skipped (the CameraInfo is wrong and intrinsics_source asks for it)."""
+    def _intrinsics(self, cam: int, rgb: np.ndarray) -> tuple[np.ndarray | None, Any] | Skipped:
+        """(K_src, info) from this camera's CameraInfo, (None, None) without a usable one, or Skipped when the
+        CameraInfo is missing or wrong and intrinsics_source asks for it (the reason is warned here)."""
         info = self.camera_info[cam]
-        if info is None:
-            if self.cfg.intrinsics_source == "camera_info":
-                self.warnings.warn("no camera_info", f"no CameraInfo for camera {cam} yet",
-                                   "frame skipped: intrinsics_source is camera_info")
-                return False, None
-            return None, None
         needed = self.cfg.intrinsics_source == "camera_info"
         action = "frame skipped: intrinsics_source is camera_info" if needed else "CameraInfo ignored for this frame"
-        if (info.width, info.height) != (rgb.shape[1], rgb.shape[0]):
-            self.warnings.warn("camera_info size mismatch", f"CameraInfo {info.width}x{info.height} vs image "
-                                                            f"{rgb.shape[1]}x{rgb.shape[0]}", action)
-            return (False, None) if needed else (None, None)
-        try:
-            return conv.camera_info_to_k(info)[0], info
-        except ValueError as exc:
-            self.warnings.warn("camera_info invalid", str(exc), action)
-            return (False, None) if needed else (None, None)
+        if info is None:
+            reason, detail = "no camera_info", f"no CameraInfo for camera {cam} yet"
+        elif (info.width, info.height) != (rgb.shape[1], rgb.shape[0]):
+            reason, detail = "camera_info size mismatch", (f"CameraInfo {info.width}x{info.height} vs image "
+                                                           f"{rgb.shape[1]}x{rgb.shape[0]}")
+        else:
+            try:
+                return conv.camera_info_to_k(info)[0], info
+            except ValueError as exc:
+                reason, detail = "camera_info invalid", str(exc)
+        if info is not None or needed:  # a missing CameraInfo is only worth a word when it is needed
+            self.warnings.warn(reason, detail, action)
+        return Skipped("camera_info unusable") if needed else (None, None)
 
     def _check_size(self, rgb: np.ndarray) -> Skipped | None:
         """Frames of a stream share one size (the KV cache holds a fixed number of tokens per frame). A frame of
@@ -293,9 +291,10 @@ class FrameProcessor:
         size_problem = self._check_size(rgb)
         if size_problem:
             return size_problem
-        K_src, info = self._intrinsics(cam, rgb)
-        if K_src is False:
-            return Skipped("camera_info unusable")
+        intrinsics = self._intrinsics(cam, rgb)
+        if isinstance(intrinsics, Skipped):
+            return intrinsics
+        K_src, info = intrinsics
         if info is not None:  # a distorted lens (plumb_bob, rational_polynomial, equidistant): to the pinhole P
             try:
                 lens = LensModel.from_camera_info(info)

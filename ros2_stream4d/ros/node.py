@@ -39,7 +39,7 @@ from visualization_msgs.msg import Marker
 from ros2_stream4d import topics
 from ros2_stream4d.loader import ModelOptions, load_pipeline
 from ros2_stream4d.mapping.frame_sync import ApproximateSync
-from ros2_stream4d.mapping.map_io import validate_map_path
+from ros2_stream4d.mapping.map_io import validate_map_dir_path, validate_map_path
 from ros2_stream4d.mapping.pipeline import PipelineConfig, Processed, start_pose_matrix
 from ros2_stream4d.ros import conversions as conv
 from ros2_stream4d.ros.compat.tf_buffer import make_tf_listener
@@ -409,7 +409,7 @@ class Stream4DNode(LifecycleNode):
             why = ("scale_source is none" if self.cfg.scale_source == "none"
                    else f"scale_source {self.cfg.scale_source} has no valid scale yet")
             return DiagnosticStatus.WARN, f"no metric scale ({why}): depth goes to ~/depth_relative/image in model units"
-        fallback = self.pipeline.reconstructor.stats.fallback_intrinsics if self.pipeline is not None else 0
+        fallback = int(values.get("frames with nominal 60 deg intrinsics", 0))
         if fallback:
             return DiagnosticStatus.WARN, (f"{fallback} frame(s) had unusable model intrinsics: a nominal 60 deg field "
                                            "of view was used (give CameraInfo and intrinsics_source camera_info)")
@@ -449,15 +449,11 @@ class Stream4DNode(LifecycleNode):
 
     @staticmethod
     def _validate_save_target(path: str) -> None:
-        """A .ply/.pcd file (map_io's checks) or a map directory whose parent exists and is writable."""
+        """A .ply/.pcd cloud file or a whole map directory: mapping/map_io.py's checks for either."""
         if os.path.splitext(path)[1].lower() in MAP_FORMATS:
             validate_map_path(path)
-            return
-        parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"directory {parent} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError(f"directory {parent} is not writable")
+        else:
+            validate_map_dir_path(path)
 
     def _check_map_save_path(self) -> None:
         """A map_save_path whose directory is missing or read-only now may be fixed later (a disk mounted): a

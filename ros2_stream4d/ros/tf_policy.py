@@ -110,12 +110,12 @@ def body_pose(decision: TfDecision, result: Any, tf: TfView, camera_frame: str) 
     return result.T_map_base if result.T_map_base is not None else result.T_map_cam
 
 
-def edge_transforms(decision: TfDecision, cfg: Any, result: Any, tf: TfView, camera_frame: str
+def edge_transforms(decision: TfDecision, cfg: Any, result: Any, body: np.ndarray
                     ) -> list[tuple[str, str, np.ndarray]]:
-    """(parent, child, parent_from_child) of the stream's edges for one frame result; an edge that cannot be
-    formed this frame (map -> odom without the other node's odometry at this stamp) is left out."""
+    """(parent, child, parent_from_child) of the stream's edges for one frame result, given its body_pose; an edge
+    that cannot be formed this frame (map -> odom without the other node's odometry at this stamp) is left out."""
     if decision.mode == "map_to_camera":
-        return [(decision.parent, decision.child, body_pose(decision, result, tf, camera_frame))]
+        return [(decision.parent, decision.child, body)]
     if decision.mode == "odom_to_base":  # nothing else estimates odometry: the map origin is the odom origin
         return [(cfg.map_frame, cfg.odom_frame, np.eye(4)), (cfg.odom_frame, cfg.base_frame, result.T_map_base)]
     if decision.mode == "map_to_odom" and result.T_map_odom is not None:

@@ -219,6 +219,22 @@ def evaluate_model(model: torch.nn.Module, pool_dir: str | Path, hw: tuple[int, 
     return summary
 
 
+def results_rows(summary: dict[str, Any]) -> list[str]:
+    """The markdown table rows (data, kind, model or baseline) of a held-out summary; shared by stream4d-small's
+    evaluation (train/small_eval.py)."""
+    rows = []
+    for source in ("own", "sim"):
+        block = summary.get(source) or {}
+        for kind in KINDS:
+            if kind not in block:
+                continue
+            for who in ("model", "baseline"):
+                d = block[kind][who]
+                rows.append(f"| {source} | {kind} | {who} | {d['ate_rmse_m']:.3f} | {d['rpe_rot_deg']:.3f} | "
+                            f"{d['rpe_trans_m']:.4f} | {d['depth_abs_rel']:.3f} | {d['depth_delta1']:.3f} |")
+    return rows
+
+
 def _markdown(summary: dict[str, Any]) -> str:
     lines = [f"Held-out streaming evaluation: {summary['sequences_per_kind']} sequences per kind x "
              f"{summary['frames_per_sequence']} frames, window {summary['window']}, anchors 1, input "
@@ -227,17 +243,7 @@ def _markdown(summary: dict[str, Any]) -> str:
              f"trajectory kind, median-scaled per frame.", "",
              "| data | kind | | ATE RMSE (m) | RPE rot (deg) | RPE trans (m) | depth AbsRel | depth delta<1.25 |",
              "|---|---|---|---|---|---|---|---|"]
-    for source in ("own", "sim"):
-        block = summary.get(source)
-        if not block:
-            continue
-        for kind in KINDS:
-            if kind not in block:
-                continue
-            for who in ("model", "baseline"):
-                d = block[kind][who]
-                lines.append(f"| {source} | {kind} | {who} | {d['ate_rmse_m']:.3f} | {d['rpe_rot_deg']:.3f} | "
-                             f"{d['rpe_trans_m']:.4f} | {d['depth_abs_rel']:.3f} | {d['depth_delta1']:.3f} |")
+    lines += results_rows(summary)
     for source in ("own", "sim"):
         block = summary.get(source) or {}
         if "bar" in block:

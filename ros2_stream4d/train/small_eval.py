@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .data import KINDS
-from .evaluate import evaluate_sequence, held_out_sequences, mean_depth_maps, plot_sequence, stream_model
+from .evaluate import evaluate_sequence, held_out_sequences, mean_depth_maps, plot_sequence, results_rows, stream_model
 
 
 def held_out_cached(cache_dir: Path | None, n_seq: int, n_frames: int, hw: tuple[int, int], source: str):
@@ -127,15 +127,7 @@ def _markdown(s: dict[str, Any]) -> str:
              f"depth map of the training pool, same trajectory kind, median-scaled per frame.", "",
              "| data | kind | | ATE RMSE (m) | RPE rot (deg) | RPE trans (m) | depth AbsRel | depth delta<1.25 |",
              "|---|---|---|---|---|---|---|---|"]
-    for source in ("own", "sim"):
-        block = s.get(source) or {}
-        for kind in KINDS:
-            if kind not in block:
-                continue
-            for who in ("model", "baseline"):
-                d = block[kind][who]
-                lines.append(f"| {source} | {kind} | {who} | {d['ate_rmse_m']:.3f} | {d['rpe_rot_deg']:.3f} | "
-                             f"{d['rpe_trans_m']:.4f} | {d['depth_abs_rel']:.3f} | {d['depth_delta1']:.3f} |")
+    lines += results_rows(s)
     for source in ("own", "sim"):
         bar = (s.get(source) or {}).get("bar")
         if bar:
