@@ -17,6 +17,8 @@ from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
 class ModelOptions:
     model: str = "streamvggt"
     oracle_bag: str = ""
+    oracle_noise: str = "none"  # none | realistic | a YAML file of magnitudes (sim/oracle_noise.py)
+    oracle_seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "sdpa"

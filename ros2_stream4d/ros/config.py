@@ -119,6 +119,14 @@ def _check_rules(c: Any) -> dict[str, str]:
                                             f"{c.occupancy_max_height}")
     if c.device not in ("auto", "cpu", "cuda") and not (c.device.startswith("cuda:") and c.device[5:].isdigit()):
         problems["device"] = f"{c.device!r} is not auto, cpu, cuda or cuda:N"
+    if not (c.segment_overlap_frames < c.segment_min_frames <= c.segment_max_frames):
+        problems["segment_overlap_frames"] = (
+            f"need segment_overlap_frames < segment_min_frames <= segment_max_frames (got {c.segment_overlap_frames}, "
+            f"{c.segment_min_frames}, {c.segment_max_frames})")
+    if c.oracle_noise not in ("none", "realistic") and not os.path.isfile(os.path.expanduser(c.oracle_noise)):
+        problems["oracle_noise"] = f"{c.oracle_noise!r} is not none, realistic or an existing YAML file of magnitudes"
+    if c.backend and c.tf_mode == "odom_to_base":
+        problems["backend"] = "the back-end corrects map -> odom: tf_mode odom_to_base publishes no map -> odom"
     if c.num_cameras > 1 and c.process_every_frame is False and c.sync_slop <= 0:
         problems["sync_slop"] = "several cameras need a positive sync_slop to group frames"
     return problems

@@ -32,6 +32,10 @@ PARAMS: tuple[Param, ...] = (
           "in the Hugging Face cache or fetched with allow_download), a checkpoint path (.safetensors/.pth/.pt), "
           "'random-small' (random weights, for plumbing tests) or 'oracle' (ground truth from oracle_bag)"),
     Param("oracle_bag", "", "path", "sim bag whose /ground_truth topics the 'oracle' model replays (tests, demos)"),
+    Param("oracle_noise", "none", "",
+          "errors the 'oracle' model adds to its exact output: none, realistic (a streaming model's drift, depth "
+          "noise, outliers and confidence; docs/longrun/README.md cites the magnitudes) or a YAML file of magnitudes"),
+    Param("oracle_seed", 0, "", "seed of the oracle's errors (oracle_noise)", low=0, high=2**31 - 1),
     Param("allow_download", False, "", "let a model card fetch its weights from the Hugging Face hub"),
     Param("device", "auto", "", "torch device: auto (cuda when available), cpu, cuda, cuda:N"),
     Param("dtype", "auto", "", "compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16",
@@ -134,6 +138,30 @@ PARAMS: tuple[Param, ...] = (
           low=0.01, high=100.0),
     Param("occupancy_publish_rate", 0.5, "Hz", "how often ~/occupancy is published (0 = never)", live=True,
           low=0.0, high=10.0),
+    # --- long runs: segments, loop closure, Sim(3) pose graph (mapping/backend, docs/longrun/README.md) -----------
+    Param("backend", False, "",
+          "long-run back-end: re-anchored stream segments, loop closure and a Sim(3) pose graph; corrections go to "
+          "map -> odom and the keyframe map (camera poses are then published as odometry in odom_frame)"),
+    Param("segment_min_anchor_overlap", 0.3, "", "backend: a new segment when this share of the view or less is "
+          "seen by the segment's anchor frame", low=0.0, high=1.0),
+    Param("segment_max_frames", 120, "frames", "backend: a new segment after this many frames at most",
+          low=2, high=1000000),
+    Param("segment_min_frames", 24, "frames", "backend: a segment lasts at least this many frames", low=2, high=1000000),
+    Param("segment_overlap_frames", 8, "frames",
+          "backend: recent frames re-fed into a new segment (its overlap with the last; < segment_min_frames)",
+          low=1, high=1000),
+    Param("loop_min_similarity", 0.8, "", "backend: global-descriptor cosine similarity of a loop candidate",
+          live=True, low=0.0, high=1.0),
+    Param("loop_min_inliers", 20, "matches", "backend: geometric inliers a loop needs", live=True, low=3, high=100000),
+    Param("loop_search_radius", 1.0, "m", "backend: loop candidates within this distance of the odometry pose ...",
+          live=True, low=0.0, high=1000.0),
+    Param("loop_search_drift_fraction", 0.15, "", "backend: ... plus this fraction of the path travelled since",
+          live=True, low=0.0, high=10.0),
+    Param("backend_max_correction", 2.0, "m",
+          "backend: an optimisation moving a keyframe further than this (+ a fraction of the path) is dropped",
+          low=0.0, high=100000.0),
+    Param("backend_apply_rate", 1.0, "Hz", "backend: how often an accepted correction is written into the map",
+          live=True, low=0.01, high=100.0),
     # --- live viewer (ros2_stream4d/viewer, docs/viewer.md) ------------------------------------------------------
     Param("viewer", "", "", "live 3D view of the run: '' (off) or rerun (Rerun, off the worker's hot path)",
           ("", "rerun")),
