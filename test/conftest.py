@@ -88,8 +88,9 @@ def pytest_unconfigure(config):
     after Python has finalised, turns any tensor still alive then (e.g. held by a daemon worker thread a test did not
     join) into exit status 1 with a leak report; that status is not a test result. Reproduced: a TSDF volume held by
     a sleeping daemon thread makes a plain script exit 1. The leak report stays visible in the log when it happens
-    in a child process (nodes, the demo)."""
-    if _EXIT_STATUS:
+    in a child process (nodes, the demo). Not under mutmut (docs/mutation.md): it runs pytest inside its own
+    process and reads the result after pytest returns."""
+    if _EXIT_STATUS and "MUTANT_UNDER_TEST" not in os.environ:
         import gc
         import sys
 
