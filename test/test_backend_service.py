@@ -6,8 +6,6 @@ import pytest
 
 from ros2_stream4d.mapping.backend import sim3 as S3
 from ros2_stream4d.mapping.backend.drift import DriftedSession
-from ros2_stream4d.mapping.backend.loops import LoopConfig
-from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
 
 pytest.importorskip("gtsam")
 N, W, H = 380, 196, 140
@@ -29,6 +27,8 @@ def loop_images():
 
 
 def run(loop_images, drift: bool):
+    """The stream through a pipeline whose own back-end runs (backend=True: segments, loops, pose graph), as the
+    node and `stream4d process` run it."""
     from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
     from ros2_stream4d.sim.oracle import OracleSession
 
@@ -37,21 +37,18 @@ def run(loop_images, drift: bool):
     if drift:
         session = DriftedSession(session, seed=0, scale_per_m=0.01, yaw_deg_per_m=1.0)
     cfg = PipelineConfig(input_width=W, conf_percentile=0.0, mesh_enabled=False, occupancy_enabled=False,
-                         map_stride=1, map_cloud_stride=4)
+                         map_stride=1, map_cloud_stride=4, backend=True, backend_apply_rate=100.0,
+                         segment_max_frames=10_000, segment_min_frames=10_000 - 1)  # loops only: no re-anchoring
     pipeline = MappingPipeline(cfg, session)
-    backend = LongRunBackend(BackendConfig(loops=LoopConfig(n_features=600, min_inliers=20)))
-    cams = []
+    results = []
     try:
         for i in range(N):
-            out = pipeline.process(images[i], i * 100_000_000, K_src=cam.K)
-            backend.observe(pipeline)
-            backend.apply(pipeline)
-            cams.append(out.result.T_map_cam)
-        assert backend.wait_idle(120)
-        backend.apply(pipeline)
-        return pipeline, backend, np.stack(cams)
-    finally:
-        backend.close()
+            results.append(pipeline.process(images[i], i * 100_000_000, K_src=cam.K).result)
+        assert pipeline.settle_backend(120)
+        return pipeline, pipeline.backend, results
+    except BaseException:
+        pipeline.close()
+        raise
 
 
 def keyframe_ate(pipeline, T):
@@ -66,7 +63,8 @@ def keyframe_ate(pipeline, T):
 
 def test_drift_is_corrected_in_the_keyframe_map_and_map_to_odom(loop_images):
     T = loop_images[0]
-    pipeline, backend, cams = run(loop_images, drift=True)
+    pipeline, backend, results = run(loop_images, drift=True)
+    cams = np.stack([r.T_map_cam for r in results])
     d = backend.diagnostics()
     assert d["loops accepted"] >= 2 and d["optimisations_ok"] >= 1 and d["corrections_applied"] >= 1
     # odometry (what the pipeline published) drifted; the corrected keyframe map did not
@@ -78,11 +76,16 @@ def test_drift_is_corrected_in_the_keyframe_map_and_map_to_odom(loop_images):
     M = backend.map_from_odom(cams[-1])
     assert np.allclose(M[:3, :3] @ M[:3, :3].T, np.eye(3), atol=1e-9)
     assert np.linalg.norm(M[:3, 3]) > 0.01
+    # the pipeline published that correction with its frames (map -> odom), and ~/cloud follows it into map
+    assert np.allclose(results[-1].odom_correction, pipeline.map_correction)
+    assert not np.allclose(results[-1].odom_correction, np.eye(4))
+    pipeline.close()
 
 
 def test_exact_oracle_back_end_changes_nothing(loop_images):
     T = loop_images[0]
-    pipeline, backend, cams = run(loop_images, drift=False)
+    pipeline, backend, results = run(loop_images, drift=False)
+    cams = np.stack([r.T_map_cam for r in results])
     d = backend.diagnostics()
     assert d["loops accepted"] >= 2
     # loops agree with the exact odometry within their noise: nothing is corrected (the issue's ATE < 1 mm)
@@ -91,6 +94,8 @@ def test_exact_oracle_back_end_changes_nothing(loop_images):
     # and map -> odom stays near identity (loops measured on float16 keyframe depth: a few mm at most)
     M = backend.map_from_odom(cams[-1])
     assert np.linalg.norm(M[:3, 3]) < 0.01 and S3.rotation_angle_deg(M[:3, :3]) < 0.2
+    assert all(np.array_equal(r.odom_correction, np.eye(4)) for r in results)
+    pipeline.close()
 
 
 def test_segmented_session_runs_in_the_pipeline_with_continuous_poses(loop_images):

@@ -186,3 +186,109 @@ def test_cloud_frame_camera_publishes_points_in_the_optical_frame():
     moved = xyz_cam @ T[:3, :3].T + T[:3, 3]
     # the same model and input: the camera-frame cloud moved by ~/camera_pose is the map-frame cloud
     np.testing.assert_allclose(np.sort(moved, axis=0), np.sort(xyz_map, axis=0), atol=1e-3)
+
+
+def _correction():
+    from ros2_stream4d.mapping.conventions import rotation_from_vector
+
+    C = np.eye(4)
+    C[:3, :3] = rotation_from_vector(np.array([0.0, 0.0, 0.3]))
+    C[:3, 3] = (0.5, -0.2, 0.05)
+    return C
+
+
+def _tf_of(out):
+    from ros2_stream4d.ros.conversions import transform_to_matrix
+
+    return {(t.header.frame_id, t.child_frame_id): transform_to_matrix(t) for t in out["tf"].transforms}
+
+
+def test_backend_correction_goes_to_map_to_odom_in_every_tf_mode():
+    """backend:=true: the estimate is odometry, the back-end's correction is map -> odom. A known correction (as
+    if a loop had been applied) must reach /tf, ~/camera_pose, ~/odometry, ~/path and ~/cloud consistently."""
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+    from ros2_stream4d.ros.conversions import matrix_to_transform_stamped, ns_to_time, pose_to_matrix
+
+    C = _correction()
+    # camera only, a driver's static tree: map -> odom (C) and odom -> camera_link (the odometry)
+    buf = TfBuffer()
+    T_link_opt = _static(buf, "camera_link", "camera_color_optical_frame", (0.0, 0.015, 0.0))
+    processor, pipeline, _ = _processor(tf=buf, backend=True)
+    try:
+        pipeline.map_correction = C
+        for k in range(2):
+            out = dict(processor.process(0, 1_000_000_000 + k * 100_000_000, "camera_color_optical_frame",
+                                         _image(k)).messages)
+            tf = _tf_of(out)
+            assert set(tf) == {("map", "odom"), ("odom", "camera_link")}
+            np.testing.assert_allclose(tf["map", "odom"], C, atol=1e-6)
+            T_odom_cam = pipeline.last.T_map_cam  # the pipeline's pose: odometry
+            np.testing.assert_allclose(tf["odom", "camera_link"] @ T_link_opt, T_odom_cam, atol=1e-6)
+            np.testing.assert_allclose(pose_to_matrix(out["camera_pose"]), C @ T_odom_cam, atol=1e-6)
+            assert out["camera_pose"].header.frame_id == "map"
+            assert (out["odometry"].header.frame_id, out["odometry"].child_frame_id) == ("odom", "camera_link")
+            np.testing.assert_allclose(pose_to_matrix(out["odometry"].pose), tf["odom", "camera_link"], atol=1e-6)
+            np.testing.assert_allclose(pose_to_matrix(out["path"].poses[-1]), C @ tf["odom", "camera_link"], atol=1e-6)
+        from ros2_stream4d.ros.conversions import pointcloud2_to_numpy
+
+        # ~/cloud is in map: taken back into the camera by ~/camera_pose, its points land on the published depth
+        assert out["cloud"].header.frame_id == "map"
+        xyz = pointcloud2_to_numpy(out["cloud"]).xyz.astype(np.float64)
+        T_cam_map = np.linalg.inv(pose_to_matrix(out["camera_pose"]))
+        p = xyz @ T_cam_map[:3, :3].T + T_cam_map[:3, 3]
+        r = pipeline.last
+        uv = p @ r.K.T
+        u, v = np.round(uv[:, 0] / uv[:, 2]).astype(int), np.round(uv[:, 1] / uv[:, 2]).astype(int)
+        h, w = r.depth.shape
+        inside = (p[:, 2] > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+        assert inside.mean() > 0.95
+        rel = np.abs(r.depth[v[inside], u[inside]] - p[inside, 2]) / p[inside, 2]
+        assert np.nanmedian(rel) < 0.05
+    finally:
+        pipeline.close()
+
+    # robot, the node owns odometry: map -> odom (C) and odom -> base_link
+    buf = TfBuffer()
+    T_base_cam = _static(buf, "base_link", "cam", (0.1, 0, 0.3))
+    processor, pipeline, _ = _processor(tf=buf, base_frame="base_link", backend=True)
+    try:
+        pipeline.map_correction = C
+        out = dict(processor.process(0, 1_000_000_000, "cam", _image(0)).messages)
+        tf = _tf_of(out)
+        assert set(tf) == {("map", "odom"), ("odom", "base_link")}
+        np.testing.assert_allclose(tf["map", "odom"], C, atol=1e-6)
+        np.testing.assert_allclose(C @ tf["odom", "base_link"] @ T_base_cam, pose_to_matrix(out["camera_pose"]),
+                                   atol=1e-6)
+    finally:
+        pipeline.close()
+
+    # robot with wheel odometry (another node owns odom -> base_link): map -> odom = C x the node's estimate
+    buf = TfBuffer()
+    T_base_cam = _static(buf, "base_link", "cam", (0.1, 0, 0.3))
+    T_odom_base = np.eye(4)
+    T_odom_base[:3, 3] = (2.0, 1.0, 0.0)
+    for stamp in (900_000_000, 1_500_000_000):
+        buf.set_transform(matrix_to_transform_stamped(T_odom_base, ns_to_time(stamp), "odom", "base_link"))
+    processor, pipeline, _ = _processor(tf=buf, base_frame="base_link", backend=True, tf_timeout=0.0)
+    try:
+        pipeline.map_correction = C
+        out = dict(processor.process(0, 1_100_000_000, "cam", _image(1)).messages)
+        tf = _tf_of(out)
+        assert set(tf) == {("map", "odom")}
+        T_map_cam = tf["map", "odom"] @ T_odom_base @ T_base_cam  # through the wheel odometry's chain
+        np.testing.assert_allclose(T_map_cam, pose_to_matrix(out["camera_pose"]), atol=1e-6)
+        np.testing.assert_allclose(T_map_cam, C @ pipeline.last.T_map_cam, atol=1e-6)
+        assert out["odometry"].header.frame_id == "map"
+        np.testing.assert_allclose(pose_to_matrix(out["odometry"].pose), T_map_cam @ np.linalg.inv(T_base_cam),
+                                   atol=1e-6)
+    finally:
+        pipeline.close()
+
+
+def test_backend_refuses_a_forced_odom_to_base_mode():
+    from ros2_stream4d.ros.config import ParameterError, make_config
+
+    with pytest.raises(ParameterError, match="backend"):
+        make_config({"model": "random-small", "backend": True, "tf_mode": "odom_to_base", "base_frame": "base_link"})
+    with pytest.raises(ParameterError, match="segment_overlap_frames"):
+        make_config({"model": "random-small", "segment_overlap_frames": 30, "segment_min_frames": 24})

@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ros2_stream4d.mapping.backend.loops import LoopConfig
+from ros2_stream4d.mapping.backend.posegraph import PoseGraphConfig
+from ros2_stream4d.mapping.backend.segments import ReanchorPolicy, SegmentedSession
+from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
 from ros2_stream4d.mapping.cloud import CloudOptions, frame_cloud
 from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse, map_to_odom, transform_points
 from ros2_stream4d.mapping.gating import KeyframeGate
@@ -67,6 +71,18 @@ class PipelineConfig:
     scale_source: str = "none"
     fixed_scale: float = 1.0
     depth_geometry: str = "camera"  # camera | model
+    # long-run back-end (mapping/backend): segments, loop closure, Sim(3) pose graph; off = odometry only
+    backend: bool = False
+    segment_min_anchor_overlap: float = 0.3
+    segment_max_frames: int = 120
+    segment_min_frames: int = 24
+    segment_overlap_frames: int = 8
+    loop_min_similarity: float = 0.8
+    loop_min_inliers: int = 20
+    loop_search_radius: float = 1.0  # m
+    loop_search_drift_fraction: float = 0.15
+    backend_max_correction: float = 2.0  # m (+ a fraction of the path): a larger correction is dropped
+    backend_apply_rate: float = 1.0  # Hz: how often an accepted correction is written into the map
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PipelineConfig:
@@ -98,6 +114,9 @@ class FrameResult:
     scale: float
     scale_valid: bool
     timings: dict[str, float] = field(default_factory=dict)
+    # with a back-end the poses of this result are odometry (their "map" is the odom frame) and this is the back-end's
+    # map <- odom correction in force for this frame (identity until a loop is applied); None without a back-end
+    odom_correction: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,12 @@ class MappingPipeline:
         self.cfg = cfg
         self._describe = describe or type(session).__name__
         self.logger = logger
+        self.backend: LongRunBackend | None = None  # the long-run back-end (cfg.backend)
+        self._backend_applied_at = 0.0
+        if cfg.backend:
+            session = SegmentedSession(session, reanchor_policy(cfg))
+            self.backend = LongRunBackend(backend_config(cfg), logger=logger)
+            self._describe += ", back-end on (segments, loop closure, Sim(3) pose graph)"
         self.reconstructor = StreamingReconstructor(
             session, Preprocessor(width=cfg.input_width, mode=cfg.input_mode), device=cfg.device, dtype="float32",
             intrinsics=cfg.intrinsics_source, points_source=cfg.points_source)
@@ -245,7 +270,25 @@ class MappingPipeline:
             cloud_xyz=xyz_map if self.cloud_options.frame == "world" else xyz, cloud_rgb=colours, cloud_conf=conf,
             scale=float(scale), scale_valid=self.scale_valid(), timings=dict(self.timings))
         self.last = result
+        if self.backend is not None:
+            result.odom_correction = C = self._run_backend()
+            if self.cloud_options.frame == "world" and not np.array_equal(C, np.eye(4)):  # ~/cloud stays in map
+                result.cloud_xyz = transform_points(C, result.cloud_xyz).astype(np.float32)
+            t_backend = time.perf_counter()
+            self.timings.update(backend=t_backend - t_map, pipeline_total=t_backend - t0)
+            result.timings = dict(self.timings)
         return Processed(result)
+
+    def _run_backend(self) -> np.ndarray:
+        """Hand new keyframes to the back-end's worker (a copy of each one's first frame) and, at most
+        backend_apply_rate times a second, write its newest accepted correction into the keyframe map. Returns the
+        map <- odom correction in force (what map -> odom publishes)."""
+        self.backend.observe(self)
+        now = time.monotonic()
+        if now - self._backend_applied_at >= 1.0 / self.cfg.backend_apply_rate:
+            self._backend_applied_at = now
+            self.backend.apply(self)
+        return np.eye(4) if self.map_correction is None else self.map_correction.copy()
 
     def scale_valid(self) -> bool:
         """True when lengths are metres: a scale source other than 'none' holds a valid scale."""
@@ -309,8 +352,32 @@ class MappingPipeline:
         self.map.update_poses({int(k): np.asarray(v, np.float64) for k, v in poses.items()})
 
     def erase_map(self) -> None:
-        """Drop the whole map (the explicit action; a stream reset keeps it)."""
+        """Drop the whole map (the explicit action; a stream reset keeps it) and the back-end's graph over it."""
         self.map.erase()
+        self._restart_backend()
+
+    def settle_backend(self, timeout: float | None = None) -> bool:
+        """Wait until the back-end's worker has handled every keyframe handed to it, then apply its newest
+        correction (the end of an offline run, tests). False when the worker was still busy at the timeout."""
+        if self.backend is None:
+            return True
+        idle = self.backend.wait_idle(timeout)
+        self.backend.apply(self)
+        return idle
+
+    def _restart_backend(self) -> None:
+        """A new map: the back-end's graph (keyframe ids of the old map) and its correction start again."""
+        self.map_correction = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = LongRunBackend(backend_config(self.cfg), logger=self.logger)
+
+    def close(self) -> None:
+        """Stop the back-end's worker thread and free the map's spill directory (the pipeline is not used after)."""
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        self.map.close()
 
     def save_map(self, path) -> str:
         """A .ply / .pcd path: the cloud alone (atomic file). Any other path: the whole map as a directory
@@ -335,6 +402,7 @@ class MappingPipeline:
         self.scale_source.reset()
         self.T_map_world, self.last, self._next_T_map_world = None, None, None
         self._start_T_map_body = np.eye(4) if start_pose is None else np.asarray(start_pose, np.float64)
+        self._restart_backend()
         return meta
 
 
@@ -376,6 +444,10 @@ class MappingPipeline:
             out.update({"cache frames held": s.frames_held, "cache capacity": s.capacity_frames or "unlimited",
                         "cache bytes": s.aggregator_bytes + s.camera_bytes})
         out.update({f"time {k} [ms]": f"{v * 1e3:.1f}" for k, v in self.timings.items()})
+        if self.backend is not None:
+            out.update({f"backend {k}": v for k, v in self.backend.diagnostics().items()})
+            seg = self.reconstructor.session.segment_stats
+            out.update({"backend segments": seg.segments, "backend segment alignments failed": seg.failed_alignments})
         try:
             import torch
 
@@ -385,6 +457,20 @@ class MappingPipeline:
         except ImportError:
             pass
         return out
+
+
+def reanchor_policy(cfg: PipelineConfig) -> ReanchorPolicy:
+    """When the back-end's segmented session starts a new segment."""
+    return ReanchorPolicy(min_anchor_overlap=cfg.segment_min_anchor_overlap, max_segment_frames=cfg.segment_max_frames,
+                          min_segment_frames=cfg.segment_min_frames, overlap_frames=cfg.segment_overlap_frames)
+
+
+def backend_config(cfg: PipelineConfig) -> BackendConfig:
+    """The back-end's loop detection and pose-graph settings from the pipeline's."""
+    return BackendConfig(
+        loops=LoopConfig(min_similarity=cfg.loop_min_similarity, min_inliers=cfg.loop_min_inliers,
+                         search_radius_m=cfg.loop_search_radius, search_drift_fraction=cfg.loop_search_drift_fraction),
+        graph=PoseGraphConfig(max_correction_m=cfg.backend_max_correction))
 
 
 def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:

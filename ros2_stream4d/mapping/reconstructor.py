@@ -182,7 +182,7 @@ class StreamingReconstructor:
             source = "model"
         if self.intrinsics == "camera_info" and K_cam is not None:
             K, source = K_cam, "camera_info"
-        elif not _usable_K(K):
+        elif not usable_K(K):
             # e.g. a zero field of view from an untrained model (the FoV activation is a ReLU)
             K, source = (K_cam, "camera_info") if K_cam is not None else (nominal_K(hw), "fallback")
             self.stats.fallback_intrinsics += 1
@@ -217,7 +217,7 @@ def nominal_K(hw, hfov_deg: float = NOMINAL_HFOV_DEG) -> np.ndarray:
     return np.array([[f, 0.0, w / 2.0], [0.0, f, h / 2.0], [0.0, 0.0, 1.0]])
 
 
-def _usable_K(K: np.ndarray) -> bool:
+def usable_K(K: np.ndarray) -> bool:  # noqa: N802  (K: the intrinsics matrix)
     return bool(np.all(np.isfinite(K)) and K[0, 0] > 0 and K[1, 1] > 0 and abs(np.linalg.det(K)) > 0)
 
 

@@ -86,10 +86,14 @@ class OutputAssembler:
             if c.publish_confidence:
                 out.append(("confidence", conv.numpy_to_image(r.confidence, "32FC1", header=header)))
                 out.append(("confidence_info", info))
+        C = r.odom_correction  # a back-end's map <- odom (the result's poses are odometry then)
         if c.publish_camera_pose:
-            out.append(("camera_pose", conv.matrix_to_pose_stamped(r.T_map_cam, stamp, c.map_frame)))
+            T_map_cam = r.T_map_cam if C is None else C @ r.T_map_cam
+            out.append(("camera_pose", conv.matrix_to_pose_stamped(T_map_cam, stamp, c.map_frame)))
         body = body_pose(decision, r, self.tf, camera_frame)
         odom_frame = decision.parent or c.map_frame
+        # the body in map: the odometry pose moved by the back-end's correction when its header frame is odom
+        T_map_body = C @ body if C is not None and odom_frame != c.map_frame else body
         if c.publish_odometry:
             finite = r.depth[np.isfinite(r.depth)]
             conf = r.confidence[np.isfinite(r.confidence)]
@@ -100,7 +104,6 @@ class OutputAssembler:
                 linear=motion.linear, angular=motion.angular, twist_covariance=motion.twist_covariance)))
         if c.publish_path and not gated:
             self.path.header = conv.make_header(stamp, c.map_frame)
-            T_map_body = r.T_map_base if r.T_map_base is not None else body
             self.path.poses.append(conv.matrix_to_pose_stamped(T_map_body, stamp, c.map_frame))
             if len(self.path.poses) > c.path_max_length:
                 del self.path.poses[: len(self.path.poses) - c.path_max_length]

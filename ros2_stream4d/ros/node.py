@@ -201,6 +201,8 @@ class Stream4DNode(LifecycleNode):
             self.destroy_service(srv)
         self._own_pubs, self._own_services = {}, []
         self._close_viewer()
+        if self.pipeline is not None:
+            self.pipeline.close()  # the back-end's worker thread, the map's spill directory
         self.processor = None
         self.pipeline = None
         _free_device_memory()
@@ -525,6 +527,8 @@ class Stream4DNode(LifecycleNode):
                 self.get_logger().info(f"map saved to {self.save_map()}")
             except (OSError, ValueError) as exc:
                 self.get_logger().error(f"could not save the map: {exc}")
+        if self.pipeline is not None:
+            self.pipeline.close()
 
 
 def _free_device_memory() -> None:

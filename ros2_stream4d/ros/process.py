@@ -242,14 +242,18 @@ def process_bag(in_bag, out_bag, params: dict, remaps: dict[str, str] | None = N
                 if max_frames and frames >= max_frames:
                     break
         bar.close()
+        if not pipeline.settle_backend(timeout=600.0):
+            logger.warning("back-end still busy after 600 s: the map is saved with the corrections applied so far")
         t0 = time.perf_counter()
         write_map(last_stamp)
         stage_totals["map_message"] = time.perf_counter() - t0
     if save_map_path:
         pipeline.save_map(save_map_path)
+    backend = pipeline.backend.diagnostics() if pipeline.backend is not None else {}
+    pipeline.close()
     done = max(1, processor.frames_done)
     return {"frames": frames, "processed": processor.frames_done, "written": written,
             "mean_stage_s": {k: v / done for k, v in stage_totals.items() if k != "map_message"},
             "warnings": dict(processor.warnings.counts),
             "tf": processor.decision.edges(cfg) if processor.decision else [],
-            "tf_conflict": processor.decision.conflict if processor.decision else ""}
+            "tf_conflict": processor.decision.conflict if processor.decision else "", "backend": backend}

@@ -10,6 +10,11 @@ Robot (base_frame set):
   ``odom -> base_frame``; the node's estimate goes to ``map -> odom`` so odometry stays continuous).
 ``tf_mode`` forces one of: map_to_camera (the camera tree's root, as above), odom_to_base, map_to_odom.
 
+With the long-run back-end (``backend:=true``) the estimate is odometry and the back-end's correction is
+``map -> odom``: camera only publishes ``map -> odom`` (the correction) and ``odom -> <root>``; a robot publishes
+the correction as ``map -> odom`` (composed with the node's map -> odom estimate when another node owns
+``odom -> base_frame``).
+
 An edge whose child already has a parent published by another node is never published: the policy reports one
 clear error (``conflict``) and the node publishes no TF for that stream. The decision is made at the first frame
 of each stream (TF seen by then: the camera driver's /tf_static is latched) and kept until the stream resets.
@@ -49,6 +54,8 @@ class TfDecision:
             return []
         if self.mode == "odom_to_base":
             return [(cfg.map_frame, cfg.odom_frame), (cfg.odom_frame, cfg.base_frame)]
+        if self.mode == "map_to_camera" and cfg.backend:
+            return [(cfg.map_frame, cfg.odom_frame), (self.parent, self.child)]
         return [(self.parent, self.child)]
 
 
@@ -77,10 +84,17 @@ def decide(cfg: Any, tf: TfView, camera_frame: str, external_odom: bool,
         mode = "map_to_camera" if not cfg.base_frame else ("map_to_odom" if external_odom else "odom_to_base")
     if mode == "map_to_camera":
         root = camera_tree_root(tf, camera_frame, own_edges)
-        if root == cfg.map_frame:
+        if root in (cfg.map_frame, cfg.odom_frame):
             return TfDecision("none", "", camera_frame, camera_frame,
-                              f"{camera_frame!r} already hangs below {cfg.map_frame!r} through another node's TF: "
+                              f"{camera_frame!r} already hangs below {root!r} through another node's TF: "
                               "the node publishes no TF")
+        if cfg.backend:  # the estimate is odometry; the back-end's correction is map -> odom
+            parent = tf.parent_of(cfg.odom_frame)
+            if parent is not None and (parent, cfg.odom_frame) not in own_edges:
+                return TfDecision("none", "", camera_frame, camera_frame,
+                                  f"{cfg.odom_frame!r} already has the parent {parent!r} from another node: the "
+                                  f"back-end cannot publish {cfg.map_frame} -> {cfg.odom_frame}")
+            return TfDecision(mode, cfg.odom_frame, root, root)
         return TfDecision(mode, cfg.map_frame, root, root)
     if mode == "odom_to_base":
         for frame in (cfg.base_frame, cfg.odom_frame):
@@ -101,25 +115,33 @@ def decide(cfg: Any, tf: TfView, camera_frame: str, external_odom: bool,
 
 
 def body_pose(decision: TfDecision, result: Any, tf: TfView, camera_frame: str) -> np.ndarray | None:
-    """The moving frame's pose in the odometry header frame (decision.parent) for one frame result."""
+    """The moving frame's pose in the odometry header frame (decision.parent) for one frame result. With a
+    back-end the result's poses are odometry: in map_to_odom mode (the header frame is map) they are corrected."""
     if decision.mode == "map_to_camera":
         if decision.child == camera_frame:
             return result.T_map_cam
         # map -> root = map -> camera (estimated) composed with camera -> root (the static chain)
         return result.T_map_cam @ tf.lookup(camera_frame, decision.child, result.stamp_ns)
-    return result.T_map_base if result.T_map_base is not None else result.T_map_cam
+    T = result.T_map_base if result.T_map_base is not None else result.T_map_cam
+    if decision.mode == "map_to_odom" and result.odom_correction is not None:
+        return result.odom_correction @ T
+    return T
 
 
 def edge_transforms(decision: TfDecision, cfg: Any, result: Any, body: np.ndarray
                     ) -> list[tuple[str, str, np.ndarray]]:
     """(parent, child, parent_from_child) of the stream's edges for one frame result, given its body_pose; an edge
     that cannot be formed this frame (map -> odom without the other node's odometry at this stamp) is left out."""
+    # the back-end's map <- odom (identity without one: the map origin is the odom origin)
+    C = result.odom_correction if result.odom_correction is not None else np.eye(4)
     if decision.mode == "map_to_camera":
+        if cfg.backend:
+            return [(cfg.map_frame, cfg.odom_frame, C), (decision.parent, decision.child, body)]
         return [(decision.parent, decision.child, body)]
-    if decision.mode == "odom_to_base":  # nothing else estimates odometry: the map origin is the odom origin
-        return [(cfg.map_frame, cfg.odom_frame, np.eye(4)), (cfg.odom_frame, cfg.base_frame, result.T_map_base)]
+    if decision.mode == "odom_to_base":  # nothing else estimates odometry
+        return [(cfg.map_frame, cfg.odom_frame, C), (cfg.odom_frame, cfg.base_frame, result.T_map_base)]
     if decision.mode == "map_to_odom" and result.T_map_odom is not None:
-        return [(cfg.map_frame, cfg.odom_frame, result.T_map_odom)]
+        return [(cfg.map_frame, cfg.odom_frame, C @ result.T_map_odom)]
     return []
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ros2_stream4d.mapping.backend import sim3 as S3
 from ros2_stream4d.mapping.conventions import extrinsic_to_pose, inverse, unproject_depth
+from ros2_stream4d.mapping.reconstructor import nominal_K, usable_K
 
 
 @dataclass
@@ -216,6 +217,9 @@ def _frame_of(out: dict, image, stamp_ns, mapping) -> _Frame:
         e, k = pose_encoding_to_extri_intri(out["pose_enc"].detach().float().cpu(), depth.shape)
         ext, K = _np(e).reshape(-1, 3, 4)[0], _np(k).reshape(-1, 3, 3)[0]
     depth = np.where(np.isfinite(depth) & (depth > 0), depth, np.nan)
+    K = K.astype(np.float64)
+    if not usable_K(K):  # an untrained model's zero field of view: the reconstructor's stand-in, as it publishes
+        K = nominal_K(depth.shape)
     return _Frame(image, stamp_ns, mapping, extrinsic_to_pose(ext.astype(np.float64)), depth.astype(np.float32),
                   conf.astype(np.float32), K.astype(np.float64))
 
