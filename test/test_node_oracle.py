@@ -175,6 +175,38 @@ def test_oracle_replay_robot_publishes_map_to_odom(ros_node, ros_process, sim_ba
     assert len(gt.stamps) == len(odom_msgs)
 
 
+def test_oracle_replay_camera_only_with_the_backend_publishes_map_odom_camera(ros_node, ros_process, sim_bag):
+    """backend:=true over DDS: camera only, the node publishes map -> odom (the back-end's correction) and odom ->
+    the camera tree's root (odometry); with exact oracle input the correction is the identity, the poses the truth."""
+    from ros2_stream4d.ros.conversions import pose_to_matrix, transform_to_matrix
+    from ros2_stream4d.sim.bag import TOPICS, iter_messages, read_ground_truth
+
+    gt = read_ground_truth(sim_bag, with_depth=False)
+    node, c = _replay(ros_node, ros_process, sim_bag, "backend:=true",
+                      topics=["/camera/image_raw", "/camera/camera_info", "/tf_static", "/clock"])
+    assert "back-end on" in node.output()
+
+    def edges(parent):
+        return [t for m in c["tf"].messages for t in m.transforms if t.header.frame_id == parent]
+
+    wait_until(lambda: len(edges("odom")) >= FRAMES and len(edges("map")) >= FRAMES, 20, ros_node, "TF of every frame")
+    assert {t.child_frame_id for t in edges("map")} == {"odom"}
+    assert {t.child_frame_id for t in edges("odom")} == {"base_link"}
+    for t in edges("map"):
+        assert np.abs(transform_to_matrix(t) - np.eye(4)).max() < 1e-6, "exact input: nothing to correct"
+    bag_static = [msg for _t, _ns, msg in iter_messages(sim_bag, [TOPICS["tf_static"]])]
+    assert_tf_tree(c["tf"].messages + c["tf_static"].messages + bag_static)
+    assert_tf_matches_poses(edges("map"), c["tf"].messages, bag_static, c["pose"].messages, "camera_optical_frame")
+    expected = [T_MAP_WORLD @ inverse(gt.T_world_cam[0]) @ T for T in gt.T_world_cam]
+    for msg, T_exp in zip(c["pose"].messages, expected):
+        assert np.abs(pose_to_matrix(msg)[:3, 3] - T_exp[:3, 3]).max() < 1e-3
+    c["odom"].wait_for(FRAMES, timeout=20)
+    assert {(m.header.frame_id, m.child_frame_id) for m in c["odom"].messages} == {("odom", "base_link")}
+    # the back-end reports in /diagnostics
+    wait_until(lambda: any(kv.key == "backend keyframes" and int(kv.value) >= 1 for m in c["diag"].messages
+                           for s in m.status for kv in s.values), 20, ros_node, "back-end diagnostics")
+
+
 def test_offline_processing_writes_every_output_topic(tmp_path):
     from rosbags.highlevel import AnyReader
 
