@@ -57,6 +57,11 @@ def load_pipeline(opts: ModelOptions, pipeline_config: PipelineConfig) -> Mappin
         if not os.path.exists(os.path.expanduser(opts.oracle_bag)):
             raise FileNotFoundError(f"oracle_bag {opts.oracle_bag!r} does not exist")
         session, describe = OracleSession.from_bag(opts.oracle_bag), f"oracle ({opts.oracle_bag})"
+        if opts.oracle_noise != "none":  # the exact oracle made to err like a streaming model (sim/oracle_noise.py)
+            from ros2_stream4d.sim.oracle_noise import noisy_session
+
+            session, noise = noisy_session(session, opts.oracle_noise, opts.oracle_seed)
+            describe = f"oracle ({opts.oracle_bag}), {noise}"
     else:
         from ros2_stream4d.mapping.reconstructor import build_session
         from ros2_stream4d.model.checkpoint import CheckpointError

@@ -8,6 +8,10 @@ accumulated yaw error about the world's up axis; per metre, the log-scale error 
 d and the yaw error by yaw_deg_per_m + yaw_deg_per_m2 x d (d = distance since the anchor), plus seeded random walks.
 The depth of a frame is multiplied by the same s (a model whose scale has drifted sees everything that much larger).
 ``reset()`` re-anchors: d restarts at 0 (the accumulated error stays), which is what segments exploit.
+Optional terms (0 by default, so the streams above are unchanged; sim/oracle_noise.py sets them): a random walk of
+the tilt (roll and pitch about the two horizontal axes, degrees per sqrt(m)), a random walk of the position itself
+(metres per sqrt(m)), and a per-frame pose jitter that does not accumulate (each output pose is perturbed by a small
+random rotation and translation; the odometry continues from the unperturbed pose).
 
 Default magnitudes are illustrative, chosen so that a 25-40 m loop drifts by ~0.5-1.5 m and ~5-10 degrees before
 correction (the order of the VGGT-Long TUM/KITTI chunk drift without loop closure); they are parameters, not
@@ -33,6 +37,10 @@ class DriftModel:
     yaw_walk_deg: float = 0.05  # random walk of yaw per sqrt(m)
     seed: int = 0
     up: tuple = (0.0, 0.0, 1.0)  # the world's up axis: heading drift turns about it ((0, -1, 0) in a camera world)
+    tilt_walk_deg: float = 0.0  # random walk of roll and pitch (about two horizontal axes) per sqrt(m)
+    trans_walk: float = 0.0  # random walk of the position, metres per sqrt(m) (each axis)
+    jitter_m: float = 0.0  # per-frame, non-accumulating translation error (sigma per axis, m)
+    jitter_deg: float = 0.0  # per-frame, non-accumulating rotation error (sigma per axis, degrees)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
@@ -41,6 +49,11 @@ class DriftModel:
         self.distance = 0.0
         self.log_scale = 0.0
         self.yaw = 0.0
+        self.tilt = np.zeros(2)
+        up = np.asarray(self.up, np.float64) / np.linalg.norm(self.up)
+        h1 = np.cross(up, [1.0, 0.0, 0.0] if abs(up[0]) < 0.9 else [0.0, 1.0, 0.0])
+        h1 /= np.linalg.norm(h1)
+        self._axes = (up, h1, np.cross(up, h1))  # up and two horizontal axes
 
     def reset(self) -> None:
         """A new anchor: the drift rate restarts from its base (distance since the anchor = 0); the error already
@@ -64,12 +77,24 @@ class DriftModel:
             + self.scale_walk * w * self.rng.standard_normal()
         self.yaw += np.radians((self.yaw_deg_per_m + self.yaw_deg_per_m2 * d) * step
                                + self.yaw_walk_deg * w * self.rng.standard_normal())
-        R_err = rotation_from_vector(np.asarray(self.up, np.float64) / np.linalg.norm(self.up) * self.yaw)
+        up, h1, h2 = self._axes
+        if self.tilt_walk_deg:
+            self.tilt += np.radians(self.tilt_walk_deg) * w * self.rng.standard_normal(2)
+        R_err = rotation_from_vector(up * self.yaw)
+        if self.tilt_walk_deg:
+            R_err = R_err @ rotation_from_vector(h1 * self.tilt[0] + h2 * self.tilt[1])
         odom = np.eye(4)
         odom[:3, :3] = R_err @ T[:3, :3]
         odom[:3, 3] = self._prev_odom[:3, 3] + self.scale * (R_err @ (T[:3, 3] - self._prev_true[:3, 3]))
+        if self.trans_walk:
+            odom[:3, 3] += self.trans_walk * w * self.rng.standard_normal(3)
         self._prev_true, self._prev_odom = T.copy(), odom
-        return odom.copy(), self.scale
+        out = odom.copy()
+        if self.jitter_deg:
+            out[:3, :3] = rotation_from_vector(np.radians(self.jitter_deg) * self.rng.standard_normal(3)) @ out[:3, :3]
+        if self.jitter_m:
+            out[:3, 3] += self.jitter_m * self.rng.standard_normal(3)
+        return out, self.scale
 
     def run(self, T_world_cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Drift a whole trajectory: (odometry poses (N, 4, 4), depth scales (N,))."""
@@ -107,6 +132,11 @@ class DriftedSession:
     def shrunk(self, window: int):
         return None
 
+    def perturb(self, depth: np.ndarray, conf: np.ndarray):
+        """Per-pixel errors on top of the drift: (depth, confidence) for this frame's drifted depth (h, w) and the
+        inner session's confidence, or None for none (this class). Subclasses (sim/oracle_noise.py) override it."""
+        return None
+
     def step(self, image=None, stamp_ns=None, mapping=None) -> dict:
         import torch
 
@@ -118,6 +148,9 @@ class DriftedSession:
         K = out["intrinsic"][0].detach().double().cpu().numpy()
         T, s = self.model.step(extrinsic_to_pose(ext))
         depth = out["depth"][0, ..., 0].detach().cpu().numpy().astype(np.float64) * s
+        perturbed = self.perturb(depth, out["depth_conf"][0].detach().cpu().numpy().astype(np.float64))
+        if perturbed is not None:
+            depth, conf = perturbed
         ext_d = inverse(T)[:3, :]
         dev = out["depth"].device
 
@@ -125,7 +158,9 @@ class DriftedSession:
             return torch.as_tensor(np.asarray(x, np.float32), device=dev)[None]
 
         res = dict(out)
-        res["depth"] = out["depth"] * float(s)
+        res["depth"] = out["depth"] * float(s) if perturbed is None else t(depth[..., None])
+        if perturbed is not None:
+            res["depth_conf"] = res["world_points_conf"] = t(conf)
         res["extrinsic"], res["intrinsic"] = t(ext_d), t(K)
         pts = unproject_depth(depth, K, T)
         pts[~(depth > 0)] = 0.0
