@@ -91,6 +91,22 @@ def register(subparsers) -> None:
     k.add_argument("--name", default="cloud_check")
     k.set_defaults(func=run_cloud)
 
+    lr = sub.add_parser("longrun", help="the long-run back-end through the node's pipeline, off and on: ATE/RPE, "
+                                        "loops and their precision, map F-score, added per-frame time, memory",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lr.add_argument("--scene", default="office")
+    lr.add_argument("--trajectory", default="loop")
+    lr.add_argument("--frames", type=int, default=1200)
+    lr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    lr.add_argument("--width", type=int, default=224, help="image and model width (multiple of 14)")
+    lr.add_argument("--height", type=int, default=168)
+    lr.add_argument("--noise", default="realistic", help="oracle_noise: none, realistic or a YAML file")
+    lr.add_argument("--threshold", type=float, default=0.05, help="map F-score threshold (m)")
+    lr.add_argument("--cache", default="/tmp/stream4d_longrun", help="where the sim bags are written once")
+    lr.add_argument("--out", default="docs/longrun/node")
+    lr.add_argument("--name", default=None, help="file stem (default <scene>_<trajectory>_<noise>)")
+    lr.set_defaults(func=run_longrun_cmd)
+
     u = sub.add_parser("gpu", help="CUDA: bf16 SDPA vs flash-attn FPS at 518x392, W=16 (says so on CPU)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     u.add_argument("--config", default="full", choices=("tiny", "small", "medium", "full"))
@@ -212,6 +228,18 @@ def run_cloud(args) -> int:
           f"(min {res['build_min_ms']:.2f}), serialise median {res['serialize_ms']:.2f} ms (min "
           f"{res['serialize_min_ms']:.2f}); load {res['load']['loadavg_1m']}")
     print(f"wrote {js}")
+    return 0
+
+
+def run_longrun_cmd(args) -> int:
+    from pathlib import Path
+
+    from .longrun_bench import run_longrun
+
+    noise = Path(args.noise).stem if args.noise not in ("none", "realistic") else args.noise
+    run_longrun(args.scene, args.trajectory, args.frames, args.seeds, args.width, args.height, args.noise,
+                Path(args.out), args.name or f"{args.scene}_{args.trajectory}_{noise}", Path(args.cache),
+                threshold=args.threshold)
     return 0
 
 

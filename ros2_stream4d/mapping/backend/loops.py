@@ -20,6 +20,7 @@ The result, S_i_j (keyframe j's local frame into keyframe i's), is the loop edge
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import cv2
@@ -104,6 +105,9 @@ class LoopConfig:
     depth_max: float = 8.0
 
 
+HISTORY = 10_000  # verification outcomes kept for evaluation (bounded: memory stays flat on long runs)
+
+
 @dataclass
 class LoopCandidate:
     i: int  # the older keyframe
@@ -133,6 +137,8 @@ class LoopDetector:
         self.views: list[KeyframeView] = []
         self._desc = np.zeros((0, 0), np.float32)
         self.stats = {"candidates": 0, "accepted": 0, "rejected": 0}
+        # the newest verification outcomes, (i, j, accepted, S_i_j or None): for evaluation against ground truth
+        self.history: deque[tuple[int, int, bool, np.ndarray | None]] = deque(maxlen=HISTORY)
         self._orb = cv2.ORB_create(self.config.n_features)
 
     def add(self, view: KeyframeView) -> None:
@@ -173,6 +179,7 @@ class LoopDetector:
             r = self.verify(by_id[cand.i], by_id[cand.j])
             r.similarity = cand.similarity
             self.stats["accepted" if r.accepted else "rejected"] += 1
+            self.history.append((r.i, r.j, r.accepted, None if r.S_i_j is None else np.array(r.S_i_j)))
             res.append(r)
         return sorted(res, key=lambda r: (not r.accepted, -r.inliers))
 

@@ -1,0 +1,278 @@
+"""`stream4d bench longrun`: the long-run back-end through the mapping pipeline the node runs, back-end off and on.
+
+For each seed a sim bag is written once (``stream4d sim``: scene, trajectory, frames; cached under --cache), then the
+oracle model replays it with the front-end error model ``oracle_noise`` (seeded by the same seed) through
+``MappingPipeline`` twice: ``backend=False`` (odometry only) and ``backend=True`` (re-anchored segments, loop closure,
+Sim(3) pose graph; exactly the node's code path, loader included). Camera only: ``map`` is the REP-103 body frame of
+the first camera, as the node publishes it.
+
+Per run it records:
+- ATE / RPE (eval/metrics.py; Sim(3)-aligned) of three trajectories: ``odometry`` (the poses the pipeline
+  publishes as odometry), ``online`` (each frame's published ~/camera_pose: odometry moved by the correction in force
+  at that frame) and ``final`` (every frame moved with the keyframe it was integrated into, by that keyframe's final
+  correction: the trajectory the saved map holds);
+- loops: candidates verified, accepted, rejected; an accepted loop is *true* when its measured relative pose is the
+  ground truth's (rotation within 3 deg, translation within 0.2 m + 10 % of the keyframes' distance); precision =
+  true / accepted;
+- map accuracy after correction: the keyframe map's cloud, moved onto the ground truth by the final trajectory's
+  Sim(3) alignment, against the scene mesh (F-score at --threshold; completeness against the surface the ground-truth
+  depth observed);
+- cost: the back-end's added per-frame time in the frame thread (the pipeline's ``backend`` stage: copying new
+  keyframes, applying corrections), its worker's time per keyframe and per optimisation, and resident memory.
+
+Writes <out>/<name>.json and <name>.png (top view: ground truth, back-end off and on, accepted loops).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+TRUE_ROT_DEG, TRUE_TRANS_M, TRUE_TRANS_FRAC = 3.0, 0.2, 0.1
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def sim_bag(cache: Path, scene: str, trajectory: str, frames: int, width: int, height: int, seed: int) -> Path:
+    """The sim bag of one run, written once (its directory name says what it holds)."""
+    from ros2_stream4d.sim.bag import SimConfig, write_sim_bag
+
+    path = cache / f"{scene}_{trajectory}_{frames}_{width}x{height}_s{seed}"
+    if not (path / "metadata.yaml").exists():
+        write_sim_bag(path, SimConfig(scene=scene, trajectory=trajectory, frames=frames, width=width, height=height,
+                                      seed=seed, hfov_deg=70.0), progress=True, overwrite=True)
+    return path
+
+
+def read_inputs(bag: Path):
+    """(stamps, rgb images, K) of the bag's camera."""
+    from ros2_stream4d.codec import camera_info_to_k, image_to_rgb, stamp_ns
+    from ros2_stream4d.sim.bag import TOPICS, iter_messages
+
+    stamps, images, K = [], [], None
+    for topic, _, msg in iter_messages(bag, [TOPICS["image"], TOPICS["camera_info"]]):
+        if topic == TOPICS["camera_info"]:
+            K = K if K is not None else camera_info_to_k(msg)[0]
+        else:
+            stamps.append(stamp_ns(msg.header.stamp))
+            images.append(image_to_rgb(msg))
+    order = np.argsort(stamps)
+    return np.asarray(stamps, np.int64)[order], [images[i] for i in order], K
+
+
+def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: int, input_width: int,
+                 progress: bool = True) -> dict:
+    """One pass of the bag through the node's pipeline; per-frame poses and the keyframe map at the end."""
+    from ros2_stream4d.loader import ModelOptions, load_pipeline
+    from ros2_stream4d.mapping.pipeline import PipelineConfig
+
+    opts = ModelOptions(model="oracle", oracle_bag=str(bag), oracle_noise=noise, oracle_seed=seed, device="cpu",
+                        torch_threads=1)
+    cfg = PipelineConfig(input_width=input_width, conf_percentile=0.0, intrinsics_source="model",
+                         mesh_enabled=False, occupancy_enabled=False, map_voxel_size=0.05, map_max_points=2_000_000,
+                         map_stride=1,  # keyframes keep the full (small) image: ORB needs its pixels
+                         backend=backend, backend_apply_rate=2.0)
+    pipe = load_pipeline(opts, cfg)
+    n = len(stamps)
+    rec = {"T_odom_cam": np.zeros((n, 4, 4)), "C": np.zeros((n, 4, 4)), "kf": np.zeros(n, np.int64),
+           "T_kf_then": np.zeros((n, 4, 4)), "backend_s": [], "frame_s": [], "rss": []}
+    t_start = time.perf_counter()
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            out = pipe.process(images[i], int(stamps[i]), K_src=K)
+            rec["frame_s"].append(time.perf_counter() - t0)
+            r = out.result
+            rec["T_odom_cam"][i] = r.T_map_cam
+            rec["C"][i] = r.odom_correction if r.odom_correction is not None else np.eye(4)
+            kf = pipe.map.keyframes[-1]  # the keyframe this frame was integrated into
+            rec["kf"][i], rec["T_kf_then"][i] = kf.id, kf.T_map_kf
+            if backend:
+                rec["backend_s"].append(pipe.timings["backend"])
+            if i % 100 == 0 or i == n - 1:
+                rec["rss"].append((i, rss_mib()))
+                if progress:
+                    print(f"  backend={backend} frame {i + 1}/{n}  {time.perf_counter() - t_start:.0f} s  "
+                          f"RSS {rec['rss'][-1][1]:.0f} MiB  load {os.getloadavg()[0]:.1f}", flush=True)
+        rec["settled"] = pipe.settle_backend(timeout=900)
+        rec["wall_s"] = time.perf_counter() - t_start
+        rec["kf_final"] = {kf.id: kf.T_map_kf.copy() for kf in pipe.map.keyframes}
+        rec["kf_stamp"] = {kf.id: int(pipe.map.frames_of(kf).stamps[0]) for kf in pipe.map.keyframes}
+        rec["cloud"] = pipe.map_points()[0].astype(np.float64)
+        rec["diagnostics"] = pipe.backend.diagnostics() if pipe.backend is not None else {}
+        rec["loops"] = list(pipe.backend.detector.history) if pipe.backend is not None else []
+        rec["segments"] = pipe.reconstructor.session.segment_stats.segments if backend else 1
+        rec["describe"] = pipe.describe()
+    finally:
+        pipe.close()
+    # every frame follows its keyframe: final = T_kf_final inv(T_kf_then) (C T_odom_cam)
+    final = np.empty_like(rec["T_odom_cam"])
+    online = np.einsum("nij,njk->nik", rec["C"], rec["T_odom_cam"])
+    for i in range(n):
+        final[i] = rec["kf_final"][int(rec["kf"][i])] @ np.linalg.inv(rec["T_kf_then"][i]) @ online[i]
+    rec["online"], rec["final"] = online, final
+    return rec
+
+
+def loop_truth(loops, kf_stamp: dict, gt_by_stamp) -> list[dict]:
+    """Each verified loop against the ground-truth relative pose of its two keyframes."""
+    from ros2_stream4d.mapping.backend import sim3 as S3
+
+    out = []
+    for i, j, accepted, S in loops:
+        if i not in kf_stamp or j not in kf_stamp:
+            continue
+        Ti, Tj = gt_by_stamp(kf_stamp[i]), gt_by_stamp(kf_stamp[j])
+        rel = np.linalg.inv(Ti) @ Tj
+        dist = float(np.linalg.norm(rel[:3, 3]))
+        rec = {"i": int(i), "j": int(j), "accepted": bool(accepted), "gt_distance_m": dist}
+        if accepted:
+            R, t, _ = S3.decompose(S)
+            rec["true"] = bool(S3.rotation_angle_deg(R.T @ rel[:3, :3]) < TRUE_ROT_DEG
+                               and np.linalg.norm(t - rel[:3, 3]) < TRUE_TRANS_M + TRUE_TRANS_FRAC * dist)
+        out.append(rec)
+    return out
+
+
+def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: float) -> dict:
+    from ros2_stream4d.eval.metrics import ate, map_metrics, rpe
+
+    res = {}
+    for name in ("odometry", "online", "final"):
+        T = rec["T_odom_cam"] if name == "odometry" else rec[name]
+        a = ate(T, gt_T, align="sim3")
+        r = rpe(a["aligned"], gt_T, delta=10)
+        res[name] = {"ate_rmse_m": a["ate_rmse"], "ate_max_m": a["ate_max"], "ate_rot_rmse_deg": a["ate_rot_rmse"],
+                     "scale": a["scale"], **{k: v for k, v in r.items() if isinstance(v, float)}}
+        if name == "final":
+            al = a["alignment"]
+            cloud = al.apply_points(rec["cloud"])
+            m = map_metrics(cloud, *mesh_vf, threshold=threshold, surface_samples=surface)
+            res["map"] = {k: m[k] for k in ("map_points", "map_precision", "map_recall", "map_fscore",
+                                            "map_accuracy_median", "map_completeness_median")}
+            res["final_trajectory_xy"] = a["aligned"][:, :2, 3]
+    index = {int(s): k for k, s in enumerate(stamps)}
+    loops = loop_truth(rec["loops"], rec["kf_stamp"], lambda s: gt_T[index[s]])
+    acc = [x for x in loops if x["accepted"]]
+    res["loops"] = {"verified": len(loops), "accepted": len(acc), "accepted_true": sum(x["true"] for x in acc),
+                    "rejected": len(loops) - len(acc),
+                    "precision": (sum(x["true"] for x in acc) / len(acc)) if acc else None,
+                    "false_accepted": [x for x in acc if not x["true"]]}
+    res["accepted_frames"] = [(index[rec["kf_stamp"][x["i"]]], index[rec["kf_stamp"][x["j"]]]) for x in acc]
+    b = np.asarray(rec["backend_s"]) * 1e3
+    res["cost"] = {"frame_ms_median": 1e3 * float(np.median(rec["frame_s"])),
+                   "backend_added_ms_median": float(np.median(b)) if b.size else None,
+                   "backend_added_ms_p95": float(np.percentile(b, 95)) if b.size else None,
+                   "backend_added_ms_max": float(b.max()) if b.size else None,
+                   "rss_mib": rec["rss"], "wall_s": rec["wall_s"]}
+    d = rec["diagnostics"]
+    res["backend"] = {k: d[k] for k in ("keyframes", "optimisations_ok", "optimisations_dropped", "last_drop_reason",
+                                        "corrections_applied", "time per keyframe [ms] median",
+                                        "time per optimisation [ms] median", "edges_rejected_by_graph")
+                      if k in d}
+    res["segments"] = rec["segments"]
+    res["keyframes"] = len(rec["kf_final"])
+    res["settled"] = rec["settled"]
+    return res
+
+
+def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, height: int, noise: str, out: Path,
+                name: str, cache: Path, threshold: float = 0.05, progress: bool = True) -> dict:
+    from ros2_stream4d.eval.metrics import observed_surface
+    from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse
+    from ros2_stream4d.sim.bag import read_ground_truth
+    from ros2_stream4d.sim.scenes import load_mesh
+
+    from .env import environment
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    result = {"schema": "stream4d.bench.longrun/1", "environment": environment("cpu"), "scene": scene,
+              "trajectory": trajectory, "frames": frames, "image": [width, height], "oracle_noise": noise,
+              "loadavg_start": os.getloadavg(), "runs": {}}
+    plots = {}
+    for seed in seeds:
+        bag = sim_bag(cache, scene, trajectory, frames, width, height, seed)
+        stamps, images, K = read_inputs(bag)
+        gt = read_ground_truth(bag, with_depth=True)
+        T_map_world = T_MAP_WORLD @ inverse(gt.T_world_cam[0])
+        gt_T = np.einsum("ij,njk->nik", T_map_world, gt.T_world_cam)
+        V, F = load_mesh(gt.mesh_path)
+        Vm = V @ T_map_world[:3, :3].T + T_map_world[:3, 3]
+        surface = observed_surface(gt.depths, gt.K, gt_T, voxel=threshold / 2)
+        del gt
+        runs = {}
+        for backend in (False, True):
+            rec = run_pipeline(bag, images, stamps, K, backend, noise, seed, input_width=width, progress=progress)
+            runs["on" if backend else "off"] = evaluate(rec, gt_T, stamps, surface, (Vm, F), threshold)
+        plots[seed] = (gt_T[:, :2, 3], runs)
+        on, off = runs["on"], runs["off"]
+        summary = {"ate_off_m": off["final"]["ate_rmse_m"], "ate_on_m": on["final"]["ate_rmse_m"],
+                   "ratio": on["final"]["ate_rmse_m"] / max(off["final"]["ate_rmse_m"], 1e-12),
+                   "map_fscore_off": off["map"]["map_fscore"], "map_fscore_on": on["map"]["map_fscore"],
+                   "loops_accepted": on["loops"]["accepted"], "loops_true": on["loops"]["accepted_true"],
+                   "backend_added_ms_median": on["cost"]["backend_added_ms_median"]}
+        print(f"[{scene}/{trajectory} seed {seed}] ATE off {summary['ate_off_m']:.3f} m, on {summary['ate_on_m']:.3f} "
+              f"m ({100 * summary['ratio']:.0f} %); map F off {summary['map_fscore_off']:.3f} on "
+              f"{summary['map_fscore_on']:.3f}; loops accepted {summary['loops_accepted']} (true "
+              f"{summary['loops_true']}); back-end added {summary['backend_added_ms_median']:.2f} ms/frame median",
+              flush=True)
+        result["runs"][str(seed)] = {"summary": summary, **{k: {kk: vv for kk, vv in r.items()
+                                                                if kk != "final_trajectory_xy"}
+                                                            for k, r in runs.items()}}
+    result["loadavg_end"] = os.getloadavg()
+    js = out / f"{name}.json"
+    js.write_text(json.dumps(result, indent=1, default=_json_default))
+    png = plot_runs(plots, out / f"{name}.png", f"{scene} / {trajectory}, {frames} frames, oracle_noise {noise}")
+    print(f"wrote {js}\nwrote {png}")
+    return result
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def plot_runs(plots: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(plots), figsize=(5.5 * len(plots), 5.2), squeeze=False)
+    for ax, (seed, (gt_xy, runs)) in zip(axes[0], plots.items()):
+        ax.plot(gt_xy[:, 0], gt_xy[:, 1], "k-", lw=2.0, label="ground truth")
+        for key, colour in (("off", "tab:red"), ("on", "tab:green")):
+            xy = runs[key]["final_trajectory_xy"]
+            ax.plot(xy[:, 0], xy[:, 1], "-", color=colour, lw=1.0,
+                    label=f"back-end {key}: ATE {runs[key]['final']['ate_rmse_m']:.3f} m")
+        on = runs["on"]
+        # accepted loops between keyframes, drawn on the corrected trajectory at the keyframes' frames
+        pairs = on.get("accepted_frames", [])
+        xy = on["final_trajectory_xy"]
+        for k, (a, b) in enumerate(pairs):
+            ax.plot(xy[[a, b], 0], xy[[a, b], 1], "-", color="tab:blue", lw=0.8, alpha=0.6,
+                    label="accepted loop" if k == 0 else None)
+        ax.set_title(f"seed {seed}: {len(pairs)} loops accepted ({on['loops']['accepted_true']} true)")
+        ax.set_aspect("equal")
+        ax.legend(fontsize=8, loc="best")
+        ax.set_xlabel("x [m] (map)")
+        ax.set_ylabel("y [m]")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
