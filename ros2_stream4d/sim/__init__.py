@@ -5,5 +5,5 @@ ground-truth reading), oracle (ground truth in the model's output format), cli (
 Importing this package imports nothing heavy (no open3d, no torch).
 """
 
-SCENE_KINDS = ("room", "corridor", "objects", "outdoor")
-TRAJECTORY_KINDS = ("handheld", "ground_robot", "orbit")
+SCENE_KINDS = ("room", "corridor", "objects", "outdoor", "office")
+TRAJECTORY_KINDS = ("handheld", "ground_robot", "orbit", "loop", "figure_eight", "out_and_back")

@@ -14,8 +14,14 @@ def register(subparsers) -> None:
         "sim", help="render a synthetic scene into a rosbag2 (images, camera_info, TF, ground-truth depth/pose)",
         description=__doc__ + " The bag directory also receives scene.ply (mesh) and scene.json (parameters).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scene", choices=SCENE_KINDS, default="room", help="scene kind")
-    p.add_argument("--trajectory", choices=TRAJECTORY_KINDS, default="handheld", help="camera motion")
+    p.add_argument("--scene", choices=SCENE_KINDS, default="room",
+                   help="scene kind; office = a floor of 2 x 2 rooms in a grid of corridors with doors, the two "
+                        "western rooms identical twins (look-alike places for false loops)")
+    p.add_argument("--trajectory", choices=TRAJECTORY_KINDS, default="handheld",
+                   help="camera motion; loop / figure_eight / out_and_back are long ground-robot routes (office: "
+                        "loop around both twin rooms, back at its start after ~800 frames at 10 fps; figure_eight "
+                        "two lobes crossing at the central junction; out_and_back along the south and east "
+                        "corridors and back); other scenes get a rectangle, a bow tie and a straight line")
     p.add_argument("--frames", type=int, default=300, help="number of frames")
     p.add_argument("--out", required=True, help="bag directory to create (must not exist, or be empty)")
     p.add_argument("--width", type=int, default=640, help="image width (px)")
@@ -36,7 +42,8 @@ def register(subparsers) -> None:
                    help="fix a scene parameter, e.g. size_x=6 (room), length=15 (corridor); repeatable")
     p.add_argument("--trajectory-param", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a trajectory parameter, e.g. height=1.5, yaw_noise_deg=10 (handheld), radius=2 (orbit), "
-                        "camera_pitch_deg=-10, camera_offset=[0.2,0,0.5]; repeatable")
+                        "turn_radius=0.5, turn_rate_deg=40 (routes), camera_pitch_deg=-10, "
+                        "camera_offset=[0.2,0,0.5]; repeatable")
     p.add_argument("--distortion", default=None, metavar="MODEL:C1,C2,...",
                    help="lens distortion of the images, in CameraInfo naming: plumb_bob:k1,k2,p1,p2,k3 | "
                         "rational_polynomial:k1,k2,p1,p2,k3,k4,k5,k6 | equidistant:k1,k2,k3,k4 (fisheye), e.g. "

@@ -6,11 +6,13 @@ from ``numpy.random.default_rng(seed)`` in a fixed order, so rebuilding it gives
 
 Besides the meshes a scene carries what trajectories need: a box where cameras may be (``free_lo``/``free_hi``),
 a rectangle for closed loops (``path_lo``/``path_hi``) or, for scenes viewed from outside ("around" layout), the
-radii of the ring around ``focus``; obstacle boxes; and a nominal walking speed.
+radii of the ring around ``focus``; obstacle boxes; and a nominal walking speed. A scene may also carry named
+ground-robot routes (``routes``: waypoints in xy, see trajectories.py) that follow its corridors (the office).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,7 @@ class Scene:
     light_intensities: np.ndarray = field(default_factory=lambda: np.array([0.6, 0.25], np.float32))
     ambient: float = 0.3
     sky: tuple | None = None  # ((horizon rgb), (zenith rgb)) for open scenes; None = closed (every ray hits)
+    routes: dict = field(default_factory=dict)  # name -> (K, 2) waypoints of a ground-robot route (trajectories.py)
     _rc: o3d.t.geometry.RaycastingScene | None = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ geometry queries
@@ -132,6 +135,7 @@ class Scene:
             "parts": [{"name": p.name, "texture": p.texture, "obstacle": p.obstacle,
                        "aabb": [p.aabb[0].tolist(), p.aabb[1].tolist()]} for p in self.parts],
             "textures": [t.to_dict() for t in self.textures],
+            **({"routes": {k: np.asarray(v).tolist() for k, v in self.routes.items()}} if self.routes else {}),
         }
 
     @classmethod
@@ -477,9 +481,187 @@ def _outdoor(b: _Builder, ov: dict) -> Scene:
     return scene
 
 
+# ---------------------------------------------------------------------------------------------------- office
+OFFICE_SIDES = ("south", "east", "north", "west")
+
+
+def _office(b: _Builder, ov: dict) -> Scene:
+    """A floor of 2 x 2 rooms in a grid of corridors (a ring corridor around the floor, a middle corridor each way,
+    crossing at the centre). Each room has doors to two of its corridors, furniture and its own wall textures. The
+    two western rooms (``room_sw`` and ``room_nw``) are twins: identical geometry and textures at places
+    ``twin_offset`` apart, so views inside them (and of their corridor faces) look alike: false loops are
+    possible. Ground-robot routes along the corridor centrelines: ``loop`` (around both twins), ``figure_eight``
+    (two lobes crossing at the central junction) and ``out_and_back`` (south corridor, then the east one)."""
+    rng, params = b.rng, {}
+    c = float(_param(ov, params, "corridor_width", lambda: rng.uniform(1.8, 2.2)))
+    rx = float(_param(ov, params, "room_x", lambda: rng.uniform(4.5, 5.5)))
+    ry = float(_param(ov, params, "room_y", lambda: rng.uniform(3.5, 4.2)))
+    h = float(_param(ov, params, "height", lambda: rng.uniform(2.6, 3.0)))
+    n_obj = int(_param(ov, params, "n_objects", lambda: rng.integers(3, 6)))
+    _check_unused(ov)
+    X, Y = 3 * c + 2 * rx, 3 * c + 2 * ry
+    t_half = 0.05  # each wall is two slabs of this thickness: the room's face inside, the corridor's face outside
+    door_w, door_h = 1.0, 2.1
+    floor_tex, ceil_tex, outer_tex = b.texture("floor"), b.texture("wall"), b.texture("wall")
+
+    def rect(name, x0, x1, y0, y1, z, tex):
+        b.add(name, b.quad((x0, y0, z), (x1, y0, z), (x1, y1, z), (x0, y1, z)), tex, obstacle=False)
+
+    # corridor floor and ceiling: the floor minus the rooms (three bands each way, no overlaps)
+    xb = [(0.0, c), (c + rx, 2 * c + rx), (2 * c + 2 * rx, X)]
+    yb = [(0.0, c), (c + ry, 2 * c + ry), (2 * c + 2 * ry, Y)]
+    pieces = [(0.0, X, y0, y1) for y0, y1 in yb]
+    pieces += [(x0, x1, yb[j][1], yb[j + 1][0]) for x0, x1 in xb for j in range(2)]
+    for k, (x0, x1, y0, y1) in enumerate(pieces):
+        rect("floor" if k == 0 else f"corridor_floor{k}", x0, x1, y0, y1, 0.0, floor_tex)
+        rect(f"corridor_ceiling{k}", x0, x1, y0, y1, h, ceil_tex)
+    # outer walls (facing inwards)
+    corners = [(0.0, 0.0), (X, 0.0), (X, Y), (0.0, Y)]
+    for k, side in enumerate(OFFICE_SIDES):
+        (ax, ay), (bx, by) = corners[k], corners[(k + 1) % 4]
+        b.add(f"outer_wall_{side}", b.quad((ax, ay, 0), (bx, by, 0), (bx, by, h), (ax, ay, h)), outer_tex,
+              obstacle=False)
+
+    def wall(name, x0, y0, x1, y1, doors, tex):
+        """An axis-aligned slab [x0, x1] x [y0, y1] from the floor to the ceiling, with door openings at the
+        given centres along its long axis (a lintel above each)."""
+        along_x = (x1 - x0) >= (y1 - y0)
+        a0, a1 = (x0, x1) if along_x else (y0, y1)
+        cuts = [a0] + [v for d in sorted(doors) for v in (d - door_w / 2, d + door_w / 2)] + [a1]
+
+        def slab(tag, s0, s1, z0, z1):
+            size = (s1 - s0, y1 - y0, z1 - z0) if along_x else (x1 - x0, s1 - s0, z1 - z0)
+            at = ((s0 + s1) / 2, (y0 + y1) / 2, z0) if along_x else ((x0 + x1) / 2, (s0 + s1) / 2, z0)
+            b.add(f"{name}_{tag}", b.box(*size), tex, at=at)
+
+        for k in range(0, len(cuts), 2):
+            slab(f"seg{k // 2}", cuts[k], cuts[k + 1], 0.0, h)
+        for k, d in enumerate(sorted(doors)):
+            slab(f"lintel{k}", d - door_w / 2, d + door_w / 2, door_h, h)
+
+    def build_room(name, x0, x1, y0, y1, doors: dict):
+        """Floor, ceiling, walls with doors, furniture of one room; returns its parts."""
+        first = len(b.parts)
+        rect(f"{name}_floor", x0, x1, y0, y1, 0.0, "floor")
+        rect(f"{name}_ceiling", x0, x1, y0, y1, h, "wall")
+        inner, outer = b.texture("wall"), b.texture("wall")
+        th = t_half
+        slabs = {"south": ((x0, y0, x1, y0 + th), (x0 - th, y0 - th, x1 + th, y0)),
+                 "north": ((x0, y1 - th, x1, y1), (x0 - th, y1, x1 + th, y1 + th)),
+                 "west": ((x0, y0 + th, x0 + th, y1 - th), (x0 - th, y0, x0, y1)),
+                 "east": ((x1 - th, y0 + th, x1, y1 - th), (x1, y0, x1 + th, y1))}
+        for side, (ins, outs) in slabs.items():
+            ds = [doors[side]] if side in doors else []
+            wall(f"{name}_wall_{side}_in", *ins, ds, inner)
+            wall(f"{name}_wall_{side}_out", *outs, ds, outer)
+        # furniture along the walls, keeping the door zones free
+        lo, hi = np.array([x0 + th, y0 + th]), np.array([x1 - th, y1 - th])
+        keep_out = []
+        for side, d in doors.items():
+            if side in ("south", "north"):
+                yy = y0 if side == "south" else y1
+                keep_out.append((np.array([d - 0.8, yy - 1.2]), np.array([d + 0.8, yy + 1.2])))
+            else:
+                xx = x0 if side == "west" else x1
+                keep_out.append((np.array([xx - 1.2, d - 0.8]), np.array([xx + 1.2, d + 0.8])))
+        placed: list[Part] = []
+
+        def sample_xy():
+            return rng.uniform(lo + 0.3, hi - 0.3)
+
+        def accept(parts):
+            plo = np.min([p.aabb[0] for p in parts], axis=0)[:2]
+            phi = np.max([p.aabb[1] for p in parts], axis=0)[:2]
+            if np.any(plo < lo + 0.02) or np.any(phi > hi - 0.02):
+                return False
+            if any(np.all(plo < khi) and np.all(klo < phi) for klo, khi in keep_out):
+                return False
+            return not _footprint_overlaps(parts, placed, 0.15)
+
+        kinds = ("box", "cabinet", "cylinder", "table", "sphere", "cabinet", "table")
+        for i in range(n_obj):
+            placed += _place(b, f"{name}_object{i}", kinds, sample_xy, accept)
+        return b.parts[first:]
+
+    def draw_doors(x0, x1, y0, y1):
+        sides = sorted(rng.choice(4, size=2, replace=False))
+        doors = {}
+        for k in sides:
+            side = OFFICE_SIDES[k]
+            a0, a1 = (x0, x1) if side in ("south", "north") else (y0, y1)
+            doors[side] = float(rng.uniform(a0 + 0.4 + door_w / 2, a1 - 0.4 - door_w / 2))
+        return doors
+
+    rooms = {}
+    twin_offset = np.array([0.0, c + ry, 0.0])
+    for name, i, j in (("room_sw", 0, 0), ("room_se", 1, 0), ("room_ne", 1, 1)):
+        x0, y0 = c + i * (rx + c), c + j * (ry + c)
+        doors = draw_doors(x0, x0 + rx, y0, y0 + ry)
+        parts = build_room(name, x0, x0 + rx, y0, y0 + ry, doors)
+        rooms[name] = {"box": [x0, x0 + rx, y0, y0 + ry], "doors": doors}
+        if name == "room_sw":  # its twin: the same parts, textures moved with them
+            dy = float(twin_offset[1])
+            twin_doors = {k: v + (dy if k in ("west", "east") else 0.0) for k, v in doors.items()}
+            rooms["room_nw"] = {"box": [x0, x0 + rx, y0 + dy, y0 + ry + dy], "doors": twin_doors}
+            _clone_parts(b, parts, twin_offset, "room_sw", "room_nw")
+    params["rooms"] = rooms
+    params["twins"] = {"parts": ["room_sw", "room_nw"], "offset": twin_offset.tolist()}
+    # ceiling lamps along the corridor centrelines, low benches against the outer walls (away from junctions)
+    cx = [c / 2, 1.5 * c + rx, 2.5 * c + 2 * rx]
+    cy = [c / 2, 1.5 * c + ry, 2.5 * c + 2 * ry]
+    lamp_tex = b.texture("object")
+    k = 0
+    for yc in cy:
+        for xc in np.arange(1.5, X - 1.0, 2.5):
+            b.add(f"lamp{k}", b.box(1.0, 0.25, 0.04), lamp_tex, obstacle=False, at=(xc, yc, h - 0.05))
+            k += 1
+    for xc in cx:
+        for yy in (0.5 * (c + c + ry), 0.5 * (2 * c + ry + 2 * c + 2 * ry)):
+            b.add(f"lamp{k}", b.box(0.25, 1.0, 0.04), lamp_tex, obstacle=False, at=(xc, yy, h - 0.05))
+            k += 1
+    bench_tex = b.texture("object")
+    spots = [("south", x, 0.0) for x in (c + rx / 2, 2 * c + 1.5 * rx)]
+    spots += [("north", x, Y) for x in (c + rx / 2, 2 * c + 1.5 * rx)]
+    spots += [("east", X, y) for y in (c + ry / 2, 2 * c + 1.5 * ry)]
+    for k, (side, px, py) in enumerate(spots):
+        if rng.random() < 0.35:
+            continue
+        length, depth, height = rng.uniform(0.8, 1.6), rng.uniform(0.3, 0.4), rng.uniform(0.4, 0.5)
+        if side in ("south", "north"):
+            at = (px, depth / 2 + 0.01 if side == "south" else Y - depth / 2 - 0.01, 0.0)
+            b.add(f"bench{k}", b.box(length, depth, height), bench_tex, at=at)
+        else:
+            b.add(f"bench{k}", b.box(depth, length, height), bench_tex, at=(X - depth / 2 - 0.01, py, 0.0))
+    routes = {
+        "loop": np.array([(cx[0], 0.5 * (cy[0] + cy[1])), (cx[0], cy[2]), (cx[1], cy[2]), (cx[1], cy[0]),
+                          (cx[0], cy[0])]),
+        "figure_eight": np.array([(cx[1], cy[1]), (cx[1], cy[2]), (cx[0], cy[2]), (cx[0], cy[1]), (cx[2], cy[1]),
+                                  (cx[2], cy[0]), (cx[1], cy[0])]),
+        "out_and_back": np.array([(cx[0], cy[0]), (cx[2], cy[0]), (cx[2], cy[2])]),
+    }
+    junction = np.array([cx[1], cy[1]])
+    half = np.full(2, c / 2 - 0.35)
+    return Scene("office", 0, {}, params, b.parts, b.textures,
+                 free_lo=np.array([0.3, 0.3, 0.25]), free_hi=np.array([X - 0.3, Y - 0.3, h - 0.35]),
+                 focus=np.r_[junction, 1.2], layout="inside", path_lo=junction - half, path_hi=junction + half,
+                 speed=0.6, routes=routes)
+
+
+def _clone_parts(b: _Builder, parts: list[Part], offset: np.ndarray, old: str, new: str) -> None:
+    """Copies of parts moved by offset, with copies of their textures whose origins move with them (identical look)."""
+    texmap: dict[int, int] = {}
+    for p in parts:
+        if p.texture not in texmap:
+            t = b.textures[p.texture]
+            b.textures.append(dataclasses.replace(t, origin=tuple(float(o) for o in np.add(t.origin, offset))))
+            texmap[p.texture] = len(b.textures) - 1
+        b.parts.append(Part(p.name.replace(old, new), p.vertices + offset, p.triangles.copy(), texmap[p.texture],
+                            p.obstacle))
+
+
 def _check_unused(ov: dict) -> None:
     if ov:
         raise TypeError(f"unknown scene parameter(s): {sorted(ov)}")
 
 
-_BUILDERS = {"room": _room, "corridor": _corridor, "objects": _objects, "outdoor": _outdoor}
+_BUILDERS = {"room": _room, "corridor": _corridor, "objects": _objects, "outdoor": _outdoor, "office": _office}

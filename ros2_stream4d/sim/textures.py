@@ -57,6 +57,8 @@ class Texture:
     detail: float = 0.25  # brightness modulation amplitude of the fine noise, 0..1
     detail_scale: float = 0.04  # metres per fine-noise cell
     seed: int = 0
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the pattern is evaluated at (point - origin): a copy of
+    # a texture with its origin moved by an offset looks identical on a copy of a surface moved by the same offset
     _waves: np.ndarray = field(init=False, repr=False, compare=False)
     _phases: np.ndarray = field(init=False, repr=False, compare=False)
     _offset: np.ndarray = field(init=False, repr=False, compare=False)
@@ -78,8 +80,16 @@ class Texture:
         k = self._waves[i]
         return np.sin(xyz[0] * k[0] + xyz[1] * k[1] + xyz[2] * k[2] + self._phases[i])
 
+    def _local(self, xyz) -> list[np.ndarray]:
+        if not any(self.origin):
+            return xyz
+        return [c - np.float32(o) for c, o in zip(xyz, self.origin)]
+
     def value_xyz(self, xyz) -> np.ndarray:
         """Pattern value in [0, 1] at points given as three 1-D float32 arrays (x, y, z)."""
+        return self._value(self._local(xyz))
+
+    def _value(self, xyz) -> np.ndarray:
         if self.pattern == "checker":
             ix, iy, iz = _cells(xyz, 1.0 / self.scale, self._offset)
             ix += iy
@@ -100,7 +110,8 @@ class Texture:
 
     def evaluate_xyz(self, xyz) -> list[np.ndarray]:
         """Albedo channels [r, g, b] (1-D float32, in [0, 1 + detail / 2]) at points (x, y, z) 1-D float32."""
-        v = self.value_xyz(xyz)
+        xyz = self._local(xyz)
+        v = self._value(xyz)
         if self.detail > 0:
             fine = hash01(*_cells(xyz, 1.0 / self.detail_scale, self._offset), self.seed + 7)
             f = np.float32(1.0 - self.detail / 2) + np.float32(self.detail) * fine
@@ -119,12 +130,15 @@ class Texture:
         return 0.5 * (self._ca + self._cb)
 
     def to_dict(self) -> dict:
-        return {"pattern": self.pattern, "color_a": list(self.color_a), "color_b": list(self.color_b),
-                "scale": self.scale, "detail": self.detail, "detail_scale": self.detail_scale, "seed": self.seed}
+        d = {"pattern": self.pattern, "color_a": list(self.color_a), "color_b": list(self.color_b),
+             "scale": self.scale, "detail": self.detail, "detail_scale": self.detail_scale, "seed": self.seed}
+        if any(self.origin):
+            d["origin"] = [float(o) for o in self.origin]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Texture:
-        return cls(**{k: (tuple(v) if k.startswith("color") else v) for k, v in d.items()})
+        return cls(**{k: (tuple(v) if k.startswith("color") or k == "origin" else v) for k, v in d.items()})
 
 
 def _columns(p: np.ndarray) -> list[np.ndarray]:
