@@ -71,15 +71,15 @@ def read_inputs(bag: Path):
 
 
 def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: int, input_width: int,
-                 progress: bool = True) -> dict:
+                 conf_percentile: float = 30.0, progress: bool = True) -> dict:
     """One pass of the bag through the node's pipeline; per-frame poses and the keyframe map at the end."""
     from ros2_stream4d.loader import ModelOptions, load_pipeline
     from ros2_stream4d.mapping.pipeline import PipelineConfig
 
     opts = ModelOptions(model="oracle", oracle_bag=str(bag), oracle_noise=noise, oracle_seed=seed, device="cpu",
                         torch_threads=1)
-    cfg = PipelineConfig(input_width=input_width, conf_percentile=0.0, intrinsics_source="model",
-                         mesh_enabled=False, occupancy_enabled=False, map_voxel_size=0.05, map_max_points=2_000_000,
+    cfg = PipelineConfig(input_width=input_width, conf_percentile=conf_percentile, intrinsics_source="model",
+                         mesh_enabled=True, occupancy_enabled=False, map_voxel_size=0.02, map_max_points=2_000_000,
                          map_stride=1,  # keyframes keep the full (small) image: ORB needs its pixels
                          backend=backend, backend_apply_rate=2.0)
     pipe = load_pipeline(opts, cfg)
@@ -109,6 +109,8 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
         rec["kf_final"] = {kf.id: kf.T_map_kf.copy() for kf in pipe.map.keyframes}
         rec["kf_stamp"] = {kf.id: int(pipe.map.frames_of(kf).stamps[0]) for kf in pipe.map.keyframes}
         rec["cloud"] = pipe.map_points()[0].astype(np.float64)
+        vertices, triangles, _ = pipe.mesh()
+        rec["mesh"] = (vertices.astype(np.float64), triangles)
         rec["diagnostics"] = pipe.backend.diagnostics() if pipe.backend is not None else {}
         rec["loops"] = list(pipe.backend.detector.history) if pipe.backend is not None else []
         rec["segments"] = pipe.reconstructor.session.segment_stats.segments if backend else 1
@@ -145,7 +147,7 @@ def loop_truth(loops, kf_stamp: dict, gt_by_stamp) -> list[dict]:
 
 
 def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: float) -> dict:
-    from ros2_stream4d.eval.metrics import ate, map_metrics, rpe
+    from ros2_stream4d.eval.metrics import ate, map_metrics, mesh_metrics, rpe
 
     res = {}
     for name in ("odometry", "online", "final"):
@@ -160,6 +162,10 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
             m = map_metrics(cloud, *mesh_vf, threshold=threshold, surface_samples=surface)
             res["map"] = {k: m[k] for k in ("map_points", "map_precision", "map_recall", "map_fscore",
                                             "map_accuracy_median", "map_completeness_median")}
+            v, f = rec["mesh"]
+            mm = mesh_metrics(al.apply_points(v), f, *mesh_vf, threshold=threshold, surface_samples=surface)
+            res["map"].update({k: mm[k] for k in ("mesh_triangles", "mesh_precision", "mesh_recall", "mesh_fscore",
+                                                  "mesh_accuracy_median", "mesh_completeness_median")})
             res["final_trajectory_xy"] = a["aligned"][:, :2, 3]
     index = {int(s): k for k, s in enumerate(stamps)}
     loops = loop_truth(rec["loops"], rec["kf_stamp"], lambda s: gt_T[index[s]])
@@ -220,11 +226,13 @@ def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, hei
         summary = {"ate_off_m": off["final"]["ate_rmse_m"], "ate_on_m": on["final"]["ate_rmse_m"],
                    "ratio": on["final"]["ate_rmse_m"] / max(off["final"]["ate_rmse_m"], 1e-12),
                    "map_fscore_off": off["map"]["map_fscore"], "map_fscore_on": on["map"]["map_fscore"],
+                   "mesh_fscore_off": off["map"]["mesh_fscore"], "mesh_fscore_on": on["map"]["mesh_fscore"],
                    "loops_accepted": on["loops"]["accepted"], "loops_true": on["loops"]["accepted_true"],
                    "backend_added_ms_median": on["cost"]["backend_added_ms_median"]}
         print(f"[{scene}/{trajectory} seed {seed}] ATE off {summary['ate_off_m']:.3f} m, on {summary['ate_on_m']:.3f} "
-              f"m ({100 * summary['ratio']:.0f} %); map F off {summary['map_fscore_off']:.3f} on "
-              f"{summary['map_fscore_on']:.3f}; loops accepted {summary['loops_accepted']} (true "
+              f"m ({100 * summary['ratio']:.0f} %); cloud F off {summary['map_fscore_off']:.3f} on "
+              f"{summary['map_fscore_on']:.3f}, mesh F off {summary['mesh_fscore_off']:.3f} on "
+              f"{summary['mesh_fscore_on']:.3f}; loops accepted {summary['loops_accepted']} (true "
               f"{summary['loops_true']}); back-end added {summary['backend_added_ms_median']:.2f} ms/frame median",
               flush=True)
         result["runs"][str(seed)] = {"summary": summary, **{k: {kk: vv for kk, vv in r.items()
