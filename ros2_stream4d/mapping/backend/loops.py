@@ -21,7 +21,11 @@ The result, S_i_j (keyframe j's local frame into keyframe i's), is the loop edge
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -69,10 +73,11 @@ class KeyframeView:
     orb: np.ndarray | None = None  # (n, 32) uint8 ORB descriptors
     xyz: np.ndarray | None = None  # (n, 3) float32 keypoints lifted with the depth (NaN = no depth)
     cloud: np.ndarray | None = None  # (m, 3) float32 subsampled depth cloud for ICP
+    spill_path: Path | None = None  # the compact geometry lives in this file instead (LoopDetector spills old views)
 
     def compact(self, orb, n_cloud: int, depth_max: float) -> KeyframeView:
         """Compute features, lifted keypoints and the ICP cloud, then drop the image and depth (idempotent)."""
-        if self.uv is None:
+        if self.uv is None and self.spill_path is None:
             grey = cv2.cvtColor(np.ascontiguousarray(self.rgb), cv2.COLOR_RGB2GRAY)
             kp, des = orb.detectAndCompute(grey, None)
             self.uv = np.array([k.pt for k in kp], np.float64).reshape(-1, 2)
@@ -83,6 +88,22 @@ class KeyframeView:
             self.cloud = _cloud(self.depth, self.K, n_cloud, depth_max).astype(np.float32)
             self.rgb = self.depth = None
         return self
+
+    def spill(self, directory: Path) -> None:
+        """Move the compact geometry to a file in `directory` (descriptor, pose and path length stay)."""
+        if self.spill_path is not None or self.uv is None:
+            return
+        path = directory / f"keyframe_{self.id}.npz"
+        np.savez(path, uv=self.uv, orb=self.orb, xyz=self.xyz, cloud=self.cloud)
+        self.spill_path = path
+        self.uv = self.orb = self.xyz = self.cloud = None
+
+    def loaded(self) -> KeyframeView:
+        """This view with its geometry in memory (a copy read back from the file when spilled)."""
+        if self.spill_path is None:
+            return self
+        with np.load(self.spill_path) as z:
+            return replace(self, uv=z["uv"], orb=z["orb"], xyz=z["xyz"], cloud=z["cloud"], spill_path=None)
 
 
 @dataclass
@@ -103,6 +124,7 @@ class LoopConfig:
     min_fitness: float = 0.3
     max_icp_change_m: float = 0.3  # ICP may not move the RANSAC estimate further (else: rejected)
     depth_max: float = 8.0
+    max_views_in_memory: int = 200  # older keyframes' features and ICP clouds are spilled to a temporary directory
 
 
 HISTORY = 10_000  # verification outcomes kept for evaluation (bounded: memory stays flat on long runs)
@@ -140,6 +162,8 @@ class LoopDetector:
         # the newest verification outcomes, (i, j, accepted, S_i_j or None): for evaluation against ground truth
         self.history: deque[tuple[int, int, bool, np.ndarray | None]] = deque(maxlen=HISTORY)
         self._orb = cv2.ORB_create(self.config.n_features)
+        self._in_memory: deque[KeyframeView] = deque()
+        self._spill_dir: Path | None = None
 
     def add(self, view: KeyframeView) -> None:
         if view.descriptor is None:
@@ -149,6 +173,12 @@ class LoopDetector:
             prev = self.views[-1]
             view.path_s = prev.path_s + float(np.linalg.norm(view.S_odom_kf[:3, 3] - prev.S_odom_kf[:3, 3]))
         self.views.append(view)
+        self._in_memory.append(view)
+        while len(self._in_memory) > self.config.max_views_in_memory:
+            if self._spill_dir is None:
+                self._spill_dir = Path(tempfile.mkdtemp(prefix="stream4d_loops_"))
+                weakref.finalize(self, shutil.rmtree, str(self._spill_dir), True)
+            self._in_memory.popleft().spill(self._spill_dir)
         d = view.descriptor[None]
         self._desc = d if self._desc.size == 0 else np.vstack([self._desc, d])
 
@@ -188,8 +218,8 @@ class LoopDetector:
         """Geometric verification of keyframe a (older, i) against b (newer, j): S_i_j or the reason it failed."""
         c = self.config
         fail = lambda why, **kw: LoopResult(a.id, b.id, False, reason=why, **kw)  # noqa: E731
-        a.compact(self._orb, c.icp_points, c.depth_max)
-        b.compact(self._orb, c.icp_points, c.depth_max)
+        a = a.compact(self._orb, c.icp_points, c.depth_max).loaded()
+        b = b.compact(self._orb, c.icp_points, c.depth_max).loaded()
         da, db = a.orb, b.orb
         if len(da) < c.min_inliers or len(db) < c.min_inliers:
             return fail("too few features")
