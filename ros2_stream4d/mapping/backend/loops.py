@@ -20,10 +20,10 @@ The result, S_i_j (keyframe j's local frame into keyframe i's), is the loop edge
 
 from __future__ import annotations
 
-from collections import deque
 import shutil
 import tempfile
 import weakref
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
