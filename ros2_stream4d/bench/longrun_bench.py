@@ -25,6 +25,7 @@ Writes <out>/<name>.json and <name>.png (top view: ground truth, back-end off an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -71,7 +72,7 @@ def read_inputs(bag: Path):
 
 
 def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: int, input_width: int,
-                 conf_percentile: float = 30.0, progress: bool = True) -> dict:
+                 conf_percentile: float = 30.0, progress: bool = True, **pipeline_overrides) -> dict:
     """One pass of the bag through the node's pipeline; per-frame poses and the keyframe map at the end."""
     from ros2_stream4d.loader import ModelOptions, load_pipeline
     from ros2_stream4d.mapping.pipeline import PipelineConfig
@@ -82,6 +83,7 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
                          mesh_enabled=True, occupancy_enabled=False, map_voxel_size=0.02, map_max_points=2_000_000,
                          map_stride=1,  # keyframes keep the full (small) image: ORB needs its pixels
                          backend=backend, backend_apply_rate=2.0)
+    cfg = dataclasses.replace(cfg, **pipeline_overrides)
     pipe = load_pipeline(opts, cfg)
     n = len(stamps)
     rec = {"T_odom_cam": np.zeros((n, 4, 4)), "C": np.zeros((n, 4, 4)), "kf": np.zeros(n, np.int64),
