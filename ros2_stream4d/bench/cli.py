@@ -105,6 +105,8 @@ def register(subparsers) -> None:
     lr.add_argument("--cache", default="/tmp/stream4d_longrun", help="where the sim bags are written once")
     lr.add_argument("--out", default="docs/longrun/node")
     lr.add_argument("--name", default=None, help="file stem (default <scene>_<trajectory>_<noise>)")
+    lr.add_argument("--memory-only", action="store_true",
+                    help="back-end on, first seed only, no ground truth: memory and added time over a long run")
     lr.set_defaults(func=run_longrun_cmd)
 
     u = sub.add_parser("gpu", help="CUDA: bf16 SDPA vs flash-attn FPS at 518x392, W=16 (says so on CPU)",
@@ -234,9 +236,14 @@ def run_cloud(args) -> int:
 def run_longrun_cmd(args) -> int:
     from pathlib import Path
 
-    from .longrun_bench import run_longrun
+    from .longrun_bench import run_longrun, run_memory
 
     noise = Path(args.noise).stem if args.noise not in ("none", "realistic") else args.noise
+    if args.memory_only:
+        run_memory(args.scene, args.trajectory, args.frames, args.seeds[0], args.width, args.height, args.noise,
+                   Path(args.out), args.name or f"{args.scene}_{args.trajectory}_{args.frames}_memory",
+                   Path(args.cache))
+        return 0
     run_longrun(args.scene, args.trajectory, args.frames, args.seeds, args.width, args.height, args.noise,
                 Path(args.out), args.name or f"{args.scene}_{args.trajectory}_{noise}", Path(args.cache),
                 threshold=args.threshold)

@@ -286,3 +286,55 @@ def plot_runs(plots: dict, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, height: int, noise: str, out: Path,
+               name: str, cache: Path) -> dict:
+    """Back-end on over a long run (e.g. 10,000 frames): resident memory, the back-end's added per-frame time and
+    its worker's queue, sampled every 100 frames; JSON + plot. No ground truth is read (it would not fit)."""
+    from .env import environment
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    bag = sim_bag(cache, scene, trajectory, frames, width, height, seed)
+    stamps, images, K = read_inputs(bag)
+    load0 = os.getloadavg()
+    rec = run_pipeline(bag, images, stamps, K, True, noise, seed, input_width=width)
+    b = np.asarray(rec["backend_s"]) * 1e3
+    q = len(b) // 4
+    d = rec["diagnostics"]
+    result = {"schema": "stream4d.bench.longrun_memory/1", "environment": environment("cpu"), "scene": scene,
+              "trajectory": trajectory, "frames": frames, "seed": seed, "image": [width, height],
+              "oracle_noise": noise, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+              "rss_mib": rec["rss"], "keyframes": len(rec["kf_final"]), "segments": rec["segments"],
+              "backend_added_ms_median": float(np.median(b)),
+              "backend_added_ms_median_first_quarter": float(np.median(b[:q])),
+              "backend_added_ms_median_last_quarter": float(np.median(b[-q:])),
+              "frame_ms_median_first_quarter": 1e3 * float(np.median(rec["frame_s"][:q])),
+              "frame_ms_median_last_quarter": 1e3 * float(np.median(rec["frame_s"][-q:])),
+              "backend": {k: v for k, v in d.items() if not isinstance(v, np.ndarray)}, "wall_s": rec["wall_s"]}
+    js = out / f"{name}.json"
+    js.write_text(json.dumps(result, indent=1, default=_json_default))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    f, r = zip(*rec["rss"])
+    a1.plot(f, r, "-o", ms=2)
+    a1.set_xlabel("frame")
+    a1.set_ylabel("RSS [MiB]")
+    a1.set_title(f"{scene}/{trajectory}, back-end on: resident memory")
+    k = max(1, len(b) // 200)
+    a2.plot(np.arange(len(b))[::k], [np.median(b[i:i + k]) for i in range(0, len(b), k)], "-")
+    a2.set_xlabel("frame")
+    a2.set_ylabel("added per-frame time [ms] (median of blocks)")
+    a2.set_title("back-end cost in the frame thread")
+    fig.tight_layout()
+    png = out / f"{name}.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"RSS {r[0]:.0f} -> {r[len(r) // 4]:.0f} (frame {f[len(f) // 4]}) -> {r[-1]:.0f} MiB; keyframes "
+          f"{result['keyframes']}; added {result['backend_added_ms_median']:.2f} ms/frame median\nwrote {js}\nwrote {png}")
+    return result
