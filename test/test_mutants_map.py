@@ -1,0 +1,342 @@
+"""The map modules (mapping/tsdf.py, mapping/occupancy.py, mapping/keyframe_map.py) on small exact inputs: the tests
+that answer the mutants docs/mutation.md lists for them (fast, in-process)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ros2_stream4d.mapping.tsdf import TsdfVolume
+
+K = np.array([[40.0, 0.0, 31.5], [0.0, 40.0, 23.5], [0.0, 0.0, 1.0]])
+H, W = 48, 64
+
+
+def _pose(yaw=0.4, pitch=-0.2, t=(0.37, -0.21, 0.13)):
+    """An asymmetric camera pose in map (rotations about two axes and a translation)."""
+    cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
+    Rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
+    Rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    T = np.eye(4)
+    T[:3, :3] = Rz @ Rx
+    T[:3, 3] = t
+    return T
+
+
+def _wall(z=1.23, colour=(201, 99, 3)):
+    depth = np.full((H, W), z, np.float32)
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[...] = colour
+    return depth, rgb
+
+
+# ---------------------------------------------------------------------------------------------------- tsdf
+def test_tsdf_options_are_validated():
+    for kw in ({"voxel_size": 0.0}, {"voxel_size": -0.1}, {"voxel_size": float("nan")}, {"voxel_size": np.inf}):
+        with pytest.raises(ValueError, match="voxel_size"):
+            TsdfVolume(**kw)
+    for kw in ({"trunc_voxels": 0.0}, {"depth_max": 0.0}, {"trunc_voxels": -1.0}, {"depth_max": -2.0}):
+        with pytest.raises(ValueError, match="trunc_voxels and depth_max"):
+            TsdfVolume(**kw)
+    v = TsdfVolume(voxel_size=0.04, trunc_voxels=5, depth_max=2.5, block_resolution=16, block_count=1000)
+    assert (v.voxel_size, v.trunc_voxels, v.depth_max, v.block_resolution, v.block_count) == (0.04, 5.0, 2.5, 16, 1000)
+    np.testing.assert_array_equal(v.offset, [0.02, 0.02, 0.02])
+    assert v.frames == 0 and v.blocks() == 0
+
+
+def test_tsdf_refuses_bad_shapes_and_skips_frames_without_usable_depth():
+    v = TsdfVolume(voxel_size=0.05, depth_max=2.0)
+    depth, rgb = _wall()
+    with pytest.raises(ValueError, match="depth must be"):
+        v.integrate(depth[None], rgb, K, np.eye(4))
+    with pytest.raises(ValueError, match="rgb must be"):
+        v.integrate(depth, rgb[:, :-1], K, np.eye(4))
+    with pytest.raises(ValueError, match="rgb must be"):
+        v.integrate(depth, rgb[..., :2], K, np.eye(4))
+    for bad in (np.full((H, W), np.nan, np.float32), np.zeros((H, W), np.float32), np.full((H, W), -1.0, np.float32),
+                np.full((H, W), 2.01, np.float32), np.full((H, W), np.inf, np.float32)):
+        assert v.integrate(bad, rgb, K, np.eye(4)) is False
+    assert v.frames == 0 and v.blocks() == 0
+    assert [a.shape for a in v.mesh()] == [(0, 3), (0, 3), (0, 3)]
+    # depths exactly at depth_max touch no block (Open3D's own range test): skipped, not an error
+    assert v.integrate(np.full((H, W), 2.0, np.float32), rgb, K, np.eye(4)) is False
+    mixed = np.full((H, W), 2.5, np.float32)
+    mixed[10:20, 10:30] = 1.5  # only these are within range
+    assert v.integrate(mixed, rgb, K, np.eye(4)) is True
+    assert v.frames == 1 and v.blocks() > 0
+    v.reset()
+    assert v.frames == 0 and v.blocks() == 0
+
+
+def test_tsdf_mesh_lies_on_the_surface_in_map_with_its_colour():
+    T = _pose()
+    v = TsdfVolume(voxel_size=0.05, depth_max=3.0, min_weight=0.5)
+    depth, rgb = _wall(1.23)
+    depth[:, :4] = np.nan  # invalid pixels are not fused
+    assert v.integrate(depth, rgb, K, T)
+    verts, tris, cols = v.mesh()
+    assert verts.dtype == np.float32 and tris.dtype == np.int32 and cols.dtype == np.uint8
+    assert len(verts) > 200 and len(tris) > 300 and cols.shape == verts.shape
+    # every vertex on the wall: 1.23 m along the camera's optical axis, in map
+    n, t = T[:3, 2], T[:3, 3]
+    np.testing.assert_allclose((verts.astype(np.float64) - t) @ n, 1.23, atol=2e-3)
+    # and inside the image (the projection of every vertex falls in the frustum)
+    cam = (verts.astype(np.float64) - t) @ T[:3, :3]
+    u = cam[:, 0] / cam[:, 2] * K[0, 0] + K[0, 2]
+    assert u.min() > -2.0 and u.max() < W + 1.0
+    assert (cols == (201, 99, 3)).all(), "colour rounded, not truncated"
+    assert tris.min() == 0 and tris.max() == len(verts) - 1
+
+
+def test_tsdf_mesh_is_canonical_and_consistently_oriented():
+    T = _pose()
+    depth, rgb = _wall(1.1)
+    meshes = []
+    for _ in range(2):
+        v = TsdfVolume(voxel_size=0.05, depth_max=3.0, min_weight=0.5)
+        v.integrate(depth, rgb, K, T)
+        meshes.append(v.mesh())
+    for a, b in zip(*meshes):
+        np.testing.assert_array_equal(a, b)
+    verts, tris, _ = meshes[0]
+    # vertices sorted by x, then y, then z; each triangle starts at its smallest index; triangles sorted
+    np.testing.assert_array_equal(np.lexsort((verts[:, 2], verts[:, 1], verts[:, 0])), np.arange(len(verts)))
+    assert (tris[:, 0] < tris[:, 1]).all() and (tris[:, 0] < tris[:, 2]).all()
+    np.testing.assert_array_equal(np.lexsort((tris[:, 2], tris[:, 1], tris[:, 0])), np.arange(len(tris)))
+    # one orientation for all: every triangle's normal points the same way along the optical axis
+    p = verts.astype(np.float64)[tris]
+    normals = np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+    side = np.sign(normals @ T[:3, 2])
+    assert abs(side.sum()) == len(side)
+
+
+def test_tsdf_min_weight_needs_more_observations():
+    depth, rgb = _wall(1.3)
+    v = TsdfVolume(voxel_size=0.05, depth_max=3.0, min_weight=1.5)
+    v.integrate(depth, rgb, K, np.eye(4))
+    assert len(v.mesh()[0]) == 0, "one observation is below the weight threshold"
+    v.integrate(depth, rgb, K, np.eye(4))
+    assert len(v.mesh()[0]) > 0 and v.frames == 2
+
+
+# ---------------------------------------------------------------------------------------------------- keyframe map
+def _map_frame(T, h=24, w=32, z=1.5, stamp=1_000_000_000):
+    """A wall at z metres with a unique colour per pixel, a confidence ramp, some invalid and far pixels."""
+    from ros2_stream4d.mapping.keyframe_map import MapFrame
+
+    depth = np.full((h, w), z, np.float32)
+    depth[0, 0] = np.nan
+    depth[4, 4] = 0.0
+    depth[4, 8] = -1.0
+    depth[12, 12] = 3.0  # beyond cloud_depth_max in the test below
+    vv, uu = np.mgrid[0:h, 0:w]
+    rgb = np.stack([uu * 7 % 256, vv * 9 % 256, (uu + vv) % 256], -1).astype(np.uint8)
+    conf = (1.0 + 0.5 * (uu % 4) + 0.25 * (vv % 8)).astype(np.float32)
+    conf[8, 8] = np.nan
+    Kf = np.array([[30.0, 0.0, 15.5], [0.0, 28.0, 11.5], [0.0, 0.0, 1.0]])
+    return MapFrame(stamp, T, depth, rgb, Kf, conf)
+
+
+def _cloud_config(**kw):
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig
+
+    base = dict(stride=2, cloud_stride=2, cloud_voxel_size=0.001, tsdf=False, occupancy=False, cloud_depth_max=2.0)
+    base.update(kw)
+    return KeyframeMapConfig(**base)
+
+
+def test_stored_frame_and_cloud_follow_the_strides_and_the_intrinsics():
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    T = _pose()
+    f = _map_frame(T)
+    m = KeyframeMap(_cloud_config())
+    kf = m.integrate(f)
+    b = kf.frames
+    assert len(b) == 1 and b.depth.shape == (1, 12, 16) and b.depth.dtype == np.float16
+    assert b.conf.dtype == np.float16 and b.rgb.shape == (1, 12, 16, 3) and b.stamps.tolist() == [1_000_000_000]
+    np.testing.assert_array_equal(kf.T_map_kf, T)
+    np.testing.assert_allclose(b.T_kf_cam[0], np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(b.K[0], [[15.0, 0.0, 7.75], [0.0, 14.0, 5.75], [0.0, 0.0, 1.0]])
+    assert np.isnan(b.depth[0, 0, 0]) and np.isnan(b.depth[0, 2, 2]) and np.isnan(b.depth[0, 2, 4])
+    assert b.depth[0, 6, 6] == 3.0 and b.depth[0, 1, 1] == 1.5
+    assert b.conf[0, 4, 4] == 0.0, "a NaN confidence is stored as 0"
+    np.testing.assert_array_equal(b.rgb[0], f.rgb[::2, ::2])
+
+    # the cloud: full-resolution pixels (4 i, 4 j), valid and within cloud_depth_max, moved into map by T
+    xyz, rgb, conf = m.points()
+    vv, uu = np.mgrid[0:24:4, 0:32:4]
+    d = f.depth[vv, uu].astype(np.float64)
+    ok = np.isfinite(d) & (d > 0) & (d <= 2.0)
+    cam = np.stack([(uu - 15.5) / 30.0 * d, (vv - 11.5) / 28.0 * d, d], -1)[ok]
+    expect = cam @ T[:3, :3].T + T[:3, 3]
+    assert ok.sum() == 6 * 8 - 4 and len(xyz) == ok.sum()
+    order_got, order_exp = np.lexsort(xyz.T), np.lexsort(expect.T)
+    np.testing.assert_allclose(xyz[order_got], expect[order_exp], atol=1e-5)
+    np.testing.assert_array_equal(rgb[order_got], f.rgb[vv, uu][ok][order_exp])
+    np.testing.assert_allclose(conf[order_got], np.nan_to_num(f.conf[vv, uu][ok][order_exp]), rtol=1e-3)
+    assert len(m) == ok.sum()
+
+
+def test_no_cloud_depth_limit_and_no_confidence():
+    from dataclasses import replace
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    f = replace(_map_frame(np.eye(4)), conf=None)
+    m = KeyframeMap(_cloud_config(cloud_depth_max=0.0, stride=1, cloud_stride=3))
+    b = m.integrate(f).frames
+    assert (b.conf == 1.0).all(), "no confidence: 1"
+    np.testing.assert_allclose(b.K[0], f.K)
+    xyz, _, conf = m.points()
+    vv, uu = np.mgrid[0:24:3, 0:32:3]
+    d = f.depth[vv, uu]
+    assert len(xyz) == (np.isfinite(d) & (d > 0)).sum(), "0 = no depth limit: the far pixel is in"
+    assert np.isclose(xyz[:, 2].max(), 3.0) and (conf == 1.0).all()
+
+
+def test_keyframes_split_on_distance_count_and_resolution():
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    m = KeyframeMap(_cloud_config(keyframe_distance=0.25, keyframe_max_frames=3))
+    T0 = np.eye(4)
+    m.integrate(_map_frame(T0))
+    T1 = np.eye(4)
+    T1[0, 3] = 0.25  # exactly the keyframe distance: still the same keyframe
+    m.integrate(_map_frame(T1, stamp=2))
+    assert len(m.keyframes) == 1 and m.keyframes[0].n_frames == 2
+    m.integrate(_map_frame(T0, h=20, stamp=3))  # another resolution: a new keyframe
+    assert [kf.n_frames for kf in m.keyframes] == [2, 1]
+    assert m.keyframes[1].frames.depth.shape == (1, 10, 16)
+    m.integrate(_map_frame(T0, h=20, stamp=4))
+    m.integrate(_map_frame(T0, h=20, stamp=5))
+    m.integrate(_map_frame(T0, h=20, stamp=6))  # the fourth frame: keyframe_max_frames = 3 reached
+    assert [kf.n_frames for kf in m.keyframes] == [2, 3, 1]
+    assert [kf.id for kf in m.keyframes] == [0, 1, 2] and m.frames == 6
+    assert m.keyframes[1].frames.stamps.tolist() == [3, 4, 5]
+    # a closed keyframe keeps its own copies (the open one's buffers are gone)
+    assert m.keyframes[1].frames.depth.base is None or m.keyframes[1].frames.depth.base.shape[0] == 3
+
+
+def test_segments_stats_erase_and_rebuild_from_stored_keyframes(tmp_path):
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap, make_keyframe_map
+
+    m = KeyframeMap(_cloud_config(keyframe_max_frames=2, max_keyframes_in_memory=1))
+    m.new_segment()
+    assert m.segment == 0, "a reset before any frame does not start a segment"
+    for k in range(3):
+        m.integrate(_map_frame(_pose(t=(0.0, 0.0, 0.1 * k)), stamp=k))
+    m.new_segment()
+    m.integrate(_map_frame(np.eye(4), stamp=9))
+    assert [(kf.id, kf.segment, kf.n_frames) for kf in m.keyframes] == [(0, 0, 2), (1, 0, 1), (2, 1, 1)]
+    s = m.stats()
+    assert (s["keyframes"], s["keyframes in memory"], s["map frames"], s["segments"]) == (3, 1, 4, 2)
+    assert s["map points"] == len(m) > 0 and s["tsdf blocks"] == 0
+    in_memory = [kf for kf in m.keyframes if kf.in_memory]
+    assert in_memory == [m.keyframes[-1]], "the oldest are spilled first, the open keyframe stays"
+    assert s["keyframe bytes in memory"] == m.memory_bytes() == in_memory[0].frames.nbytes() > 0
+    spill = m.spill_root()
+    assert spill.is_dir() and len(list(spill.iterdir())) == 2
+    b0 = m.frames_of(m.keyframes[0])
+    assert b0.stamps.tolist() == [0, 1]
+
+    # a map made of the stored keyframes has the same cloud; the next frame starts a new segment and id
+    stored = [(kf.id, kf.segment, kf.T_map_kf, m.frames_of(kf)) for kf in m.keyframes]
+    m2 = make_keyframe_map(stored, _cloud_config())
+    assert m2.segment == 2 and m2.frames == 4 and not m2.stale
+    np.testing.assert_allclose(np.sort(m2.points()[0], axis=0), np.sort(m.points()[0], axis=0), atol=1e-6)
+    assert m2.integrate(_map_frame(np.eye(4), stamp=10)).id == 3 and m2.keyframes[-1].segment == 2
+    assert make_keyframe_map(stored, _cloud_config(), segment=7).segment == 7
+    empty = make_keyframe_map([], _cloud_config())
+    assert empty.segment == 0 and empty._next_id == 0 and len(empty) == 0
+
+    m.erase()
+    assert (m.keyframes, m.segment, m.frames, len(m)) == ([], 0, 0, 0)
+    assert list(spill.iterdir()) == []
+    assert m.integrate(_map_frame(np.eye(4))).id == 0
+    m.close()
+    assert not spill.exists(), "the map's own temporary spill directory goes with it"
+
+
+def test_keyframe_files_round_trip_and_damage_is_named(tmp_path):
+    from ros2_stream4d.mapping.keyframe_map import FrameBatch, KeyframeMap, read_keyframe_file, write_keyframe_file
+
+    m = KeyframeMap(_cloud_config())
+    m.integrate(_map_frame(np.eye(4), stamp=5))
+    m.integrate(_map_frame(np.eye(4), stamp=6))
+    frames = m.keyframes[0].frames
+    path = tmp_path / "kf.npz"
+    write_keyframe_file(path, 4, 3, frames)
+    kid, seg, back = read_keyframe_file(path)
+    assert (kid, seg) == (4, 3)
+    for k, v in frames.arrays().items():
+        np.testing.assert_array_equal(getattr(back, k), v)
+        assert getattr(back, k).dtype == v.dtype
+    assert read_keyframe_file(path, 4)[0] == 4
+    with pytest.raises(ValueError, match="kf.npz holds keyframe 4, expected 5"):
+        read_keyframe_file(path, 5)
+    np.savez(tmp_path / "old.npz", version=np.int64(2), id=np.int64(0), segment=np.int64(0), **frames.arrays())
+    with pytest.raises(ValueError, match="old.npz: unknown or missing version"):
+        read_keyframe_file(tmp_path / "old.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"keyframe file cut.npz is unreadable \("):
+        read_keyframe_file(tmp_path / "cut.npz")
+
+    a = frames.arrays()
+    with pytest.raises(ValueError, match=r"here: missing arrays \['K', 'rgb'\]"):
+        FrameBatch.from_arrays({k: v for k, v in a.items() if k not in ("K", "rgb")}, where="here")
+    with pytest.raises(ValueError, match=r"depth must be \(n >= 1, h, w\)"):
+        FrameBatch.from_arrays({**a, "depth": a["depth"][0]})
+    with pytest.raises(ValueError, match=r"depth must be \(n >= 1, h, w\)"):
+        FrameBatch.from_arrays({k: v[:0] for k, v in a.items()})
+    with pytest.raises(ValueError, match=r"keyframe: conf must be \(2, 12, 16\) float16, got \(2, 12, 16\) float32"):
+        FrameBatch.from_arrays({**a, "conf": a["conf"].astype(np.float32)})
+    with pytest.raises(ValueError, match=r"rgb must be \(2, 12, 16, 3\) uint8"):
+        FrameBatch.from_arrays({**a, "rgb": a["rgb"][:, :, :-1]})
+    with pytest.raises(ValueError, match=r"stamps must be \(2,\) int64, got \(2,\) int32"):
+        FrameBatch.from_arrays({**a, "stamps": a["stamps"].astype(np.int32)})
+    bad = a["T_kf_cam"].copy()
+    bad[1, 0, 3] = np.inf
+    with pytest.raises(ValueError, match="non-finite poses or intrinsics"):
+        FrameBatch.from_arrays({**a, "T_kf_cam": bad})
+    badK = a["K"].copy()
+    badK[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        FrameBatch.from_arrays({**a, "K": badK})
+    ok = FrameBatch.from_arrays(a)
+    assert len(ok) == 2 and ok.nbytes() == sum(v.nbytes for v in a.values())
+    grown = ok.append(7, np.eye(4), np.eye(3), a["depth"][0], a["conf"][0], a["rgb"][0])
+    assert grown.stamps.tolist() == [5, 6, 7] and grown.stamps.dtype == np.int64 and len(grown) == 3
+    np.testing.assert_array_equal(grown.K[2], np.eye(3))
+    np.testing.assert_array_equal(grown.depth[2], a["depth"][0])
+
+
+def test_update_poses_validates_and_marks_only_real_changes_stale():
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    m = KeyframeMap(_cloud_config())
+    m.integrate(_map_frame(np.eye(4)))
+    m.update_poses({})
+    assert not m.stale
+    with pytest.raises(ValueError, match="pose of keyframe 0 must be a finite 4x4"):
+        m.update_poses({0: np.eye(3)})
+    bad = np.eye(4)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite 4x4"):
+        m.update_poses({0: bad})
+    with pytest.raises(KeyError, match=r"no keyframes with ids \[3, 7\]"):
+        m.update_poses({7: np.eye(4), 3: np.eye(4), 0: np.eye(4)})
+    T = _pose()
+    m.update_poses({0: T})
+    assert m.stale
+    T[0, 3] = 99.0  # the map keeps its own copy
+    assert m.keyframe_poses()[0][0, 3] == pytest.approx(0.37)
+    poses = m.keyframe_poses()
+    poses[0][1, 3] = 50.0
+    assert m.keyframes[0].T_map_kf[1, 3] == pytest.approx(-0.21)
+    with pytest.raises(ValueError, match="T_map_cam must be a finite 4x4"):
+        m.integrate(_map_frame(np.full((4, 4), np.nan)))
+    with pytest.raises(ValueError, match=r"rgb must be uint8 of the depth's size, got \(12, 16, 3\) float64"):
+        from dataclasses import replace
+
+        m.integrate(replace(_map_frame(np.eye(4)), rgb=np.zeros((24, 32, 3))))
