@@ -292,3 +292,20 @@ def test_backend_refuses_a_forced_odom_to_base_mode():
         make_config({"model": "random-small", "backend": True, "tf_mode": "odom_to_base", "base_frame": "base_link"})
     with pytest.raises(ParameterError, match="segment_overlap_frames"):
         make_config({"model": "random-small", "segment_overlap_frames": 30, "segment_min_frames": 24})
+
+
+def test_backend_loop_settings_change_live_and_the_worker_stops_with_the_pipeline():
+    from ros2_stream4d.mapping.pipeline import PipelineConfig
+    from ros2_stream4d.ros.config import as_dict, check_change
+
+    processor, pipeline, _ = _processor(backend=True)
+    try:
+        cfg = check_change(processor.cfg, {"loop_min_similarity": 0.9, "loop_min_inliers": 35})
+        pipeline.update_config(PipelineConfig.from_params(as_dict(cfg)))
+        c = pipeline.backend.detector.config
+        assert (c.min_similarity, c.min_inliers) == (0.9, 35)
+        thread = pipeline.backend._thread
+        assert thread.is_alive()
+    finally:
+        pipeline.close()
+    assert not thread.is_alive() and pipeline.backend is None

@@ -186,6 +186,11 @@ class MappingPipeline:
             conf_threshold=cfg.conf_threshold if cfg.conf_threshold > 0 else None,
             conf_percentile=cfg.conf_percentile if cfg.conf_percentile > 0 else None,
             max_points=cfg.cloud_max_points, frame="camera" if cfg.cloud_frame == "camera" else "world")
+        if self.backend is not None:  # loop acceptance may be tuned live (the worker reads them per keyframe)
+            self.backend.detector.config = dataclasses.replace(
+                self.backend.detector.config, min_similarity=cfg.loop_min_similarity,
+                min_inliers=cfg.loop_min_inliers, search_radius_m=cfg.loop_search_radius,
+                search_drift_fraction=cfg.loop_search_drift_fraction)
 
     def _make_scale_source(self):
         kind = self.cfg.scale_source
