@@ -153,3 +153,32 @@ def test_products_can_be_switched_off():
     frames, _ = room()
     m = build(frames[:4], tsdf=False, occupancy=False)
     assert len(m) > 0 and m.mesh()[0].shape == (0, 3) and m.occupancy()[0].size == 0
+
+
+def test_background_rebuild_keeps_integrating_and_ends_equal_to_a_synchronous_one(tmp_path):
+    """background_rebuild (the back-end's setting): a pose update never rebuilds in the frame thread; frames
+    integrated while the rebuild runs are in the swapped-in products, which equal a synchronous rebuild's."""
+    frames, _ = room()
+    half = len(frames) // 2
+    t = np.array([0.4, 0.2, 0.0])
+    sync = build(frames[:half], max_keyframes_in_memory=2, keyframe_max_frames=2, spill_dir=str(tmp_path / "a"))
+    bg = build(frames[:half], max_keyframes_in_memory=2, keyframe_max_frames=2, spill_dir=str(tmp_path / "b"),
+               background_rebuild=True)
+    before = bg.points()[0]
+    for m in (sync, bg):
+        m.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in m.keyframes})
+    assert bg.stale
+    for f in frames[half:]:  # integrating goes on while the rebuild runs (into the current products)
+        sync.integrate(f)
+        bg.integrate(f)
+    assert bg.wait_rebuilt(60) and not bg.stale and bg.rebuilds == 1
+    assert_same_products(bg, sync)
+    assert not np.array_equal(np.sort(bg.points()[0], axis=0), np.sort(before, axis=0))
+    # a pose update during a rebuild restarts it; an erase drops it
+    bg.update_poses({kf.id: shifted(kf.T_map_kf, -t) for kf in bg.keyframes})
+    bg.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in bg.keyframes})
+    assert bg.wait_rebuilt(60)
+    assert_same_products(bg, sync)
+    bg.update_poses(bg.keyframe_poses())
+    bg.erase()
+    assert bg.wait_rebuilt(1) and len(bg) == 0 and bg.keyframes == []

@@ -66,6 +66,9 @@ class KeyframeMapConfig:
     stride: int = 2  # pixel stride of the stored depth / colour (of the model resolution)
     cloud_stride: int = 2  # pixel stride (of the stored frame) of the points fused into the cloud and the grid
     max_keyframes_in_memory: int = 50
+    # a pose update rebuilds the products in a background thread (the frame thread keeps integrating into the
+    # current ones, queries return them until the rebuilt set is swapped in); False = at the next query or frame
+    background_rebuild: bool = False
     spill_dir: str = ""  # "" = a private temporary directory, removed with the map
 
     def __post_init__(self):
@@ -200,37 +203,19 @@ def read_keyframe_file(path: Path, kf_id: int | None = None) -> tuple[int, int, 
         raise ValueError(f"keyframe file {path.name} is unreadable ({type(exc).__name__}: {exc})") from exc
 
 
-class KeyframeMap:
-    """The one map interface: ``integrate(frame)``, ``update_poses``, ``points()`` (cloud), ``mesh()``,
-    ``occupancy()``, ``new_segment()``, ``erase()`` (see the module docstring)."""
+class MapProducts:
+    """One set of products (the ~/map cloud, the TSDF, the occupancy grid), fed frame by frame. A rebuild fills a
+    fresh set from the stored keyframes."""
 
-    def __init__(self, config: KeyframeMapConfig | None = None):
-        self.config = config or KeyframeMapConfig()
-        self._lock = threading.RLock()  # the node's worker integrates while timers and services read products
-        self._ray_cache: tuple = (None, None)
-        self._spill_root: Path | None = None
-        self._own_spill = False
-        self._finalizer = None
-        self.keyframes: list[Keyframe] = []
-        self._spilled = 0  # keyframes[:_spilled] are on disk
-        self._buf: dict[str, np.ndarray] = {}  # the open keyframe's preallocated frame buffers
-        self.segment = 0
-        self._current: Keyframe | None = None
-        self._next_id = 0
-        self._build_products()
-        self.stale = False
-        self.frames = 0
-        self.rebuilds = 0
-
-    # ------------------------------------------------------------------ products
-    def _build_products(self) -> None:
-        c = self.config
+    def __init__(self, config: KeyframeMapConfig):
+        c = self.config = config
         self.cloud = VoxelMap(c.cloud_voxel_size, c.cloud_max_points)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_points = 0
         self.tsdf = TsdfVolume(c.tsdf_voxel_size, c.tsdf_trunc_voxels, c.depth_max, device=c.tsdf_device) \
             if c.tsdf else None
         self.grid = OccupancyGrid(c.occupancy_options()) if c.occupancy else None
+        self._ray_cache: tuple = (None, None)
 
     def _rays(self, hw, K: np.ndarray) -> np.ndarray:
         key = (hw, K.tobytes())
@@ -238,7 +223,7 @@ class KeyframeMap:
             self._ray_cache = (key, pixel_rays(hw, K))
         return self._ray_cache[1]
 
-    def _fuse(self, depth: np.ndarray, conf: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray):
+    def fuse(self, depth: np.ndarray, conf: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray):
         """Every product takes one stored frame (depth float32 with NaN, already strided)."""
         if self.tsdf is not None:
             self.tsdf.integrate(depth, rgb, K, T_map_cam)
@@ -253,27 +238,125 @@ class KeyframeMap:
         self._pending.append((pts_map, rgb[::cs, ::cs][valid], conf[::cs, ::cs][valid].astype(np.float32)))
         self._pending_points += len(pts_map)
         if self._pending_points >= self.config.cloud_batch_points:
-            self._flush_cloud()
+            self.flush_cloud()
         if self.grid is not None:
             self.grid.add(frame_votes(pts_map, T_map_cam[:3, 3], self.grid.options))
 
-    def _flush_cloud(self) -> None:
+    def fuse_batch(self, frames: FrameBatch, T_map_kf: np.ndarray, start: int = 0) -> None:
+        """Frames start.. of a keyframe whose pose in map is T_map_kf."""
+        for i in range(start, len(frames)):
+            self.fuse(frames.depth[i].astype(np.float32), frames.conf[i], frames.rgb[i], frames.K[i],
+                      T_map_kf @ frames.T_kf_cam[i])
+
+    def flush_cloud(self) -> None:
         if self._pending:
             xyz, rgb, conf = (np.concatenate(a) for a in zip(*self._pending))
             self._pending, self._pending_points = [], 0
             self.cloud.integrate(xyz, rgb, conf)
 
+
+class KeyframeMap:
+    """The one map interface: ``integrate(frame)``, ``update_poses``, ``points()`` (cloud), ``mesh()``,
+    ``occupancy()``, ``new_segment()``, ``erase()`` (see the module docstring)."""
+
+    def __init__(self, config: KeyframeMapConfig | None = None):
+        self.config = config or KeyframeMapConfig()
+        self._lock = threading.RLock()  # the node's worker integrates while timers and services read products
+        self._spill_root: Path | None = None
+        self._own_spill = False
+        self._finalizer = None
+        self.keyframes: list[Keyframe] = []
+        self._spilled = 0  # keyframes[:_spilled] are on disk
+        self._buf: dict[str, np.ndarray] = {}  # the open keyframe's preallocated frame buffers
+        self.segment = 0
+        self._current: Keyframe | None = None
+        self._next_id = 0
+        self._build_products()
+        self.stale = False
+        self.frames = 0
+        self.rebuilds = 0
+        self._generation = 0  # pose updates so far (a background rebuild is current while this is unchanged)
+        self._epoch = 0  # erases so far (a rebuild started before an erase is dropped)
+        self._rebuilder: threading.Thread | None = None
+        self._rebuilt = threading.Condition(self._lock)
+
+    # ------------------------------------------------------------------ products
+    @property
+    def cloud(self) -> VoxelMap:
+        return self.products.cloud
+
+    @property
+    def tsdf(self) -> TsdfVolume | None:
+        return self.products.tsdf
+
+    @property
+    def grid(self) -> OccupancyGrid | None:
+        return self.products.grid
+
+    def _build_products(self) -> None:
+        self.products = MapProducts(self.config)
+
+    def _fuse(self, depth: np.ndarray, conf: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray):
+        self.products.fuse(depth, conf, rgb, K, T_map_cam)
+
+    def _flush_cloud(self) -> None:
+        self.products.flush_cloud()
+
     def _refresh(self) -> None:
+        """Products stale after a pose update: rebuilt now, or (background_rebuild) by the rebuild thread while the
+        current ones stay in use."""
         if not self.stale:
+            return
+        if self.config.background_rebuild:
+            self._start_rebuild()
             return
         self._build_products()
         for kf in self.keyframes:
-            frames = self._frames_of(kf)
-            for i in range(len(frames)):
-                self._fuse(frames.depth[i].astype(np.float32), frames.conf[i], frames.rgb[i], frames.K[i],
-                           kf.T_map_kf @ frames.T_kf_cam[i])
+            self.products.fuse_batch(self._frames_of(kf), kf.T_map_kf)
         self.stale = False
         self.rebuilds += 1
+
+    def _start_rebuild(self) -> None:
+        if self._rebuilder is None or not self._rebuilder.is_alive():
+            self._rebuilder = threading.Thread(target=self._rebuild, name="stream4d-map-rebuild", daemon=True)
+            self._rebuilder.start()
+
+    def _rebuild(self) -> None:
+        """Background rebuild: a fresh product set from a snapshot of the keyframes (each one's frames copied under
+        the lock, fused outside it), then, under the lock, the frames integrated since the snapshot, and the swap.
+        A pose update during the build starts it again; an erase drops it."""
+        while True:
+            with self._lock:
+                generation, epoch = self._generation, self._epoch
+                snapshot = [(kf, kf.T_map_kf.copy(), kf.n_frames) for kf in self.keyframes]
+            new = MapProducts(self.config)
+            for kf, T_map_kf, n in snapshot:
+                with self._lock:
+                    if self._generation != generation or self._epoch != epoch:
+                        break
+                    frames = FrameBatch(**{k: v[:n].copy() for k, v in self._frames_of(kf).arrays().items()})
+                new.fuse_batch(frames, T_map_kf)
+            with self._rebuilt:
+                if self._epoch != epoch:
+                    return
+                if self._generation != generation:
+                    continue
+                done = {kf.id: n for kf, _, n in snapshot}
+                for kf in self.keyframes:  # frames integrated while the snapshot was fused
+                    if kf.n_frames > done.get(kf.id, 0):
+                        new.fuse_batch(self._frames_of(kf), kf.T_map_kf, start=done.get(kf.id, 0))
+                self.products = new
+                self.stale = False
+                self.rebuilds += 1
+                self._rebuilt.notify_all()
+                return
+
+    def wait_rebuilt(self, timeout: float | None = None) -> bool:
+        """Until the products follow every pose update (a background rebuild finished); False at the timeout."""
+        with self._rebuilt:
+            if self.stale:
+                self._refresh()
+            return self._rebuilt.wait_for(lambda: not self.stale, timeout)
 
     # ------------------------------------------------------------------ the interface
     @_locked
@@ -351,6 +434,9 @@ class KeyframeMap:
             by_id[kid].T_map_kf = T.copy()
         if poses:
             self.stale = True
+            self._generation += 1
+            if self.config.background_rebuild:
+                self._start_rebuild()
 
     @_locked
     def keyframe_poses(self) -> dict[int, np.ndarray]:
@@ -396,6 +482,7 @@ class KeyframeMap:
         self.keyframes, self._current, self._spilled, self._buf = [], None, 0, {}
         self.segment, self._next_id, self.frames = 0, 0, 0
         self.stale = False
+        self._epoch += 1
         self._build_products()
 
     @_locked
@@ -463,7 +550,7 @@ def make_keyframe_map(keyframes: list[tuple[int, int, np.ndarray, FrameBatch]], 
     m._next_id = 1 + max((kf.id for kf in m.keyframes), default=-1)
     m.segment = (max((kf.segment for kf in m.keyframes), default=-1) + 1) if segment is None else segment
     m.stale = bool(m.keyframes)
-    m._refresh()
+    m.wait_rebuilt()
     m._bound_memory()
     m.frames = sum(kf.n_frames for kf in m.keyframes)
     return m

@@ -368,7 +368,7 @@ class MappingPipeline:
             return True
         idle = self.backend.wait_idle(timeout)
         self.backend.apply(self)
-        return idle
+        return self.map.wait_rebuilt(timeout) and idle
 
     def _restart_backend(self) -> None:
         """A new map: the back-end's graph (keyframe ids of the old map) and its correction start again."""
@@ -391,6 +391,7 @@ class MappingPipeline:
             xyz, rgb, conf = self.map.points()
             return str(save_map(path, xyz, rgb, conf))
         last = self.last
+        self.map.wait_rebuilt()  # the saved mesh and grid follow every pose correction applied so far
         return str(save_map_dir(self.map, path, scale=last.scale if last else None,
                                 scale_valid=bool(last and last.scale_valid)))
 
@@ -490,7 +491,8 @@ def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:
         occupancy_slab_height=cfg.occupancy_slab_height,
         keyframe_distance=cfg.map_keyframe_distance, keyframe_angle_deg=cfg.map_keyframe_angle,
         keyframe_max_frames=cfg.map_keyframe_max_frames, stride=cfg.map_stride, cloud_stride=cfg.map_cloud_stride,
-        max_keyframes_in_memory=cfg.map_max_keyframes_in_memory, spill_dir=cfg.map_spill_dir)
+        max_keyframes_in_memory=cfg.map_max_keyframes_in_memory, spill_dir=cfg.map_spill_dir,
+        background_rebuild=cfg.backend)  # the back-end's corrections must not stall the frame thread
 
 
 def start_pose_matrix(pose) -> np.ndarray | None:
