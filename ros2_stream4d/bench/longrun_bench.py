@@ -179,6 +179,8 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
     res["accepted_frames"] = [(index[rec["kf_stamp"][x["i"]]], index[rec["kf_stamp"][x["j"]]]) for x in acc]
     b = np.asarray(rec["backend_s"]) * 1e3
     res["cost"] = {"frame_ms_median": 1e3 * float(np.median(rec["frame_s"])),
+                   "frame_ms_p99": 1e3 * float(np.percentile(rec["frame_s"], 99)),
+                   "frame_ms_max": 1e3 * float(np.max(rec["frame_s"])),
                    "backend_added_ms_median": float(np.median(b)) if b.size else None,
                    "backend_added_ms_p95": float(np.percentile(b, 95)) if b.size else None,
                    "backend_added_ms_max": float(b.max()) if b.size else None,
