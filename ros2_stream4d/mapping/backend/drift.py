@@ -112,8 +112,8 @@ class DriftedSession:
     def __init__(self, inner, seed: int = 0, **drift):
         drift.setdefault("up", (0.0, -1.0, 0.0))
         self.inner, self.seed, self.drift_params = inner, int(seed), drift
-        self.window = getattr(inner, "window", None)
-        self.anchors = getattr(inner, "anchors", 1)
+        self.window = inner.window  # the session protocol (model/session.py) declares both
+        self.anchors = inner.anchors
         self.resets = 0
         self.model = DriftModel(seed=self.seed, **drift)
 

@@ -117,8 +117,8 @@ class SegmentedSession:
         self.inner = inner
         self.policy = policy or ReanchorPolicy()
         self.on_segment = on_segment
-        self.window = getattr(inner, "window", None)
-        self.anchors = getattr(inner, "anchors", 1)
+        self.window = inner.window  # the session protocol (model/session.py) declares both
+        self.anchors = inner.anchors
         self._reset_state()
 
     def _reset_state(self) -> None:
