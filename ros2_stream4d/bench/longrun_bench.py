@@ -72,7 +72,8 @@ def read_inputs(bag: Path):
 
 
 def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: int, input_width: int,
-                 conf_percentile: float = 30.0, progress: bool = True, **pipeline_overrides) -> dict:
+                 conf_percentile: float = 30.0, progress: bool = True, loop_overrides: dict | None = None,
+                 **pipeline_overrides) -> dict:
     """One pass of the bag through the node's pipeline; per-frame poses and the keyframe map at the end."""
     from ros2_stream4d.loader import ModelOptions, load_pipeline
     from ros2_stream4d.mapping.pipeline import PipelineConfig
@@ -85,6 +86,8 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
                          backend=backend, backend_apply_rate=2.0)
     cfg = dataclasses.replace(cfg, **pipeline_overrides)
     pipe = load_pipeline(opts, cfg)
+    if loop_overrides and pipe.backend is not None:  # experiments on loop verification settings
+        pipe.backend.detector.config = dataclasses.replace(pipe.backend.detector.config, **loop_overrides)
     n = len(stamps)
     rec = {"T_odom_cam": np.zeros((n, 4, 4)), "C": np.zeros((n, 4, 4)), "kf": np.zeros(n, np.int64),
            "T_kf_then": np.zeros((n, 4, 4)), "backend_s": [], "frame_s": [], "rss": []}
@@ -133,18 +136,27 @@ def loop_truth(loops, kf_stamp: dict, gt_by_stamp) -> list[dict]:
     from ros2_stream4d.mapping.backend import sim3 as S3
 
     out = []
-    for i, j, accepted, S in loops:
+    for i, j, accepted, S, reason in loops:
         if i not in kf_stamp or j not in kf_stamp:
             continue
         Ti, Tj = gt_by_stamp(kf_stamp[i]), gt_by_stamp(kf_stamp[j])
         rel = np.linalg.inv(Ti) @ Tj
         dist = float(np.linalg.norm(rel[:3, 3]))
-        rec = {"i": int(i), "j": int(j), "accepted": bool(accepted), "gt_distance_m": dist}
+        rec = {"i": int(i), "j": int(j), "accepted": bool(accepted), "gt_distance_m": dist, "reason": reason}
         if accepted:
             R, t, _ = S3.decompose(S)
             rec["true"] = bool(S3.rotation_angle_deg(R.T @ rel[:3, :3]) < TRUE_ROT_DEG
                                and np.linalg.norm(t - rel[:3, 3]) < TRUE_TRANS_M + TRUE_TRANS_FRAC * dist)
         out.append(rec)
+    return out
+
+
+def _reasons(reasons: list[str]) -> dict[str, int]:
+    """Rejection reasons counted by kind (numbers stripped: "12 inliers (0.21)" -> "inliers")."""
+    out: dict[str, int] = {}
+    for r in reasons:
+        key = " ".join(w for w in r.split() if not any(ch.isdigit() for ch in w)) or r
+        out[key] = out.get(key, 0) + 1
     return out
 
 
@@ -175,7 +187,8 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
     res["loops"] = {"verified": len(loops), "accepted": len(acc), "accepted_true": sum(x["true"] for x in acc),
                     "rejected": len(loops) - len(acc),
                     "precision": (sum(x["true"] for x in acc) / len(acc)) if acc else None,
-                    "false_accepted": [x for x in acc if not x["true"]]}
+                    "false_accepted": [x for x in acc if not x["true"]],
+                    "rejected_by": _reasons([x["reason"] for x in loops if not x["accepted"]])}
     res["accepted_frames"] = [(index[rec["kf_stamp"][x["i"]]], index[rec["kf_stamp"][x["j"]]]) for x in acc]
     b = np.asarray(rec["backend_s"]) * 1e3
     res["cost"] = {"frame_ms_median": 1e3 * float(np.median(rec["frame_s"])),

@@ -117,7 +117,8 @@ class LoopConfig:
     ratio: float = 0.8
     min_inliers: int = 20
     min_inlier_ratio: float = 0.3
-    ransac_threshold: float = 0.05  # m (local units) for the 3D-3D RANSAC
+    ransac_threshold: float = 0.05  # m (local units) for the 3D-3D RANSAC ...
+    ransac_threshold_rel: float = 0.0  # ... plus this fraction of the points' depth (a model's depth error grows with it)
     max_pnp_rotation_deg: float = 5.0  # PnP and the 3D-3D Sim(3) must agree this well
     icp_distance: float = 0.10  # m
     icp_points: int = 5000
@@ -159,8 +160,8 @@ class LoopDetector:
         self.views: list[KeyframeView] = []
         self._desc = np.zeros((0, 0), np.float32)
         self.stats = {"candidates": 0, "accepted": 0, "rejected": 0}
-        # the newest verification outcomes, (i, j, accepted, S_i_j or None): for evaluation against ground truth
-        self.history: deque[tuple[int, int, bool, np.ndarray | None]] = deque(maxlen=HISTORY)
+        # the newest verification outcomes, (i, j, accepted, S_i_j or None, reason): for evaluation
+        self.history: deque[tuple[int, int, bool, np.ndarray | None, str]] = deque(maxlen=HISTORY)
         self._orb = cv2.ORB_create(self.config.n_features)
         self._in_memory: deque[KeyframeView] = deque()
         self._spill_dir: Path | None = None
@@ -209,7 +210,7 @@ class LoopDetector:
             r = self.verify(by_id[cand.i], by_id[cand.j])
             r.similarity = cand.similarity
             self.stats["accepted" if r.accepted else "rejected"] += 1
-            self.history.append((r.i, r.j, r.accepted, None if r.S_i_j is None else np.array(r.S_i_j)))
+            self.history.append((r.i, r.j, r.accepted, None if r.S_i_j is None else np.array(r.S_i_j), r.reason))
             res.append(r)
         return sorted(res, key=lambda r: (not r.accepted, -r.inliers))
 
@@ -237,7 +238,9 @@ class LoopDetector:
         if ok.sum() < c.min_inliers:
             return fail(f"{int(ok.sum())} matches with depth")
         try:
-            fit = S3.robust_sim3(pb[ok], pa[ok], threshold=c.ransac_threshold, iterations=300)
+            depth = np.maximum(pa[ok, 2], pb[ok, 2])
+            fit = S3.robust_sim3(pb[ok], pa[ok], threshold=c.ransac_threshold + c.ransac_threshold_rel * depth,
+                                 iterations=300)
         except ValueError as exc:
             return fail(str(exc))
         n_in = int(fit.inliers.sum())

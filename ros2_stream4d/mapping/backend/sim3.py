@@ -93,9 +93,10 @@ class Sim3Fit:
         return float(self.inliers.mean()) if len(self.inliers) else 0.0
 
 
-def robust_sim3(src, dst, w=None, threshold: float | None = None, iterations: int = 200, refine_rounds: int = 5,
-                seed: int = 0, with_scale: bool = True) -> Sim3Fit:
-    """Sim(3) dst <- src with outliers rejected: RANSAC over 3-point samples (inliers: residual < threshold), then
+def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, iterations: int = 200,
+                refine_rounds: int = 5, seed: int = 0, with_scale: bool = True) -> Sim3Fit:
+    """Sim(3) dst <- src with outliers rejected: RANSAC over 3-point samples (inliers: residual < threshold, one
+    value or one per correspondence), then
     weighted Umeyama on the inliers, re-selected ``refine_rounds`` times. threshold None = 3 x the median residual
     of a first all-points fit (at least 1 % of the point cloud's spread)."""
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
