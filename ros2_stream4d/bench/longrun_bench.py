@@ -11,9 +11,10 @@ Per run it records:
   publishes as odometry), ``online`` (each frame's published ~/camera_pose: odometry moved by the correction in force
   at that frame) and ``final`` (every frame moved with the keyframe it was integrated into, by that keyframe's final
   correction: the trajectory the saved map holds);
-- loops: candidates verified, accepted, rejected; an accepted loop is *true* when its measured relative pose is the
-  ground truth's (rotation within 3 deg, translation within 0.2 m + 10 % of the keyframes' distance); precision =
-  true / accepted;
+- loops: candidates verified, accepted, rejected (by reason); an accepted loop joins the *same place* when its two
+  keyframes are within 1 m and 30 deg of each other in the ground truth (else it is a false loop: a look-alike
+  place); it is *accurate* when its measured relative pose is the ground truth's (rotation within 3 deg, translation
+  within 0.2 m + 10 % of the keyframes' distance); precision = same place / accepted;
 - map accuracy after correction: the keyframe map's cloud, moved onto the ground truth by the final trajectory's
   Sim(3) alignment, against the scene mesh (F-score at --threshold; completeness against the surface the ground-truth
   depth observed);
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 TRUE_ROT_DEG, TRUE_TRANS_M, TRUE_TRANS_FRAC = 3.0, 0.2, 0.1
+SAME_PLACE_M, SAME_PLACE_DEG = 1.0, 30.0
 
 
 def rss_mib() -> float:
@@ -145,8 +147,9 @@ def loop_truth(loops, kf_stamp: dict, gt_by_stamp) -> list[dict]:
         rec = {"i": int(i), "j": int(j), "accepted": bool(accepted), "gt_distance_m": dist, "reason": reason}
         if accepted:
             R, t, _ = S3.decompose(S)
-            rec["true"] = bool(S3.rotation_angle_deg(R.T @ rel[:3, :3]) < TRUE_ROT_DEG
-                               and np.linalg.norm(t - rel[:3, 3]) < TRUE_TRANS_M + TRUE_TRANS_FRAC * dist)
+            rec["same_place"] = bool(dist < SAME_PLACE_M and S3.rotation_angle_deg(rel[:3, :3]) < SAME_PLACE_DEG)
+            rec["accurate"] = bool(S3.rotation_angle_deg(R.T @ rel[:3, :3]) < TRUE_ROT_DEG
+                                   and np.linalg.norm(t - rel[:3, 3]) < TRUE_TRANS_M + TRUE_TRANS_FRAC * dist)
         out.append(rec)
     return out
 
@@ -184,10 +187,11 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
     index = {int(s): k for k, s in enumerate(stamps)}
     loops = loop_truth(rec["loops"], rec["kf_stamp"], lambda s: gt_T[index[s]])
     acc = [x for x in loops if x["accepted"]]
-    res["loops"] = {"verified": len(loops), "accepted": len(acc), "accepted_true": sum(x["true"] for x in acc),
-                    "rejected": len(loops) - len(acc),
-                    "precision": (sum(x["true"] for x in acc) / len(acc)) if acc else None,
-                    "false_accepted": [x for x in acc if not x["true"]],
+    res["loops"] = {"verified": len(loops), "accepted": len(acc), "accepted_true": sum(x["same_place"] for x in acc),
+                    "accepted_accurate": sum(x["accurate"] for x in acc), "rejected": len(loops) - len(acc),
+                    "precision": (sum(x["same_place"] for x in acc) / len(acc)) if acc else None,
+                    "false_accepted": [x for x in acc if not x["same_place"]],
+                    "inaccurate_accepted": [x for x in acc if x["same_place"] and not x["accurate"]],
                     "rejected_by": _reasons([x["reason"] for x in loops if not x["accepted"]])}
     res["accepted_frames"] = [(index[rec["kf_stamp"][x["i"]]], index[rec["kf_stamp"][x["j"]]]) for x in acc]
     b = np.asarray(rec["backend_s"]) * 1e3
