@@ -40,6 +40,7 @@ from ros2_stream4d.mapping.occupancy import OccupancyGrid, OccupancyOptions, fra
 from ros2_stream4d.mapping.tsdf import TsdfVolume
 
 KEYFRAME_FILE_VERSION = 1
+CATCH_UP_FRAMES = 3  # a background rebuild fuses at most this many frames under the lock before its swap
 
 
 @dataclass
@@ -330,19 +331,27 @@ class KeyframeMap:
                 generation, epoch = self._generation, self._epoch
                 snapshot = [(kf, kf.T_map_kf.copy(), kf.n_frames) for kf in self.keyframes]
             new = MapProducts(self.config)
-            for kf, T_map_kf, n in snapshot:
+            done: dict[int, int] = {}  # frames of each keyframe fused into `new`
+            while snapshot:  # rounds: the snapshot, then what was integrated meanwhile, until little is left
+                for kf, T_map_kf, n in snapshot:
+                    with self._lock:
+                        if self._generation != generation or self._epoch != epoch:
+                            break
+                        frames = FrameBatch(**{k: v[:n].copy() for k, v in self._frames_of(kf).arrays().items()})
+                    new.fuse_batch(frames, T_map_kf, start=done.get(kf.id, 0))
+                    done[kf.id] = n
                 with self._lock:
                     if self._generation != generation or self._epoch != epoch:
                         break
-                    frames = FrameBatch(**{k: v[:n].copy() for k, v in self._frames_of(kf).arrays().items()})
-                new.fuse_batch(frames, T_map_kf)
+                    behind = [(kf, kf.T_map_kf.copy(), kf.n_frames) for kf in self.keyframes
+                              if kf.n_frames > done.get(kf.id, 0)]
+                snapshot = behind if sum(n - done.get(kf.id, 0) for kf, _, n in behind) > CATCH_UP_FRAMES else []
             with self._rebuilt:
                 if self._epoch != epoch:
                     return
                 if self._generation != generation:
                     continue
-                done = {kf.id: n for kf, _, n in snapshot}
-                for kf in self.keyframes:  # frames integrated while the snapshot was fused
+                for kf in self.keyframes:  # the last few frames, under the lock: then the swap
                     if kf.n_frames > done.get(kf.id, 0):
                         new.fuse_batch(self._frames_of(kf), kf.T_map_kf, start=done.get(kf.id, 0))
                 self.products = new
