@@ -200,6 +200,12 @@ def test_check_one_parent_reports_each_problem_once_and_sorted():
                                                                                      "cycle through 'b'",
                                                                                      "cycle through 'c'"]
     assert check_one_parent([("a", "a")]) == ["cycle through 'a'"]
+    # "/cam" and "cam" are one frame, as child and as parent
+    assert check_one_parent([("map", "/cam"), ("odom", "cam")]) == ["'cam' has 2 parents: ['map', 'odom']"]
+    assert check_one_parent([("/b", "a"), ("a", "b")]) == ["cycle through 'a'", "cycle through 'b'"]
+    # only the leading "/" goes: a name may start with any other character
+    assert check_one_parent([("map", "/Xtion"), ("odom", "Xtion")]) == ["'Xtion' has 2 parents: ['map', 'odom']"]
+    assert check_one_parent([("/Xa", "b"), ("/Xb", "b")]) == ["'b' has 2 parents: ['Xa', 'Xb']"]
 
 
 def test_decide_with_the_backend_puts_the_camera_root_below_odom():
@@ -396,6 +402,10 @@ def test_odometry_covariance_follows_the_median_depth_and_confidence_and_the_twi
     np.testing.assert_allclose(np.reshape(odo.pose.covariance, (6, 6))[0, 0], (sigma_p * 1000.0) ** 2, rtol=1e-9)
     np.testing.assert_allclose(np.reshape(odo.twist.covariance, (6, 6))[5, 5], 2 * sigma_r ** 2 / 0.1 ** 2,
                                rtol=1e-9)
+    # the configured factor from the first frame on
+    b = _assembler(unscaled_sigma_factor=50.0)
+    odo = dict(b.messages(Processed(_frame(scale_valid=False)), CAMERA, "cam"))["odometry"]
+    np.testing.assert_allclose(np.reshape(odo.pose.covariance, (6, 6))[0, 0], (sigma_p * 50.0) ** 2, rtol=1e-9)
     # live parameter change: new sigmas are used from the next frame
     a.set_config(replace(a.cfg, pose_sigma_per_m=0.05, rotation_sigma=0.03, unscaled_sigma_factor=10.0))
     odo = dict(a.messages(Processed(_frame(STAMP + 200_000_000, T1, scale_valid=False)), CAMERA, "cam"))["odometry"]
@@ -428,10 +438,13 @@ def test_path_keeps_the_newest_poses_and_snapshots_are_copies():
     from ros2_stream4d.ros.conversions import pose_to_matrix
 
     a = _assembler(path_max_length=3)
+    assert a.path_snapshot().header.frame_id == "world" and a.path_snapshot().poses == []
     for k in range(5):
         a.messages(Processed(_frame(STAMP + k, _T(float(k)))), CAMERA, "cam")
     assert [pose_to_matrix(p)[0, 3] for p in a.path.poses] == [2.0, 3.0, 4.0]
     assert _stamp_ns(a.path) == STAMP + 4
+    assert [_stamp_ns(p) for p in a.path.poses] == [STAMP + 2, STAMP + 3, STAMP + 4]
+    assert {p.header.frame_id for p in a.path.poses} == {"world"}
     snap = a.path_snapshot()
     assert snap.header == a.path.header and snap.poses == a.path.poses
     a.messages(Processed(_frame(STAMP + 5, _T(5.0))), CAMERA, "cam")
@@ -475,7 +488,10 @@ def test_map_mesh_and_occupancy_messages():
     xyz = np.array([[0.0, 1.0, 2.0]], np.float32)
     m = a.map_message(xyz, np.array([[1, 2, 3]], np.uint8), np.array([0.5], np.float32), stamp)
     assert m.header.frame_id == "world" and _stamp_ns(m) == STAMP
-    np.testing.assert_array_equal(pointcloud2_to_numpy(m).xyz, xyz)
+    back = pointcloud2_to_numpy(m)
+    np.testing.assert_array_equal(back.xyz, xyz)
+    np.testing.assert_array_equal(back.rgb, [[1, 2, 3]])
+    np.testing.assert_array_equal(back.confidence, [0.5])
 
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 3]], np.float32)
     f = np.array([[0, 1, 2], [3, 2, 1]], np.int32)
