@@ -309,6 +309,12 @@ def test_keyframe_files_round_trip_and_damage_is_named(tmp_path):
     assert grown.stamps.tolist() == [5, 6, 7] and grown.stamps.dtype == np.int64 and len(grown) == 3
     np.testing.assert_array_equal(grown.K[2], np.eye(3))
     np.testing.assert_array_equal(grown.depth[2], a["depth"][0])
+    T = _pose()
+    grown = ok.append(8, T, 2 * np.eye(3), a["depth"][1], a["conf"][1] + 1, 255 - a["rgb"][1])
+    np.testing.assert_array_equal(grown.T_kf_cam[2], T)
+    np.testing.assert_array_equal(grown.conf[2], a["conf"][1] + 1)
+    np.testing.assert_array_equal(grown.rgb[2], 255 - a["rgb"][1])
+    np.testing.assert_array_equal(grown.T_kf_cam[:2], a["T_kf_cam"])
 
 
 def test_update_poses_validates_and_marks_only_real_changes_stale():
@@ -340,3 +346,110 @@ def test_update_poses_validates_and_marks_only_real_changes_stale():
         from dataclasses import replace
 
         m.integrate(replace(_map_frame(np.eye(4)), rgb=np.zeros((24, 32, 3))))
+
+
+# ---------------------------------------------------------------------------------------------------- occupancy
+def test_grid_msg_fields_are_the_whole_nav_msgs_layout():
+    from ros2_stream4d.mapping.occupancy import grid_msg_fields
+
+    data = np.array([[-1, 0, 100], [100, 0, -1]], np.int16)  # any integer array: sent as int8
+    f = grid_msg_fields(data, np.array([1.5, -2.25]), 0.05, "odom")
+    flat = f.pop("data")
+    assert f == {"header": {"frame_id": "odom"},
+                 "info": {"resolution": 0.05, "width": 3, "height": 2,
+                          "origin": {"position": {"x": 1.5, "y": -2.25, "z": 0.0},
+                                     "orientation": {"x": 0.0, "y": 0.0, "z": 0.0, "w": 1.0}}}}
+    assert flat.dtype == np.int8 and flat.shape == (6,) and flat.tolist() == [-1, 0, 100, 100, 0, -1]
+    assert grid_msg_fields(data.astype(np.int8), (0, 0), 0.1)["header"] == {"frame_id": "map"}
+
+
+def test_vote_cells_by_class():
+    from ros2_stream4d.mapping.occupancy import Votes
+
+    occ = np.zeros((2, 2, 3), bool)
+    free = np.zeros((2, 2, 3), bool)
+    floor = np.zeros((2, 3), bool)
+    occ[1, 0, 0] = True  # cell (i, j) = (lo + col, lo + row)
+    free[0, 1, 2] = True
+    free[1, 0, 0] = True  # a free slab in an occupied cell: the cell is occupied, not free
+    floor[1, 1] = True
+    floor[0, 0] = True
+    v = Votes(np.array([10, -5]), occ, free, floor)
+
+    def cells(*which):
+        return sorted(map(tuple, v.cells(*which).tolist()))
+
+    assert cells() == cells("occ") == [(10, -5)]
+    assert cells("free") == [(11, -4), (12, -4)]
+    assert cells("any") == [(10, -5), (11, -4), (12, -4)]
+    assert v.cells("any").dtype == np.int64
+
+
+def test_band_edges_slabs_and_range_edge():
+    from ros2_stream4d.mapping.occupancy import OccupancyOptions, frame_votes
+
+    opt = OccupancyOptions(resolution=0.5, floor_z=0.25, min_height=0.25, max_height=1.25, max_range=5.0,
+                           slab_height=0.25)
+    assert opt.slabs == 4
+    # slab k holds heights (min + k s, min + (k + 1) s]
+    np.testing.assert_array_equal(opt.slab_of(np.array([0.26, 0.5, 0.51, 0.75, 1.0, 1.01, 1.25, 9.0, -1.0])),
+                                  [0, 0, 1, 1, 2, 3, 3, 3, 0])
+    assert OccupancyOptions(min_height=0.1, max_height=1.0, slab_height=0.2).slabs == 5
+    assert OccupancyOptions(min_height=0.1, max_height=0.2, slab_height=1.0).slabs == 1
+    cam = np.array([0.0, 0.0, 1.0])
+    pts = np.array([[3.0, 4.0, 1.0],  # exactly max_range away (horizontally): used, height 0.75 -> slab 1
+                    [3.0, -4.01, 1.0],  # just beyond: ignored
+                    [-1.2, 0.2, 0.5],  # height 0.25 above the floor = min_height: a floor point
+                    [1.2, -1.2, 1.5]])  # height 1.25 = max_height: in the band, top slab
+    v = frame_votes(pts, cam, opt)
+    occ = {(s, int(j + v.lo[1]), int(i + v.lo[0])) for s, j, i in zip(*np.nonzero(v.occ))}
+    assert occ == {(1, 8, 6), (3, -3, 2)}
+    assert (-3, 0) in {tuple(c) for c in v.cells("free")}, "the floor point's cell is free"
+    fj, fi = np.nonzero(v.floor)
+    assert list(zip((fi + v.lo[0]).tolist(), (fj + v.lo[1]).tolist())) == [(-3, 0)]
+    # nothing usable (ceiling and NaN only): an empty window
+    empty = frame_votes(np.array([[1.0, 1.0, 3.0], [np.nan, 0.0, 0.5]]), cam, opt)
+    assert empty.occ.shape == (4, 0, 0) and empty.floor.shape == (0, 0) and len(empty.cells("any")) == 0
+
+
+def test_the_grid_is_cropped_to_what_was_seen_and_origins_follow():
+    from ros2_stream4d.mapping.occupancy import OCCUPIED, UNKNOWN, OccupancyGrid, OccupancyOptions, Votes
+
+    opt = OccupancyOptions(resolution=0.25, min_height=0.1, max_height=0.5, slab_height=0.2)
+    g = OccupancyGrid(opt)
+    data, origin, res = g.to_arrays()
+    assert data.shape == (0, 0) and data.dtype == np.int8 and res == 0.25
+    occ = np.zeros((2, 1, 2), bool)
+    occ[0, 0, 1] = True
+    g.add(Votes(np.array([-7, 3]), occ, np.zeros_like(occ), np.zeros((1, 2), bool)))
+    data, origin, _ = g.to_arrays()
+    assert data.tolist() == [[OCCUPIED]]
+    np.testing.assert_allclose(origin, [-1.5, 0.75])
+    full, full_origin, _ = g.to_arrays(crop=False)
+    assert full.shape[0] > 1 and full.shape[1] > 2 and (full == UNKNOWN).sum() == full.size - 1
+    i, j = -6 - round(full_origin[0] / 0.25), 3 - round(full_origin[1] / 0.25)
+    assert full[j, i] == OCCUPIED
+    g.add(Votes(np.array([-7, 3]), occ, np.zeros_like(occ), np.zeros((1, 2), bool)), sign=-1)
+    assert g.to_arrays()[0].shape == (0, 0), "votes removed: nothing seen"
+    g.clear()
+    assert g.floor.shape == (0, 0) and g.occ.shape == (2, 0, 0)
+
+
+def test_keyframe_config_dict_round_trips_and_spill_directories(tmp_path):
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap, KeyframeMapConfig
+
+    cfg = _cloud_config(keyframe_distance=0.7, spill_dir=str(tmp_path / "a" / "b"), max_keyframes_in_memory=1,
+                        keyframe_max_frames=1)
+    d = cfg.to_dict()
+    assert d["keyframe_distance"] == 0.7 and d["stride"] == 2 and d["tsdf"] is False
+    assert KeyframeMapConfig(**d) == cfg
+    m = KeyframeMap(cfg)
+    for k in range(3):
+        m.integrate(_map_frame(np.eye(4), stamp=k))
+    assert m.spill_root() == tmp_path / "a" / "b"
+    assert sorted(p.suffix for p in (tmp_path / "a" / "b").iterdir()) == [".npz", ".npz"]
+    m.close()
+    assert (tmp_path / "a" / "b").is_dir(), "a configured spill directory is not the map's to remove"
+    own = KeyframeMap(_cloud_config())
+    assert own.spill_root().name.startswith("stream4d_keyframes_")
+    own.close()
