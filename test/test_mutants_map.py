@@ -239,6 +239,13 @@ def test_segments_stats_erase_and_rebuild_from_stored_keyframes(tmp_path):
     assert spill.is_dir() and len(list(spill.iterdir())) == 2
     b0 = m.frames_of(m.keyframes[0])
     assert b0.stamps.tolist() == [0, 1]
+    # a spilled keyframe is read back as itself: a file holding another keyframe is refused
+    kf0, kf1 = m.keyframes[0], m.keyframes[1]
+    saved = kf0.spill_path.read_bytes()
+    kf0.spill_path.write_bytes(kf1.spill_path.read_bytes())
+    with pytest.raises(ValueError, match="holds keyframe 1, expected 0"):
+        m.frames_of(kf0)
+    kf0.spill_path.write_bytes(saved)
 
     # a map made of the stored keyframes has the same cloud; the next frame starts a new segment and id
     stored = [(kf.id, kf.segment, kf.T_map_kf, m.frames_of(kf)) for kf in m.keyframes]
@@ -279,8 +286,18 @@ def test_keyframe_files_round_trip_and_damage_is_named(tmp_path):
     with pytest.raises(ValueError, match="old.npz: unknown or missing version"):
         read_keyframe_file(tmp_path / "old.npz")
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ValueError, match=r"keyframe file cut.npz is unreadable \("):
+    with pytest.raises(ValueError, match=r"keyframe file cut.npz is unreadable \(BadZipFile: "):
         read_keyframe_file(tmp_path / "cut.npz")
+    # no unpickling of a file's object arrays
+    np.savez(tmp_path / "obj.npz", version=np.int64(1), id=np.int64(0), segment=np.int64(0),
+             **{**frames.arrays(), "stamps": np.array([5, None], dtype=object)})
+    with pytest.raises(ValueError, match="allow_pickle"):
+        read_keyframe_file(tmp_path / "obj.npz")
+    # a file's arrays are checked, and the error names the file
+    np.savez(tmp_path / "f32.npz", version=np.int64(1), id=np.int64(0), segment=np.int64(0),
+             **{**frames.arrays(), "depth": frames.depth.astype(np.float32)})
+    with pytest.raises(ValueError, match=r"^keyframe file f32.npz: depth must be \(2, 12, 16\) float16"):
+        read_keyframe_file(tmp_path / "f32.npz")
 
     a = frames.arrays()
     with pytest.raises(ValueError, match=r"here: missing arrays \['K', 'rgb'\]"):
@@ -418,7 +435,7 @@ def test_the_grid_is_cropped_to_what_was_seen_and_origins_follow():
     opt = OccupancyOptions(resolution=0.25, min_height=0.1, max_height=0.5, slab_height=0.2)
     g = OccupancyGrid(opt)
     data, origin, res = g.to_arrays()
-    assert data.shape == (0, 0) and data.dtype == np.int8 and res == 0.25
+    assert data.shape == (0, 0) and data.dtype == np.int8 and res == 0.25 and origin.tolist() == [0.0, 0.0]
     occ = np.zeros((2, 1, 2), bool)
     occ[0, 0, 1] = True
     g.add(Votes(np.array([-7, 3]), occ, np.zeros_like(occ), np.zeros((1, 2), bool)))
@@ -430,7 +447,9 @@ def test_the_grid_is_cropped_to_what_was_seen_and_origins_follow():
     i, j = -6 - round(full_origin[0] / 0.25), 3 - round(full_origin[1] / 0.25)
     assert full[j, i] == OCCUPIED
     g.add(Votes(np.array([-7, 3]), occ, np.zeros_like(occ), np.zeros((1, 2), bool)), sign=-1)
-    assert g.to_arrays()[0].shape == (0, 0), "votes removed: nothing seen"
+    data, origin, _ = g.to_arrays()
+    assert data.shape == (0, 0) and data.dtype == np.int8, "votes removed: nothing seen"
+    assert origin.tolist() == [0.0, 0.0]
     g.clear()
     assert g.floor.shape == (0, 0) and g.occ.shape == (2, 0, 0)
 
