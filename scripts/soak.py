@@ -320,7 +320,7 @@ def run_oracle(args) -> dict:
             t1 = time.perf_counter()
             msgs = [assembler.occupancy_message(data, origin, resolution, stamp)] if data.size else []
             sizes["grid cells"] = int(data.size)
-        nbytes = sum(len(serialize_message(m)) for m in msgs)
+        nbytes = sum(len(m) if isinstance(m, bytes) else len(serialize_message(m)) for m in msgs)  # mesh: bytes
         builds[key].append((t1 - t0, time.perf_counter() - t1, nbytes))
 
     for kind, msg in _bag_frames(bag, args.frames):

@@ -11,9 +11,7 @@ import array
 from typing import Any
 
 import numpy as np
-from geometry_msgs.msg import Point
 from nav_msgs.msg import OccupancyGrid, Path
-from std_msgs.msg import ColorRGBA
 from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import Marker
 
@@ -120,9 +118,10 @@ class OutputAssembler:
         return conv.numpy_to_pointcloud2(xyz, rgb, conf, frame_id=self.cfg.map_frame, stamp=stamp)
 
     def mesh_messages(self, vertices: np.ndarray, triangles: np.ndarray, colours: np.ndarray, stamp: Any
-                      ) -> list[Marker]:
+                      ) -> list[bytes]:
         """The TSDF mesh as visualization_msgs/Marker TRIANGLE_LISTs in map with one colour per corner (split into
-        several markers above 500k triangles; layout from mapping/products.py). frame_locked: it follows map."""
+        several markers above 500k triangles; layout from mapping/products.py), serialised (a publisher and a bag
+        take the bytes; conversions.serialized_marker). frame_locked: it follows map."""
         out = []
         for f in mesh_marker_fields(vertices, triangles, colours, frame_id=self.cfg.map_frame, ns="stream4d_mesh"):
             m = Marker()
@@ -132,9 +131,7 @@ class OutputAssembler:
             m.scale.x, m.scale.y, m.scale.z = f["scale"]
             m.color.r, m.color.g, m.color.b, m.color.a = f["color"]
             m.frame_locked = True
-            m.points = [Point(x=x, y=y, z=z) for x, y, z in f["points"].tolist()]
-            m.colors = [ColorRGBA(r=r, g=g, b=b, a=a) for r, g, b, a in f["colors"].tolist()]
-            out.append(m)
+            out.append(conv.serialized_marker(m, f["points"], f["colors"]))
         return out
 
     def occupancy_message(self, data: np.ndarray, origin: Any, resolution: float, stamp: Any) -> OccupancyGrid:
