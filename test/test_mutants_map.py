@@ -472,3 +472,26 @@ def test_keyframe_config_dict_round_trips_and_spill_directories(tmp_path):
     own = KeyframeMap(_cloud_config())
     assert own.spill_root().name.startswith("stream4d_keyframes_")
     own.close()
+
+
+def test_the_grid_grows_to_a_tall_window_far_from_the_origin():
+    """A window far away in x and taller (in y) than the growth margin: every vote lands in its own cell."""
+    from ros2_stream4d.mapping.occupancy import FREE, OCCUPIED, OccupancyGrid, OccupancyOptions, Votes
+
+    opt = OccupancyOptions(resolution=0.1, min_height=0.1, max_height=0.3, slab_height=0.2)
+    g = OccupancyGrid(opt)
+    rows, cols = 150, 3
+    occ = np.zeros((1, rows, cols), bool)
+    occ[0, 0, 0] = occ[0, rows - 1, cols - 1] = True
+    floor = np.zeros((rows, cols), bool)
+    floor[rows // 2, 1] = True
+    g.add(Votes(np.array([400, -20]), occ, np.zeros_like(occ), floor))
+    g.add(Votes(np.array([-300, 90]), occ[:, :1, :1], np.zeros((1, 1, 1), bool), np.zeros((1, 1), bool)))
+    data, origin, _ = g.to_arrays(crop=False)
+
+    def at(i, j):
+        return data[j - round(origin[1] / 0.1), i - round(origin[0] / 0.1)]
+
+    assert at(400, -20) == OCCUPIED and at(402, -20 + rows - 1) == OCCUPIED and at(401, -20 + rows // 2) == FREE
+    assert at(-300, 90) == OCCUPIED
+    assert (data == OCCUPIED).sum() == 3 and (data == FREE).sum() == 1
