@@ -495,3 +495,18 @@ def test_the_grid_grows_to_a_tall_window_far_from_the_origin():
     assert at(400, -20) == OCCUPIED and at(402, -20 + rows - 1) == OCCUPIED and at(401, -20 + rows // 2) == FREE
     assert at(-300, 90) == OCCUPIED
     assert (data == OCCUPIED).sum() == 3 and (data == FREE).sum() == 1
+
+
+def test_rays_follow_the_floor_height_and_every_direction_casts_its_own():
+    from ros2_stream4d.mapping.occupancy import OccupancyOptions, frame_votes
+
+    # the floor at z = 1 m: the camera 0.5 m above it sees a wall point 0.5 m above it; the ray stays in the band
+    opt = OccupancyOptions(resolution=0.1, floor_z=1.0, min_height=0.1, max_height=1.5, slab_height=0.2)
+    v = frame_votes(np.array([[2.05, 0.05, 1.5]]), np.array([0.05, 0.05, 1.5]), opt)
+    free = {tuple(c) for c in v.cells("free")}
+    assert {(i, 0) for i in range(1, 19)} <= free, "the ray up to (about) a cell short of the wall is free"
+    # two ends at the same height in directions 90 degrees apart: the nearer one casts its own ray too
+    opt = OccupancyOptions(resolution=0.1)
+    v = frame_votes(np.array([[2.05, 0.05, 0.5], [0.05, 1.05, 0.5]]), np.array([0.05, 0.05, 0.5]), opt)
+    free = {tuple(c) for c in v.cells("free")}
+    assert {(0, j) for j in range(1, 9)} <= free and {(i, 0) for i in range(1, 19)} <= free
