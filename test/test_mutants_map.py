@@ -510,3 +510,18 @@ def test_rays_follow_the_floor_height_and_every_direction_casts_its_own():
     v = frame_votes(np.array([[2.05, 0.05, 0.5], [0.05, 1.05, 0.5]]), np.array([0.05, 0.05, 0.5]), opt)
     free = {tuple(c) for c in v.cells("free")}
     assert {(0, j) for j in range(1, 9)} <= free and {(i, 0) for i in range(1, 19)} <= free
+
+
+def test_rays_clear_neither_the_camera_cell_for_a_neighbour_nor_anything_behind_an_obstacle():
+    from ros2_stream4d.mapping.occupancy import OccupancyOptions, frame_votes
+
+    opt = OccupancyOptions(resolution=0.1)
+    # an obstacle in the next cell, 7 cm away: its ray is shorter than one cell, no sample at all
+    v = frame_votes(np.array([[0.15, 0.05, 0.5]]), np.array([0.08, 0.05, 0.5]), opt)
+    assert {tuple(c) for c in v.cells("any")} == {(1, 0)}
+    cam = np.array([0.05, 0.05, 0.5])
+    # an obstacle at x = 1.05 and another one further out (the window reaches past the first): the cells right
+    # behind the first stay unknown
+    v = frame_votes(np.array([[1.05, 0.05, 0.5], [2.05, 1.05, 0.5]]), cam, opt)
+    free = {tuple(c) for c in v.cells("free")}
+    assert (8, 0) in free and (10, 0) not in free and (11, 0) not in free and (12, 0) not in free
