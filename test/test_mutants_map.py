@@ -49,7 +49,7 @@ def test_tsdf_refuses_bad_shapes_and_skips_frames_without_usable_depth():
     depth, rgb = _wall()
     with pytest.raises(ValueError, match="depth must be"):
         v.integrate(depth[None], rgb, K, np.eye(4))
-    with pytest.raises(ValueError, match="rgb must be"):
+    with pytest.raises(ValueError, match=r"rgb must be \(48, 64, 3\), got \(48, 63, 3\)"):
         v.integrate(depth, rgb[:, :-1], K, np.eye(4))
     with pytest.raises(ValueError, match="rgb must be"):
         v.integrate(depth, rgb[..., :2], K, np.eye(4))
@@ -57,7 +57,7 @@ def test_tsdf_refuses_bad_shapes_and_skips_frames_without_usable_depth():
                 np.full((H, W), 2.01, np.float32), np.full((H, W), np.inf, np.float32)):
         assert v.integrate(bad, rgb, K, np.eye(4)) is False
     assert v.frames == 0 and v.blocks() == 0
-    assert [a.shape for a in v.mesh()] == [(0, 3), (0, 3), (0, 3)]
+    assert [(a.shape, a.dtype) for a in v.mesh()] == [((0, 3), np.float32), ((0, 3), np.int32), ((0, 3), np.uint8)]
     # depths exactly at depth_max touch no block (Open3D's own range test): skipped, not an error
     assert v.integrate(np.full((H, W), 2.0, np.float32), rgb, K, np.eye(4)) is False
     mixed = np.full((H, W), 2.5, np.float32)
@@ -108,6 +108,15 @@ def test_tsdf_mesh_is_canonical_and_consistently_oriented():
     normals = np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
     side = np.sign(normals @ T[:3, 2])
     assert abs(side.sum()) == len(side)
+
+
+def test_tsdf_fuses_surfaces_nearer_than_a_metre():
+    v = TsdfVolume(voxel_size=0.02, depth_max=3.0, min_weight=0.5)
+    depth, rgb = _wall(0.53)
+    assert v.integrate(depth, rgb, K, np.eye(4)) is True
+    verts = v.mesh()[0]
+    assert len(verts) > 100
+    np.testing.assert_allclose(verts[:, 2], 0.53, atol=2e-3)
 
 
 def test_tsdf_min_weight_needs_more_observations():
