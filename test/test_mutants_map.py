@@ -36,8 +36,13 @@ def test_tsdf_options_are_validated():
         with pytest.raises(ValueError, match="voxel_size"):
             TsdfVolume(**kw)
     for kw in ({"trunc_voxels": 0.0}, {"depth_max": 0.0}, {"trunc_voxels": -1.0}, {"depth_max": -2.0}):
-        with pytest.raises(ValueError, match="trunc_voxels and depth_max"):
+        with pytest.raises(ValueError, match="^trunc_voxels and depth_max must be > 0$"):
             TsdfVolume(**kw)
+    small = TsdfVolume(trunc_voxels=0.5, depth_max=0.5)
+    assert (small.trunc_voxels, small.depth_max) == (0.5, 0.5)
+    d = TsdfVolume()  # the documented defaults
+    assert (d.voxel_size, d.trunc_voxels, d.depth_max, d.block_resolution, d.block_count, d.min_weight) == (
+        0.05, 6.0, 5.0, 8, 20_000, 1.0)
     v = TsdfVolume(voxel_size=0.04, trunc_voxels=5, depth_max=2.5, block_resolution=16, block_count=1000)
     assert (v.voxel_size, v.trunc_voxels, v.depth_max, v.block_resolution, v.block_count) == (0.04, 5.0, 2.5, 16, 1000)
     np.testing.assert_array_equal(v.offset, [0.02, 0.02, 0.02])
@@ -117,6 +122,22 @@ def test_tsdf_fuses_surfaces_nearer_than_a_metre():
     verts = v.mesh()[0]
     assert len(verts) > 100
     np.testing.assert_allclose(verts[:, 2], 0.53, atol=2e-3)
+
+
+def test_tsdf_mesh_is_on_the_half_shifted_lattice_faces_the_camera_and_keeps_zero_channels():
+    v = TsdfVolume(voxel_size=0.04, depth_max=3.0, min_weight=0.5)
+    depth, rgb = _wall(1.1, colour=(0, 99, 255))
+    v.integrate(depth, rgb, K, np.eye(4))
+    verts, tris, cols = v.mesh()
+    assert tris.shape[1] == 3 and (cols == (0, 99, 255)).all()
+    # a fronto-parallel wall: vertices on the lattice's z edges, at x = (k + 1/2) voxel
+    x = np.unique(np.round(verts[:, 0].astype(np.float64), 6))
+    np.testing.assert_allclose(np.diff(x), 0.04, atol=1e-5)
+    k = x / 0.04 - 0.5
+    np.testing.assert_allclose(k, np.round(k), atol=1e-4)
+    # Open3D's orientation kept: every triangle's normal points back to the camera
+    p = verts.astype(np.float64)[tris]
+    assert (np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])[:, 2] < 0).all()
 
 
 def test_tsdf_min_weight_needs_more_observations():
