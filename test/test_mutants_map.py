@@ -555,3 +555,16 @@ def test_rays_clear_neither_the_camera_cell_for_a_neighbour_nor_anything_behind_
     v = frame_votes(np.array([[1.05, 0.05, 0.5], [2.05, 1.05, 0.5]]), cam, opt)
     free = {tuple(c) for c in v.cells("free")}
     assert (8, 0) in free and (10, 0) not in free and (11, 0) not in free and (12, 0) not in free
+
+
+def test_tsdf_blocks_follow_the_block_size_and_the_truncation_band():
+    depth, rgb = _wall(1.23)
+
+    def blocks(**kw):
+        v = TsdfVolume(voxel_size=0.02, depth_max=3.0, **kw)
+        v.integrate(depth, rgb, K, np.eye(4))
+        return v.blocks()
+
+    assert blocks(block_resolution=4) > 2 * blocks(block_resolution=16), "smaller blocks: more of them"
+    assert blocks(trunc_voxels=1.0, block_resolution=4) < blocks(trunc_voxels=12.0, block_resolution=4), \
+        "a wider truncation band touches more blocks"
