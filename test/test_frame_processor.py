@@ -309,3 +309,23 @@ def test_backend_loop_settings_change_live_and_the_worker_stops_with_the_pipelin
     finally:
         pipeline.close()
     assert not thread.is_alive() and pipeline.backend is None
+
+
+def test_a_camera_tree_under_odom_gets_map_to_odom_and_conflicts_only_with_the_backend():
+    """A driver or simulator publishing odom -> ... -> the camera (no base_frame given): camera only, the tree's
+    root is odom and the node publishes map -> odom; with the back-end, odom would get the back-end's map -> odom
+    and the estimate's odom -> root at once, so the node refuses with one clear error."""
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+
+    buf = TfBuffer()
+    _static(buf, "odom", "cam_link", (0.0, 0.0, 0.5))
+    _static(buf, "cam_link", "cam_optical", (0.0, 0.0, 0.0))
+    processor, _, _ = _processor(tf=buf)
+    out = dict(processor.process(0, 1_000_000_000, "cam_optical", _image(0)).messages)
+    assert set(_tf_of(out)) == {("map", "odom")}
+    processor, pipeline, log = _processor(tf=buf, backend=True)
+    try:
+        out = dict(processor.process(0, 1_000_000_000, "cam_optical", _image(0)).messages)
+        assert "tf" not in out and "odom" in processor.decision.conflict
+    finally:
+        pipeline.close()

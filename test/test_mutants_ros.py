@@ -219,9 +219,12 @@ def test_decide_with_the_backend_puts_the_camera_root_below_odom():
     assert (d.mode, d.parent, d.child, d.moving_frame) == ("none", "", "opt", "opt")
     assert d.conflict == ("'odom_x' already has the parent 'earth' from another node: the back-end cannot publish "
                           "world -> odom_x")
-    # the camera already hangs below odom (another node): nothing, naming the frame it hangs below
-    d = decide(_cfg(), FakeTf({"opt": "link", "link": "odom_x"}), "opt", False, set())
+    # the camera already hangs below odom (another node): with the back-end nothing, naming the frame it hangs
+    # below; without it odom is the tree's root and gets map -> odom
+    d = decide(cfg, FakeTf({"opt": "link", "link": "odom_x"}), "opt", False, set())
     assert d.mode == "none" and d.conflict.startswith("'opt' already hangs below 'odom_x' through another node")
+    d = decide(_cfg(), FakeTf({"opt": "link", "link": "odom_x"}), "opt", False, set())
+    assert (d.mode, d.parent, d.child, d.conflict) == ("map_to_camera", "world", "odom_x", "")
 
 
 def test_the_backend_correction_in_body_pose_and_edges():

@@ -84,7 +84,8 @@ def decide(cfg: Any, tf: TfView, camera_frame: str, external_odom: bool,
         mode = "map_to_camera" if not cfg.base_frame else ("map_to_odom" if external_odom else "odom_to_base")
     if mode == "map_to_camera":
         root = camera_tree_root(tf, camera_frame, own_edges)
-        if root in (cfg.map_frame, cfg.odom_frame):
+        # with the back-end, odom is the parent of the root this node publishes: a tree already under odom conflicts
+        if root == cfg.map_frame or (cfg.backend and root == cfg.odom_frame):
             return TfDecision("none", "", camera_frame, camera_frame,
                               f"{camera_frame!r} already hangs below {root!r} through another node's TF: "
                               "the node publishes no TF")
