@@ -568,3 +568,25 @@ def test_tsdf_blocks_follow_the_block_size_and_the_truncation_band():
     assert blocks(block_resolution=4) > 2 * blocks(block_resolution=16), "smaller blocks: more of them"
     assert blocks(trunc_voxels=1.0, block_resolution=4) < blocks(trunc_voxels=12.0, block_resolution=4), \
         "a wider truncation band touches more blocks"
+
+
+def test_short_rays_descending_rays_and_repeated_floor_votes():
+    from ros2_stream4d.mapping.occupancy import FREE, OccupancyGrid, OccupancyOptions, frame_votes
+
+    opt = OccupancyOptions(resolution=0.1)
+    cam = np.array([0.05, 0.05, 0.5])
+    # a ray shorter than a metre is sampled along its whole length
+    free = {tuple(c) for c in frame_votes(np.array([[0.65, 0.05, 0.5]]), cam, opt).cells("free")}
+    assert {(1, 0), (2, 0), (3, 0), (4, 0)} <= free
+    # a ray from 1.4 m down to a floor point: its samples below the band (the last ~7 %) vote nothing
+    v = frame_votes(np.array([[3.05, 0.05, 0.0]]), np.array([0.05, 0.05, 1.4]), opt)
+    free = {tuple(c) for c in v.cells("free")}
+    assert (20, 0) in free and (29, 0) not in free and (30, 0) in free, "(30, 0) is the floor cell itself"
+    # floor votes add up: two frames' votes, one removed, the cell is still seen
+    g = OccupancyGrid(opt)
+    floor_only = frame_votes(np.array([[1.05, 0.05, 0.0]]), np.array([1.05, 0.05, 0.0]), opt)
+    g.add(floor_only)
+    g.add(floor_only)
+    g.add(floor_only, sign=-1)
+    data, origin, _ = g.to_arrays()
+    assert data.tolist() == [[FREE]] and origin.tolist() == pytest.approx([1.0, 0.0])
