@@ -590,3 +590,13 @@ def test_short_rays_descending_rays_and_repeated_floor_votes():
     g.add(floor_only, sign=-1)
     data, origin, _ = g.to_arrays()
     assert data.tolist() == [[FREE]] and origin.tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_occupancy_option_limits():
+    from ros2_stream4d.mapping.occupancy import OccupancyOptions
+
+    with pytest.raises(ValueError, match=r"^occupancy band needs max_height > min_height, got 0.5, 0.5$"):
+        OccupancyOptions(min_height=0.5, max_height=0.5)
+    with pytest.raises(ValueError, match=r"^occupancy max_range must be > 0, got 0.0$"):
+        OccupancyOptions(max_range=0.0)
+    assert OccupancyOptions(max_range=0.5).max_range == 0.5
