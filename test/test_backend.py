@@ -226,3 +226,30 @@ def test_drift_model_is_seeded_and_exact_without_drift():
     assert np.array_equal(a, b) and np.array_equal(sa, sb)
     z, sz = DriftModel(scale_per_m=0, yaw_deg_per_m=0, scale_walk=0, yaw_walk_deg=0).run(T)
     assert np.allclose(z, T, atol=1e-12) and np.allclose(sz, 1.0)
+
+
+def test_the_service_solves_in_a_child_process_exactly_as_in_process():
+    """The pose graph is solved in a child process (GTSAM's bindings hold the interpreter lock while optimising):
+    the same result as solving in the worker thread, and the child goes with the back-end."""
+    import os
+
+    from ros2_stream4d.mapping.backend.posegraph import optimise_snapshot
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    T = circle_keyframes()
+    g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=0))
+    n = len(T)
+    g.add_edge(n - 1, 0, loop_edge(T, scales, n - 1, 0), LOOP)
+    snap = g.snapshot()
+    backend = LongRunBackend(BackendConfig())
+    try:
+        child = backend._solve(snap)
+        assert backend._pool is not None
+        assert set(backend._pool._processes) - {os.getpid()}, "solved in another process"
+    finally:
+        backend.close()
+    here = optimise_snapshot(snap, g.config)
+    assert child.ok and here.ok and set(child.poses) == set(here.poses)
+    for k in here.poses:
+        np.testing.assert_allclose(child.poses[k], here.poses[k], atol=1e-9)
+    assert backend._pool is None

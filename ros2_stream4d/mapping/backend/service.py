@@ -23,9 +23,12 @@ optimisation leaves the map on odometry and says why in the diagnostics.
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +53,9 @@ class BackendConfig:
     segment_sigma_trans: float = 0.5  # m
     segment_sigma_scale: float = 0.2
     max_queue: int = 1000  # keyframes waiting for the worker (beyond: the oldest waiting are dropped, counted)
+    # the pose graph is solved in a child process: GTSAM's bindings hold the interpreter lock while they optimise,
+    # which stalled the frame thread for seconds per optimisation on a 1400-keyframe graph (docs/longrun)
+    optimise_in_subprocess: bool = True
 
 
 class LongRunBackend:
@@ -73,6 +79,7 @@ class LongRunBackend:
                       "last_drop_reason": "", "edges_rejected_by_graph": 0, "corrections_applied": 0}
         self.keyframe_s: list[float] = []
         self.optimisation_s: list[float] = []
+        self._pool: ProcessPoolExecutor | None = None  # the optimiser's child process, started at the first solve
         self._thread = threading.Thread(target=self._run, name="stream4d-backend", daemon=True)
         self._thread.start()
 
@@ -165,6 +172,9 @@ class LongRunBackend:
         self._stop = True
         self._queue.put(None)
         self._thread.join(timeout=10.0)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -204,10 +214,23 @@ class LongRunBackend:
         if accepted:
             self._optimise()
 
+    def _solve(self, snap) -> OptimisationResult:
+        """optimise_snapshot, in the child process (the worker thread waits without the interpreter lock) unless
+        optimise_in_subprocess is off. A child that dies is reported as a dropped optimisation and replaced."""
+        if not self.config.optimise_in_subprocess:
+            return optimise_snapshot(snap, self.config.graph)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return self._pool.submit(optimise_snapshot, snap, self.config.graph).result()
+        except BrokenProcessPool as exc:
+            self._pool = None
+            return OptimisationResult(False, reason=f"the optimiser process died ({exc}); a new one starts next time")
+
     def _optimise(self) -> None:
         with self._lock:
             snap = self.graph.snapshot()
-        res = optimise_snapshot(snap, self.config.graph)
+        res = self._solve(snap)
         self.optimisation_s = (self.optimisation_s + [res.seconds])[-1000:]
         with self._lock:
             self.graph.accept(res)
