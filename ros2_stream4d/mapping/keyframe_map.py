@@ -297,12 +297,6 @@ class KeyframeMap:
     def _build_products(self) -> None:
         self.products = MapProducts(self.config)
 
-    def _fuse(self, depth: np.ndarray, conf: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray):
-        self.products.fuse(depth, conf, rgb, K, T_map_cam)
-
-    def _flush_cloud(self) -> None:
-        self.products.flush_cloud()
-
     def _refresh(self) -> None:
         """Products stale after a pose update: rebuilt now, or (background_rebuild) by the rebuild thread while the
         current ones stay in use."""
@@ -398,7 +392,7 @@ class KeyframeMap:
         kf.n_frames = n + 1
         kf.frames = FrameBatch(**{name: a[:n + 1] for name, a in buf.items()})
         # products see exactly what a rebuild will see: the stored (float16) frame at the stored relative pose
-        self._fuse(depth16.astype(np.float32), conf16, rgb, K, kf.T_map_kf @ kf.frames.T_kf_cam[-1])
+        self.products.fuse(depth16.astype(np.float32), conf16, rgb, K, kf.T_map_kf @ kf.frames.T_kf_cam[-1])
         self.frames += 1
         self._bound_memory()
         return kf
@@ -455,7 +449,7 @@ class KeyframeMap:
     def points(self):
         """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map."""
         self._refresh()
-        self._flush_cloud()
+        self.products.flush_cloud()
         return self.cloud.points()
 
     @_locked
@@ -498,7 +492,7 @@ class KeyframeMap:
     def __len__(self) -> int:
         """Points of the fused cloud (pending frames fused first)."""
         self._refresh()
-        self._flush_cloud()
+        self.products.flush_cloud()
         return len(self.cloud)
 
     @_locked
