@@ -109,6 +109,67 @@ def test_robot_odometry_ownership_and_metric_depth():
     assert (out["odometry"].header.frame_id, out["odometry"].child_frame_id) == ("map", "base_link")
 
 
+def test_waiting_for_odometry_happens_in_wait_for_tf_never_inside_process():
+    """The node calls wait_for_tf before it takes the map lock: the executor thread that delivers /tf may be
+    blocked on that lock in a map timer, so a wait inside process() stalled both for tf_timeout (CI saw a late
+    odometry warning and a wrong map -> odom)."""
+    import dataclasses
+    import threading
+
+    from ros2_stream4d.ros.compat.tf_buffer import TfBuffer
+    from ros2_stream4d.ros.conversions import (
+        matrix_to_transform_stamped,
+        ns_to_time,
+        pose_to_matrix,
+        transform_to_matrix,
+    )
+
+    class CountingBuffer(TfBuffer):
+        def __init__(self):
+            super().__init__()
+            self.waits = []
+
+        def wait_for_stamp(self, target, source, stamp_ns, timeout_s):
+            self.waits.append(timeout_s)
+            return super().wait_for_stamp(target, source, stamp_ns, timeout_s)
+
+    def odom(buf, stamp, x):
+        T = np.eye(4)
+        T[0, 3] = x
+        buf.set_transform(matrix_to_transform_stamped(T, ns_to_time(stamp), "odom", "base_link"))
+
+    buf = CountingBuffer()
+    _static(buf, "base_link", "cam", (0.1, 0, 0.3))
+    odom(buf, 900_000_000, 0.0)
+    processor, _, log = _processor(tf=buf, base_frame="base_link", scale_source="fixed", fixed_scale=2.0,
+                                   tf_timeout=10.0)
+    # the odometry of the image's instant arrives from another thread while wait_for_tf waits
+    timer = threading.Timer(0.2, odom, (buf, 1_100_000_000, 2.0))
+    timer.start()
+    assert processor.wait_for_tf(1_000_000_000)
+    timer.join()
+    buf.waits.clear()
+    out = dict(processor.process(0, 1_000_000_000, "cam", _image(0)).messages)
+    assert buf.waits and all(t == 0.0 for t in buf.waits), f"process() waited for TF: {buf.waits}"
+    (tf,) = out["tf"].transforms
+    assert (tf.header.frame_id, tf.child_frame_id) == ("map", "odom")
+    # map -> odom at the image stamp: odometry interpolated half-way (x = 1.0), not the latest (x = 2.0)
+    T_odom_base = np.eye(4)
+    T_odom_base[0, 3] = 1.0
+    assert out["odometry"].header.frame_id == "map"
+    np.testing.assert_allclose(transform_to_matrix(tf) @ T_odom_base, pose_to_matrix(out["odometry"].pose),
+                               atol=1e-6)
+    assert not any("late odometry" in line for line in log.lines)
+
+    # odometry that never comes: wait_for_tf gives up after tf_timeout; process() warns and uses the latest
+    processor.set_config(dataclasses.replace(processor.cfg, tf_timeout=0.05))  # a live parameter
+    assert not processor.wait_for_tf(1_300_000_000)
+    buf.waits.clear()
+    processor.process(0, 1_300_000_000, "cam", _image(1))
+    assert all(t == 0.0 for t in buf.waits)
+    assert any("late odometry" in line for line in log.lines)
+
+
 def test_a_backwards_time_jump_starts_a_new_stream():
     processor, pipeline, log = _processor()
     processor.process(0, 2_000_000_000, "cam", _image(0))

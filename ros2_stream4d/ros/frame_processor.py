@@ -235,8 +235,31 @@ class FrameProcessor:
                                              f"{self._size[1]}x{self._size[0]} images")
 
     # ------------------------------------------------------------------ one frame
+    def wait_for_tf(self, stamp_ns: int) -> bool:
+        """Wait up to tf_timeout until the odometry this frame reads (odom -> base_frame at stamp_ns) has arrived;
+        False on timeout (process() then warns "late odometry" and uses the latest). process() itself never
+        waits: a live caller calls this first, holding no lock that the thread delivering /tf may need."""
+        base = self.cfg.base_frame
+        if not base:
+            return True
+        deadline = time.monotonic() + self.cfg.tf_timeout
+        external = self._external_odom
+        if external is None:  # the first image may arrive just before the odometry of its instant
+            while self.tf.parent_of(base) is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            external = self._odometry_is_external()
+        if not (external or self.cfg.scale_source == "odometry"):
+            return True
+        return self.tf.wait_for_stamp(self.cfg.odom_frame, base, stamp_ns, max(0.0, deadline - time.monotonic()))
+
+    def _odometry_is_external(self) -> bool:
+        """Another node publishes the parent of base_frame (decided before we ever publish odom -> base)."""
+        parent = self.tf.parent_of(self.cfg.base_frame)
+        return parent is not None and (parent, self.cfg.base_frame) not in self.assembler.own_edges
+
     def process(self, cam: int, stamp_ns: int, header_frame: str, rgb: np.ndarray) -> FrameOutput:
-        """One decoded frame: input checks, one pipeline step, and the messages to publish."""
+        """One decoded frame: input checks, one pipeline step, and the messages to publish. Reads TF as it is
+        now (see wait_for_tf)."""
         camera_frame = self.cfg.camera_frame or header_frame or "camera_optical_frame"
         outcome = self._outcome(cam, stamp_ns, camera_frame, rgb)
         if isinstance(outcome, Skipped):
@@ -311,16 +334,11 @@ class FrameProcessor:
                 T_base_cam = self.tf.lookup(base, camera_frame)
             except TransformNotFound:
                 return Skipped("no extrinsic", f"waiting for TF {base} -> {camera_frame} on /tf_static")
-            if self._external_odom is None:  # decided before we ever publish odom->base ourselves
-                # the first image may arrive just before the odometry of its instant: give it tf_timeout
-                deadline = time.monotonic() + self.cfg.tf_timeout
-                while self.tf.parent_of(base) is None and time.monotonic() < deadline:
-                    time.sleep(0.002)
-                parent = self.tf.parent_of(base)
-                self._external_odom = parent is not None and (parent, base) not in self.assembler.own_edges
+            if self._external_odom is None:
+                self._external_odom = self._odometry_is_external()
             if self._external_odom or self.cfg.scale_source == "odometry":
-                at: int | None = stamp_ns  # odometry at the image's time
-                if not self.tf.wait_for_stamp(self.cfg.odom_frame, base, stamp_ns, self.cfg.tf_timeout):
+                at: int | None = stamp_ns  # odometry at the image's time (wait_for_tf gave it time to arrive)
+                if not self.tf.wait_for_stamp(self.cfg.odom_frame, base, stamp_ns, 0.0):
                     self.warnings.warn("late odometry", f"no {self.cfg.odom_frame} -> {base} at the image stamp "
                                                         f"within {self.cfg.tf_timeout} s", "using the latest")
                     at = None

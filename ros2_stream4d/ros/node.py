@@ -298,6 +298,9 @@ class Stream4DNode(LifecycleNode):
                 return
             for frame in group:  # one instant: every camera's frame in camera order
                 try:
+                    # outside the map lock: the executor thread that delivers /tf may be waiting for that lock
+                    # in a map timer; waiting for odometry while holding it stalled both for tf_timeout
+                    self.processor.wait_for_tf(frame.stamp_ns)
                     with self._map_lock:
                         out = self.processor.process(frame.camera, frame.stamp_ns, frame.header_frame, frame.rgb)
                         messages = out.messages
