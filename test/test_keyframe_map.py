@@ -74,6 +74,34 @@ def test_pose_correction_of_one_keyframe_moves_only_its_geometry():
     assert_same_products(m, build(frames))
 
 
+def test_a_sim3_correction_resizes_the_keyframes_geometry():
+    """A model whose scale drifted to one half saw depth and motion half as long; the pose graph's Sim(3) (scale 2)
+    written into the keyframes gives back the true map: cloud, mesh and grid equal to those of the true frames."""
+    import dataclasses
+
+    frames, _ = room()
+    half = []
+    for f in frames:
+        T = f.T_map_cam.copy()
+        T[:3, 3] /= 2
+        half.append(dataclasses.replace(f, T_map_cam=T, depth=f.depth / 2))
+    m = build(half)
+    D = np.diag([2.0, 2.0, 2.0, 1.0])
+    m.update_poses({kf.id: D @ kf.T_map_kf for kf in m.keyframes})
+    assert_same_products(m, build(frames), atol=1e-4)
+    # new frames integrate into the corrected map at their own (rigid) pose, whatever the keyframe's scale
+    n = len(m.points()[0])
+    m.integrate(frames[-1])
+    assert len(m.points()[0]) == n, "the last true frame adds nothing new to the true map"
+
+    with pytest.raises(ValueError, match="not a rigid or Sim"):
+        shear = np.eye(4)
+        shear[0, 1] = 0.3
+        m.update_poses({m.keyframes[0].id: shear})
+    with pytest.raises(ValueError, match="not a rigid or Sim"):
+        m.update_poses({m.keyframes[0].id: np.diag([-1.0, 1.0, 1.0, 1.0])})  # a reflection
+
+
 def test_rebuild_equals_live_map_and_memory_is_bounded_by_spilling(tmp_path):
     frames, _ = room()
     live = build(frames, max_keyframes_in_memory=2, keyframe_max_frames=2, spill_dir=str(tmp_path))

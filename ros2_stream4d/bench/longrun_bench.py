@@ -124,11 +124,14 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
         rec["describe"] = pipe.describe()
     finally:
         pipe.close()
-    # every frame follows its keyframe: final = T_kf_final inv(T_kf_then) (C T_odom_cam)
+    from ros2_stream4d.mapping.backend import sim3 as S3
+
+    # every frame follows its keyframe: final = T_kf_final inv(T_kf_then) (C T_odom_cam); a keyframe's pose may be
+    # a Sim(3) (its scale resizes its geometry): the camera pose is its rigid part
     final = np.empty_like(rec["T_odom_cam"])
     online = np.einsum("nij,njk->nik", rec["C"], rec["T_odom_cam"])
     for i in range(n):
-        final[i] = rec["kf_final"][int(rec["kf"][i])] @ np.linalg.inv(rec["T_kf_then"][i]) @ online[i]
+        final[i] = S3.to_se3(rec["kf_final"][int(rec["kf"][i])] @ np.linalg.inv(rec["T_kf_then"][i]) @ online[i])
     rec["online"], rec["final"] = online, final
     return rec
 

@@ -7,7 +7,9 @@ is stored as what rebuilds every product: metric z-depth (float16, NaN = invalid
 mask), its confidence (float16), colour (uint8) and intrinsics, at a pixel ``stride`` of the model's resolution,
 with its camera pose relative to the keyframe (fixed). The keyframe's pose in ``map`` (T_map_kf) is the only
 thing a pose correction changes: ``update_poses`` moves the keyframe and the products follow (they are rebuilt from
-the stored frames at the next query; nothing re-runs the model).
+the stored frames at the next query; nothing re-runs the model). A pose may be a Sim(3) ``[[s R, t], [0, 1]]``
+(a pose graph that corrected the scale of the segment the keyframe came from): its frames' depth is then s times
+longer in ``map`` (a monocular model whose scale drifted saw everything s times too small or large).
 
 Products are caches: every integrated frame goes into them at once (cheap: one TSDF integration, one voxel fusion,
 one set of grid votes), and a pose update marks them stale and rebuilds them from all keyframes in the original
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ros2_stream4d.mapping.backend import sim3 as S3
 from ros2_stream4d.mapping.conventions import inverse, pixel_rays, rotation_angle_deg, transform_points
 from ros2_stream4d.mapping.fusion import VoxelMap
 from ros2_stream4d.mapping.occupancy import OccupancyGrid, OccupancyOptions, frame_votes
@@ -158,7 +161,7 @@ def empty_batch(h: int, w: int) -> FrameBatch:
 class Keyframe:
     id: int
     segment: int
-    T_map_kf: np.ndarray  # (4, 4) float64: the keyframe frame (its first camera) in map
+    T_map_kf: np.ndarray  # (4, 4) float64: the keyframe frame (its first camera) in map; rigid or a Sim(3)
     frames: FrameBatch | None  # None while spilled to disk
     n_frames: int = 0
     spill_path: Path | None = None
@@ -166,6 +169,16 @@ class Keyframe:
     @property
     def in_memory(self) -> bool:
         return self.frames is not None
+
+
+def _is_similarity(T: np.ndarray, tol: float = 1e-6) -> bool:
+    """[[s R, t], [0, 0, 0, 1]] with R a rotation and s > 0."""
+    A = T[:3, :3]
+    det = np.linalg.det(A)
+    if not det > 0 or not np.allclose(T[3], (0, 0, 0, 1), atol=tol):
+        return False
+    R = A / np.cbrt(det)
+    return bool(np.allclose(R @ R.T, np.eye(3), atol=tol))
 
 
 def _locked(method):
@@ -225,7 +238,13 @@ class MapProducts:
         return self._ray_cache[1]
 
     def fuse(self, depth: np.ndarray, conf: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray):
-        """Every product takes one stored frame (depth float32 with NaN, already strided)."""
+        """Every product takes one stored frame (depth float32 with NaN, already strided). T_map_cam may be a
+        Sim(3): its scale goes into the depth, the products see a rigid pose."""
+        R, t, scale = S3.decompose(T_map_cam)
+        if abs(scale - 1.0) > 1e-9:
+            depth = depth * np.float32(scale)
+            T_map_cam = np.eye(4)
+            T_map_cam[:3, :3], T_map_cam[:3, 3] = R, t
         if self.tsdf is not None:
             self.tsdf.integrate(depth, rgb, K, T_map_cam)
         cs = self.config.cloud_stride
@@ -386,7 +405,7 @@ class KeyframeMap:
             kf = self._new_keyframe(T, (h, w))
         # the open keyframe fills preallocated buffers (no per-frame re-allocation); frames = views of the filled part
         n, buf = kf.n_frames, self._buf
-        for name, value in (("stamps", np.int64(frame.stamp_ns)), ("T_kf_cam", inverse(kf.T_map_kf) @ T), ("K", K),
+        for name, value in (("stamps", np.int64(frame.stamp_ns)), ("T_kf_cam", S3.inverse(kf.T_map_kf) @ T), ("K", K),
                             ("depth", depth16), ("conf", conf16), ("rgb", rgb)):
             buf[name][n] = value
         kf.n_frames = n + 1
@@ -401,7 +420,7 @@ class KeyframeMap:
         c = self.config
         if kf.n_frames >= c.keyframe_max_frames or kf.frames is None or kf.frames.depth.shape[1:] != hw:
             return True
-        rel = inverse(kf.T_map_kf) @ T
+        rel = inverse(S3.to_se3(kf.T_map_kf)) @ T  # metres in map, whatever the keyframe's scale
         return bool(np.linalg.norm(rel[:3, 3]) > c.keyframe_distance or rotation_angle_deg(rel) > c.keyframe_angle_deg)
 
     def _close_current(self) -> None:
@@ -425,7 +444,8 @@ class KeyframeMap:
 
     @_locked
     def update_poses(self, poses: dict[int, np.ndarray]) -> None:
-        """New T_map_kf for the given keyframe ids; the products follow at the next query or integration."""
+        """New T_map_kf (rigid or Sim(3)) for the given keyframe ids; the products follow at the next query or
+        integration. ValueError for a matrix that is neither."""
         by_id = {kf.id: kf for kf in self.keyframes}
         unknown = sorted(set(poses) - set(by_id))
         if unknown:
@@ -434,6 +454,8 @@ class KeyframeMap:
             T = np.asarray(T, np.float64)
             if T.shape != (4, 4) or not np.isfinite(T).all():
                 raise ValueError(f"pose of keyframe {kid} must be a finite 4x4")
+            if not _is_similarity(T):
+                raise ValueError(f"pose of keyframe {kid} is not a rigid or Sim(3) transform [[s R, t], [0, 1]]")
             by_id[kid].T_map_kf = T.copy()
         if poses:
             self.stale = True

@@ -116,13 +116,14 @@ class LongRunBackend:
 
     def apply(self, pipeline) -> bool:
         """Write the newest accepted correction into the keyframe map and the pipeline: the graph's keyframes get
-        their corrected rigid poses, newer keyframes follow the new map -> odom, and the pipeline integrates the
+        their corrected Sim(3) poses, newer keyframes follow the new map -> odom, and the pipeline integrates the
         next frames through it (pipeline.map_correction). True when something was applied."""
         with self._lock:
             res, self._result = self._result, None
             if res is None:
                 return False
-            solution = {k: S3.to_se3(S) for k, S in self.graph.solution.items()}
+            # Sim(3): a keyframe's scale correction resizes its stored depth in the map (see KeyframeMap)
+            solution = {k: S.copy() for k, S in self.graph.solution.items()}
         last = pipeline.last
         M_new = self.map_from_odom(last.T_map_cam) if last is not None else self._M
         poses = {}
