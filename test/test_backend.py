@@ -243,7 +243,7 @@ def test_the_service_solves_in_a_child_process_exactly_as_in_process():
     snap = g.snapshot()
     backend = LongRunBackend(BackendConfig())
     try:
-        child = backend._solve(snap)
+        child = backend._submit(snap).result()
         assert backend._pool is not None
         assert set(backend._pool._processes) - {os.getpid()}, "solved in another process"
     finally:
@@ -253,3 +253,68 @@ def test_the_service_solves_in_a_child_process_exactly_as_in_process():
     for k in here.poses:
         np.testing.assert_allclose(child.poses[k], here.poses[k], atol=1e-9)
     assert backend._pool is None
+
+
+def test_one_optimisation_at_a_time_and_loop_detection_goes_on_meanwhile():
+    """While the child process optimises, the worker keeps taking keyframes (a long run's optimisations take longer
+    than a keyframe: one after the other, the worker fell ever further behind); loops found meanwhile start one more
+    optimisation of the newest graph when the running one ends; idle only when nothing is left."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopResult
+    from ros2_stream4d.mapping.backend.posegraph import OptimisationResult
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    class EveryKeyframeLoopsToTheFirst:
+        def __init__(self):
+            self.latest = None
+
+        def add(self, view):
+            self.latest = view.id
+
+        def detect(self):
+            return [LoopResult(0, self.latest, True, np.eye(4))] if self.latest else []
+
+    backend = LongRunBackend(BackendConfig())
+    submitted: list[tuple] = []
+    futures: list[Future] = []
+    lock = threading.Lock()
+
+    def submit(snap):
+        with lock:
+            submitted.append(snap)
+            futures.append(Future())
+            return futures[-1]
+
+    def until(cond, what):
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.005)
+
+    backend.detector, backend._submit = EveryKeyframeLoopsToTheFirst(), submit
+    try:
+        def view(k):
+            T = np.eye(4)
+            T[0, 3] = 0.5 * k
+            return KeyframeView(k, np.zeros((4, 4, 3), np.uint8), np.ones((4, 4)), np.eye(3), T)
+
+        for k in range(2):
+            backend._put((view(k), 0))
+        until(lambda: len(submitted) == 1, "the first loop starts an optimisation")
+        for k in range(2, 6):
+            backend._put((view(k), 0))
+        until(lambda: backend.stats["keyframes"] == 6, "keyframes handled while the optimisation runs")
+        assert len(submitted) == 1 and not backend.wait_idle(0.05), "one at a time; busy while one is in flight"
+        assert submitted[0][0] == [0, 1]  # the graph as it was when it started
+        futures[0].set_result(OptimisationResult(False, reason="first"))
+        until(lambda: len(submitted) == 2, "the loops found meanwhile start the next one")
+        assert submitted[1][0] == [0, 1, 2, 3, 4, 5], "of the newest graph"
+        futures[1].set_result(OptimisationResult(False, reason="second"))
+        assert backend.wait_idle(20)
+        assert len(submitted) == 2 and backend.stats["optimisations_dropped"] == 2
+        assert backend.stats["last_drop_reason"] == "second"
+    finally:
+        backend.close()

@@ -12,13 +12,14 @@ Use (the node, or the offline processor), ROS-free:
 Keyframes come from the pipeline's KeyframeMap (id, segment, first frame's colour, depth and K, and T_map_kf at
 creation, mapped back to odometry through the correction then in force). The pipeline's published poses are the
 odometry (frame ``odom`` once a back-end runs); after a correction the keyframe map holds corrected poses (rigid
-part: the Sim(3) scale of a keyframe is reported in the diagnostics, not applied to its stored depth), the pipeline
+Sim(3): a keyframe's scale resizes its stored depth in the map's products), the pipeline
 integrates new frames through ``pipeline.map_correction`` (the hook in mapping/pipeline.py) and map -> odom
 carries the correction. Consecutive keyframes of a
 segment are joined by odometry edges; the first keyframe of a new segment (a stream reset) by a weak segment edge
 (the pipeline's guess that the new stream starts where the last ended). Loops are detected and verified in the
-worker (mapping/backend/loops.py), the graph optimised there after every accepted loop (posegraph.py); a dropped
-optimisation leaves the map on odometry and says why in the diagnostics.
+worker (mapping/backend/loops.py); the graph is optimised (posegraph.py) in a child process, one optimisation at a
+time, the next one starting when loops were accepted meanwhile; a dropped optimisation leaves the map on odometry
+and says why in the diagnostics.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -80,6 +81,8 @@ class LongRunBackend:
         self.keyframe_s: list[float] = []
         self.optimisation_s: list[float] = []
         self._pool: ProcessPoolExecutor | None = None  # the optimiser's child process, started at the first solve
+        self._future: Future | None = None  # the optimisation in flight in it
+        self._pending = False  # loops accepted since the last optimisation started
         self._thread = threading.Thread(target=self._run, name="stream4d-backend", daemon=True)
         self._thread.start()
 
@@ -180,16 +183,21 @@ class LongRunBackend:
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:  # while an optimisation is in flight, look at it between keyframes
+                item = self._queue.get(timeout=0.02 if self._future is not None else None)
+            except queue.Empty:
+                item = ()
             if item is None or self._stop:
                 break
             try:
-                self._keyframe(*item)
+                if item:
+                    self._keyframe(*item)
+                self._optimise_step()
             except Exception as exc:  # never take the node down: log, count, keep running on odometry
                 self.stats["last_drop_reason"] = f"{type(exc).__name__}: {exc}"
                 if self.logger is not None:
                     self.logger.warning(f"back-end: keyframe failed: {exc}")
-            if self._queue.empty():
+            if self._queue.empty() and self._future is None and not self._pending:
                 self._idle.set()
 
     def _keyframe(self, view: KeyframeView, segment: int) -> None:
@@ -213,25 +221,47 @@ class LongRunBackend:
         self.keyframe_s.append(time.perf_counter() - t0)
         self.keyframe_s = self.keyframe_s[-1000:]
         if accepted:
-            self._optimise()
+            self._pending = True
 
-    def _solve(self, snap) -> OptimisationResult:
-        """optimise_snapshot, in the child process (the worker thread waits without the interpreter lock) unless
-        optimise_in_subprocess is off. A child that dies is reported as a dropped optimisation and replaced."""
-        if not self.config.optimise_in_subprocess:
-            return optimise_snapshot(snap, self.config.graph)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            return self._pool.submit(optimise_snapshot, snap, self.config.graph).result()
-        except BrokenProcessPool as exc:
-            self._pool = None
-            return OptimisationResult(False, reason=f"the optimiser process died ({exc}); a new one starts next time")
-
-    def _optimise(self) -> None:
+    def _optimise_step(self) -> None:
+        """At most one optimisation at a time, always of the newest graph: a finished one is taken in, and when loops
+        arrived since the last one started, the next starts. In the child process (optimise_in_subprocess) loop
+        detection goes on meanwhile: on a long run an optimisation of a large graph takes longer than a keyframe,
+        and optimising after every loop, one after the other, left the worker ever further behind (docs/longrun)."""
+        if self._future is not None:
+            if not self._future.done():
+                return
+            future, self._future = self._future, None
+            try:
+                res = future.result()
+            except BrokenProcessPool as exc:
+                self._pool = None
+                res = OptimisationResult(False, reason=f"the optimiser process died ({exc}); a new one starts next time")
+            self._finish(res)
+        if not self._pending:
+            return
+        self._pending = False
         with self._lock:
             snap = self.graph.snapshot()
-        res = self._solve(snap)
+        if not self.config.optimise_in_subprocess:
+            self._finish(optimise_snapshot(snap, self.config.graph))
+            return
+        try:
+            self._future = self._submit(snap)
+        except BrokenProcessPool as exc:
+            self._pool = None
+            self._finish(OptimisationResult(False, reason=f"the optimiser process died ({exc}); a new one starts "
+                                                          "next time"))
+
+    def _submit(self, snap) -> Future:
+        """optimise_snapshot of a graph snapshot in the child process (started at the first call)."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool.submit(optimise_snapshot, snap, self.config.graph)
+
+    def _finish(self, res: OptimisationResult) -> None:
+        """Take in an optimisation's result: the graph keeps it when accepted (keyframes added since it started
+        follow through their odometry), the counts and the reason of a drop go to the diagnostics."""
         self.optimisation_s = (self.optimisation_s + [res.seconds])[-1000:]
         with self._lock:
             self.graph.accept(res)
