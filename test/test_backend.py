@@ -199,6 +199,29 @@ def test_loops_left_after_the_rounds_reject_a_wrong_one_do_not_move_exact_poses(
     assert all(np.allclose(g.solution[k], T[k], atol=1e-9) for k in range(n))
 
 
+def test_a_loop_that_contradicts_its_neighbours_is_rejected_before_the_solve():
+    """Pairwise consistency: the true loops of a revisit agree with each other through the short odometry between
+    their ends even when the odometry has drifted far over the whole loop; a wrong loop among them (30 cm off,
+    too little for the solve to reject: the graph bends to it) disagrees with them all."""
+    from ros2_stream4d.mapping.backend.posegraph import inconsistent_loops
+
+    T = circle_keyframes(60)
+    n = len(T)
+    g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=1))
+    for k in range(5):
+        g.add_edge(k, n - 5 + k, loop_edge(T, scales, k, n - 5 + k), LOOP)
+    wrong = loop_edge(T, scales, 2, n - 2) @ S3.sim3(t=[0.3, 0.0, 0.0])
+    g.add_edge(2, n - 2, wrong, LOOP)
+    g.add_edge(40, 10, loop_edge(T, scales, 40, 10) @ S3.sim3(t=[0.5, 0.0, 0.0]), LOOP)  # alone: no neighbours
+    order, odometry, edges, _, _ = g.snapshot()
+    bad = inconsistent_loops(edges, order, odometry, g.config)
+    assert [(e.i, e.j) for e in bad] == [(2, n - 2)]
+    assert np.array_equal(bad[0].S_i_j, wrong)
+    assert inconsistent_loops(edges, order, odometry, PoseGraphConfig(pcm_window=0)) == [], "0 = off"
+    res = g.optimise()
+    assert (2, n - 2, LOOP) in res.rejected_edges
+
+
 def test_implausible_correction_is_dropped_and_nothing_applied():
     T = circle_keyframes()
     g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=2),

@@ -89,6 +89,14 @@ class PoseGraphConfig:
     max_correction_fraction: float = 0.5
     min_correction_m: float = 0.01  # a solution moving no keyframe this far is not applied (below loop noise)
     consistent_chi: float = 3.0  # no optimisation while every segment / loop edge's whitened residual is below this
+    # pairwise loop consistency (PCM-like): loops whose two ends lie within pcm_window keyframes of another loop's
+    # ends must agree with it through the short odometry between them; a loop that disagrees with most of its
+    # (at least pcm_min_neighbours) neighbours is an outlier before any solve. 0 = off
+    pcm_window: int = 8
+    pcm_min_neighbours: int = 2
+    pcm_trans_m: float = 0.15  # m, + pcm_trans_fraction x the loop's length
+    pcm_trans_fraction: float = 0.05
+    pcm_rot_deg: float = 3.0
 
 
 @dataclass
@@ -214,6 +222,41 @@ def _whitened(e: Edge, X: dict[int, np.ndarray]) -> float:
     return float(np.linalg.norm(err / sig))
 
 
+def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, np.ndarray],
+                       config: PoseGraphConfig) -> list[Edge]:
+    """Active loop edges that disagree with most of their neighbours (the pairwise consistency of PCM, Mangelson et
+    al. 2018, without the maximum clique): loops a = (i_a, j_a) and b = (i_b, j_b) are neighbours when both ends
+    lie within pcm_window keyframes of each other; they agree when Z_a matches the cycle through b and the
+    odometry between the ends, O(i_a, i_b) Z_b O(j_b, j_a), within pcm_trans_m + pcm_trans_fraction x |t(Z_a)| and
+    pcm_rot_deg (over a few keyframes even a drifting odometry is accurate). A wrong loop that the graph could
+    partly bend to (one that GNC keeps) is caught here by the right ones around it."""
+    if config.pcm_window <= 0:
+        return []
+    pos = {k: n for n, k in enumerate(order)}
+    loops = sorted((e for e in edges if e.active and e.kind == LOOP and e.i in pos and e.j in pos),
+                   key=lambda e: pos[e.i])
+    agree = [0] * len(loops)
+    seen = [0] * len(loops)
+    for a in range(len(loops)):
+        ea = loops[a]
+        for b in range(a + 1, len(loops)):
+            eb = loops[b]
+            if pos[eb.i] - pos[ea.i] > config.pcm_window:
+                break
+            if abs(pos[eb.j] - pos[ea.j]) > config.pcm_window:
+                continue
+            cycle = (S3.inverse(odometry[ea.i]) @ odometry[eb.i] @ eb.S_i_j @ S3.inverse(odometry[eb.j])
+                     @ odometry[ea.j])
+            D = S3.inverse(ea.S_i_j) @ cycle
+            R, t, _ = S3.decompose(D)
+            ok = (np.linalg.norm(t) <= config.pcm_trans_m + config.pcm_trans_fraction * np.linalg.norm(ea.S_i_j[:3, 3])
+                  and S3.rotation_angle_deg(R) <= config.pcm_rot_deg)
+            for n in (a, b):
+                seen[n] += 1
+                agree[n] += ok
+    return [e for e, n, k in zip(loops, seen, agree) if n >= config.pcm_min_neighbours and 2 * k < n]
+
+
 def _agree_without(rejected, active, initial, config: PoseGraphConfig, seconds: float) -> OptimisationResult | None:
     """A dropped result when every segment / loop edge but the rejected ones agrees with the poses the optimisation
     started from (whitened residual <= consistent_chi): the loops left say nothing the map does not already say."""
@@ -232,18 +275,23 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     order, odometry, edges, initial, path_length = snap
     if len(order) < 2 or not any(e.kind != ODOMETRY and e.active for e in edges):
         return OptimisationResult(False, reason="nothing to optimise (no segment or loop edge)")
+    # loops that contradict their neighbours are outliers before anything is solved
+    pcm = inconsistent_loops(edges, order, odometry, config)
+    rejected: list[tuple[int, int, str]] = [(e.i, e.j, e.kind) for e in pcm]
+    outliers = {id(e) for e in pcm}
+    edges = [e for e in edges if id(e) not in outliers]
     worst = max((_whitened(e, initial) for e in edges if e.active and e.robust), default=0.0)
     if worst <= config.consistent_chi:
         return OptimisationResult(False, reason=f"loops agree with the current poses (worst whitened residual "
-                                  f"{worst:.2f} <= {config.consistent_chi}): nothing to correct",
-                                  seconds=time.perf_counter() - t0)
+                                  f"{worst:.2f} <= {config.consistent_chi}"
+                                  + (f", {len(rejected)} loop(s) inconsistent with their neighbours" if rejected else "")
+                                  + "): nothing to correct", rejected_edges=rejected, seconds=time.perf_counter() - t0)
     first = order[0]
     prior = gtsam.PriorFactorSimilarity3(first, to_gtsam(initial[first]), gtsam.noiseModel.Isotropic.Sigma(7, 1e-6))
     values = gtsam.Values()
     for k in order:
         values.insert(k, to_gtsam(initial[k]))
     active = [e for e in edges if e.active]
-    rejected: list[tuple[int, int, str]] = []
     try:
         if config.gnc and any(e.robust for e in active):
             # graduated non-convexity (truncated least squares) decides which segment / loop edges are inliers;
@@ -260,7 +308,7 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
             gnc.setInlierCostThresholdsAtProbability(config.gnc_inlier_probability)
             values = gnc.optimize()
             weights = np.asarray(gnc.getWeights())
-            rejected = [(e.i, e.j, e.kind) for n, e in enumerate(active) if e.robust and weights[1 + n] < 0.5]
+            rejected += [(e.i, e.j, e.kind) for n, e in enumerate(active) if e.robust and weights[1 + n] < 0.5]
     except RuntimeError as exc:
         return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
     if rejected:  # the chi test again without the outliers: a wrong loop alone is no reason to move the map
