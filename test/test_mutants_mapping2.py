@@ -1,0 +1,243 @@
+"""The mapping modules measured second (frame_sync, motion, products, undistort, map_io, map_store, fusion,
+reconstructor, pipeline): small exact inputs that answer the mutants docs/mutation.md lists for them (fast,
+in-process)."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from ros2_stream4d.mapping.frame_sync import ApproximateSync
+
+MS = 1_000_000
+
+
+# ---------------------------------------------------------------------------------------------------- frame_sync
+def test_sync_needs_a_camera_and_keeps_its_count():
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"^num_cameras must be >= 1, got {bad}$"):
+            ApproximateSync(bad, slop_s=0.01)
+    assert ApproximateSync(3, slop_s=0.01).num_cameras == 3
+
+
+def test_slop_is_exact_in_nanoseconds_and_inclusive():
+    """Two frames exactly one slop apart group; one nanosecond more does not (1 s slop: 1e9 ns, not 1e9 + 1)."""
+    sync = ApproximateSync(2, slop_s=1.0)
+    assert sync.slop_ns == 1_000_000_000
+    assert sync.add(0, 0, "a0") is None
+    assert sync.add(1, 1_000_000_001, "b") is None, "1 ns beyond the slop"
+    sync = ApproximateSync(2, slop_s=1.0)
+    sync.add(0, 0, "a0")
+    assert sync.add(1, 1_000_000_000, "b") == ["a0", "b"], "exactly at the slop"
+    sync.set_slop(0.0105)
+    assert sync.slop_ns == 10_500_000
+    sync.set_slop(1.0)
+    assert sync.slop_ns == 1_000_000_000
+    sync.add(0, 0, "c")
+    assert sync.add(1, 1_000_000_001, "d") is None, "set_slop(1.0): 1e9 ns too"
+
+
+def test_set_slop_changes_which_frames_match():
+    sync = ApproximateSync(2, slop_s=0.001)
+    sync.add(0, 100 * MS, "a")
+    assert sync.add(1, 105 * MS, "b") is None, "5 ms apart, 1 ms slop"
+    sync.clear()
+    sync.set_slop(0.005)
+    sync.add(0, 100 * MS, "a")
+    assert sync.add(1, 105 * MS, "b") == ["a", "b"], "5 ms apart, 5 ms slop"
+
+
+def test_full_queues_count_each_dropped_frame_once():
+    sync = ApproximateSync(2, slop_s=0.001)  # default queue: 8 frames per camera
+    for i in range(8):
+        assert sync.add(0, i * 100 * MS, i) is None
+    assert sync.dropped == 0, "8 frames fit"
+    for i in range(8, 11):
+        sync.add(0, i * 100 * MS, i)
+    assert sync.dropped == 3
+    small = ApproximateSync(2, slop_s=0.001, queue_size=2)
+    for i in range(5):
+        small.add(0, i * 100 * MS, i)
+    assert small.dropped == 3
+    # the queue kept the newest two: camera 1 at frame 3's stamp matches it
+    assert small.add(1, 300 * MS, "b") == [3, "b"]
+    assert small.dropped == 3, "the queue was full before; the match itself drops nothing older than frame 3"
+
+
+def test_one_camera_passes_frames_through_without_queueing():
+    sync = ApproximateSync(1, slop_s=0.0, queue_size=2)
+    assert [sync.add(0, i, i) for i in range(20)] == [[i] for i in range(20)]
+    assert sync.dropped == 0
+
+
+def test_unmatched_older_frames_are_dropped_when_a_group_forms():
+    sync = ApproximateSync(2, slop_s=0.010)
+    for t in (100, 133, 166):
+        sync.add(0, t * MS, f"a{t}")
+    sync.dropped = 5  # counts add up
+    assert sync.add(1, 168 * MS, "b168") == ["a166", "b168"]
+    assert sync.dropped == 7, "a100 and a133 were never matched"
+
+
+def test_frames_that_can_never_match_are_dropped_but_each_camera_keeps_its_newest():
+    sync = ApproximateSync(2, slop_s=0.010)
+    sync.add(0, 100 * MS, "a100")
+    sync.add(0, 150 * MS, "a150")
+    sync.dropped = 4
+    # camera 1's first frame at 200: camera 0 has nothing near it; a100 can never match (older than 200 - slop)
+    assert sync.add(1, 200 * MS, "b200") is None
+    assert sync.dropped == 5, "a100 dropped; a150 is camera 0's last frame and stays"
+    assert sync.add(0, 195 * MS, "a195") == ["a195", "b200"]
+    assert sync.dropped == 6, "a150 unmatched"
+
+
+def test_a_frame_exactly_one_slop_before_the_pivot_is_kept():
+    sync = ApproximateSync(3, slop_s=0.010)
+    assert sync.add(0, 200 * MS, "a200") is None
+    assert sync.add(1, 190 * MS, "b190") is None
+    assert sync.add(1, 195 * MS, "b195") is None
+    # camera 2's only frame is far from the pivot (200): frames older than 190 ms could never match
+    assert sync.add(2, 150 * MS, "c150") is None
+    assert sync.dropped == 0, "b190 sits exactly at pivot - slop; c150 is camera 2's last frame"
+    assert sync.add(2, 200 * MS, "c200") == ["a200", "b195", "c200"]
+    assert sync.dropped == 2, "b190 and c150, unmatched"
+
+
+def test_drop_uses_the_slop_below_the_pivot_not_above():
+    sync = ApproximateSync(2, slop_s=0.010)
+    sync.add(1, 300 * MS, "b300")
+    sync.add(1, 305 * MS, "b305")
+    sync.add(1, 312 * MS, "b312")
+    # camera 0's frame at 250 sets no pivot near camera 1's frames: the pivot is 300 and 250 is far from it
+    assert sync.add(0, 250 * MS, "a250") is None
+    # frames older than 290 can never match; 300, 305, 312 (younger than 310 and beyond) must all stay
+    assert sync.dropped == 0
+    assert sync.add(0, 301 * MS, "a301") == ["a301", "b300"]
+    assert sync.dropped == 1, "a250"
+    assert sync.add(0, 306 * MS, "a306") == ["a306", "b305"]
+
+
+def test_clear_forgets_queued_frames():
+    sync = ApproximateSync(2, slop_s=0.010)
+    sync.add(0, 100 * MS, "a")
+    sync.clear()
+    assert sync.add(1, 100 * MS, "b") is None
+    assert sync.add(0, 101 * MS, "a2") == ["a2", "b"]
+
+
+def test_groups_are_in_camera_order_whatever_the_arrival():
+    sync = ApproximateSync(3, slop_s=0.010)
+    sync.add(2, 100 * MS, "c")
+    sync.add(0, 101 * MS, "a")
+    assert sync.add(1, 99 * MS, "b") == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------------- products
+def test_mesh_marker_defaults_and_no_colours():
+    from ros2_stream4d.mapping.products import mesh_marker_fields
+
+    v = [[0, 0, 0], [1, 0, 0], [0, 2, 0]]  # integers: the points are float64 all the same
+    f = np.array([[0, 1, 2]], np.float64)  # a float array of indices (e.g. from a float buffer)
+    (m,) = mesh_marker_fields(v, f)
+    assert m["ns"] == "mesh" and m["id"] == 0 and m["header"] == {"frame_id": "map"}
+    assert m["points"].dtype == np.float64 and m["points"].shape == (3, 3)
+    np.testing.assert_array_equal(m["points"], np.asarray(v, np.float64))
+    assert m["colors"].shape == (0, 4) and m["color"] == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_mesh_markers_split_at_half_a_million_triangles_by_default():
+    from ros2_stream4d.mapping.products import mesh_marker_fields
+
+    n = 500_001
+    f = np.zeros((n, 3), np.int64)
+    f[-1] = (1, 2, 0)
+    out = mesh_marker_fields(np.eye(3), f, marker_id=7)
+    assert [m["id"] for m in out] == [7, 8]
+    assert [len(m["points"]) for m in out] == [3 * 500_000, 3]
+    np.testing.assert_array_equal(out[1]["points"], np.eye(3)[[1, 2, 0]])
+
+
+# ---------------------------------------------------------------------------------------------------- undistort
+def test_output_K_of_a_pinhole_lens_is_its_K():
+    from ros2_stream4d.mapping.undistort import LensModel, Undistorter
+
+    K = np.array([[50.0, 0, 31.5], [0, 52.0, 23.5], [0, 0, 1]])
+    lens = LensModel.create(K, "plumb_bob", [0.0] * 5, 64, 48)
+    und = Undistorter()
+    assert und.maps(lens) is None
+    np.testing.assert_array_equal(und.output_K(lens), K)
+
+
+# ---------------------------------------------------------------------------------------------------- map_io
+def test_pcd_header_is_pcl_v07_exactly():
+    from ros2_stream4d.mapping.map_io import pcd_bytes
+
+    xyz = np.zeros((5, 3), np.float32)
+    rgb = np.zeros((5, 3), np.uint8)
+    header, data = pcd_bytes(xyz, rgb)
+    assert header.decode("ascii").splitlines() == [
+        "# .PCD v0.7 - Point Cloud Data file format", "VERSION 0.7", "FIELDS x y z rgb", "SIZE 4 4 4 4",
+        "TYPE F F F F", "COUNT 1 1 1 1", "WIDTH 5", "HEIGHT 1", "VIEWPOINT 0 0 0 1 0 0 0", "POINTS 5", "DATA binary"]
+    header, _ = pcd_bytes(xyz, rgb, np.ones(5, np.float32))
+    assert b"FIELDS x y z rgb confidence\nSIZE 4 4 4 4 4\nTYPE F F F F F\nCOUNT 1 1 1 1 1\n" in header
+
+
+def test_a_map_directory_path_that_is_a_file_is_refused_by_name(tmp_path):
+    from ros2_stream4d.mapping.map_io import validate_map_dir_path
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        validate_map_dir_path(tmp_path / "f")
+
+
+# ---------------------------------------------------------------------------------------------------- fusion
+def test_unsigned_voxel_keys_unpack_to_negative_coordinates():
+    from ros2_stream4d.mapping.fusion import pack_voxel_keys, unpack_voxel_keys
+
+    ijk = np.array([[-3, 7, -1_000_000], [0, -1, 5]], np.int64)
+    keys = pack_voxel_keys(ijk)
+    np.testing.assert_array_equal(unpack_voxel_keys(keys.astype(np.uint64)), ijk)
+    np.testing.assert_array_equal(unpack_voxel_keys(keys.tolist()), ijk)
+
+
+# ---------------------------------------------------------------------------------------------------- map_store
+def test_exchange_swaps_two_directories_and_reports_missing_paths(tmp_path):
+    from ros2_stream4d.mapping.map_store import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("from a")
+    (b / "y").write_text("from b")
+    assert _exchange(a, b) is True
+    assert (a / "y").read_text() == "from b" and (b / "x").read_text() == "from a"
+    assert not (a / "x").exists() and not (b / "y").exists()
+    with pytest.raises(OSError, match="RENAME_EXCHANGE") as err:
+        _exchange(a, tmp_path / "missing")
+    assert err.value.errno == errno.ENOENT
+    assert (a / "y").read_text() == "from b"
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_saving_over_a_saved_map_replaces_it(tmp_path, monkeypatch, atomic):
+    from map_helpers import room, small_config
+
+    from ros2_stream4d.mapping import map_store
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    frames, _ = room(n=8, hw=(30, 40))
+    old, new = KeyframeMap(small_config()), KeyframeMap(small_config())
+    for f in frames[:2]:
+        old.integrate(f)
+    for f in frames:
+        new.integrate(f)
+    assert len(new.keyframes) > len(old.keyframes)
+    path = map_store.save_map_dir(old, tmp_path / "map")
+    if not atomic:  # a filesystem without renameat2's exchange: old map aside, new one in, old one removed
+        monkeypatch.setattr(map_store, "_exchange", lambda a, b: False)
+    assert map_store.save_map_dir(new, path) == path
+    loaded, meta = map_store.load_map_dir(path, small_config())
+    assert meta["keyframes"] == len(loaded.keyframes) == len(new.keyframes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map"], "no temporary or old directory is left"
