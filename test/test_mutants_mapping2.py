@@ -241,3 +241,99 @@ def test_saving_over_a_saved_map_replaces_it(tmp_path, monkeypatch, atomic):
     loaded, meta = map_store.load_map_dir(path, small_config())
     assert meta["keyframes"] == len(loaded.keyframes) == len(new.keyframes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map"], "no temporary or old directory is left"
+
+
+def _pincushion_lens():
+    from ros2_stream4d.mapping.undistort import LensModel
+
+    K = np.array([[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]])
+    return LensModel.create(K, "plumb_bob", [0.3, 0.0, 0.0, 0.0, 0.0], 64, 48)
+
+
+def test_undistorted_depth_is_float32_nearest_and_nan_outside_the_view():
+    from ros2_stream4d.mapping.undistort import Undistorter
+
+    depth = np.full((48, 64), 1.0)  # float64 input
+    depth[:, 32:] = 3.0  # a sharp depth edge: nearest neighbour never blends the two sides
+    out, K_new = Undistorter().undistort_depth(depth, _pincushion_lens())
+    assert out.dtype == np.float32 and out.shape == (48, 64)
+    assert np.isnan(out[0, 0]) and np.isnan(out[-1, -1]), "corners of the undistorted view see nothing"
+    seen = out[np.isfinite(out)]
+    assert seen.size > 0.5 * out.size
+    assert set(np.unique(seen).tolist()) == {1.0, 3.0}
+    # the colour path blends (linear by default): the same edge gets values in between
+    img, _ = Undistorter().undistort(depth.astype(np.float32), _pincushion_lens())
+    assert np.any((img > 1.01) & (img < 2.99))
+
+
+# ---------------------------------------------------------------------------------------------------- map_io colours
+def _ply_vertices(path, n):
+    data = path.read_bytes()
+    body = data[data.index(b"end_header\n") + len(b"end_header\n"):]
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    return np.frombuffer(body, dtype=fields, count=n)
+
+
+def test_float_colours_in_0_1_are_scaled_and_rounded(tmp_path):
+    from ros2_stream4d.mapping.map_io import save_map
+
+    xyz = np.arange(9, dtype=np.float64).reshape(3, 3)
+    for dtype in (np.float64, np.float32):
+        rgb = np.array([[0.0, 0.6, 1.0], [0.2, 0.0, 0.5], [1.0, 1.0, 0.004]], dtype)
+        path = save_map(tmp_path / f"c_{np.dtype(dtype).name}.ply", xyz, rgb)
+        v = _ply_vertices(path, 3)
+        got = np.stack([v["red"], v["green"], v["blue"]], axis=1)
+        np.testing.assert_array_equal(got, [[0, 153, 255], [51, 0, 128], [255, 255, 1]])
+        np.testing.assert_array_equal(np.stack([v["x"], v["y"], v["z"]], axis=1), xyz)
+
+
+def test_integer_colours_are_taken_as_0_255(tmp_path):
+    from ros2_stream4d.mapping.map_io import save_map
+
+    xyz = np.zeros((2, 3))
+    path = save_map(tmp_path / "i.ply", xyz, np.array([[0, 1, 2], [255, 254, 100]], np.int64))
+    v = _ply_vertices(path, 2)
+    np.testing.assert_array_equal(np.stack([v["red"], v["green"], v["blue"]], axis=1), [[0, 1, 2], [255, 254, 100]])
+
+
+def test_float_colours_outside_0_1_are_refused_and_an_empty_float_cloud_is_fine(tmp_path):
+    from ros2_stream4d.mapping.map_io import save_map
+
+    for bad in (1.5, -0.1, 1.0001):
+        rgb = np.full((2, 3), 0.5)
+        rgb[1, 2] = bad
+        with pytest.raises(ValueError, match=r"^float colours must be in \[0, 1\] \(or pass uint8\)$"):
+            save_map(tmp_path / "bad.ply", np.zeros((2, 3)), rgb)
+    assert not (tmp_path / "bad.ply").exists()
+    path = save_map(tmp_path / "empty.pcd", np.zeros((0, 3)), np.zeros((0, 3), np.float64))
+    assert b"POINTS 0\n" in path.read_bytes()
+
+
+def test_save_map_writes_relative_paths_inside_root(tmp_path):
+    from ros2_stream4d.mapping.map_io import save_map
+
+    root = tmp_path / "maps"
+    root.mkdir()
+    assert save_map("a.ply", np.zeros((1, 3)), np.zeros((1, 3), np.uint8), root=root) == root / "a.ply"
+    assert (root / "a.ply").is_file()
+    with pytest.raises(PermissionError):
+        save_map("../b.ply", np.zeros((1, 3)), np.zeros((1, 3), np.uint8), root=root)
+    assert not (tmp_path / "b.ply").exists()
+
+
+def test_the_partial_file_is_hidden_next_to_the_target_and_removed_on_failure(tmp_path, monkeypatch):
+    """While a map is written, the partial file sits in the target's directory (so the rename is atomic), hidden and
+    not named like a map (a reader globbing *.ply never picks it up)."""
+    from ros2_stream4d.mapping import map_io
+
+    seen = []
+
+    def failing_write(f, header, data):
+        seen.extend(p.name for p in tmp_path.iterdir())
+        raise OSError("disk full")
+
+    monkeypatch.setattr(map_io, "_write_payload", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        map_io.save_map(tmp_path / "m.ply", np.zeros((1, 3)), np.zeros((1, 3), np.uint8))
+    assert len(seen) == 1 and seen[0].startswith(".m.ply.") and seen[0].endswith(".tmp"), seen
+    assert list(tmp_path.iterdir()) == []
