@@ -337,3 +337,103 @@ def test_the_partial_file_is_hidden_next_to_the_target_and_removed_on_failure(tm
         map_io.save_map(tmp_path / "m.ply", np.zeros((1, 3)), np.zeros((1, 3), np.uint8))
     assert len(seen) == 1 and seen[0].startswith(".m.ply.") and seen[0].endswith(".tmp"), seen
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------- lens model
+def test_pinhole_unproject_uses_each_intrinsic_once():
+    from ros2_stream4d.mapping.undistort import LensModel
+
+    K = np.array([[50.0, 0, 31.5], [0, 52.0, 23.5], [0, 0, 1]])
+    lens = LensModel.create(K, "", [], 64, 48)
+    x, y = lens.unproject([81.5, 31.5, 6.5], [23.5, 75.5, -2.5])
+    np.testing.assert_allclose(x, [1.0, 0.0, -0.5], atol=1e-12)
+    np.testing.assert_allclose(y, [0.0, 1.0, -0.5], atol=1e-12)
+
+
+def test_fisheye_unproject_is_exact_at_the_corners_from_integer_pixels():
+    from ros2_stream4d.mapping.undistort import LensModel
+
+    K = np.array([[30.0, 0, 31.5], [0, 30.0, 23.5], [0, 0, 1]])
+    lens = LensModel.create(K, "equidistant", [0.3, -0.1, 0.05, -0.01], 64, 48)
+    u = np.array([[0, 63], [10, 31]])  # integer pixels, a (2, 2) grid
+    v = np.array([[0, 47], [40, 23]])
+    x, y = lens.unproject(u, v)
+    assert x.shape == y.shape == (2, 2)
+    pu, pv = lens.project(x, y)
+    assert np.hypot(pu - u, pv - v).max() < 1e-6
+
+
+def test_a_folding_lens_names_the_first_pixel_without_a_ray():
+    from ros2_stream4d.mapping.undistort import LensModel
+
+    K = np.array([[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]])
+    lens = LensModel.create(K, "plumb_bob", [-0.5, 0, 0, 0, 0], 64, 48)  # r_d peaks at ~22 px from the centre
+    with pytest.raises(ValueError, match=r"^plumb_bob \[-0\.5, 0\.0, 0\.0, 0\.0, 0\.0\] cannot be inverted at pixel "
+                                         r"\(61\.5, 23\.5\) \(error .* px\): the lens model folds the image there$"):
+        lens.unproject([31.5, 41.5, 61.5, 71.5], [23.5, 23.5, 23.5, 23.5])
+
+
+def test_rectify_maps_mark_the_output_pixels_whose_taps_are_inside_the_image():
+    """``valid``: K_new half a pixel right and down of K (a near-identity lens): output column / row 0 samples at -0.5
+    (outside), the last column / row at W - 1.5 / H - 1.5 (inside)."""
+    from ros2_stream4d.mapping.undistort import LensModel, Undistorter
+
+    K = np.array([[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]])
+    P = [40.0, 0, 32.0, 0, 0, 40.0, 24.0, 0, 0, 0, 1, 0]
+    lens = LensModel.create(K, "plumb_bob", [1e-9, 0, 0, 0, 0], 64, 48, P=P)
+    maps = Undistorter().maps(lens)
+    assert maps.lens == lens
+    assert not maps.valid[:, 0].any() and not maps.valid[0, :].any()
+    assert maps.valid[1:, 1:].all()
+
+
+def test_the_lru_cache_drops_the_least_recently_used_lens():
+    from ros2_stream4d.mapping.undistort import LensModel, Undistorter
+
+    K = np.array([[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]])
+    a, b, c = (LensModel.create(K, "plumb_bob", [k, 0, 0, 0, 0], 64, 48) for k in (0.1, 0.2, 0.3))
+    und = Undistorter(cache_size=2)
+    und.maps(a)
+    und.maps(b)
+    und.maps(a)  # a is the most recent now
+    und.maps(c)  # drops b
+    assert und.builds == 3
+    und.maps(a)
+    assert und.builds == 3, "a was kept"
+    und.maps(b)
+    assert und.builds == 4, "b was dropped"
+
+
+def test_an_image_of_the_wrong_size_is_refused_with_both_sizes():
+    from ros2_stream4d.mapping.undistort import Undistorter
+
+    with pytest.raises(ValueError, match=r"^image 30x20 does not match the camera model 64x48"):
+        Undistorter().undistort(np.zeros((20, 30, 3), np.uint8), _pincushion_lens())
+
+
+def test_an_explicit_interpolation_and_border_value_are_used():
+    from ros2_stream4d.mapping.undistort import Undistorter
+
+    img = np.zeros((48, 64), np.float32)
+    img[:, 32:] = 100.0
+    und = Undistorter()  # linear by default
+    out, _ = und.undistort(img, _pincushion_lens(), interpolation=0, border_value=7.0)  # 0: cv2.INTER_NEAREST
+    assert out[0, 0] == 7.0 and out[-1, -1] == 7.0
+    assert set(np.unique(out).tolist()) == {0.0, 7.0, 100.0}
+    out, _ = und.undistort(img, _pincushion_lens())
+    assert out[0, 0] == 0.0, "border 0 by default"
+
+
+# ---------------------------------------------------------------------------------------------------- map_store PGM
+def test_read_pgm_reads_any_byte_and_refuses_foreign_or_short_files(tmp_path):
+    from ros2_stream4d.mapping.map_store import read_pgm
+
+    body = bytes([10, 0, 255, 13, 10, 32, 9, 10, 200, 1, 2, 10])  # newline bytes in the pixels
+    (tmp_path / "a.pgm").write_bytes(b"P5\n4 3\n255\n" + body)
+    np.testing.assert_array_equal(read_pgm(tmp_path / "a.pgm"), np.frombuffer(body, np.uint8).reshape(3, 4))
+    (tmp_path / "p6.pgm").write_bytes(b"P6\n4 3\n255\n" + body)
+    with pytest.raises(ValueError, match="p6.pgm is not a binary PGM$"):
+        read_pgm(tmp_path / "p6.pgm")
+    (tmp_path / "short.pgm").write_bytes(b"P5\n4 3\n255\n" + body[:-1])
+    with pytest.raises(ValueError, match="short.pgm: 11 pixel bytes, expected 12$"):
+        read_pgm(tmp_path / "short.pgm")
