@@ -202,7 +202,8 @@ def test_background_rebuild_keeps_integrating_and_ends_equal_to_a_synchronous_on
     assert bg.wait_rebuilt(60) and not bg.stale and bg.rebuilds == 1
     assert_same_products(bg, sync)
     assert not np.array_equal(np.sort(bg.points()[0], axis=0), np.sort(before, axis=0))
-    # a pose update during a rebuild restarts it; an erase drops it
+    # a pose update during a rebuild lets it finish (swapped in) and another follows with the new poses; an erase
+    # drops it
     bg.update_poses({kf.id: shifted(kf.T_map_kf, -t) for kf in bg.keyframes})
     bg.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in bg.keyframes})
     assert bg.wait_rebuilt(60)
@@ -210,3 +211,33 @@ def test_background_rebuild_keeps_integrating_and_ends_equal_to_a_synchronous_on
     bg.update_poses(bg.keyframe_poses())
     bg.erase()
     assert bg.wait_rebuilt(1) and len(bg) == 0 and bg.keyframes == []
+
+
+def test_a_rebuild_finishes_when_poses_change_during_it_and_another_follows(monkeypatch):
+    """On a long run corrections come faster than a rebuild of the whole map; a rebuild that restarted at every
+    pose update never finished (the map never showed a correction). Now it is swapped in, then the next one runs."""
+    import threading
+
+    from ros2_stream4d.mapping import keyframe_map as km
+
+    frames, _ = room()
+    m = build(frames, background_rebuild=True)
+    entered, release = threading.Event(), threading.Event()
+    fuse_batch = km.MapProducts.fuse_batch
+
+    def held_once(self, *args, **kwargs):
+        if not release.is_set():
+            entered.set()
+            assert release.wait(30)
+        return fuse_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(km.MapProducts, "fuse_batch", held_once)
+    t = np.array([0.4, 0.2, 0.0])
+    m.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in m.keyframes})
+    assert entered.wait(30), "the rebuild started"
+    m.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in m.keyframes})  # while it runs
+    release.set()
+    assert m.wait_rebuilt(60) and m.rebuilds == 2, "the first build was swapped in, then one with the new poses"
+    ref = build(frames)
+    ref.update_poses({kf.id: shifted(kf.T_map_kf, 2 * t) for kf in ref.keyframes})
+    assert_same_products(m, ref)

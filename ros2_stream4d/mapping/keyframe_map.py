@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -336,11 +337,17 @@ class KeyframeMap:
             self._rebuilder.start()
 
     def _rebuild(self) -> None:
-        """Background rebuild: a fresh product set from a snapshot of the keyframes (each one's frames copied under
-        the lock, fused outside it), then, under the lock, the frames integrated since the snapshot, and the swap.
-        A pose update during the build starts it again; an erase drops it."""
+        """Background rebuild: a fresh product set from a snapshot of the keyframes and their poses (each one's
+        frames copied under the lock, fused outside it), then, under the lock, the frames integrated since the
+        snapshot, and the swap. A pose update during the build does not restart it (on a long run corrections come
+        faster than a rebuild of the whole map, which then never finished: ~/map never showed a correction): the
+        build finishes with the poses it started from, and another follows after a pause as long as the build took
+        (the rebuilds take at most about half of a core). An erase drops it."""
         while True:
+            t0 = time.monotonic()
             with self._lock:
+                if not self.stale:
+                    return
                 generation, epoch = self._generation, self._epoch
                 snapshot = [(kf, kf.T_map_kf.copy(), kf.n_frames) for kf in self.keyframes]
             new = MapProducts(self.config)
@@ -348,30 +355,30 @@ class KeyframeMap:
             while snapshot:  # rounds: the snapshot, then what was integrated meanwhile, until little is left
                 for kf, T_map_kf, n in snapshot:
                     with self._lock:
-                        if self._generation != generation or self._epoch != epoch:
-                            break
+                        if self._epoch != epoch:
+                            return
                         frames = FrameBatch(**{k: v[:n].copy() for k, v in self._frames_of(kf).arrays().items()})
                     new.fuse_batch(frames, T_map_kf, start=done.get(kf.id, 0))
                     done[kf.id] = n
                 with self._lock:
-                    if self._generation != generation or self._epoch != epoch:
-                        break
+                    if self._epoch != epoch:
+                        return
                     behind = [(kf, kf.T_map_kf.copy(), kf.n_frames) for kf in self.keyframes
                               if kf.n_frames > done.get(kf.id, 0)]
                 snapshot = behind if sum(n - done.get(kf.id, 0) for kf, _, n in behind) > CATCH_UP_FRAMES else []
             with self._rebuilt:
                 if self._epoch != epoch:
                     return
-                if self._generation != generation:
-                    continue
                 for kf in self.keyframes:  # the last few frames, under the lock: then the swap
                     if kf.n_frames > done.get(kf.id, 0):
                         new.fuse_batch(self._frames_of(kf), kf.T_map_kf, start=done.get(kf.id, 0))
                 self.products = new
-                self.stale = False
+                self.stale = self._generation != generation
                 self.rebuilds += 1
                 self._rebuilt.notify_all()
-                return
+                if not self.stale:
+                    return
+            time.sleep(time.monotonic() - t0)
 
     def wait_rebuilt(self, timeout: float | None = None) -> bool:
         """Until the products follow every pose update (a background rebuild finished); False at the timeout."""
