@@ -437,3 +437,50 @@ def test_read_pgm_reads_any_byte_and_refuses_foreign_or_short_files(tmp_path):
     (tmp_path / "short.pgm").write_bytes(b"P5\n4 3\n255\n" + body[:-1])
     with pytest.raises(ValueError, match="short.pgm: 11 pixel bytes, expected 12$"):
         read_pgm(tmp_path / "short.pgm")
+
+
+def test_map_paths_with_a_nul_or_naming_a_directory_are_refused_by_name(tmp_path):
+    from ros2_stream4d.mapping.map_io import validate_map_path
+
+    with pytest.raises(ValueError, match="^invalid map path 'a\\\\x00.ply'$"):
+        validate_map_path("a\x00.ply")
+    (tmp_path / "d.ply").mkdir()
+    with pytest.raises(IsADirectoryError, match="d.ply is a directory$"):
+        validate_map_path(tmp_path / "d.ply")
+
+
+# ---------------------------------------------------------------------------------------------------- motion
+def test_confidence_factor_limits():
+    from ros2_stream4d.mapping.motion import MAX_CONF_FACTOR, confidence_factor
+
+    assert confidence_factor(1.0) == MAX_CONF_FACTOR == 100.0, "c = 1: no information (not a division by zero)"
+    assert confidence_factor(1.001) == 100.0, "1 / (1 - 1 / 1.001) = 1001, clipped"
+    assert confidence_factor(1e6) == pytest.approx(1.000001, rel=1e-9), "a confident frame: ~1, not clipped up"
+    assert confidence_factor(2.0) == pytest.approx(2.0)
+
+
+def test_motion_defaults_and_the_depth_used_for_the_position_sigma():
+    from ros2_stream4d.mapping.motion import MotionEstimator, confidence_factor
+
+    c = confidence_factor(5.0)
+    for depth, used in ((0.5, 0.5), (3.0, 3.0), (0.0, 1.0), (-2.0, 1.0), (np.inf, 1.0), (np.nan, 1.0)):
+        m = MotionEstimator().update(np.eye(4), 0, median_depth=depth, median_confidence=5.0, scale_valid=True)
+        assert m.pose_covariance[0, 0] == pytest.approx((0.02 * used * c) ** 2), depth
+        assert m.pose_covariance[5, 5] == pytest.approx((0.01 * c) ** 2)
+        np.testing.assert_array_equal(m.angular, np.zeros(3))
+        np.testing.assert_array_equal(m.linear, np.zeros(3))
+    m = MotionEstimator().update(np.eye(4), 0, median_depth=2.0, median_confidence=5.0, scale_valid=False)
+    assert m.pose_covariance[2, 2] == pytest.approx((0.02 * 2.0 * c * 1000.0) ** 2)
+
+
+def test_twist_covariance_divides_by_the_squared_interval():
+    from ros2_stream4d.mapping.motion import MotionEstimator
+
+    est = MotionEstimator(pose_sigma_per_m=0.1, rotation_sigma=0.2)
+    est.update(np.eye(4), 0, median_depth=1.0, median_confidence=1e12, scale_valid=True)
+    T = np.eye(4)
+    T[0, 3] = 0.5
+    m = est.update(T, 250_000_000, median_depth=1.0, median_confidence=1e12, scale_valid=True)  # dt = 0.25 s
+    assert m.twist_covariance[0, 0] == pytest.approx(2 * 0.1 ** 2 / 0.0625)
+    assert m.twist_covariance[4, 4] == pytest.approx(2 * 0.2 ** 2 / 0.0625)
+    np.testing.assert_allclose(m.linear, [2.0, 0.0, 0.0])
