@@ -484,3 +484,56 @@ def test_twist_covariance_divides_by_the_squared_interval():
     assert m.twist_covariance[0, 0] == pytest.approx(2 * 0.1 ** 2 / 0.0625)
     assert m.twist_covariance[4, 4] == pytest.approx(2 * 0.2 ** 2 / 0.0625)
     np.testing.assert_allclose(m.linear, [2.0, 0.0, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------------- fusion
+def test_voxel_map_options_are_validated_by_name():
+    from ros2_stream4d.mapping.fusion import VoxelMap
+
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"^voxel_size must be finite and > 0, got {bad}$"):
+            VoxelMap(bad, 10)
+    with pytest.raises(ValueError, match="^max_points must be >= 1, got 0$"):
+        VoxelMap(0.1, 0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=f"^max_range must be > 0 or None, got {bad}$"):
+            VoxelMap(0.1, 10, max_range=bad)
+    with pytest.raises(ValueError, match=r"^eviction must be one of \('oldest', 'lowest_confidence'\), got 'newest'$"):
+        VoxelMap(0.1, 10, eviction="newest")
+    m = VoxelMap(0.5, 1, max_range=1e-3, eviction="lowest_confidence")
+    assert (m.voxel_size, m.max_points, m.max_range, m.eviction) == (0.5, 1, 1e-3, "lowest_confidence")
+    with pytest.raises(ValueError, match="^conf must be 'max' or 'mean', got 'median'$"):
+        m.points(conf="median")
+
+
+def test_voxel_map_range_key_space_and_counts():
+    from ros2_stream4d.mapping.fusion import VoxelMap
+
+    m = VoxelMap(1.0, 100, max_range=2.0)
+    xyz = np.array([[2.0, 0, 0], [0, 2.0000001, 0], [0, 0, 0.5]])  # exactly at the range is kept
+    assert m.integrate(xyz, np.zeros((3, 3), np.uint8)) == 2 and m.dropped == 1
+    big = VoxelMap(1.0, 100)
+    edge = 2.0 ** 20
+    xyz = np.array([[-edge, 0, 0], [edge - 0.5, 0, 0], [edge, 0, 0], [0, -edge - 0.5, 0]])
+    assert big.integrate(xyz, np.zeros((4, 3), np.uint8)) == 2 and big.dropped == 2
+    np.testing.assert_array_equal(np.sort(big.voxel_indices()[:, 0]), [-(2 ** 20), 2 ** 20 - 1])
+    few = VoxelMap(1.0, 2)
+    few.integrate(np.array([[0.5, 0, 0], [1.5, 0, 0], [2.5, 0, 0], [3.5, 0, 0], [0.6, 0, 0]]), np.zeros((5, 3), np.uint8))
+    assert len(few) == 2 and few.evicted == 2 and few.frames == 1
+    xyz, rgb, conf = few.points()
+    assert conf.dtype == np.float32 and np.all(conf == 1.0), "no confidence: 1"
+
+
+def test_voxel_points_min_count_and_rounded_mean_colours():
+    from ros2_stream4d.mapping.fusion import VoxelMap
+
+    m = VoxelMap(1.0, 100)
+    xyz = np.array([[0.2, 0.2, 0.2], [0.4, 0.4, 0.4], [5.5, 0.5, 0.5]])
+    rgb = np.array([[100, 0, 255], [103, 1, 254], [7, 8, 9]], np.uint8)
+    m.integrate(xyz, rgb, np.array([2.0, 4.0, 1.0]))
+    pts, cols, conf = m.points(min_count=2)
+    np.testing.assert_allclose(pts, [[0.3, 0.3, 0.3]], atol=1e-7)
+    np.testing.assert_array_equal(cols, [[102, 0, 254]])  # rint of 101.5, 0.5, 254.5 (half to even)
+    assert conf.tolist() == [4.0]
+    assert m.points(conf="mean", min_count=2)[2].tolist() == [3.0]
+    assert len(m.points(min_count=1)[0]) == 2 and len(m.points(min_count=3)[0]) == 0
