@@ -1,0 +1,148 @@
+"""The back-end modules (mapping/backend/: sim3, drift, segments, loops, posegraph, service) on small exact inputs:
+the tests that answer the mutants docs/mutation.md lists for them (fast, in-process)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ros2_stream4d.mapping.backend import sim3 as S3
+from ros2_stream4d.mapping.backend.drift import DriftModel
+from ros2_stream4d.mapping.conventions import rotation_from_vector
+
+
+def _poses_along_x(steps):
+    """Level camera poses whose positions move along x by the given step lengths (a fixed, non-trivial rotation)."""
+    R = rotation_from_vector([0.1, -0.2, 0.3])
+    out, x = [], 0.0
+    for s in [0.0] + list(steps):
+        x += s
+        T = np.eye(4)
+        T[:3, :3], T[:3, 3] = R, [x, 0.5, -0.25]
+        out.append(T)
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------- drift
+def test_drift_follows_its_formulas_exactly_without_random_walks():
+    """Per step: distance d += step; log s += (a + b d) step; yaw += (c + e d) step degrees about up; the odometry
+    position advances by s R_err (true step); its rotation is R_err R_true."""
+    a, b, c, e = 0.01, 0.002, 0.5, 0.1
+    steps = [1.0, 2.0, 0.5]
+    T = _poses_along_x(steps)
+    m = DriftModel(scale_per_m=a, yaw_deg_per_m=c, scale_per_m2=b, yaw_deg_per_m2=e, scale_walk=0.0,
+                   yaw_walk_deg=0.0)
+    odo, scales = m.run(T)
+    np.testing.assert_array_equal(odo[0], T[0])
+    assert scales[0] == 1.0
+    d = log_s = yaw = 0.0
+    p = T[0][:3, 3].copy()
+    for k, st in enumerate(steps, start=1):
+        d += st
+        log_s += (a + b * d) * st
+        yaw += np.radians((c + e * d) * st)
+        R_err = rotation_from_vector(np.array([0.0, 0.0, 1.0]) * yaw)
+        p = p + np.exp(log_s) * (R_err @ (T[k][:3, 3] - T[k - 1][:3, 3]))
+        np.testing.assert_allclose(odo[k][:3, :3], R_err @ T[k][:3, :3], atol=1e-12)
+        np.testing.assert_allclose(odo[k][:3, 3], p, atol=1e-12)
+        assert scales[k] == pytest.approx(np.exp(log_s), rel=1e-12)
+        np.testing.assert_array_equal(odo[k][3], [0, 0, 0, 1])
+    assert m.distance == pytest.approx(3.5) and m.scale == pytest.approx(np.exp(log_s))
+
+
+def test_drift_reset_restarts_the_rate_but_keeps_the_error():
+    m = DriftModel(scale_per_m=0.0, scale_per_m2=0.01, yaw_deg_per_m=0.0, scale_walk=0.0, yaw_walk_deg=0.0)
+    T = _poses_along_x([1.0, 1.0])
+    m.step(T[0])
+    m.step(T[1])
+    log1 = m.log_scale
+    assert log1 == pytest.approx(0.01)
+    m.reset()
+    assert m.distance == 0.0 and m.log_scale == log1
+    m.step(T[2])
+    assert m.log_scale == pytest.approx(0.02), "d restarted at 0: the second metre adds 0.01 again, not 0.02"
+
+
+def test_drift_turns_about_the_given_up_axis():
+    T = _poses_along_x([1.0])
+    m = DriftModel(scale_per_m=0.0, yaw_deg_per_m=10.0, scale_walk=0.0, yaw_walk_deg=0.0, up=(0.0, -2.0, 0.0))
+    odo, _ = m.run(T)
+    R_err = rotation_from_vector(np.array([0.0, -1.0, 0.0]) * np.radians(10.0))
+    np.testing.assert_allclose(odo[1][:3, :3], R_err @ T[1][:3, :3], atol=1e-12)
+    up, h1, h2 = m._axes
+    np.testing.assert_allclose(up, [0, -1, 0])
+    for h in (h1, h2):
+        assert abs(np.dot(h, up)) < 1e-12 and np.linalg.norm(h) == pytest.approx(1.0)
+    x_up = DriftModel(up=(1.0, 0.0, 0.0))  # up along x: the horizontal axes are built from y instead
+    assert all(abs(np.dot(h, [1.0, 0, 0])) < 1e-12 and np.linalg.norm(h) == pytest.approx(1.0) for h in x_up._axes[1:])
+
+
+def test_random_walks_are_seeded_and_scaled_by_the_square_root_of_the_step():
+    T = _poses_along_x([4.0])
+    base = dict(scale_per_m=0.0, yaw_deg_per_m=0.0, seed=3)
+    m = DriftModel(scale_walk=0.01, yaw_walk_deg=0.0, **base)
+    m.run(T)
+    g = np.random.default_rng(3).standard_normal(2)
+    assert m.log_scale == pytest.approx(0.01 * 2.0 * g[0], rel=1e-12)
+    m = DriftModel(scale_walk=0.0, yaw_walk_deg=1.0, **base)
+    m.run(T)
+    assert m.yaw == pytest.approx(np.radians(1.0 * 2.0 * g[1]), rel=1e-12)
+    m = DriftModel(scale_walk=0.0, yaw_walk_deg=0.0, tilt_walk_deg=1.0, **base)
+    m.run(T)
+    g = np.random.default_rng(3).standard_normal(4)
+    np.testing.assert_allclose(m.tilt, np.radians(1.0) * 2.0 * g[2:4], rtol=1e-12)
+
+
+def test_position_walk_accumulates_but_jitter_does_not():
+    T = _poses_along_x([1.0] * 6)
+    quiet = dict(scale_per_m=0.0, yaw_deg_per_m=0.0, scale_walk=0.0, yaw_walk_deg=0.0, seed=1)
+    plain, _ = DriftModel(**quiet).run(T)
+    np.testing.assert_allclose(plain, T, atol=1e-12)
+    jit, _ = DriftModel(jitter_m=0.01, **quiet).run(T)
+    dev = np.linalg.norm(jit[:, :3, 3] - T[:, :3, 3], axis=1)
+    assert dev[0] == 0.0 and np.all(dev[1:] > 0) and np.all(dev[1:] < 0.06)
+    np.testing.assert_allclose(jit[:, :3, :3], T[:, :3, :3], atol=1e-12)
+    jr, _ = DriftModel(jitter_deg=1.0, **quiet).run(T)
+    ang = [np.degrees(np.arccos(np.clip((np.trace(a[:3, :3].T @ b[:3, :3]) - 1) / 2, -1, 1))) for a, b in zip(jr, T)]
+    assert ang[0] < 1e-4 and all(0.01 < x < 6.0 for x in ang[1:]), "per-frame rotation jitter of ~1 degree per axis"
+    np.testing.assert_allclose(jr[:, :3, 3], T[:, :3, 3], atol=1e-12)
+    walk, _ = DriftModel(trans_walk=0.01, **quiet).run(T)
+    rng = np.random.default_rng(1)
+    acc = np.zeros(3)
+    for k in range(1, len(T)):
+        rng.standard_normal(2)  # scale and yaw walks (0 here)
+        acc += 0.01 * rng.standard_normal(3)
+        np.testing.assert_allclose(walk[k][:3, 3], T[k][:3, 3] + acc, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- sim3
+def test_sim3_construction_decomposition_and_inverse():
+    R = rotation_from_vector([0.3, -0.1, 0.2])
+    S = S3.sim3(R, [1.0, -2.0, 0.5], 2.5)
+    np.testing.assert_allclose(S[:3, :3], 2.5 * R)
+    np.testing.assert_array_equal(S[3], [0, 0, 0, 1])
+    np.testing.assert_allclose(S3.sim3(s=3.0)[:3, :3], 3.0 * np.eye(3))
+    np.testing.assert_array_equal(S3.sim3(), np.eye(4))
+    Rd, td, sd = S3.decompose(S)
+    np.testing.assert_allclose(Rd, R, atol=1e-12)
+    np.testing.assert_allclose(td, [1.0, -2.0, 0.5])
+    assert sd == pytest.approx(2.5) and S3.scale_of(S) == pytest.approx(2.5)
+    np.testing.assert_allclose(S3.inverse(S) @ S, np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(S3.to_se3(S)[:3, :3], R, atol=1e-12)
+    np.testing.assert_allclose(S3.to_se3(S)[:3, 3], [1.0, -2.0, 0.5])
+    np.testing.assert_allclose(S3.apply(S, [[1.0, 0, 0]]), [2.5 * R[:, 0] + [1.0, -2.0, 0.5]])
+    dt, dr, ds = S3.sim3_distance(S, S3.sim3(R, [1.0, -2.0, 1.5], 5.0))
+    assert dt == pytest.approx(1.0) and dr == pytest.approx(0.0, abs=1e-6) and ds == pytest.approx(np.log(2.0))
+
+
+def test_umeyama_refuses_too_few_or_weightless_or_degenerate_points():
+    pts = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match="^umeyama needs >= 3 points with positive total weight$"):
+        S3.umeyama(pts[:2], pts[:2])
+    with pytest.raises(ValueError, match="^umeyama needs >= 3 points with positive total weight$"):
+        S3.umeyama(pts, pts, w=np.zeros(4))
+    with pytest.raises(ValueError, match="^degenerate point set for umeyama$"), np.errstate(invalid="ignore"):
+        S3.umeyama(np.ones((4, 3)), pts)
+    np.testing.assert_allclose(S3.umeyama(pts[:3], pts[:3]), np.eye(4), atol=1e-12)
+    S = S3.umeyama(pts, 2.0 * pts + 1.0, with_scale=False)
+    assert S3.scale_of(S) == pytest.approx(1.0)
