@@ -537,3 +537,26 @@ def test_voxel_points_min_count_and_rounded_mean_colours():
     assert conf.tolist() == [4.0]
     assert m.points(conf="mean", min_count=2)[2].tolist() == [3.0]
     assert len(m.points(min_count=1)[0]) == 2 and len(m.points(min_count=3)[0]) == 0
+
+
+def test_mesh_marker_message_fields_and_colours():
+    from ros2_stream4d.mapping.products import ADD, TRIANGLE_LIST, mesh_marker_fields
+
+    v = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    f = np.array([[0, 1, 2], [0, 2, 3]])
+    c = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [51, 102, 153]], np.uint8)
+    out = mesh_marker_fields(v, f, c, frame_id="odom", ns="m", marker_id=3, max_triangles=1)
+    assert len(out) == 2
+    for k, m in enumerate(out):
+        assert m["header"] == {"frame_id": "odom"} and m["ns"] == "m" and m["id"] == 3 + k
+        assert m["type"] == TRIANGLE_LIST == 11 and m["action"] == ADD == 0
+        assert m["pose"] == {"position": (0.0, 0.0, 0.0), "orientation": (0.0, 0.0, 0.0, 1.0)}
+        assert m["scale"] == (1.0, 1.0, 1.0)
+        assert m["colors"].dtype == np.float32 and m["colors"].shape == (3, 4)
+        np.testing.assert_array_equal(m["colors"][:, 3], [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(out[1]["colors"][:, :3], c[[0, 2, 3]] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(out[1]["points"], v[[0, 2, 3]])
+    (one,) = mesh_marker_fields(v, f[:1], max_triangles=1)
+    assert len(one["points"]) == 3
+    (empty,) = mesh_marker_fields(np.zeros((0, 3)), np.zeros((0, 3), np.int64), max_triangles=1)
+    assert empty["points"].shape == (0, 3) and empty["colors"].shape == (0, 4)
