@@ -560,3 +560,65 @@ def test_mesh_marker_message_fields_and_colours():
     assert len(one["points"]) == 3
     (empty,) = mesh_marker_fields(np.zeros((0, 3)), np.zeros((0, 3), np.int64), max_triangles=1)
     assert empty["points"].shape == (0, 3) and empty["colors"].shape == (0, 4)
+
+
+def test_lens_model_create_validates_and_normalises():
+    from ros2_stream4d.mapping.undistort import LensModel, is_distorted
+
+    K = np.array([[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]])
+    assert LensModel.create(K, "", None, 1, 1).D == ()
+    for w, h in ((0, 48), (64, 0)):
+        with pytest.raises(ValueError, match=f"^image size must be positive, got {w}x{h}$"):
+            LensModel.create(K, "", [], w, h)
+    # coefficients given as a (1, 5) row (e.g. a numpy CameraInfo field) are flattened
+    assert LensModel.create(K, "plumb_bob", [[0.1, 0, 0, 0, 0]], 64, 48).D == (0.1, 0.0, 0.0, 0.0, 0.0)
+    assert LensModel.create(K, "plumb_bob", [0.1, 0, 0, 0], 64, 48).D == (0.1, 0.0, 0.0, 0.0, 0.0), "padded to 5"
+    # a pinhole camera keeps a known model's name, an unknown one's is dropped
+    assert LensModel.create(K, "plumb_bob", [0.0] * 5, 64, 48).distortion_model == "plumb_bob"
+    assert LensModel.create(K, "weird", [0.0] * 3, 64, 48).distortion_model == ""
+    for bad in ((0, 0, 40.0, 1.0), (0, 40.0, 0, 1.0), (0, 40.0, 40.0, 2.0), (0, -1.0, -1.0, 1.0)):
+        Kb = K.copy()
+        Kb[0, 0], Kb[1, 1], Kb[2, 2] = bad[1], bad[2], bad[3]
+        with pytest.raises(ValueError, match="^cannot undistort with an uncalibrated or invalid K"):
+            LensModel.create(Kb, "plumb_bob", [0.1, 0, 0, 0, 0], 64, 48)
+    small = K.copy()
+    small[0, 0] = small[1, 1] = 0.5  # a tiny but valid focal length
+    assert LensModel.create(small, "plumb_bob", [0.1, 0, 0, 0, 0], 64, 48).distorted
+    with pytest.raises(ValueError, match=r"^unknown distortion model 'weird' \(with non-zero coefficients\); "
+                                         r"supported: plumb_bob, rational_polynomial, equidistant$"):
+        is_distorted("weird", [0.1])
+    with pytest.raises(ValueError, match=r"^distortion model 'plumb_bob' takes 5 or 4 coefficients, got 3$"):
+        is_distorted("plumb_bob", [0.1, 0, 0])
+
+
+def test_lens_model_keeps_only_a_usable_projection_matrix():
+    from ros2_stream4d.mapping.undistort import LensModel
+
+    K = np.eye(3)
+    K[0, 0] = K[1, 1] = 40.0
+
+    def P_of(fx=40.0, fy=40.0, one=1.0, cy=24.0):
+        return [fx, 0, 32.0, 0, 0, fy, cy, 0, 0, 0, one, 0]
+
+    assert LensModel.create(K, "", [], 64, 48, P=np.array(P_of()).reshape(3, 4)).P == tuple(P_of())
+    assert LensModel.create(K, "", [], 64, 48, P=P_of(fx=0.5, fy=0.5)).P is not None
+    for unusable in (P_of(fx=0.0), P_of(fy=0.0), P_of(one=0.0), P_of(fx=0.0, fy=0.0), [0.0] * 12):
+        assert LensModel.create(K, "", [], 64, 48, P=unusable).P is None, unusable
+    for bad in (P_of()[:11], P_of(cy=float("nan"))):
+        with pytest.raises(ValueError, match="^P must be 12 finite values, got"):
+            LensModel.create(K, "", [], 64, 48, P=bad)
+
+
+def test_project_keeps_the_shape_and_uses_each_intrinsic():
+    from ros2_stream4d.mapping.undistort import LensModel
+
+    K = np.array([[50.0, 0, 31.5], [0, 52.0, 23.5], [0, 0, 1]])
+    u, v = LensModel.create(K, "", [], 64, 48).project([1.0, 0.0, -0.5], [0.0, 1.0, -0.5])
+    np.testing.assert_allclose(u, [81.5, 31.5, 6.5])
+    np.testing.assert_allclose(v, [23.5, 75.5, -2.5])
+    lens = LensModel.create(K, "plumb_bob", [0.1, 0, 0, 0, 0], 64, 48)
+    x = np.array([[0, 1], [0, -1]])  # integers, a (2, 2) grid
+    u, v = lens.project(x, x.T)
+    assert u.shape == v.shape == (2, 2)
+    assert u[0, 0] == pytest.approx(31.5) and v[0, 0] == pytest.approx(23.5)
+    assert u[0, 1] == pytest.approx(31.5 + 50.0 * 1.0 * (1 + 0.1 * 1.0))
