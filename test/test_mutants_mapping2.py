@@ -622,3 +622,14 @@ def test_project_keeps_the_shape_and_uses_each_intrinsic():
     assert u.shape == v.shape == (2, 2)
     assert u[0, 0] == pytest.approx(31.5) and v[0, 0] == pytest.approx(23.5)
     assert u[0, 1] == pytest.approx(31.5 + 50.0 * 1.0 * (1 + 0.1 * 1.0))
+
+
+def test_undistorter_cache_size_one_is_allowed_and_zero_refused():
+    from ros2_stream4d.mapping.undistort import Undistorter
+
+    with pytest.raises(ValueError, match="^cache_size must be >= 1, got 0$"):
+        Undistorter(cache_size=0)
+    und = Undistorter(cache_size=1)
+    und.maps(_pincushion_lens())
+    und.maps(_pincushion_lens())
+    assert len(und) == 1 and und.builds == 1
