@@ -633,3 +633,26 @@ def test_undistorter_cache_size_one_is_allowed_and_zero_refused():
     und.maps(_pincushion_lens())
     und.maps(_pincushion_lens())
     assert len(und) == 1 and und.builds == 1
+
+
+def test_a_pickled_keyframe_index_is_never_unpickled(tmp_path):
+    """keyframes.npz holding an object array (a pickle: loading it could run code) is refused as unreadable, even
+    when metadata.json vouches for it, and the error names the map."""
+    import hashlib
+    import json
+
+    from map_helpers import small_config
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+    from ros2_stream4d.mapping.map_store import MapDirectoryError, load_map_dir, save_map_dir
+
+    path = save_map_dir(KeyframeMap(small_config()), tmp_path / "map")
+    np.savez(path / "keyframes.npz", ids=np.array([object()], dtype=object), segments=np.zeros(1, np.int64),
+             T_map_kf=np.eye(4)[None])
+    meta = json.loads((path / "metadata.json").read_text())
+    data = (path / "keyframes.npz").read_bytes()
+    meta["files"]["keyframes.npz"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(MapDirectoryError, match=f"^cannot load map {path}: keyframes.npz is unreadable "
+                                                r"\(ValueError: .*allow_pickle"):
+        load_map_dir(path, small_config())
