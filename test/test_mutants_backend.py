@@ -146,3 +146,86 @@ def test_umeyama_refuses_too_few_or_weightless_or_degenerate_points():
     np.testing.assert_allclose(S3.umeyama(pts[:3], pts[:3]), np.eye(4), atol=1e-12)
     S = S3.umeyama(pts, 2.0 * pts + 1.0, with_scale=False)
     assert S3.scale_of(S) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- DriftedSession
+class _FakeSession:
+    """A session (model/session.py protocol) that sees the true poses: a camera moving along its optical x."""
+
+    window, anchors = 7, 2
+
+    def __init__(self, h=4, w=5):
+        self.h, self.w = h, w
+        self.frames_seen = 0
+        self.images, self.resets = [], 0
+        self.K = np.array([[4.0, 0, 2.0], [0, 4.0, 1.5], [0, 0, 1]])
+
+    def reset(self):
+        self.resets += 1
+
+    def stats(self):
+        return {"fake": True}
+
+    def step(self, image=None, stamp_ns=None, mapping=None):
+        import torch
+
+        from ros2_stream4d.mapping.conventions import inverse
+
+        self.images.append(image)
+        T = np.eye(4)
+        T[:3, :3] = rotation_from_vector([0.0, 0.1 * self.frames_seen, 0.0])
+        T[:3, 3] = [0.5 * self.frames_seen, 0.0, 0.1]
+        self.frames_seen += 1
+        depth = np.full((self.h, self.w), 2.0)
+        depth[0, 0] = 0.0  # an invalid pixel
+        return {"extrinsic": torch.as_tensor(inverse(T)[:3, :], dtype=torch.float32)[None],
+                "intrinsic": torch.as_tensor(self.K, dtype=torch.float32)[None],
+                "depth": torch.as_tensor(depth, dtype=torch.float32)[None, ..., None],
+                "depth_conf": torch.full((1, self.h, self.w), 3.0), "T_true": T}
+
+
+def test_drifted_session_forwards_the_protocol_and_seeds_each_segment():
+    from ros2_stream4d.mapping.backend.drift import DriftedSession
+
+    inner = _FakeSession()
+    s = DriftedSession(inner, scale_per_m=0.2)
+    assert (s.window, s.anchors, s.seed, s.resets) == (7, 2, 0, 0)
+    assert s.stats() == {"fake": True} and s.shrunk(3) is None and s.perturb(np.ones((2, 2)), np.ones((2, 2))) is None
+    np.testing.assert_allclose(s.model._axes[0], [0.0, -1.0, 0.0])  # a camera world's up is -y
+    Ts = [inner.step()["T_true"] for _ in range(4)]
+    inner.frames_seen = 0
+    assert s.frames_seen == 0
+    ref = DriftModel(seed=0, up=(0.0, -1.0, 0.0), scale_per_m=0.2).run(np.stack(Ts))
+    mine = [s.model.step(T) for T in Ts]
+    np.testing.assert_array_equal(np.stack([m[0] for m in mine]), ref[0])
+    s.reset()
+    s.reset()
+    assert inner.resets == 2 and s.resets == 2
+    assert s.model.seed == 2000 and s.model.scale_per_m == 0.2 and s.model.up == (0.0, -1.0, 0.0)
+    s7 = DriftedSession(_FakeSession(), seed=7, up=(0.0, 0.0, 1.0))
+    assert s7.model.seed == 7 and s7.model.up == (0.0, 0.0, 1.0)
+    s7.reset()
+    assert s7.model.seed == 1007
+
+
+def test_drifted_session_step_scales_depth_and_points_and_drifts_the_pose():
+    from ros2_stream4d.mapping.backend.drift import DriftedSession
+    from ros2_stream4d.mapping.conventions import extrinsic_to_pose, unproject_depth
+
+    inner = _FakeSession()
+    s = DriftedSession(inner, scale_per_m=0.3, yaw_deg_per_m=5.0, scale_walk=0.0, yaw_walk_deg=0.0)
+    ref = DriftModel(scale_per_m=0.3, yaw_deg_per_m=5.0, scale_walk=0.0, yaw_walk_deg=0.0, up=(0.0, -1.0, 0.0))
+    for i in range(3):
+        out = s.step(image=f"img{i}", stamp_ns=i)
+        T_ref, sc = ref.step(out["T_true"])
+        assert inner.images[-1] == f"img{i}"
+        T = extrinsic_to_pose(out["extrinsic"][0].double().numpy())
+        np.testing.assert_allclose(T, T_ref, atol=1e-5)
+        depth = out["depth"][0, ..., 0].double().numpy()
+        np.testing.assert_allclose(depth[1:, 1:], 2.0 * sc, rtol=1e-6)
+        pts = out["world_points"][0].double().numpy()
+        np.testing.assert_array_equal(pts[0, 0], [0.0, 0.0, 0.0])  # invalid depth: a zero point
+        np.testing.assert_allclose(pts[1:, 1:], unproject_depth(depth, inner.K, T_ref)[1:, 1:], atol=1e-5)
+        np.testing.assert_allclose(out["depth_conf"][0].numpy(), 3.0)
+        assert out["pose_enc"].shape[0] == 1
+    assert sc != 1.0, "the scale drifted"
