@@ -128,6 +128,8 @@ def test_sim3_construction_decomposition_and_inverse():
     np.testing.assert_allclose(td, [1.0, -2.0, 0.5])
     assert sd == pytest.approx(2.5) and S3.scale_of(S) == pytest.approx(2.5)
     np.testing.assert_allclose(S3.inverse(S) @ S, np.eye(4), atol=1e-12)
+    assert S3.to_se3(S).shape == (4, 4)
+    np.testing.assert_array_equal(S3.to_se3(S)[3], [0, 0, 0, 1])
     np.testing.assert_allclose(S3.to_se3(S)[:3, :3], R, atol=1e-12)
     np.testing.assert_allclose(S3.to_se3(S)[:3, 3], [1.0, -2.0, 0.5])
     np.testing.assert_allclose(S3.apply(S, [[1.0, 0, 0]]), [2.5 * R[:, 0] + [1.0, -2.0, 0.5]])
@@ -157,7 +159,7 @@ class _FakeSession:
     def __init__(self, h=4, w=5):
         self.h, self.w = h, w
         self.frames_seen = 0
-        self.images, self.resets = [], 0
+        self.images, self.resets, self.calls = [], 0, []
         self.K = np.array([[4.0, 0, 2.0], [0, 4.0, 1.5], [0, 0, 1]])
 
     def reset(self):
@@ -172,6 +174,7 @@ class _FakeSession:
         from ros2_stream4d.mapping.conventions import inverse
 
         self.images.append(image)
+        self.calls.append((stamp_ns, mapping))
         T = np.eye(4)
         T[:3, :3] = rotation_from_vector([0.0, 0.1 * self.frames_seen, 0.0])
         T[:3, 3] = [0.5 * self.frames_seen, 0.0, 0.1]
@@ -209,6 +212,8 @@ def test_drifted_session_forwards_the_protocol_and_seeds_each_segment():
 
 
 def test_drifted_session_step_scales_depth_and_points_and_drifts_the_pose():
+    import torch
+
     from ros2_stream4d.mapping.backend.drift import DriftedSession
     from ros2_stream4d.mapping.conventions import extrinsic_to_pose, unproject_depth
 
@@ -218,7 +223,9 @@ def test_drifted_session_step_scales_depth_and_points_and_drifts_the_pose():
     for i in range(3):
         out = s.step(image=f"img{i}", stamp_ns=i)
         T_ref, sc = ref.step(out["T_true"])
-        assert inner.images[-1] == f"img{i}"
+        assert inner.images[-1] == f"img{i}" and inner.calls[-1] == (i, None)
+        assert out["extrinsic"].shape == (1, 3, 4) and out["extrinsic"].dtype == torch.float32
+        assert out["world_points"].dtype == torch.float32 and out["world_points"].shape == (1, 4, 5, 3)
         T = extrinsic_to_pose(out["extrinsic"][0].double().numpy())
         np.testing.assert_allclose(T, T_ref, atol=1e-5)
         depth = out["depth"][0, ..., 0].double().numpy()
@@ -229,3 +236,39 @@ def test_drifted_session_step_scales_depth_and_points_and_drifts_the_pose():
         np.testing.assert_allclose(out["depth_conf"][0].numpy(), 3.0)
         assert out["pose_enc"].shape[0] == 1
     assert sc != 1.0, "the scale drifted"
+
+
+def test_a_perturbing_subclass_replaces_depth_and_confidence():
+    import torch
+
+    from ros2_stream4d.mapping.backend.drift import DriftedSession
+    from ros2_stream4d.mapping.conventions import extrinsic_to_pose, unproject_depth
+
+    seen = []
+
+    class Noisy(DriftedSession):
+        def perturb(self, depth, conf):
+            seen.append((depth.copy(), conf.copy(), depth.dtype, conf.dtype))
+            d = np.full_like(depth, 0.8)
+            d[1, 1] = 0.0
+            return d, conf * 2.0
+
+    inner = _FakeSession()
+    s = Noisy(inner, scale_per_m=0.3, scale_walk=0.0, yaw_walk_deg=0.0)
+    s.step(stamp_ns=1, mapping="m")
+    assert inner.calls[-1] == (1, "m")
+    out = s.step()
+    d_in, c_in, d_dtype, c_dtype = seen[-1]
+    assert d_dtype == np.float64 and c_dtype == np.float64
+    np.testing.assert_allclose(d_in[1:, 1:], 2.0 * s.model.scale, rtol=1e-6)
+    np.testing.assert_array_equal(c_in, 3.0)
+    depth = out["depth"][0, ..., 0].numpy()
+    assert out["depth"].dtype == torch.float32 and out["depth"].shape == (1, 4, 5, 1)
+    assert depth[1, 1] == 0.0 and depth[2, 2] == pytest.approx(0.8)
+    for key in ("depth_conf", "world_points_conf"):
+        np.testing.assert_allclose(out[key][0].numpy(), 6.0)
+    T = extrinsic_to_pose(out["extrinsic"][0].double().numpy())
+    pts = out["world_points"][0].double().numpy()
+    np.testing.assert_array_equal(pts[1, 1], [0.0, 0.0, 0.0])
+    expect = unproject_depth(depth.astype(np.float64), inner.K, T)
+    np.testing.assert_allclose(pts[2, 2], expect[2, 2], atol=1e-5)  # depth 0.8 < 1 is a valid depth
