@@ -272,3 +272,86 @@ def test_a_perturbing_subclass_replaces_depth_and_confidence():
     np.testing.assert_array_equal(pts[1, 1], [0.0, 0.0, 0.0])
     expect = unproject_depth(depth.astype(np.float64), inner.K, T)
     np.testing.assert_allclose(pts[2, 2], expect[2, 2], atol=1e-5)  # depth 0.8 < 1 is a valid depth
+
+
+def _noisy_pair(n=40, seed=0, noise=0.01):
+    rng = np.random.default_rng(seed)
+    S = S3.sim3(rotation_from_vector([0.2, -0.4, 0.1]), [0.5, -1.0, 2.0], 1.7)
+    src = rng.uniform(-2, 2, (n, 3))
+    dst = S3.apply(S, src) + noise * rng.standard_normal((n, 3))
+    return S, src, dst
+
+
+def test_robust_sim3_uses_the_weights_and_clips_negative_ones():
+    _, src, dst = _noisy_pair()
+    w = np.ones(len(src))
+    w[:10] = 50.0  # a few heavy points pull the fit towards them
+    fit = S3.robust_sim3(src, dst, w, threshold=10.0)
+    assert fit.inliers.all() and fit.inlier_ratio == 1.0
+    np.testing.assert_allclose(fit.S, S3.umeyama(src, dst, w), atol=1e-12)
+    assert not np.allclose(fit.S, S3.umeyama(src, dst), atol=1e-6)
+    r = np.linalg.norm(S3.apply(fit.S, src) - dst, axis=1)
+    assert fit.rmse == pytest.approx(np.sqrt((w * r ** 2).sum() / w.sum()), rel=1e-12)
+    neg = w.copy()
+    neg[10:15] = -3.0  # negative weights count as 0
+    zero = w.copy()
+    zero[10:15] = 0.0
+    a, b = S3.robust_sim3(src, dst, neg, threshold=10.0), S3.robust_sim3(src, dst, zero, threshold=10.0)
+    np.testing.assert_array_equal(a.S, b.S)
+    assert a.rmse == b.rmse
+    assert S3.Sim3Fit(np.eye(4), np.zeros(0, bool), 0.0).inlier_ratio == 0.0
+
+
+def _expected_alignment(points_dst, points_src, conf_dst, conf_src, centres_dst, centres_src, max_points, threshold):
+    """align_point_maps as its docstring states it, written out."""
+    a, b = np.asarray(points_dst, np.float64).reshape(-1, 3), np.asarray(points_src, np.float64).reshape(-1, 3)
+    ca = np.ones(len(a)) if conf_dst is None else np.asarray(conf_dst, np.float64).reshape(-1)
+    cb = np.ones(len(b)) if conf_src is None else np.asarray(conf_src, np.float64).reshape(-1)
+    ok = [bool(np.isfinite(a[i]).all() and np.isfinite(b[i]).all() and np.any(a[i] != 0) and np.any(b[i] != 0)
+               and np.isfinite(ca[i]) and np.isfinite(cb[i]) and ca[i] > 0 and cb[i] > 0) for i in range(len(a))]
+    idx = np.flatnonzero(ok)
+    if len(idx) > max_points:
+        idx = idx[np.linspace(0, len(idx) - 1, max_points).astype(int)]
+    src, dst, w = b[idx], a[idx], np.sqrt(ca[idx] * cb[idx])
+    if centres_dst is not None and centres_src is not None:
+        wc = float(np.median(w)) if len(w) else 1.0
+        src, dst = np.vstack([src, centres_src]), np.vstack([dst, centres_dst])
+        w = np.r_[w, np.full(len(centres_src), wc)]
+    return S3.robust_sim3(src, dst, w, threshold=threshold, seed=0), len(idx)
+
+
+def test_align_point_maps_selects_weights_and_subsamples_as_documented():
+    S, src, dst = _noisy_pair(n=40, seed=1, noise=0.02)
+    src, dst = src.reshape(2, 4, 5, 3).copy(), dst.reshape(2, 4, 5, 3).copy()
+    rng = np.random.default_rng(2)
+    conf_src = rng.uniform(0.2, 3.0, (2, 4, 5))  # some below 1: still valid
+    conf_dst = rng.uniform(0.2, 3.0, (2, 4, 5))
+    dst[0, 0, 0] = np.nan  # invalid point in dst
+    src[0, 0, 1] = 0.0  # a zero point (no depth) in src
+    dst[0, 0, 2] = 0.0
+    src[0, 0, 3, 0] = np.inf
+    conf_dst[0, 1, 0] = 0.0
+    conf_src[0, 1, 1] = np.nan
+    conf_src[0, 1, 2] = -1.0
+    conf_dst[0, 1, 3] = np.inf
+    src[1, 0, 0] = [0.1, -0.1, 0.05]  # small but valid coordinates (|x| + |y| + |z| < 1)
+    dst[1, 0, 0] = S3.apply(S, src[1, 0, 0][None])[0]
+    centres_src = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.5]])
+    centres_dst = S3.apply(S, centres_src)
+    for cd, cs, ctd, cts, mp in ((conf_dst, conf_src, centres_dst, centres_src, 20000),
+                                 (None, conf_src, None, None, 20000), (conf_dst, None, centres_dst, None, 20000),
+                                 (conf_dst, conf_src, centres_dst, centres_src, 7), (None, None, None, centres_src, 9)):
+        fit = S3.align_point_maps(dst, src, cd, cs, ctd, cts, max_points=mp, threshold=0.5)
+        expect, used = _expected_alignment(dst, src, cd, cs, ctd, cts, mp, 0.5)
+        assert len(fit.inliers) == len(expect.inliers)
+        np.testing.assert_array_equal(fit.inliers, expect.inliers)
+        np.testing.assert_allclose(fit.S, expect.S, atol=1e-12)
+        assert fit.rmse == pytest.approx(expect.rmse, rel=1e-9)
+    assert used == 9
+    # no valid pixel at all: the centres alone, weighted 1
+    fit = S3.align_point_maps(np.full((1, 2, 3), np.nan), np.ones((1, 2, 3)), centres_dst=centres_dst,
+                              centres_src=centres_src, threshold=0.5)
+    assert len(fit.inliers) == 3
+    np.testing.assert_allclose(fit.S, S, atol=1e-9)
+    with pytest.raises(ValueError, match=r"^point maps differ in shape: \(6, 3\) vs \(3, 3\)$"):
+        S3.align_point_maps(np.ones((2, 3, 3)), np.ones((1, 3, 3)))
