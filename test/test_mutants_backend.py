@@ -355,3 +355,45 @@ def test_align_point_maps_selects_weights_and_subsamples_as_documented():
     np.testing.assert_allclose(fit.S, S, atol=1e-9)
     with pytest.raises(ValueError, match=r"^point maps differ in shape: \(6, 3\) vs \(3, 3\)$"):
         S3.align_point_maps(np.ones((2, 3, 3)), np.ones((1, 3, 3)))
+
+
+def test_robust_sim3_needs_three_points_and_can_keep_the_scale_fixed():
+    _, src, dst = _noisy_pair(n=3, noise=0.0)
+    with pytest.raises(ValueError, match="^robust_sim3 needs >= 3 correspondences$"):
+        S3.robust_sim3(src[:2], dst[:2])
+    fit = S3.robust_sim3(src, dst, threshold=1e-6)
+    assert fit.inliers.tolist() == [True, True, True] and S3.scale_of(fit.S) == pytest.approx(1.7)
+    R = rotation_from_vector([0.3, 0.2, -0.1])
+    _, src, _ = _noisy_pair(n=30, seed=4)
+    dst = 1.7 * src @ R.T + [1.0, 2.0, 3.0]
+    dst[:5] += 30.0  # outliers
+    rigid = S3.robust_sim3(src, dst, threshold=8.0, with_scale=False)
+    assert S3.scale_of(rigid.S) == pytest.approx(1.0, abs=1e-12)
+    assert rigid.inliers.tolist() == [False] * 5 + [True] * 25
+    np.testing.assert_allclose(S3.decompose(rigid.S)[0], R, atol=1e-9)
+    np.testing.assert_allclose(rigid.S, S3.umeyama(src[5:], dst[5:], with_scale=False), atol=1e-12)
+    # with the default threshold: first fit and consensus are rigid as well
+    assert S3.scale_of(S3.robust_sim3(src, dst, with_scale=False).S) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_robust_sim3_default_threshold_is_three_median_residuals_at_least_one_percent_of_the_spread():
+    S, src, dst = _noisy_pair(n=40, seed=5, noise=0.0)
+    dst = dst + [20.0, -10.0, 5.0]  # far from the origin: the spread is about the centroid
+    spread = float(np.sqrt(((dst - dst.mean(0)) ** 2).sum(1).mean()))
+    probe = dst.copy()
+    probe[0, 0] += 0.5 * 0.01 * spread  # inside the 1 % floor
+    probe[1, 0] += 1.5 * 0.01 * spread  # outside it
+    fit = S3.robust_sim3(src, probe)
+    assert fit.inliers[0] and not fit.inliers[1] and fit.inliers[2:].all()
+    # noisy: the threshold is 3 x the median residual of a first (weighted) all-points fit
+    _, src, dst = _noisy_pair(n=60, seed=6, noise=0.05)
+    dst[:6] += [1.0, -1.0, 0.5]  # outliers
+    dst[6:14, 0] += np.linspace(0.1, 0.4, 8)  # moderate errors, around 3 median residuals
+    w = np.linspace(0.5, 2.0, 60)
+    r0 = np.linalg.norm(S3.apply(S3.umeyama(src, dst, w), src) - dst, axis=1)
+    thr = max(3.0 * float(np.median(r0)), 0.01 * float(np.sqrt(((dst - dst.mean(0)) ** 2).sum(1).mean())))
+    fit = S3.robust_sim3(src, dst, w)
+    r = np.linalg.norm(S3.apply(fit.S, src) - dst, axis=1)
+    np.testing.assert_array_equal(fit.inliers, r < thr)
+    assert not fit.inliers[:6].any()
+    assert np.any((r >= thr) & (r < 4.0 / 3.0 * thr)), "the data tells 3 from 4 median residuals"
