@@ -397,3 +397,17 @@ def test_robust_sim3_default_threshold_is_three_median_residuals_at_least_one_pe
     np.testing.assert_array_equal(fit.inliers, r < thr)
     assert not fit.inliers[:6].any()
     assert np.any((r >= thr) & (r < 4.0 / 3.0 * thr)), "the data tells 3 from 4 median residuals"
+
+
+def test_umeyama_never_returns_a_reflection_or_a_zero_scale():
+    rng = np.random.default_rng(8)
+    src = rng.uniform(-1, 1, (20, 3))
+    mirrored = src * [1.0, 1.0, -1.0]  # no rotation maps src onto its mirror image
+    S = S3.umeyama(src, mirrored)
+    R, _, s = S3.decompose(S)
+    assert np.linalg.det(R) == pytest.approx(1.0) and np.allclose(R @ R.T, np.eye(3), atol=1e-9)
+    assert 0 < s < 1.0, "a proper rotation explains the mirror image only in part"
+    with pytest.raises(ValueError, match="^degenerate point set for umeyama$"):
+        S3.umeyama(src, np.ones((20, 3)))  # every point onto one: scale 0
+    small = S3.umeyama(src[:4], 2.0 * src[:4], w=np.full(4, 0.1))  # a total weight below 1 is fine
+    assert S3.scale_of(small) == pytest.approx(2.0)
