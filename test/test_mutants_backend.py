@@ -411,3 +411,29 @@ def test_umeyama_never_returns_a_reflection_or_a_zero_scale():
         S3.umeyama(src, np.ones((20, 3)))  # every point onto one: scale 0
     small = S3.umeyama(src[:4], 2.0 * src[:4], w=np.full(4, 0.1))  # a total weight below 1 is fine
     assert S3.scale_of(small) == pytest.approx(2.0)
+
+
+def _corner(n=300, seed=9):
+    """Points on three perpendicular planes (a room corner): ICP is well constrained on them."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(0, 2, (n, 2))
+    z = np.zeros((n, 1))
+    return np.vstack([np.hstack([u, z]), np.hstack([u[:, :1], z, u[:, 1:]]), np.hstack([z, u])])
+
+
+def test_icp_refine_point_to_point_estimates_the_scale_and_point_to_plane_keeps_it():
+    dst = _corner()
+    S_true = S3.sim3(rotation_from_vector([0.02, -0.01, 0.03]), [0.05, -0.03, 0.02], 1.05)
+    src = S3.apply(S3.inverse(S_true), dst)
+    S_init = S3.sim3(S3.decompose(S_true)[0], [0.07, -0.02, 0.0], 1.03)
+    S, fitness, rmse = S3.icp_refine(src, dst, S_init, max_distance=0.2)
+    assert S3.scale_of(S) == pytest.approx(1.05, abs=1e-4), "point-to-point with scale by default"
+    np.testing.assert_allclose(S, S_true, atol=1e-3)
+    assert fitness == pytest.approx(1.0) and rmse < 1e-3
+    rigid, _, _ = S3.icp_refine(src, dst, S_init, max_distance=0.2, with_scale=False)
+    assert S3.scale_of(rigid) == pytest.approx(1.03, abs=1e-9)
+    plane, fit_p, _ = S3.icp_refine(src, dst, S_init, max_distance=0.2, point_to_plane=True)
+    assert S3.scale_of(plane) == pytest.approx(1.03, abs=1e-9), "point-to-plane keeps S_init's scale"
+    assert fit_p > 0.9
+    one, _, _ = S3.icp_refine(src, dst, S_init, max_distance=0.2, iterations=1)
+    assert np.abs(one - S).max() > 1e-4, "one iteration stops short of the converged fit"
