@@ -437,3 +437,39 @@ def test_icp_refine_point_to_point_estimates_the_scale_and_point_to_plane_keeps_
     assert fit_p > 0.9
     one, _, _ = S3.icp_refine(src, dst, S_init, max_distance=0.2, iterations=1)
     assert np.abs(one - S).max() > 1e-4, "one iteration stops short of the converged fit"
+
+
+def test_tilt_walk_turns_about_the_two_horizontal_axes_and_accumulates():
+    steps = [1.0, 4.0]
+    T = _poses_along_x(steps)
+    up = (0.6, 0.0, 0.8)
+    m = DriftModel(scale_per_m=0.0, yaw_deg_per_m=0.0, scale_walk=0.0, yaw_walk_deg=0.0, tilt_walk_deg=2.0, seed=4,
+                   up=up)
+    up_, h1, h2 = m._axes
+    for h in (h1, h2):
+        assert np.linalg.norm(h) == pytest.approx(1.0) and abs(np.dot(h, up_)) < 1e-12
+    odo, _ = m.run(T)
+    rng = np.random.default_rng(4)
+    tilt = np.zeros(2)
+    for k, st in enumerate(steps, start=1):
+        rng.standard_normal(2)  # scale and yaw walks (0 here)
+        tilt = tilt + np.radians(2.0) * np.sqrt(st) * rng.standard_normal(2)
+        R_err = rotation_from_vector(h1 * tilt[0] + h2 * tilt[1])
+        np.testing.assert_allclose(odo[k][:3, :3], R_err @ T[k][:3, :3], atol=1e-12)
+    np.testing.assert_allclose(m.tilt, tilt, rtol=1e-12)
+
+
+def test_position_walk_and_jitter_follow_the_seeded_draws():
+    steps = [4.0, 1.0, 9.0]
+    T = _poses_along_x(steps)
+    quiet = dict(scale_per_m=0.0, yaw_deg_per_m=0.0, scale_walk=0.0, yaw_walk_deg=0.0, seed=2)
+    walk, _ = DriftModel(trans_walk=0.01, **quiet).run(T)
+    jit, _ = DriftModel(jitter_m=0.02, **quiet).run(T)
+    rw, rj = np.random.default_rng(2), np.random.default_rng(2)
+    acc = np.zeros(3)
+    for k, st in enumerate(steps, start=1):
+        rw.standard_normal(2)
+        acc = acc + 0.01 * np.sqrt(st) * rw.standard_normal(3)
+        np.testing.assert_allclose(walk[k][:3, 3], T[k][:3, 3] + acc, atol=1e-12)
+        rj.standard_normal(2)
+        np.testing.assert_allclose(jit[k][:3, 3], T[k][:3, 3] + 0.02 * rj.standard_normal(3), atol=1e-12)
