@@ -334,6 +334,7 @@ def test_align_point_maps_selects_weights_and_subsamples_as_documented():
     conf_src[0, 1, 1] = np.nan
     conf_src[0, 1, 2] = -1.0
     conf_dst[0, 1, 3] = np.inf
+    conf_src[0, 1, 4] = 0.0
     src[1, 0, 0] = [0.1, -0.1, 0.05]  # small but valid coordinates (|x| + |y| + |z| < 1)
     dst[1, 0, 0] = S3.apply(S, src[1, 0, 0][None])[0]
     centres_src = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.5]])
@@ -348,6 +349,11 @@ def test_align_point_maps_selects_weights_and_subsamples_as_documented():
         np.testing.assert_allclose(fit.S, expect.S, atol=1e-12)
         assert fit.rmse == pytest.approx(expect.rmse, rel=1e-9)
     assert used == 9
+    tight = S3.align_point_maps(dst, src, conf_dst, conf_src, threshold=0.02)
+    expect, _ = _expected_alignment(dst, src, conf_dst, conf_src, None, None, 20000, 0.02)
+    default, _ = _expected_alignment(dst, src, conf_dst, conf_src, None, None, 20000, None)
+    np.testing.assert_array_equal(tight.inliers, expect.inliers)
+    assert tight.inliers.sum() != default.inliers.sum(), "the threshold given is the one used"
     # no valid pixel at all: the centres alone, weighted 1
     fit = S3.align_point_maps(np.full((1, 2, 3), np.nan), np.ones((1, 2, 3)), centres_dst=centres_dst,
                               centres_src=centres_src, threshold=0.5)
@@ -473,3 +479,35 @@ def test_position_walk_and_jitter_follow_the_seeded_draws():
         np.testing.assert_allclose(walk[k][:3, 3], T[k][:3, 3] + acc, atol=1e-12)
         rj.standard_normal(2)
         np.testing.assert_allclose(jit[k][:3, 3], T[k][:3, 3] + 0.02 * rj.standard_normal(3), atol=1e-12)
+
+
+def test_robust_sim3_with_small_or_few_weights_and_tiny_coordinates():
+    S, src, dst = _noisy_pair(n=30, seed=10, noise=0.0)
+    dst[:3] += 5.0  # outliers at the first three indices
+    small = np.full(30, 0.01)  # every consensus weighs less than 1
+    fit = S3.robust_sim3(src, dst, small, threshold=1e-3)
+    np.testing.assert_allclose(fit.S, S, atol=1e-9)
+    assert fit.inliers.tolist() == [False] * 3 + [True] * 27
+    noisy = dst + 0.01 * np.random.default_rng(1).standard_normal(dst.shape)
+    fit = S3.robust_sim3(src, noisy, small, threshold=0.1)
+    r = np.linalg.norm(S3.apply(fit.S, src) - noisy, axis=1)[fit.inliers]
+    assert fit.rmse == pytest.approx(np.sqrt((0.01 * r ** 2).sum() / (0.01 * len(r))), rel=1e-12)
+    tiny = S3.robust_sim3(src * 1e-2, S3.apply(S, src * 1e-2), threshold=1e-6)  # sample triangles far below 1
+    assert tiny.inliers.all()
+
+
+def test_robust_sim3_without_consensus_and_without_refinement():
+    line = np.outer(np.arange(10.0), [1.0, 2.0, 3.0])  # every sample is collinear
+    with pytest.raises(ValueError, match=r"^no Sim\(3\) consensus$"):
+        S3.robust_sim3(line, line + 1.0, threshold=0.1)
+    _, src, _ = _noisy_pair(n=40, seed=11)
+    rng = np.random.default_rng(12)
+    dst = src @ rotation_from_vector([0.1, 0.2, 0.3]).T + [1.0, 0.0, -1.0] + 0.02 * rng.standard_normal((40, 3))
+    w = np.linspace(0.5, 3.0, 40)
+    fit = S3.robust_sim3(src, dst, w, threshold=0.03, refine_rounds=0, with_scale=False)
+    np.testing.assert_allclose(fit.S, S3.umeyama(src[fit.inliers], dst[fit.inliers], w[fit.inliers],
+                                                 with_scale=False), atol=1e-12)
+    refined = S3.robust_sim3(src, dst, w, threshold=0.03)
+    assert refined.inliers.dtype == bool and refined.inliers.shape == (40,)
+    r = np.linalg.norm(S3.apply(refined.S, src) - dst, axis=1)
+    np.testing.assert_array_equal(refined.inliers, r < 0.03)
