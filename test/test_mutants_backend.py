@@ -234,6 +234,7 @@ def test_drifted_session_step_scales_depth_and_points_and_drifts_the_pose():
         np.testing.assert_array_equal(pts[0, 0], [0.0, 0.0, 0.0])  # invalid depth: a zero point
         np.testing.assert_allclose(pts[1:, 1:], unproject_depth(depth, inner.K, T_ref)[1:, 1:], atol=1e-5)
         np.testing.assert_allclose(out["depth_conf"][0].numpy(), 3.0)
+        np.testing.assert_allclose(out["intrinsic"][0].numpy(), inner.K)
         assert out["pose_enc"].shape[0] == 1
     assert sc != 1.0, "the scale drifted"
 
