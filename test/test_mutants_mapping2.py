@@ -254,7 +254,7 @@ def test_undistorted_depth_is_float32_nearest_and_nan_outside_the_view():
     from ros2_stream4d.mapping.undistort import Undistorter
 
     depth = np.full((48, 64), 1.0)  # float64 input
-    depth[:, 32:] = 3.0  # a sharp depth edge: nearest neighbour never blends the two sides
+    depth[:, 20:] = 3.0  # a sharp depth edge off the centre: nearest neighbour never blends the two sides
     out, K_new = Undistorter().undistort_depth(depth, _pincushion_lens())
     assert out.dtype == np.float32 and out.shape == (48, 64)
     assert np.isnan(out[0, 0]) and np.isnan(out[-1, -1]), "corners of the undistorted view see nothing"
