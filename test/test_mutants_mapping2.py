@@ -656,3 +656,15 @@ def test_a_pickled_keyframe_index_is_never_unpickled(tmp_path):
     with pytest.raises(MapDirectoryError, match=f"^cannot load map {path}: keyframes.npz is unreadable "
                                                 r"\(ValueError: .*allow_pickle"):
         load_map_dir(path, small_config())
+
+
+def test_drop_looks_at_each_queue_s_oldest_frame():
+    sync = ApproximateSync(3, slop_s=0.010)
+    sync.add(0, 180 * MS, "a180")
+    sync.add(0, 195 * MS, "a195")
+    sync.add(1, 200 * MS, "b200")
+    # camera 2 is far from the pivot (200): a180 (older than 190) can never match, a195 can
+    assert sync.add(2, 150 * MS, "c150") is None
+    assert sync.dropped == 1
+    assert sync.add(2, 199 * MS, "c199") == ["a195", "b200", "c199"]
+    assert sync.dropped == 2, "c150"
