@@ -144,7 +144,7 @@ def test_mesh_marker_defaults_and_no_colours():
     assert m["ns"] == "mesh" and m["id"] == 0 and m["header"] == {"frame_id": "map"}
     assert m["points"].dtype == np.float64 and m["points"].shape == (3, 3)
     np.testing.assert_array_equal(m["points"], np.asarray(v, np.float64))
-    assert m["colors"].shape == (0, 4) and m["color"] == (1.0, 1.0, 1.0, 1.0)
+    assert m["colors"].shape == (0, 4) and m["colors"].dtype == np.float32 and m["color"] == (1.0, 1.0, 1.0, 1.0)
 
 
 def test_mesh_markers_split_at_half_a_million_triangles_by_default():
