@@ -567,6 +567,7 @@ def test_lens_model_create_validates_and_normalises():
 
     K = np.array([[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]])
     assert LensModel.create(K, "", None, 1, 1).D == ()
+    assert not LensModel.create(K, "plumb_bob", None, 64, 48).distorted, "no coefficients at all: pinhole"
     for w, h in ((0, 48), (64, 0)):
         with pytest.raises(ValueError, match=f"^image size must be positive, got {w}x{h}$"):
             LensModel.create(K, "", [], w, h)
