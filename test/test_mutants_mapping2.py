@@ -299,8 +299,8 @@ def test_integer_colours_are_taken_as_0_255(tmp_path):
 def test_float_colours_outside_0_1_are_refused_and_an_empty_float_cloud_is_fine(tmp_path):
     from ros2_stream4d.mapping.map_io import save_map
 
-    for bad in (1.5, -0.1, 1.0001):
-        rgb = np.full((2, 3), 0.5)
+    for bad, dtype in ((1.5, np.float64), (-0.1, np.float64), (1.0001, np.float64), (1.5, np.float32)):
+        rgb = np.full((2, 3), 0.5, dtype)
         rgb[1, 2] = bad
         with pytest.raises(ValueError, match=r"^float colours must be in \[0, 1\] \(or pass uint8\)$"):
             save_map(tmp_path / "bad.ply", np.zeros((2, 3)), rgb)
@@ -669,3 +669,16 @@ def test_drop_looks_at_each_queue_s_oldest_frame():
     assert sync.dropped == 1
     assert sync.add(2, 199 * MS, "c199") == ["a195", "b200", "c199"]
     assert sync.dropped == 2, "c150"
+
+
+def test_a_new_map_file_is_0644_and_a_replaced_one_keeps_its_mode(tmp_path):
+    import os
+    import stat
+
+    from ros2_stream4d.mapping.map_io import save_map
+
+    path = save_map(tmp_path / "m.ply", np.zeros((1, 3)), np.zeros((1, 3), np.uint8))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    os.chmod(path, 0o600)
+    save_map(path, np.ones((2, 3)), np.zeros((2, 3), np.uint8))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
