@@ -67,7 +67,7 @@ class LongRunBackend:
         self.detector = LoopDetector(self.config.loops, descriptor_fn)
         self._lock = threading.Lock()  # guards graph
         self._queue: queue.Queue = queue.Queue()
-        self._seen: set[int] = set()
+        self._observed = 0  # keyframes of the pipeline's map handed to the worker (a prefix of its list)
         self._M = np.eye(4)  # the map -> odom correction handed to the pipeline (rigid)
         self._M_at: dict[int, np.ndarray] = {}  # ... in force when each keyframe was observed
         self._last_segment: int | None = None
@@ -94,14 +94,15 @@ class LongRunBackend:
         new = 0
         M_inv = np.linalg.inv(self._M)
         with m._lock:  # frames_of and the keyframe list, consistent with the worker-free integration thread
-            kfs = [kf for kf in m.keyframes if kf.id not in self._seen]
-            for kf in kfs:
+            # the list only grows while this back-end lives (an erase or a loaded map starts a new back-end): new
+            # keyframes are the tail (scanning the whole list every frame made this linear in the map's size)
+            for kf in m.keyframes[self._observed:]:
                 frames = m.frames_of(kf)
                 if len(frames) == 0:
-                    continue
+                    break
                 depth = frames.depth[0].astype(np.float32)
                 view = KeyframeView(kf.id, frames.rgb[0].copy(), depth, frames.K[0].copy(), M_inv @ kf.T_map_kf)
-                self._seen.add(kf.id)
+                self._observed += 1
                 self._M_at[kf.id] = self._M.copy()
                 self._put((view, kf.segment))
                 new += 1
