@@ -517,6 +517,13 @@ def test_voxel_map_range_key_space_and_counts():
     xyz = np.array([[-edge, 0, 0], [edge - 0.5, 0, 0], [edge, 0, 0], [0, -edge - 0.5, 0]])
     assert big.integrate(xyz, np.zeros((4, 3), np.uint8)) == 2 and big.dropped == 2
     np.testing.assert_array_equal(np.sort(big.voxel_indices()[:, 0]), [-(2 ** 20), 2 ** 20 - 1])
+    np.testing.assert_array_equal(np.sort(big.points()[0][:, 0]), [-edge, edge - 0.5])
+    r3 = VoxelMap(1.0, 100, max_range=3.0)  # r^2 = 9, not 2 r = 6
+    assert r3.integrate(np.array([[2.9, 0, 0], [0, 3.1, 0]]), np.zeros((2, 3), np.uint8)) == 1 and r3.dropped == 1
+    for limit in (None, 10.0):  # a point with a non-finite confidence is dropped, with or without a range
+        m = VoxelMap(1.0, 100, max_range=limit)
+        xyz = np.array([[0.5, 0, 0], [1.5, 0, 0], [2.5, 0, 0]])
+        assert m.integrate(xyz, np.zeros((3, 3), np.uint8), np.array([1.0, np.nan, np.inf])) == 1 and m.dropped == 2
     few = VoxelMap(1.0, 2)
     few.integrate(np.array([[0.5, 0, 0], [1.5, 0, 0], [2.5, 0, 0], [3.5, 0, 0], [0.6, 0, 0]]), np.zeros((5, 3), np.uint8))
     assert len(few) == 2 and few.evicted == 2 and few.frames == 1
