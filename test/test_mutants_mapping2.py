@@ -689,3 +689,14 @@ def test_a_new_map_file_is_0644_and_a_replaced_one_keeps_its_mode(tmp_path):
     os.chmod(path, 0o600)
     save_map(path, np.ones((2, 3)), np.zeros((2, 3), np.uint8))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_voxel_map_counts_drops_over_frames_and_an_empty_frame_adds_nothing():
+    from ros2_stream4d.mapping.fusion import VoxelMap
+
+    m = VoxelMap(1.0, 100)
+    rgb = np.zeros((2, 3), np.uint8)
+    assert m.integrate(np.array([[0.5, 0, 0], [np.nan, 0, 0]]), rgb) == 1
+    assert m.integrate(np.array([[np.inf, 0, 0], [np.nan, 0, 0]]), rgb) == 0, "nothing valid: no new voxel"
+    assert m.integrate(np.array([[1.5, 0, 0], [0, np.nan, 0]]), rgb) == 1
+    assert m.dropped == 4 and m.frames == 3 and len(m) == 2
