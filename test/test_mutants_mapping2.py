@@ -700,3 +700,24 @@ def test_voxel_map_counts_drops_over_frames_and_an_empty_frame_adds_nothing():
     assert m.integrate(np.array([[np.inf, 0, 0], [np.nan, 0, 0]]), rgb) == 0, "nothing valid: no new voxel"
     assert m.integrate(np.array([[1.5, 0, 0], [0, np.nan, 0]]), rgb) == 1
     assert m.dropped == 4 and m.frames == 3 and len(m) == 2
+
+
+def test_eviction_policies_differ_and_evictions_add_up():
+    from ros2_stream4d.mapping.fusion import VoxelMap
+
+    rgb1, rgb2 = np.zeros((1, 3), np.uint8), np.zeros((2, 3), np.uint8)
+    kept = {}
+    for policy in ("oldest", "lowest_confidence"):
+        m = VoxelMap(1.0, max_points=2, eviction=policy)
+        m.integrate(np.array([[0.5, 0, 0]]), rgb1, np.array([9.0]))  # frame 1: old but confident
+        m.integrate(np.array([[1.5, 0, 0], [2.5, 0, 0]]), rgb2, np.array([1.0, 5.0]))  # frame 2
+        kept[policy] = sorted(m.voxel_indices()[:, 0].tolist())
+        assert m.evicted == 1
+    assert kept == {"oldest": [1, 2], "lowest_confidence": [0, 2]}
+    m = VoxelMap(1.0, max_points=3, eviction="lowest_confidence")
+    confs = np.array([7.0, 1.0, 6.0, 2.0, 8.0, 3.0, 5.0, 4.0])
+    m.integrate(np.c_[np.arange(8) + 0.5, np.zeros((8, 2))], np.zeros((8, 3), np.uint8), confs)
+    assert len(m) == 3 and m.evicted == 5, "k = 5 evicted at once"
+    assert sorted(m.voxel_indices()[:, 0].tolist()) == [0, 2, 4], "the three most confident stay"
+    m.integrate(np.array([[20.5, 0, 0]]), rgb1, np.array([9.0]))
+    assert m.evicted == 6 and len(m) == 3
