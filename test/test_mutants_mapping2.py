@@ -539,6 +539,7 @@ def test_voxel_points_min_count_and_rounded_mean_colours():
     rgb = np.array([[100, 0, 255], [103, 1, 254], [7, 8, 9]], np.uint8)
     m.integrate(xyz, rgb, np.array([2.0, 4.0, 1.0]))
     pts, cols, conf = m.points(min_count=2)
+    assert pts.dtype == np.float32 and cols.dtype == np.uint8 and conf.dtype == np.float32
     np.testing.assert_allclose(pts, [[0.3, 0.3, 0.3]], atol=1e-7)
     np.testing.assert_array_equal(cols, [[102, 0, 254]])  # rint of 101.5, 0.5, 254.5 (half to even)
     assert conf.tolist() == [4.0]
