@@ -722,3 +722,17 @@ def test_eviction_policies_differ_and_evictions_add_up():
     assert sorted(m.voxel_indices()[:, 0].tolist()) == [0, 2, 4], "the three most confident stay"
     m.integrate(np.array([[20.5, 0, 0]]), rgb1, np.array([9.0]))
     assert m.evicted == 6 and len(m) == 3
+
+
+def test_neighbouring_voxels_keep_apart_across_frames():
+    """Keys of voxels one step apart in z differ by 1 near 2^62: they must stay exact int64 (float64 would merge them)."""
+    from ros2_stream4d.mapping.fusion import VoxelMap
+
+    m = VoxelMap(1.0, 100)
+    rgb = np.zeros((1, 3), np.uint8)
+    assert m.integrate(np.array([[0.5, 0.5, 0.5]]), rgb) == 1
+    assert m.integrate(np.array([[0.5, 0.5, 1.5]]), rgb) == 1
+    assert m.integrate(np.array([[0.5, 0.5, 0.7]]), rgb) == 0
+    assert m.keys.dtype == np.int64
+    np.testing.assert_array_equal(m.voxel_indices(), [[0, 0, 0], [0, 0, 1]])
+    np.testing.assert_allclose(m.points()[0], [[0.5, 0.5, 0.6], [0.5, 0.5, 1.5]], atol=1e-6)
