@@ -736,3 +736,39 @@ def test_neighbouring_voxels_keep_apart_across_frames():
     assert m.keys.dtype == np.int64
     np.testing.assert_array_equal(m.voxel_indices(), [[0, 0, 0], [0, 0, 1]])
     np.testing.assert_allclose(m.points()[0], [[0.5, 0.5, 0.6], [0.5, 0.5, 1.5]], atol=1e-6)
+
+
+def test_exchange_takes_relative_paths_and_declines_what_the_system_cannot_swap(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ros2_stream4d.mapping.map_store import _exchange
+
+    monkeypatch.chdir(tmp_path)
+    Path("a").mkdir()
+    Path("b").mkdir()
+    (tmp_path / "a" / "x").write_text("x")
+    assert _exchange(Path("a"), Path("b")) is True, "relative to the working directory (AT_FDCWD)"
+    assert (tmp_path / "b" / "x").is_file()
+    (tmp_path / "b" / "sub").mkdir()
+    # a directory cannot be swapped with its own subdirectory: EINVAL, "cannot exchange", not an error
+    assert _exchange(tmp_path / "b", tmp_path / "b" / "sub") is False
+    assert (tmp_path / "b" / "x").is_file() and (tmp_path / "b" / "sub").is_dir()
+
+
+def test_mesh_ply_header_and_layout(tmp_path):
+    import open3d as o3d
+
+    from ros2_stream4d.mapping.map_store import mesh_ply_bytes
+
+    v = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    data = mesh_ply_bytes(v, np.array([[0, 1, 2]]), np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]]))
+    header = data[:data.index(b"end_header\n") + len(b"end_header\n")].decode("ascii")
+    assert header.splitlines() == [
+        "ply", "format binary_little_endian 1.0", "comment ros2_stream4d TSDF mesh (map frame)", "element vertex 3",
+        "property float x", "property float y", "property float z", "property uchar red", "property uchar green",
+        "property uchar blue", "element face 1", "property list uchar int vertex_indices", "end_header"]
+    assert len(data) == len(header) + 3 * 15 + 13
+    (tmp_path / "m.ply").write_bytes(data)
+    mesh = o3d.io.read_triangle_mesh(str(tmp_path / "m.ply"))
+    np.testing.assert_allclose(np.asarray(mesh.vertices), v)
+    np.testing.assert_array_equal(np.asarray(mesh.triangles), [[0, 1, 2]])
