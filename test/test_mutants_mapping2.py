@@ -772,3 +772,38 @@ def test_mesh_ply_header_and_layout(tmp_path):
     mesh = o3d.io.read_triangle_mesh(str(tmp_path / "m.ply"))
     np.testing.assert_allclose(np.asarray(mesh.vertices), v)
     np.testing.assert_array_equal(np.asarray(mesh.triangles), [[0, 1, 2]])
+
+
+def test_map_directory_errors_say_what_is_wrong(tmp_path):
+    import json
+
+    from map_helpers import small_config
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+    from ros2_stream4d.mapping.map_store import MapDirectoryError, read_metadata, save_map_dir
+
+    def refused(path, what):
+        with pytest.raises(MapDirectoryError, match=f"^cannot load map {path}: {what}"):
+            read_metadata(path)
+
+    refused(tmp_path / "none", "no such directory$")
+    (tmp_path / "file").write_text("x")
+    refused(tmp_path / "file", "not a directory$")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", r"no metadata.json \(not a ros2_stream4d map directory\)$")
+    path = save_map_dir(KeyframeMap(small_config()), tmp_path / "map")
+    good = json.loads((path / "metadata.json").read_text())
+
+    def with_meta(meta, what):
+        (path / "metadata.json").write_text(json.dumps(meta))
+        refused(path, what)
+
+    with_meta({**good, "format": "other"}, "foreign map: format 'other', expected 'ros2_stream4d.map'$")
+    with_meta([1, 2], "foreign map: format None, expected 'ros2_stream4d.map'$")
+    with_meta({k: v for k, v in good.items() if k != "files"}, r"metadata.json lists no files \(incomplete save\)$")
+    with_meta({**good, "files": {"other": {}}}, r"metadata.json lists no files \(incomplete save\)$")
+    for bad in ("../x", "/etc/passwd"):
+        with_meta({**good, "files": {**good["files"], bad: {}}}, f"metadata.json lists a file outside the map: '{bad}'$")
+    info = good["files"]["keyframes.npz"]
+    with_meta({**good, "files": {**good["files"], "keyframes.npz": {**info, "bytes": info["bytes"] + 1}}},
+              rf"file keyframes.npz is truncated or altered \({info['bytes']} bytes, metadata says {info['bytes'] + 1}\)$")
