@@ -261,15 +261,17 @@ def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, 
     return [e for e, n, k in zip(loops, seen, agree) if n >= config.pcm_min_neighbours and 2 * k < n]
 
 
-def _agree_without(rejected, active, initial, config: PoseGraphConfig, seconds: float) -> OptimisationResult | None:
+def _agree_without(rejected, active, initial, config: PoseGraphConfig, t0: float) -> OptimisationResult | None:
     """A dropped result when every segment / loop edge but the rejected ones agrees with the poses the optimisation
     started from (whitened residual <= consistent_chi): the loops left say nothing the map does not already say."""
     worst = max((_whitened(e, initial) for e in active if e.robust and (e.i, e.j, e.kind) not in rejected),
                 default=0.0)
     if worst > config.consistent_chi:
         return None
-    return OptimisationResult(False, reason=f"loops agree with the current poses once {len(rejected)} outlier(s) are "
-                              f"removed: nothing to correct", rejected_edges=list(rejected), seconds=seconds)
+    removed = f" once {len(rejected)} outlier(s) are removed" if rejected else ""
+    return OptimisationResult(False, reason=f"loops agree with the current poses{removed} (worst whitened residual "
+                              f"{worst:.2f} <= {config.consistent_chi}): nothing to correct",
+                              rejected_edges=list(rejected), seconds=time.perf_counter() - t0)
 
 
 def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
@@ -280,22 +282,17 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     if len(order) < 2 or not any(e.kind != ODOMETRY and e.active for e in edges):
         return OptimisationResult(False, reason="nothing to optimise (no segment or loop edge)")
     # loops that contradict their neighbours are outliers before anything is solved
-    pcm = inconsistent_loops(edges, order, odometry, config)
-    rejected: list[tuple[int, int, str]] = [(e.i, e.j, e.kind) for e in pcm]
-    outliers = {id(e) for e in pcm}
-    edges = [e for e in edges if id(e) not in outliers]
-    worst = max((_whitened(e, initial) for e in edges if e.active and e.robust), default=0.0)
-    if worst <= config.consistent_chi:
-        return OptimisationResult(False, reason=f"loops agree with the current poses (worst whitened residual "
-                                  f"{worst:.2f} <= {config.consistent_chi}"
-                                  + (f", {len(rejected)} loop(s) inconsistent with their neighbours" if rejected else "")
-                                  + "): nothing to correct", rejected_edges=rejected, seconds=time.perf_counter() - t0)
+    rejected: list[tuple[int, int, str]] = [(e.i, e.j, e.kind) for e in inconsistent_loops(edges, order, odometry,
+                                                                                           config)]
+    active = [e for e in edges if e.active and (e.i, e.j, e.kind) not in rejected]
+    agreed = _agree_without(rejected, active, initial, config, t0)
+    if agreed is not None:
+        return agreed
     first = order[0]
     prior = gtsam.PriorFactorSimilarity3(first, to_gtsam(initial[first]), gtsam.noiseModel.Isotropic.Sigma(7, 1e-6))
     values = gtsam.Values()
     for k in order:
         values.insert(k, to_gtsam(initial[k]))
-    active = [e for e in edges if e.active]
     try:
         if config.gnc and any(e.robust for e in active):
             # graduated non-convexity (truncated least squares) decides which segment / loop edges are inliers;
@@ -316,7 +313,7 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     except RuntimeError as exc:
         return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
     if rejected:  # the chi test again without the outliers: a wrong loop alone is no reason to move the map
-        agreed = _agree_without(rejected, active, initial, config, time.perf_counter() - t0)
+        agreed = _agree_without(rejected, active, initial, config, t0)
         if agreed is not None:
             return agreed
     res = None
@@ -347,7 +344,7 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     res.seconds = time.perf_counter() - t0
     if rejected:  # and once more after the rounds' rejections (exact input, office loop: GNC kept one wrong loop,
         # the rounds removed it, and the solution from the remaining loops' centimetre noise moved the map 2.7 cm)
-        agreed = _agree_without(rejected, active, initial, config, res.seconds)
+        agreed = _agree_without(rejected, active, initial, config, t0)
         if agreed is not None:
             return agreed
     # plausibility

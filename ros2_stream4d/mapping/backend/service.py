@@ -236,8 +236,7 @@ class LongRunBackend:
             try:
                 res = future.result()
             except BrokenProcessPool as exc:
-                self._pool = None
-                res = OptimisationResult(False, reason=f"the optimiser process died ({exc}); a new one starts next time")
+                res = self._pool_died(exc)
             self._finish(res)
         if not self._pending:
             return
@@ -250,9 +249,12 @@ class LongRunBackend:
         try:
             self._future = self._submit(snap)
         except BrokenProcessPool as exc:
-            self._pool = None
-            self._finish(OptimisationResult(False, reason=f"the optimiser process died ({exc}); a new one starts "
-                                                          "next time"))
+            self._finish(self._pool_died(exc))
+
+    def _pool_died(self, exc: BaseException) -> OptimisationResult:
+        """A dead child process: a dropped optimisation with its reason; the next one starts a new child."""
+        self._pool = None
+        return OptimisationResult(False, reason=f"the optimiser process died ({exc}); a new one starts next time")
 
     def _submit(self, snap) -> Future:
         """optimise_snapshot of a graph snapshot in the child process (started at the first call)."""
