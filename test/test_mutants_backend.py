@@ -512,3 +512,168 @@ def test_robust_sim3_without_consensus_and_without_refinement():
     assert refined.inliers.dtype == bool and refined.inliers.shape == (40,)
     r = np.linalg.norm(S3.apply(refined.S, src) - dst, axis=1)
     np.testing.assert_array_equal(refined.inliers, r < 0.03)
+
+
+# ---------------------------------------------------------------------------------------------------- service
+def _keyframe_map(n, start=0):
+    from map_helpers import small_config
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    m = KeyframeMap(small_config(tsdf=False, occupancy=False, keyframe_max_frames=1))
+    _add_frames(m, n, start)
+    return m
+
+
+def _add_frames(m, n, start=0):
+    from ros2_stream4d.mapping.keyframe_map import MapFrame
+
+    h, w = 6, 8
+    K = np.array([[5.0, 0, 4.0], [0, 6.0, 3.0], [0, 0, 1]])
+    for i in range(start, start + n):
+        T = S3.sim3(rotation_from_vector([0.0, 0.0, 0.3 * i]), [2.0 * i, 0.5 * i, 0.1 * i])
+        depth = np.full((h, w), 2.0 + i, np.float32)
+        depth[0, 0] = 1.5
+        rgb = np.full((h, w, 3), 10 * i + 5, np.uint8)
+        rgb[0, 1] = (1, 2, 3)
+        m.integrate(MapFrame(1000 + i, T, depth, rgb, K, None))
+
+
+class _Pipeline:
+    def __init__(self, kmap, last=None):
+        self.map, self.last, self.map_correction, self.updates = kmap, last, None, []
+
+    def update_keyframe_poses(self, poses):
+        self.updates.append(poses)
+
+
+def _stopped_backend(**kw):
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    b = LongRunBackend(BackendConfig(**kw))
+    b.close()  # the worker has stopped: the queue keeps what observe() hands it
+    return b
+
+
+def test_backend_observe_hands_each_new_keyframe_once_in_odometry():
+    b = _stopped_backend()
+    p = _Pipeline(_keyframe_map(3))
+    assert b.observe(p) == 3 and b.observe(p) == 0
+    items = [b._queue.get_nowait() for _ in range(3)]
+    assert b._queue.empty()
+    for (view, seg), kf in zip(items, p.map.keyframes):
+        frames = p.map.frames_of(kf)
+        assert view.id == kf.id and seg == kf.segment == 0
+        np.testing.assert_array_equal(view.rgb, frames.rgb[0])
+        assert view.rgb is not frames.rgb[0] and view.depth.dtype == np.float32
+        np.testing.assert_array_equal(view.depth, frames.depth[0].astype(np.float32))
+        np.testing.assert_array_equal(view.K, frames.K[0])
+        np.testing.assert_allclose(view.S_odom_kf, kf.T_map_kf, atol=1e-12)  # no correction yet
+    assert [v.id for v, _ in items] == [0, 1, 2]
+    # under a correction M the keyframe goes to the graph in odometry: M^-1 T_map_kf; M is remembered per keyframe
+    M = S3.sim3(rotation_from_vector([0.0, 0.2, 0.0]), [1.0, -2.0, 0.5])
+    b._M = M.copy()
+    _add_frames(p.map, 1, start=3)
+    assert b.observe(p) == 1
+    view, _ = b._queue.get_nowait()
+    kf = p.map.keyframes[-1]
+    np.testing.assert_allclose(view.S_odom_kf, np.linalg.inv(M) @ kf.T_map_kf, atol=1e-12)
+    np.testing.assert_array_equal(b._M_at[kf.id], M)
+    b._M[0, 3] = 99.0
+    assert b._M_at[kf.id][0, 3] == 1.0, "a copy of the correction in force"
+    np.testing.assert_array_equal(b._M_at[0], np.eye(4))
+
+
+def test_backend_queue_drops_the_oldest_keyframe_when_full():
+    b = _stopped_backend(max_queue=2)
+    p = _Pipeline(_keyframe_map(3))
+    assert b.observe(p) == 3
+    assert b.stats["dropped_keyframes"] == 1 and b._queue.qsize() == 2
+    assert [b._queue.get_nowait()[0].id for _ in range(2)] == [1, 2]
+    assert not b._idle.is_set()
+
+
+class _Graph:
+    def __init__(self, C, solution=None, order=(0,)):
+        self.C, self.solution, self.order = C, solution or {}, list(order)
+
+    def odom_correction(self):
+        return self.C
+
+
+def test_backend_apply_writes_the_solution_and_moves_the_other_keyframes():
+    b = _stopped_backend()
+    kmap = _keyframe_map(3)
+    T_cam = S3.sim3(rotation_from_vector([0.1, 0.4, 0.0]), [3.0, 1.0, -1.0])
+
+    class Last:
+        T_map_cam = T_cam
+
+    p = _Pipeline(kmap, Last())
+    assert b.apply(p) is False and p.updates == [] and p.map_correction is None
+    C = S3.sim3(rotation_from_vector([0.0, 0.0, 0.5]), [0.3, -0.7, 0.2], s=1.3)
+    S0 = S3.sim3(rotation_from_vector([0.2, 0.0, 0.0]), [9.0, 8.0, 7.0], s=0.9)
+    b.graph = _Graph(C, {0: S0})
+    Ma = S3.sim3(rotation_from_vector([0.0, 0.3, 0.0]), [0.5, 0.5, 0.0])
+    b._M_at = {1: Ma.copy()}
+    b._result = object()
+    assert b.apply(p) is True
+    M_new = S3.to_se3(C @ T_cam) @ np.linalg.inv(T_cam)
+    (poses,) = p.updates
+    assert set(poses) == {0, 1}  # keyframe 2 was never observed: it is left alone
+    np.testing.assert_allclose(poses[0], S0)
+    np.testing.assert_allclose(poses[1], M_new @ np.linalg.inv(Ma) @ kmap.keyframes[1].T_map_kf, atol=1e-12)
+    np.testing.assert_allclose(b._M_at[1], M_new)
+    np.testing.assert_allclose(p.map_correction, M_new)
+    np.testing.assert_allclose(b._M, M_new)
+    assert b.stats["corrections_applied"] == 1 and b._result is None
+    assert b.apply(p) is False and b.stats["corrections_applied"] == 1
+    # without a last frame the correction in force stays
+    q = _Pipeline(_keyframe_map(1))
+    b._result = object()
+    assert b.apply(q) is True
+    np.testing.assert_allclose(q.map_correction, M_new)
+
+
+def test_backend_map_from_odom_is_the_rigid_correction_at_the_camera():
+    b = _stopped_backend()
+    T = S3.sim3(rotation_from_vector([0.3, 0.1, -0.2]), [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(b.map_from_odom(T), np.eye(4), atol=1e-12)  # no graph yet
+    np.testing.assert_allclose(b.odom_correction(), np.eye(4))
+    C = S3.sim3(rotation_from_vector([0.0, 0.0, 0.7]), [0.5, -1.0, 0.25], s=2.0)
+    b.graph = _Graph(C)
+    M = b.map_from_odom(T.tolist())
+    np.testing.assert_allclose(M @ T, S3.to_se3(C @ T), atol=1e-12)
+    np.testing.assert_allclose(M[:3, :3] @ M[:3, :3].T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(b.odom_correction(), C)
+
+
+def test_backend_diagnostics_report_the_correction_and_the_times():
+    b = _stopped_backend()
+    d = b.diagnostics()
+    assert d["correction translation [m]"] == 0.0 and d["correction rotation [deg]"] == pytest.approx(0.0)
+    assert d["correction scale"] == pytest.approx(1.0) and d["time per keyframe [ms] median"] == 0
+    assert d["time per optimisation [ms] median"] == 0 and d["keyframes"] == 0 and d["queue"] == 0
+    b.graph = _Graph(S3.sim3(rotation_from_vector([0.0, 0.0, np.deg2rad(30.0)]), [3.0, 4.0, 0.0], s=1.5))
+    b.keyframe_s = [0.001, 0.004, 0.002]
+    b.optimisation_s = [0.5, 0.25]
+    b.detector.stats.update(candidates=7, accepted=3, rejected=2)
+    b.stats["keyframes"] = 11
+    b._queue.put(None)
+    d = b.diagnostics()
+    assert d["correction translation [m]"] == pytest.approx(5.0)
+    assert d["correction rotation [deg]"] == pytest.approx(30.0) and d["correction scale"] == pytest.approx(1.5)
+    assert d["time per keyframe [ms] median"] == pytest.approx(2.0)
+    assert d["time per optimisation [ms] median"] == pytest.approx(375.0)
+    assert (d["loop candidates"], d["loops accepted"], d["loops rejected"]) == (7, 3, 2)
+    assert d["keyframes"] == 11 and d["queue"] == 1 and d["corrections_applied"] == 0
+    b.graph.order = []
+    assert b.diagnostics()["correction translation [m]"] == 0.0
+
+
+def test_a_dead_optimiser_process_is_a_dropped_optimisation():
+    b = _stopped_backend()
+    b._pool = object()
+    res = b._pool_died(RuntimeError("killed by signal 9"))
+    assert b._pool is None and res.ok is False
+    assert "the optimiser process died (killed by signal 9)" in res.reason and "new one" in res.reason
