@@ -807,3 +807,161 @@ def test_map_directory_errors_say_what_is_wrong(tmp_path):
     info = good["files"]["keyframes.npz"]
     with_meta({**good, "files": {**good["files"], "keyframes.npz": {**info, "bytes": info["bytes"] + 1}}},
               rf"file keyframes.npz is truncated or altered \({info['bytes']} bytes, metadata says {info['bytes'] + 1}\)$")
+
+
+# ---------------------------------------------------------------------------------------------------- map_store save / load
+def _small_map(cloud_voxel_size=0.05):
+    from map_helpers import small_config
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap, MapFrame
+
+    m = KeyframeMap(small_config(tsdf=False, occupancy=False, keyframe_max_frames=1,
+                                 cloud_voxel_size=cloud_voxel_size))
+    K = np.array([[5.0, 0, 4.0], [0, 6.0, 3.0], [0, 0, 1]])
+    for i in range(3):
+        if i == 2:
+            m.new_segment()
+        T = np.eye(4)
+        T[:3, 3] = [0.5 * i, 0.1 * i, 0.0]
+        m.integrate(MapFrame(1000 + i, T, np.full((6, 8), 2.0 + i, np.float32),
+                             np.full((6, 8, 3), 30 * i, np.uint8), K, None))
+    return m
+
+
+def _rewrite(path, rel, data: bytes, meta_edit=None):
+    """Replace one file of a saved map and keep metadata.json's size and checksum right (only the content is wrong)."""
+    import hashlib
+    import json
+
+    (path / rel).write_bytes(data)
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if meta_edit:
+        meta_edit(meta)
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_save_map_dir_metadata_defaults_extra_and_the_directory_mode(tmp_path):
+    import json
+    import os
+
+    from ros2_stream4d.mapping import map_store
+
+    m = _small_map()
+    path = map_store.save_map_dir(m, tmp_path / "a", scale=2.0)
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["scale"] == 2.0 and meta["scale_valid"] is False and meta["extra"] == {}
+    assert meta["segments"] == 2 and meta["keyframes"] == 3
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    path = map_store.save_map_dir(m, tmp_path / "b", scale_valid=True, extra={"robot": "r1"})
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["scale"] is None and meta["scale_valid"] is True and meta["extra"] == {"robot": "r1"}
+    with np.load(path / "keyframes.npz") as z:
+        assert z["ids"].dtype == np.int64 and z["segments"].dtype == np.int64
+        np.testing.assert_array_equal(z["segments"], [0, 0, 1])
+    from map_helpers import small_config
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    empty = map_store.save_map_dir(KeyframeMap(small_config(tsdf=False, occupancy=False)), tmp_path / "empty")
+    with np.load(empty / "keyframes.npz") as z:  # the format's dtypes hold for an empty map too
+        assert z["ids"].dtype == np.int64 and z["segments"].dtype == np.int64 and z["T_map_kf"].shape == (0, 4, 4)
+
+
+def test_save_map_dir_writes_its_temporary_directory_hidden_beside_the_target(tmp_path, monkeypatch):
+    from ros2_stream4d.mapping import map_store
+
+    seen = []
+
+    def hook(name):
+        if name == "cloud":
+            seen.extend(sorted(p.name for p in tmp_path.iterdir()))
+
+    monkeypatch.setattr(map_store, "_stage_hook", hook)
+    map_store.save_map_dir(_small_map(), tmp_path / "mymap")
+    assert len(seen) == 1 and seen[0].startswith(".mymap.tmp-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mymap"]
+
+
+def test_save_map_dir_refusals_name_the_path(tmp_path):
+    from ros2_stream4d.mapping import map_store
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"map path {tmp_path / 'file'} exists and is not a directory"):
+        map_store.save_map_dir(_small_map(), tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match=f"directory {tmp_path / 'nope'} does not exist"):
+        map_store.save_map_dir(_small_map(), tmp_path / "nope" / "map")
+
+
+def test_load_map_dir_takes_the_saved_config_when_none_is_given(tmp_path):
+    import json
+
+    from ros2_stream4d.mapping import map_store
+
+    path = map_store.save_map_dir(_small_map(cloud_voxel_size=0.07), tmp_path / "m")
+    kmap, _ = map_store.load_map_dir(path)
+    assert kmap.config.cloud_voxel_size == 0.07 and kmap.config.keyframe_max_frames == 1
+    assert kmap.config.tsdf is False and len(kmap.keyframes) == 3
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["config"]["a_setting_of_a_newer_version"] = 1  # unknown settings are left out
+    (path / "metadata.json").write_text(json.dumps(meta))
+    assert map_store.load_map_dir(path)[0].config.cloud_voxel_size == 0.07
+    del meta["config"]
+    (path / "metadata.json").write_text(json.dumps(meta))
+    kmap, _ = map_store.load_map_dir(path)  # no config at all: the defaults
+    assert kmap.config.cloud_voxel_size == map_store.KeyframeMapConfig().cloud_voxel_size
+
+
+@pytest.mark.parametrize("what", ["ids", "segments", "poses", "nan"])
+def test_load_map_dir_refuses_each_inconsistency_of_keyframes_npz_alone(tmp_path, what):
+    from ros2_stream4d.mapping import map_store
+
+    path = map_store.save_map_dir(_small_map(), tmp_path / "m")
+    with np.load(path / "keyframes.npz") as z:
+        a = {k: z[k] for k in z.files}
+    if what == "ids":
+        a["ids"] = a["ids"].astype(np.int32)
+    elif what == "segments":
+        a["segments"] = np.append(a["segments"], 1)
+    elif what == "poses":
+        a["T_map_kf"] = a["T_map_kf"][:2]
+    else:
+        a["T_map_kf"][1, 0, 3] = np.nan
+    _rewrite(path, "keyframes.npz", _npz(**a))
+    with pytest.raises(map_store.MapDirectoryError,
+                       match=r"cannot load map .*: keyframes.npz has inconsistent ids, segments or poses$"):
+        map_store.load_map_dir(path)
+
+
+def test_load_map_dir_refuses_duplicate_ids_and_keyframe_files_that_do_not_match(tmp_path):
+    from ros2_stream4d.mapping import map_store
+
+    path = map_store.save_map_dir(_small_map(), tmp_path / "m")
+    with np.load(path / "keyframes.npz") as z:
+        a = {k: z[k] for k in z.files}
+    good = _npz(**a)
+    _rewrite(path, "keyframes.npz", _npz(**dict(a, ids=np.array([0, 1, 1], np.int64))))
+    with pytest.raises(map_store.MapDirectoryError, match=r": keyframes.npz has duplicate keyframe ids$"):
+        map_store.load_map_dir(path)
+    _rewrite(path, "keyframes.npz", _npz(**dict(a, segments=np.array([0, 5, 1], np.int64))))
+    with pytest.raises(map_store.MapDirectoryError,
+                       match=r": keyframe 1: segment 0 in its file, 5 in keyframes.npz$"):
+        map_store.load_map_dir(path)
+    _rewrite(path, "keyframes.npz", good)
+    kf1 = "keyframes/kf_0000001.npz"
+    _rewrite(path, kf1, (path / "keyframes/kf_0000000.npz").read_bytes())  # keyframe 0's file under 1's name
+    with pytest.raises(map_store.MapDirectoryError,
+                       match=r": keyframe file kf_0000001.npz holds keyframe 0, expected 1$"):
+        map_store.load_map_dir(path)
+    _rewrite(path, kf1, (path / "keyframes/kf_0000000.npz").read_bytes(),
+             meta_edit=lambda meta: meta["files"].pop(kf1))
+    with pytest.raises(map_store.MapDirectoryError, match=r": keyframe 1 has no file in metadata.json$"):
+        map_store.load_map_dir(path)
