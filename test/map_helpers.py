@@ -36,8 +36,10 @@ def room(n: int = 24, hw: tuple[int, int] = (60, 80), seed: int = 0):
 
 
 def small_config(**kw) -> KeyframeMapConfig:
+    """Small maps for tests; the cloud's surface filter is off (cloud_surface_voxels=0) so that the cloud is every
+    fused voxel and moves exactly with its keyframes (the filter's own tests turn it on)."""
     base = dict(stride=1, cloud_stride=1, keyframe_max_frames=4, cloud_voxel_size=0.05, tsdf_voxel_size=0.1,
-                occupancy_resolution=0.1)
+                occupancy_resolution=0.1, cloud_surface_voxels=0.0)
     base.update(kw)
     return KeyframeMapConfig(**base)
 

@@ -241,3 +241,59 @@ def test_a_rebuild_finishes_when_poses_change_during_it_and_another_follows(monk
     ref = build(frames)
     ref.update_poses({kf.id: shifted(kf.T_map_kf, 2 * t) for kf in ref.keyframes})
     assert_same_products(m, ref)
+
+
+# ------------------------------------------------------------------------------- the cloud's surface filter
+def _wall_frames(n=6, outlier_every=7, h=48, w=64, z=2.0):
+    """n views of a wall z metres ahead, the camera sliding sideways; every outlier_every-th pixel of each frame has
+    its depth 40 % short (a wrong depth in free space in front of the wall)."""
+    K = np.array([[50.0, 0, w / 2], [0, 50.0, h / 2], [0, 0, 1]])
+    out = []
+    for i in range(n):
+        d = np.full((h, w), z, np.float32)
+        d.reshape(-1)[i % outlier_every::outlier_every] = 0.6 * z
+        T = np.eye(4)
+        T[0, 3] = 0.05 * i
+        out.append(MapFrame(1_000_000_000 + i * 100_000_000, T, d, np.full((h, w, 3), 128, np.uint8), K,
+                            np.full((h, w), 5.0, np.float32)))
+    return out
+
+
+def test_the_map_cloud_leaves_out_what_the_fused_surface_contradicts():
+    frames = _wall_frames()
+    raw = build(frames, cloud_surface_voxels=0.0).points()[0]
+    m = build(frames, cloud_surface_voxels=1.0)
+    kept = m.points()[0]
+    # the outliers (1.2 m) are in the unfiltered cloud and not in the filtered one; the wall (2 m) is in both
+    assert (np.abs(raw[:, 2] - 1.2) < 0.05).sum() > 100
+    assert not (np.abs(kept[:, 2] - 1.2) < 0.3).any()
+    wall = np.abs(raw[:, 2] - 2.0) < 0.05
+    # (the wall's side edges, seen by one frame only, have no surface (weight must exceed the TSDF's min_weight))
+    assert (np.abs(kept[:, 2] - 2.0) < 0.05).sum() >= 0.9 * wall.sum()
+    assert m.products.surface_filtered and not build(frames, cloud_surface_voxels=1.0, tsdf=False).products.surface_filtered
+    # without the TSDF nothing can contradict a point: every voxel is kept
+    assert len(build(frames, cloud_surface_voxels=1.0, tsdf=False).points()[0]) == len(raw)
+    with pytest.raises(ValueError, match="cloud_surface_voxels"):
+        small_config(cloud_surface_voxels=-1.0)
+
+
+def test_tsdf_judges_points_only_in_the_space_it_fused():
+    from ros2_stream4d.mapping.tsdf import TsdfVolume
+
+    frames = _wall_frames(outlier_every=10**9)  # no outliers: one clean wall at z = 2 m
+    vol = TsdfVolume(voxel_size=0.05, trunc_voxels=4.0, depth_max=5.0)
+    for f in frames:
+        vol.integrate(f.depth, f.rgb, f.K, f.T_map_cam)
+    surface = vol.surface_points()
+    assert len(surface) > 100 and np.abs(surface[:, 2] - 2.0).max() < 0.03
+    pts = np.array([[0.1, 0.0, 2.0],    # on the wall: kept (surface points are ~a voxel apart along the wall)
+                    [0.1, 0.0, 2.02],   # 2 cm behind it: within one voxel (5 cm) of a surface point
+                    [0.1, 0.0, 1.9],    # 10 cm in front, in fused space: contradicted
+                    [0.1, 0.0, 1.85],   # 15 cm in front: contradicted
+                    [0.1, 0.0, 9.0],    # far behind, never fused (no block): not judged
+                    [30.0, 0.0, 2.0]])  # beside the scene: not judged
+    np.testing.assert_array_equal(vol.allocated(pts), [True, True, True, True, False, False])
+    np.testing.assert_array_equal(vol.contradicted(pts, 0.05), [False, False, True, True, False, False])
+    np.testing.assert_array_equal(vol.contradicted(pts, 0.12), [False, False, False, True, False, False])
+    empty = TsdfVolume(voxel_size=0.05)
+    assert len(empty.surface_points()) == 0 and not empty.contradicted(pts, 0.05).any()

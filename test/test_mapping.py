@@ -542,3 +542,34 @@ def test_pipeline_start_pose():
                                atol=1e-9)
     with pytest.raises(ValueError, match="x, y, z, yaw"):
         start_pose_matrix((1.0, 2.0))
+
+
+class RampConfidenceSession(FakeSession):
+    """FakeSession whose depth confidence rises from left to right (1 .. w): a percentile cut keeps the right part."""
+
+    def step(self, image, stamp_ns=None, mapping=None):
+        out = super().step(image, stamp_ns, mapping)
+        _, h, w = out["depth_conf"].shape
+        out["depth_conf"] = torch.arange(1, w + 1, dtype=torch.float32).expand(1, h, w).clone()
+        return out
+
+
+def test_the_map_stores_only_pixels_above_its_own_confidence_percentile():
+    from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
+
+    def stored_columns(map_pct, live_pct):
+        cfg = PipelineConfig(input_width=112, map_stride=1, conf_percentile=live_pct, map_conf_percentile=map_pct)
+        p = MappingPipeline(cfg, RampConfidenceSession())
+        res = p.process(IMG, 0).result
+        depth = p.map.frames_of(p.map.keyframes[0]).depth[0].astype(np.float32)
+        w = depth.shape[1]
+        kept = np.flatnonzero(np.isfinite(depth).all(axis=0))
+        assert np.isnan(depth[:, :kept.min()]).all()  # everything left of the cut is gone, everything right kept
+        return kept.min() / w, len(res.cloud_xyz)
+
+    first75, cloud75 = stored_columns(75.0, 10.0)
+    first0, cloud0 = stored_columns(0.0, 10.0)
+    assert 0.72 <= first75 <= 0.78 and first0 == 0.0
+    assert cloud75 == cloud0  # the live cloud follows conf_percentile alone
+    first_live, _ = stored_columns(25.0, 90.0)
+    assert 0.22 <= first_live <= 0.28  # and the map its own percentile, whatever the live cloud's

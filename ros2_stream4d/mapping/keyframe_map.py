@@ -13,7 +13,9 @@ longer in ``map`` (a monocular model whose scale drifted saw everything s times 
 
 Products are caches: every integrated frame goes into them at once (cheap: one TSDF integration, one voxel fusion,
 one set of grid votes), and a pose update marks them stale and rebuilds them from all keyframes in the original
-order, so a rebuilt map equals the one a stream with the corrected poses would have built.
+order, so a rebuilt map equals the one a stream with the corrected poses would have built. The cloud a query
+returns leaves out the voxels the fused TSDF surface contradicts (``cloud_surface_voxels``; noisy depth and outliers
+fall in space the TSDF has fused yet far from its surface); what lies beyond the TSDF's reach is kept.
 
 Memory: at most ``max_keyframes_in_memory`` keyframes keep their frames in RAM; older ones are spilled to
 ``spill_dir`` (one .npz each, no pickle) and read back only for a rebuild or a save. Their poses stay in memory.
@@ -57,6 +59,9 @@ class KeyframeMapConfig:
     tsdf_trunc_voxels: float = 6.0  # truncation distance in voxels (grazing floors need > 4: corridor recall 0.93 -> 0.98)
     depth_max: float = 5.0  # m: depth beyond this is not fused into the TSDF
     cloud_depth_max: float = 0.0  # m: depth of the points fused into the cloud; 0 = no limit (as ~/map was)
+    # ~/map leaves out the cloud's voxels the fused TSDF surface contradicts (in fused space, farther than this many
+    # TSDF voxels from its surface: noisy depth, outliers); 0 = every voxel; nothing is dropped without the TSDF
+    cloud_surface_voxels: float = 1.0
     tsdf_device: str = "CPU:0"  # Open3D device ("CUDA:0" on a robot with the CUDA build)
     occupancy: bool = True
     occupancy_resolution: float = 0.05  # m per cell
@@ -81,6 +86,8 @@ class KeyframeMapConfig:
             raise ValueError("stride, keyframe_max_frames and max_keyframes_in_memory must be >= 1")
         if not (self.keyframe_distance > 0 and self.keyframe_angle_deg > 0 and self.depth_max > 0):
             raise ValueError("keyframe_distance, keyframe_angle_deg and depth_max must be > 0")
+        if not self.cloud_surface_voxels >= 0:
+            raise ValueError(f"cloud_surface_voxels must be >= 0, got {self.cloud_surface_voxels}")
         self.occupancy_options()  # validates the band and resolution
 
     def occupancy_options(self) -> OccupancyOptions:
@@ -274,6 +281,21 @@ class MapProducts:
             xyz, rgb, conf = (np.concatenate(a) for a in zip(*self._pending))
             self._pending, self._pending_points = [], 0
             self.cloud.integrate(xyz, rgb, conf)
+
+    @property
+    def surface_filtered(self) -> bool:
+        """Whether cloud_points() leaves out what the TSDF surface contradicts (needs the TSDF)."""
+        return self.tsdf is not None and self.config.cloud_surface_voxels > 0
+
+    def cloud_points(self):
+        """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)): the cloud's voxels, without those the fused
+        surface contradicts (cloud_surface_voxels)."""
+        self.flush_cloud()
+        xyz, rgb, conf = self.cloud.points()
+        if self.surface_filtered and len(xyz):
+            keep = ~self.tsdf.contradicted(xyz, self.config.cloud_surface_voxels * self.config.tsdf_voxel_size)
+            xyz, rgb, conf = xyz[keep], rgb[keep], conf[keep]
+        return xyz, rgb, conf
 
 
 class KeyframeMap:
@@ -476,10 +498,10 @@ class KeyframeMap:
 
     @_locked
     def points(self):
-        """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map."""
+        """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map (MapProducts.
+        cloud_points: without what the TSDF surface contradicts)."""
         self._refresh()
-        self.products.flush_cloud()
-        return self.cloud.points()
+        return self.products.cloud_points()
 
     @_locked
     def mesh(self):

@@ -8,6 +8,10 @@ The truncation distance is ``trunc_voxels`` voxels; voxels farther than ``depth_
 touched. Open3D integrates a frame into the blocks its depth touches (``compute_unique_block_coordinates``); the
 hash map grows by itself when full (block_count is the initial capacity).
 
+``contradicted(points, distance)`` tells which points of another product (the ~/map cloud) the fused surface
+contradicts: they lie in space the volume has fused (an allocated block) yet farther than ``distance`` from its
+surface; points outside every allocated block (never within depth_max of a camera) are not judged.
+
 The voxel lattice is shifted by half a voxel from ``map`` (samples at (k + 1/2) voxel_size): a plane lying exactly on
 a lattice plane (the floor at z = 0 under a robot's map origin) has sdf exactly 0 at the samples, which marching
 cubes turns into holes; shifted, such planes fall midway between samples.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import open3d as o3d
+from scipy.spatial import cKDTree
 
 from ros2_stream4d.mapping.conventions import inverse
 
@@ -76,6 +81,43 @@ class TsdfVolume:
 
     def blocks(self) -> int:
         return int(self.vbg.hashmap().size())
+
+    def surface_points(self) -> np.ndarray:
+        """(N, 3) float64 points where the fused surface (voxels of weight > min_weight) crosses the voxel edges,
+        in map; empty when there is none."""
+        if self.frames == 0 or self.blocks() == 0:
+            return np.zeros((0, 3))
+        try:
+            pc = self.vbg.extract_point_cloud(weight_threshold=self.min_weight).cpu()
+        except RuntimeError:  # Open3D raises when there is no surface at all
+            return np.zeros((0, 3))
+        if "positions" not in pc.point:
+            return np.zeros((0, 3))
+        return pc.point.positions.numpy().astype(np.float64) + self.offset
+
+    def allocated(self, points: np.ndarray) -> np.ndarray:
+        """(N,) bool: each map point lies in a block the volume has allocated (fused space)."""
+        pts = np.asarray(points, np.float64).reshape(-1, 3)
+        if len(pts) == 0 or self.blocks() == 0:
+            return np.zeros(len(pts), bool)
+        keys = np.floor((pts - self.offset) / (self.voxel_size * self.block_resolution)).astype(np.int32)
+        _, found = self.vbg.hashmap().find(o3c.Tensor(keys).to(self.device))
+        return found.cpu().numpy().astype(bool)
+
+    def contradicted(self, points: np.ndarray, distance: float) -> np.ndarray:
+        """(N,) bool: the fused surface contradicts the point: it lies in an allocated block and farther than
+        ``distance`` (m) from every surface point (surface_points, spaced about a voxel apart)."""
+        pts = np.asarray(points, np.float64).reshape(-1, 3)
+        judged = self.allocated(pts)
+        if not judged.any():
+            return judged
+        surface = self.surface_points()
+        if len(surface) == 0:
+            return judged
+        gap, _ = cKDTree(surface).query(pts[judged], k=1, distance_upper_bound=distance)
+        out = np.zeros(len(pts), bool)
+        out[np.flatnonzero(judged)] = ~(gap <= distance)
+        return out
 
     def mesh(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(vertices float32 (V, 3), triangles int32 (T, 3), colours uint8 (V, 3)) of the zero level set."""

@@ -111,6 +111,12 @@ PARAMS: tuple[Param, ...] = (
     Param("map_cloud_stride", 2, "px", "extra stride of the points fused into ~/map and the grid", low=1, high=64),
     Param("map_depth_max", 5.0, "m", "depth fused into the TSDF mesh and the grid", low=0.01, high=1000.0),
     Param("map_cloud_depth_max", 0.0, "m", "depth fused into the ~/map cloud (0 = no limit)", low=0.0, high=1000.0),
+    Param("map_conf_percentile", 50.0, "%",
+          "the map (cloud, mesh, grid, back-end geometry) keeps each frame's pixels at or above this confidence "
+          "percentile (0 = all; conf_threshold applies too)", live=True, low=0.0, high=99.9),
+    Param("map_cloud_surface_voxels", 1.0, "voxels",
+          "~/map leaves out the points the TSDF surface contradicts: in fused space, farther than this many TSDF "
+          "voxels from the surface (0 = keep all; needs mesh_enabled)", low=0.0, high=100.0),
     Param("map_max_keyframes_in_memory", 50, "keyframes", "older keyframes are spilled to map_spill_dir",
           low=1, high=1000000),
     Param("map_spill_dir", "", "path", "where spilled keyframes go; empty = a private temporary directory"),
