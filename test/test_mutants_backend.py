@@ -677,3 +677,60 @@ def test_a_dead_optimiser_process_is_a_dropped_optimisation():
     res = b._pool_died(RuntimeError("killed by signal 9"))
     assert b._pool is None and res.ok is False
     assert "the optimiser process died (killed by signal 9)" in res.reason and "new one" in res.reason
+
+
+def test_backend_keyframes_join_by_odometry_within_and_by_a_weak_segment_edge_across_segments():
+    from types import SimpleNamespace
+
+    from ros2_stream4d.mapping.backend.loops import KeyframeView
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, ODOMETRY, SEGMENT
+
+    b = _stopped_backend(segment_sigma_rot=0.11, segment_sigma_trans=0.22, segment_sigma_scale=0.33)
+    loop = S3.sim3(rotation_from_vector([0.0, 0.1, 0.0]), [0.2, 0.0, 0.1])
+
+    class Detector:
+        def __init__(self):
+            self.added, self.results = [], []
+
+        def add(self, view):
+            self.added.append(view.id)
+
+        def detect(self):
+            out, self.results = self.results, []
+            return out
+
+    b.detector = Detector()
+    S = {k: S3.sim3(rotation_from_vector([0.0, 0.0, 0.2 * k]), [1.0 * k, 0.3 * k, 0.0], s=1.0 + 0.1 * k)
+         for k in range(4)}
+    view = {k: KeyframeView(k, np.zeros((2, 2, 3), np.uint8), np.ones((2, 2)), np.eye(3), S[k]) for k in range(4)}
+    b._keyframe(view[0], 0)
+    b._keyframe(view[1], 0)
+    assert b._pending is False
+    b.detector.results = [SimpleNamespace(i=0, j=2, S_i_j=loop, accepted=True),
+                          SimpleNamespace(i=1, j=2, S_i_j=np.eye(4), accepted=False)]
+    b._keyframe(view[2], 1)  # a new stream: a segment edge, not an odometry one
+    assert b._pending is True and b._last_segment == 1
+    b._keyframe(view[3], 1)
+    edges = {(e.i, e.j, e.kind): e for e in b.graph.edges}
+    assert set(edges) == {(0, 1, ODOMETRY), (1, 2, SEGMENT), (0, 2, LOOP), (2, 3, ODOMETRY)}
+    seg = edges[(1, 2, SEGMENT)]
+    np.testing.assert_allclose(seg.S_i_j, S3.inverse(S[1]) @ S[2], atol=1e-12)
+    assert (seg.sigma_rot, seg.sigma_trans, seg.sigma_scale, seg.robust) == (0.11, 0.22, 0.33, False)
+    np.testing.assert_allclose(edges[(0, 2, LOOP)].S_i_j, loop)
+    assert edges[(0, 2, LOOP)].robust is True
+    assert b.detector.added == [0, 1, 2, 3] and b.stats["keyframes"] == 4
+    assert len(b.keyframe_s) == 4 and all(0 <= t < 5.0 for t in b.keyframe_s)
+
+
+def test_a_broken_optimiser_pool_drops_that_optimisation_and_says_why():
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    b = _stopped_backend()
+    f = Future()
+    f.set_exception(BrokenProcessPool("child gone"))
+    b._future, b._pool = f, object()
+    b._optimise_step()
+    assert b._future is None and b._pool is None
+    assert b.stats["optimisations_dropped"] == 1 and b.stats["optimisations_ok"] == 0
+    assert "the optimiser process died (child gone)" in b.stats["last_drop_reason"]
