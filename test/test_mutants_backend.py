@@ -734,3 +734,56 @@ def test_a_broken_optimiser_pool_drops_that_optimisation_and_says_why():
     assert b._future is None and b._pool is None
     assert b.stats["optimisations_dropped"] == 1 and b.stats["optimisations_ok"] == 0
     assert "the optimiser process died (child gone)" in b.stats["last_drop_reason"]
+
+
+class _StaticSession:
+    """Sees a fronto-parallel wall from a camera that does not move (exact outputs); records every call."""
+
+    window, anchors = None, 1
+
+    def __init__(self):
+        self.calls, self.resets, self.frames_seen = [], 0, 0
+
+    def reset(self):
+        self.resets += 1
+
+    def stats(self):
+        return None
+
+    def shrunk(self, window):
+        return _StaticSession() if window > 1 else None
+
+    def step(self, image, stamp_ns=None, mapping=None):
+        import torch
+
+        self.calls.append((float(image.flatten()[0]), stamp_ns, mapping))
+        h, w = 12, 16
+        K = np.array([[10.0, 0, 8.0], [0, 10.0, 6.0], [0, 0, 1]])
+        return {"depth": torch.full((1, h, w, 1), 2.0), "depth_conf": torch.full((1, h, w), 3.0),
+                "extrinsic": torch.tensor(np.eye(4)[:3])[None], "intrinsic": torch.tensor(K)[None],
+                "world_points": torch.tensor(np.zeros((h, w, 3)), dtype=torch.float32)[None]}
+
+
+def test_segmented_session_refeeds_the_recent_frames_with_their_stamps_and_mappings():
+    import torch
+
+    from ros2_stream4d.mapping.backend.segments import ReanchorPolicy, SegmentedSession
+
+    inner = _StaticSession()
+    events = []
+    s = SegmentedSession(inner, ReanchorPolicy(max_segment_frames=3, min_segment_frames=3, overlap_frames=2),
+                         on_segment=events.append)
+    assert s.last_overlap == 1.0 and s.segment == 0
+    maps = [object() for _ in range(3)]
+    for i in range(3):
+        s.step(torch.full((1, 3, 12, 16), float(i)), stamp_ns=100 + i, mapping=maps[i])
+    assert inner.resets == 1 and s.segment == 1 and len(events) == 1
+    assert inner.calls == [(0.0, 100, maps[0]), (1.0, 101, maps[1]), (2.0, 102, maps[2]),
+                           (1.0, 101, maps[1]), (2.0, 102, maps[2])]  # the last two frames again, as they were
+    s.reset()
+    assert s.last_overlap == 1.0 and s.segment == 0 and inner.resets == 2
+    small = s.shrunk(4)
+    assert isinstance(small, SegmentedSession) and small.inner is not inner
+    assert small.on_segment == events.append
+    assert small.policy is s.policy
+    assert s.shrunk(1) is None
