@@ -297,3 +297,19 @@ def test_tsdf_judges_points_only_in_the_space_it_fused():
     np.testing.assert_array_equal(vol.contradicted(pts, 0.12), [False, False, False, True, False, False])
     empty = TsdfVolume(voxel_size=0.05)
     assert len(empty.surface_points()) == 0 and not empty.contradicted(pts, 0.05).any()
+
+
+def test_confident_depth_cuts_at_the_percentile_of_the_rated_pixels():
+    from ros2_stream4d.mapping.keyframe_map import confident_depth
+
+    depth = np.arange(1, 41, dtype=np.float32).reshape(4, 10)
+    conf = np.tile(np.arange(10, dtype=np.float32), (4, 1))  # column 0 unrated (0), then 1 .. 9
+    conf[3, 9] = np.nan
+    out = confident_depth(depth, conf, 50.0)
+    # the median of the rated confidences (1 .. 9) is 5: columns 5 .. 9 stay, the NaN confidence does not
+    assert np.isnan(out[:, :5]).all() and np.isnan(out[3, 9])
+    np.testing.assert_array_equal(out[:3, 5:], depth[:3, 5:])
+    assert np.isfinite(out).sum() == 19 and out.dtype == np.float32
+    assert np.isnan(confident_depth(depth, np.zeros_like(conf), 10.0)).all()  # nothing rated: nothing fused
+    with pytest.raises(ValueError, match="conf_percentile"):
+        small_config(conf_percentile=100.0)

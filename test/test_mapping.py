@@ -554,22 +554,29 @@ class RampConfidenceSession(FakeSession):
         return out
 
 
-def test_the_map_stores_only_pixels_above_its_own_confidence_percentile():
+def test_the_map_fuses_only_pixels_above_its_own_confidence_percentile():
+    """The keyframes store what the node's cloud keeps (conf_percentile: the back-end measures on it); the map's
+    products fuse only the pixels above map_conf_percentile of each frame's confidence."""
     from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
 
-    def stored_columns(map_pct, live_pct):
-        cfg = PipelineConfig(input_width=112, map_stride=1, conf_percentile=live_pct, map_conf_percentile=map_pct)
+    def columns(map_pct, live_pct):
+        cfg = PipelineConfig(input_width=112, map_stride=1, map_cloud_stride=1, map_voxel_size=0.005,
+                             conf_percentile=live_pct, map_conf_percentile=map_pct, map_cloud_surface_voxels=0.0)
         p = MappingPipeline(cfg, RampConfidenceSession())
         res = p.process(IMG, 0).result
-        depth = p.map.frames_of(p.map.keyframes[0]).depth[0].astype(np.float32)
+        frames = p.map.frames_of(p.map.keyframes[0])
+        depth = frames.depth[0].astype(np.float32)
         w = depth.shape[1]
-        kept = np.flatnonzero(np.isfinite(depth).all(axis=0))
-        assert np.isnan(depth[:, :kept.min()]).all()  # everything left of the cut is gone, everything right kept
-        return kept.min() / w, len(res.cloud_xyz)
+        stored = np.flatnonzero(np.isfinite(depth).all(axis=0))
+        assert np.isnan(depth[:, :stored.min()]).all()  # everything left of the cut is gone, everything right kept
+        # the map's points, back in the frame's pixels: their columns
+        cam = cv.transform_points(cv.inverse(res.T_map_cam), p.map_points()[0].astype(np.float64))
+        u = frames.K[0][0, 0] * cam[:, 0] / cam[:, 2] + frames.K[0][0, 2]
+        return stored.min() / w, u.min() / w, len(res.cloud_xyz)
 
-    first75, cloud75 = stored_columns(75.0, 10.0)
-    first0, cloud0 = stored_columns(0.0, 10.0)
-    assert 0.72 <= first75 <= 0.78 and first0 == 0.0
-    assert cloud75 == cloud0  # the live cloud follows conf_percentile alone
-    first_live, _ = stored_columns(25.0, 90.0)
-    assert 0.22 <= first_live <= 0.28  # and the map its own percentile, whatever the live cloud's
+    stored, fused, cloud = columns(75.0, 10.0)
+    assert 0.07 <= stored <= 0.13 and 0.72 <= fused <= 0.78
+    stored0, fused0, cloud0 = columns(0.0, 10.0)
+    assert stored0 == stored and fused0 <= 0.13 and cloud0 == cloud  # the live cloud follows conf_percentile alone
+    stored_hi, fused_hi, _ = columns(25.0, 90.0)
+    assert 0.87 <= stored_hi <= 0.93 and fused_hi >= 0.87  # a stricter live cut: nothing else is stored to fuse

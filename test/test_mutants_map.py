@@ -170,7 +170,9 @@ def _map_frame(T, h=24, w=32, z=1.5, stamp=1_000_000_000):
 def _cloud_config(**kw):
     from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig
 
-    base = dict(stride=2, cloud_stride=2, cloud_voxel_size=0.001, tsdf=False, occupancy=False, cloud_depth_max=2.0)
+    # conf_percentile=0: every stored pixel is fused (the map's own confidence cut has its tests in test_keyframe_map)
+    base = dict(stride=2, cloud_stride=2, cloud_voxel_size=0.001, tsdf=False, occupancy=False, cloud_depth_max=2.0,
+                conf_percentile=0.0)
     base.update(kw)
     return KeyframeMapConfig(**base)
 

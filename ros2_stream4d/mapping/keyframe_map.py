@@ -62,6 +62,10 @@ class KeyframeMapConfig:
     # ~/map leaves out the cloud's voxels the fused TSDF surface contradicts (in fused space, farther than this many
     # TSDF voxels from its surface: noisy depth, outliers); 0 = every voxel; nothing is dropped without the TSDF
     cloud_surface_voxels: float = 1.0
+    # the products fuse each stored frame's pixels whose confidence is at or above this percentile of the frame's
+    # (pixels with confidence > 0; 0 = every stored pixel). The stored frames keep what the node's cloud keeps (the
+    # back-end measures on them); fusion cannot undo a wrong depth, so the products take the most confident ones
+    conf_percentile: float = 50.0
     tsdf_device: str = "CPU:0"  # Open3D device ("CUDA:0" on a robot with the CUDA build)
     occupancy: bool = True
     occupancy_resolution: float = 0.05  # m per cell
@@ -88,6 +92,8 @@ class KeyframeMapConfig:
             raise ValueError("keyframe_distance, keyframe_angle_deg and depth_max must be > 0")
         if not self.cloud_surface_voxels >= 0:
             raise ValueError(f"cloud_surface_voxels must be >= 0, got {self.cloud_surface_voxels}")
+        if not 0 <= self.conf_percentile < 100:
+            raise ValueError(f"conf_percentile must be in [0, 100), got {self.conf_percentile}")
         self.occupancy_options()  # validates the band and resolution
 
     def occupancy_options(self) -> OccupancyOptions:
@@ -225,6 +231,19 @@ def read_keyframe_file(path: Path, kf_id: int | None = None) -> tuple[int, int, 
         raise ValueError(f"keyframe file {path.name} is unreadable ({type(exc).__name__}: {exc})") from exc
 
 
+def confident_depth(depth: np.ndarray, conf: np.ndarray, percentile: float) -> np.ndarray:
+    """depth (h, w) with NaN where conf is below the given percentile of the frame's confidences (pixels with
+    confidence > 0, finite), or is not finite."""
+    c = np.asarray(conf, np.float32)
+    rated = np.isfinite(c) & (c > 0)
+    if not rated.any():
+        return np.full_like(depth, np.nan)
+    sub = rated[::2, ::2]  # the percentile of a regular subsample: the same cut, a quarter of the work
+    ref = c[::2, ::2][sub] if sub.any() else c[rated]
+    keep = rated & (c >= np.percentile(ref, percentile))
+    return np.where(keep, depth, np.float32(np.nan)).astype(depth.dtype, copy=False)
+
+
 class MapProducts:
     """One set of products (the ~/map cloud, the TSDF, the occupancy grid), fed frame by frame. A rebuild fills a
     fresh set from the stored keyframes."""
@@ -248,6 +267,8 @@ class MapProducts:
     def fuse(self, depth: np.ndarray, conf: np.ndarray, rgb: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray):
         """Every product takes one stored frame (depth float32 with NaN, already strided). T_map_cam may be a
         Sim(3): its scale goes into the depth, the products see a rigid pose."""
+        if self.config.conf_percentile > 0:
+            depth = confident_depth(depth, conf, self.config.conf_percentile)
         R, t, scale = S3.decompose(T_map_cam)
         if abs(scale - 1.0) > 1e-9:
             depth = depth * np.float32(scale)

@@ -53,7 +53,7 @@ class PipelineConfig:
     map_cloud_stride: int = 2  # extra stride of the points fused into the cloud and the grid
     map_depth_max: float = 5.0  # m: depth fused into the TSDF
     map_cloud_depth_max: float = 0.0  # m: depth fused into the ~/map cloud; 0 = no limit
-    map_conf_percentile: float = 50.0  # %: the map stores each frame's pixels at or above this confidence percentile
+    map_conf_percentile: float = 50.0  # %: the map's products fuse each frame's pixels at or above this percentile
     map_cloud_surface_voxels: float = 1.0  # ~/map leaves out what the TSDF surface contradicts (voxels); 0 = off
     map_max_keyframes_in_memory: int = 50  # older keyframes are spilled to map_spill_dir
     map_spill_dir: str = ""  # "" = a private temporary directory
@@ -316,19 +316,19 @@ class MappingPipeline:
 
     # ------------------------------------------------------------------ map
     def _map_frame(self, pred: FramePrediction, T_map_cam: np.ndarray, stamp_ns: int) -> MapFrame:
-        """The frame for the keyframe map: model-resolution metric depth with the map's confidence mask applied
-        (rejected pixels NaN: below conf_threshold, or below the frame's map_conf_percentile), its confidence,
-        colour and K. The map's cut is its own (stricter than the live cloud's by default): every map product and
-        the back-end's geometry come from what is stored, and fusion cannot undo a wrong depth."""
+        """The frame for the keyframe map: model-resolution metric depth with the cloud's confidence mask applied
+        (rejected pixels NaN), its confidence, colour and K. The back-end measures its geometry on this; the
+        products apply the map's own, stricter cut (map_conf_percentile) when they fuse it."""
         valid = pred.valid_mask()
         conf = pred.depth_conf
         valid &= np.isfinite(conf)
-        if self.cloud_options.conf_threshold is not None:
-            valid &= conf >= self.cloud_options.conf_threshold
-        if self.cfg.map_conf_percentile > 0 and valid.any():
+        o = self.cloud_options
+        if o.conf_threshold is not None:
+            valid &= conf >= o.conf_threshold
+        if o.conf_percentile is not None and valid.any():
             sub = valid[::4, ::4]  # the percentile of a regular subsample: same cut, a sixteenth of the work
             ref = conf[::4, ::4][sub] if sub.any() else conf[valid]
-            valid &= conf >= np.percentile(ref, self.cfg.map_conf_percentile)
+            valid &= conf >= np.percentile(ref, o.conf_percentile)
         depth = np.where(valid, pred.depth, np.nan).astype(np.float32)
         return MapFrame(stamp_ns, T_map_cam, depth, pred.rgb_model, pred.K_model, conf)
 
@@ -488,6 +488,7 @@ def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:
         cloud_voxel_size=cfg.map_voxel_size, cloud_max_points=cfg.map_max_points, tsdf=cfg.mesh_enabled,
         tsdf_voxel_size=cfg.tsdf_voxel_size, tsdf_trunc_voxels=cfg.tsdf_trunc_voxels, depth_max=cfg.map_depth_max,
         cloud_depth_max=cfg.map_cloud_depth_max, cloud_surface_voxels=cfg.map_cloud_surface_voxels,
+        conf_percentile=cfg.map_conf_percentile,
         tsdf_device=cfg.tsdf_device, occupancy=cfg.occupancy_enabled, occupancy_resolution=cfg.occupancy_resolution,
         occupancy_floor_z=cfg.occupancy_floor_z, occupancy_min_height=cfg.occupancy_min_height,
         occupancy_max_height=cfg.occupancy_max_height, occupancy_max_range=cfg.occupancy_max_range,

@@ -112,8 +112,8 @@ PARAMS: tuple[Param, ...] = (
     Param("map_depth_max", 5.0, "m", "depth fused into the TSDF mesh and the grid", low=0.01, high=1000.0),
     Param("map_cloud_depth_max", 0.0, "m", "depth fused into the ~/map cloud (0 = no limit)", low=0.0, high=1000.0),
     Param("map_conf_percentile", 50.0, "%",
-          "the map (cloud, mesh, grid, back-end geometry) keeps each frame's pixels at or above this confidence "
-          "percentile (0 = all; conf_threshold applies too)", live=True, low=0.0, high=99.9),
+          "the map's cloud, mesh and grid fuse each frame's pixels at or above this percentile of its confidence "
+          "(0 = all the node's cloud keeps; the keyframes store those for the back-end)", low=0.0, high=99.9),
     Param("map_cloud_surface_voxels", 1.0, "voxels",
           "~/map leaves out the points the TSDF surface contradicts: in fused space, farther than this many TSDF "
           "voxels from the surface (0 = keep all; needs mesh_enabled)", low=0.0, high=100.0),
