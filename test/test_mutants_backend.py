@@ -787,3 +787,39 @@ def test_segmented_session_refeeds_the_recent_frames_with_their_stamps_and_mappi
     assert small.on_segment == events.append
     assert small.policy is s.policy
     assert s.shrunk(1) is None
+
+
+def test_an_in_process_optimisation_is_taken_in_and_its_outcome_counted():
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, OptimisationResult
+
+    class Logger:
+        def __init__(self):
+            self.lines = []
+
+        def warning(self, msg):
+            self.lines.append(msg)
+
+    b = _stopped_backend(optimise_in_subprocess=False)
+    b.logger = Logger()
+    S = {k: S3.sim3(rotation_from_vector([0.0, 0.1 * k, 0.0]), [1.0 * k, 0.0, 0.2 * k]) for k in range(3)}
+    for k in range(3):
+        b.graph.add_keyframe(k, S[k], 0)
+    b.graph.add_edge(0, 2, S3.inverse(S[0]) @ S[2], LOOP)  # a loop that agrees with the odometry exactly
+    b._pending = True
+    b._optimise_step()
+    assert b._pending is False and b._future is None and b._pool is None
+    assert len(b.optimisation_s) == 1 and b.stats["optimisations_dropped"] == 1 and b.stats["optimisations_ok"] == 0
+    reason = b.stats["last_drop_reason"]
+    assert "agree" in reason and b.logger.lines == [f"back-end: optimisation dropped: {reason}"]
+    assert b._result is None
+    b._optimise_step()  # nothing pending: nothing runs
+    assert len(b.optimisation_s) == 1
+    # accepted results: counted, their rejected edges summed, the newest kept for apply()
+    poses = {k: v.copy() for k, v in S.items()}
+    r1 = OptimisationResult(True, poses=poses, rejected_edges=[(0, 2, LOOP)], seconds=0.25)
+    r2 = OptimisationResult(True, poses=poses, rejected_edges=[(0, 2, LOOP)], seconds=0.5)
+    b._finish(r1)
+    b._finish(r2)
+    assert b.stats["optimisations_ok"] == 2 and b.stats["edges_rejected_by_graph"] == 2 and b._result is r2
+    assert b.optimisation_s[1:] == [0.25, 0.5]
+    assert len(b.logger.lines) == 1
