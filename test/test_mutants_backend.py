@@ -823,3 +823,64 @@ def test_an_in_process_optimisation_is_taken_in_and_its_outcome_counted():
     assert b.stats["optimisations_ok"] == 2 and b.stats["edges_rejected_by_graph"] == 2 and b._result is r2
     assert b.optimisation_s[1:] == [0.25, 0.5]
     assert len(b.logger.lines) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- loops
+def test_classical_descriptor_layout_thumbnail_then_gridded_orientations():
+    from ros2_stream4d.mapping.backend.loops import classical_descriptor
+
+    g = np.full((48, 64), 40, np.uint8)
+    g[38:46, 52:60] = 220  # a bright square inside the bottom-right cell of the 4 x 4 grid
+    d = classical_descriptor(g)
+    assert d.dtype == np.float32 and d.shape == (16 * 12 + 4 * 4 * 8,)
+    assert abs(float(np.linalg.norm(d)) - 1.0) < 1e-5
+    tiny = d[:192].reshape(12, 16)
+    r, c = np.unravel_index(np.argmax(tiny), tiny.shape)
+    assert r >= 9 and c >= 12 and abs(float(tiny.sum())) < 1e-5  # zero-mean thumbnail, bright where the square is
+    hist = d[192:].reshape(4, 4, 8)
+    energy = (hist ** 2).sum(-1)
+    assert energy[3, 3] > 0 and energy.sum() == pytest.approx(energy[3, 3])
+    assert np.count_nonzero(hist[3, 3]) >= 2  # horizontal and vertical edges: two orientation bins at least
+    rgb = np.repeat(g[..., None], 3, axis=-1)
+    np.testing.assert_allclose(classical_descriptor(rgb), d, atol=1e-6)
+
+
+def _view(k, t, rgb):
+    from ros2_stream4d.mapping.backend.loops import KeyframeView
+
+    return KeyframeView(k, rgb, np.full(rgb.shape[:2], 2.0), np.array([[30.0, 0, 32], [0, 30.0, 24], [0, 0, 1]]),
+                        S3.sim3(t=t))
+
+
+def test_loop_candidates_need_separation_similarity_and_the_drift_widened_radius():
+    from ros2_stream4d.mapping.backend.loops import LoopConfig, LoopDetector
+
+    rgb = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    det = LoopDetector(LoopConfig(min_separation=1, search_radius_m=1.0, search_drift_fraction=0.5))
+    det.add(_view(0, [0.0, 0.0, 0.0], rgb))
+    assert det.views[0].descriptor.dtype == np.float32
+    det.add(_view(1, [5.0, 0.0, 0.0], rgb))  # path 5 m: radius 1 + 0.5 * 5 = 3.5 m < 5 m
+    assert det.candidates() == []
+    det.add(_view(2, [0.0, 3.0, 0.0], rgb))  # 3 m from keyframe 0 after a 10.8 m path: radius 6.4 m; keyframe 1
+    cands = det.candidates()  # is 5.8 m away after 5.8 m: radius 3.9 m
+    assert [c.i for c in cands] == [0] and cands[0].j == 2 and cands[0].similarity > 0.99
+    tight = LoopDetector(LoopConfig(min_separation=2, search_radius_m=10.0))
+    tight.add(_view(0, [0.0, 0.0, 0.0], rgb))
+    tight.add(_view(1, [0.1, 0.0, 0.0], rgb))
+    assert tight.candidates() == []  # keyframe 0 is 1 keyframe back, min_separation 2
+    tight.add(_view(2, [0.2, 0.0, 0.0], rgb))
+    assert [c.i for c in tight.candidates()] == [0]  # exactly one old enough
+
+
+def test_detect_counts_each_candidate_once_and_keeps_no_pose_for_a_failed_verification():
+    from ros2_stream4d.mapping.backend.loops import LoopConfig, LoopDetector
+
+    flat = np.full((48, 64, 3), 128, np.uint8)  # no features: verification fails ("too few features")
+    det = LoopDetector(LoopConfig(min_separation=1, min_similarity=-1.0))
+    det.add(_view(0, [0.0, 0.0, 0.0], flat))
+    det.add(_view(1, [0.1, 0.0, 0.0], flat))
+    (r,) = det.detect()
+    assert not r.accepted and r.S_i_j is None
+    assert det.stats == {"candidates": 1, "accepted": 0, "rejected": 1}
+    (h,) = det.history
+    assert h[:3] == (0, 1, False) and h[3] is None and h[4] == r.reason
