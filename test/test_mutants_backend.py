@@ -884,3 +884,39 @@ def test_detect_counts_each_candidate_once_and_keeps_no_pose_for_a_failed_verifi
     assert det.stats == {"candidates": 1, "accepted": 0, "rejected": 1}
     (h,) = det.history
     assert h[:3] == (0, 1, False) and h[3] is None and h[4] == r.reason
+
+
+def test_backend_starts_a_named_daemon_worker_that_survives_a_failing_keyframe():
+    from ros2_stream4d.mapping.backend.loops import KeyframeView, classical_descriptor
+    from ros2_stream4d.mapping.backend.service import LongRunBackend
+
+    class Logger:
+        def __init__(self):
+            self.lines = []
+
+        def warning(self, msg):
+            self.lines.append(msg)
+
+    class Failing:
+        config = None
+
+        def add(self, view):
+            raise RuntimeError(f"no features in keyframe {view.id}")
+
+    b = LongRunBackend(logger=Logger())
+    try:
+        assert b.stats == {"keyframes": 0, "dropped_keyframes": 0, "optimisations_ok": 0,
+                           "optimisations_dropped": 0, "last_drop_reason": "", "edges_rejected_by_graph": 0,
+                           "corrections_applied": 0}
+        assert b.detector.descriptor_fn is classical_descriptor and b.detector.config is b.config.loops
+        assert b._thread.is_alive() and b._thread.daemon and b._thread.name == "stream4d-backend"
+        b.detector = Failing()
+        view = KeyframeView(7, np.zeros((2, 2, 3), np.uint8), np.ones((2, 2)), np.eye(3), np.eye(4))
+        b._put((view, 0))
+        assert b.wait_idle(10.0)
+        assert b.stats["last_drop_reason"] == "RuntimeError: no features in keyframe 7"
+        assert b.logger.lines == ["back-end: keyframe failed: no features in keyframe 7"]
+        assert b._thread.is_alive(), "the worker goes on"
+    finally:
+        b.close()
+    assert not b._thread.is_alive()
