@@ -920,3 +920,47 @@ def test_backend_starts_a_named_daemon_worker_that_survives_a_failing_keyframe()
     finally:
         b.close()
     assert not b._thread.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------------- posegraph
+def _drifted_square(config, drift=0.4, loop=True):
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, PoseGraph
+
+    g = PoseGraph(config)
+    xs, ys = [0, 1, 1, 0, 0], [0, 0, 1, 1, 0]
+    true = [S3.sim3(rotation_from_vector([0.0, 0.0, np.pi / 2 * k]), [xs[k], ys[k], 0.0]) for k in range(5)]
+    for k in range(5):
+        odo = true[k].copy()
+        odo[:3, 3] += [drift * k / 4, 0.3 * drift * k / 4, 0.0]  # the odometry drifts 0.4 m round a 4 m square
+        g.add_keyframe(k, odo, 0)
+    if loop:
+        g.add_edge(0, 4, S3.inverse(true[0]) @ true[4], LOOP)  # the loop says where keyframe 4 really is
+    return g
+
+
+def test_optimise_snapshot_corrects_a_drifted_square_within_its_plausibility_limits():
+    import dataclasses
+
+    from ros2_stream4d.mapping.backend.posegraph import PoseGraphConfig, optimise_snapshot
+
+    cfg = PoseGraphConfig(max_correction_m=0.0, max_correction_fraction=0.5)  # limit 0.5 x the 4 m path = 2 m
+    g = _drifted_square(cfg)
+    snap = g.snapshot()
+    res = optimise_snapshot(snap, cfg)
+    assert res.ok and res.rejected_edges == [] and res.iterations > 0 and 0 < res.seconds < 60
+    initial = snap[3]
+    moves = [np.linalg.norm(res.poses[k][:3, 3] - initial[k][:3, 3]) for k in range(5)]
+    assert res.max_move_m == pytest.approx(max(moves)) and 0.2 < res.max_move_m < 0.6
+    np.testing.assert_allclose(res.poses[4][:3, 3], [0.0, 0.0, 0.0], atol=0.05)  # keyframe 4 back at the start
+    assert res.final_error <= res.initial_error
+    tight = dataclasses.replace(cfg, max_correction_fraction=0.05)  # limit 0.2 m
+    drop = optimise_snapshot(_drifted_square(tight).snapshot(), tight)
+    assert not drop.ok and drop.reason.startswith("implausible correction: a keyframe moved 0.")
+    assert "(limit 0.20 m)" in drop.reason and drop.max_move_m == pytest.approx(res.max_move_m, rel=1e-3)
+    assert 0 < drop.seconds < 60
+    small = dataclasses.replace(cfg, min_correction_m=10.0)
+    drop = optimise_snapshot(_drifted_square(small).snapshot(), small)
+    assert drop.ok is False and drop.reason == "correction below noise: no keyframe moved 10.0 m"
+    assert drop.max_move_m == pytest.approx(res.max_move_m, rel=1e-3) and 0 < drop.seconds < 60
+    none = optimise_snapshot(_drifted_square(cfg, loop=False).snapshot(), cfg)
+    assert not none.ok and none.reason == "nothing to optimise (no segment or loop edge)"
