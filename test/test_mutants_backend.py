@@ -964,3 +964,49 @@ def test_optimise_snapshot_corrects_a_drifted_square_within_its_plausibility_lim
     assert drop.max_move_m == pytest.approx(res.max_move_m, rel=1e-3) and 0 < drop.seconds < 60
     none = optimise_snapshot(_drifted_square(cfg, loop=False).snapshot(), cfg)
     assert not none.ok and none.reason == "nothing to optimise (no segment or loop edge)"
+
+
+def test_segment_frames_from_exact_outputs_or_a_pose_encoding_agree():
+    import torch
+
+    from ros2_stream4d.mapping.backend.segments import SegmentedSession, _frame_of
+    from ros2_stream4d.mapping.conventions import inverse, make_transform
+    from ros2_stream4d.mapping.reconstructor import nominal_K
+    from ros2_stream4d.model.geometry import extri_intri_to_pose_encoding
+
+    h, w = 12, 16
+    K = np.array([[14.0, 0, 8.0], [0, 15.0, 6.0], [0, 0, 1]])
+    T = make_transform(rotation_from_vector([0.05, 0.2, 0.0]), [0.3, -0.1, 0.2])
+    E = inverse(T)[:3]
+    depth = np.full((1, h, w, 1), 2.0, np.float32)
+    depth[0, 1, 2, 0], depth[0, 2, 3, 0], depth[0, 3, 4, 0] = 0.0, -1.0, np.nan
+    out = {"depth": torch.tensor(depth), "depth_conf": torch.full((1, h, w), 3.0),
+           "extrinsic": torch.tensor(E)[None], "intrinsic": torch.tensor(K)[None]}
+    img = torch.zeros(1, 3, h, w)
+    f = _frame_of(out, img, 5, "m")
+    assert f.image is img and f.stamp_ns == 5 and f.mapping == "m"
+    assert f.depth.dtype == np.float32 and f.conf.dtype == np.float32 and f.K.dtype == np.float64
+    bad = np.isnan(f.depth)
+    assert bad.sum() == 3 and bad[1, 2] and bad[2, 3] and bad[3, 4]
+    np.testing.assert_allclose(f.T_seg_cam, T, atol=1e-6)
+    enc = extri_intri_to_pose_encoding(torch.tensor(E, dtype=torch.float32)[None, None],
+                                       torch.tensor(K, dtype=torch.float32)[None, None], (h, w))
+    g = _frame_of({"depth": torch.tensor(depth)[..., 0], "depth_conf": out["depth_conf"], "pose_enc": enc[0],
+                   "extrinsic": out["extrinsic"]}, img, 5, "m")  # an extrinsic alone is not enough
+    np.testing.assert_allclose(g.T_seg_cam, T, atol=1e-4)
+    np.testing.assert_allclose(g.K[:2, :2], K[:2, :2], rtol=1e-4)
+    zero = _frame_of(dict(out, intrinsic=torch.zeros(1, 3, 3, dtype=torch.float64)), img, 5, "m")
+    np.testing.assert_allclose(zero.K, nominal_K((h, w)))  # an unusable K: the reconstructor's stand-in
+    # the segment events say which segment, at which frame, why, and how well it was aligned
+    events = []
+    s = SegmentedSession(_StaticSession(), None, on_segment=events.append)
+    s.policy.max_segment_frames, s.policy.min_segment_frames, s.policy.overlap_frames = 3, 3, 2
+    s._reset_state()
+    for i in range(4):
+        s.step(torch.full((1, 3, 12, 16), float(i)), stamp_ns=i)
+    ev = events[0]  # the third frame ends the first segment
+    assert (ev.segment, ev.frame, ev.reason, ev.ok) == (1, 2, "max_segment_frames", True)
+    assert ev.inlier_ratio == pytest.approx(1.0) and ev.rmse < 1e-6
+    np.testing.assert_allclose(ev.S_prev_new, np.eye(4), atol=1e-6)
+    assert s.segment_stats.segments == 1 + len(events) and s.segment_stats.refed_frames == 2 * len(events)
+    assert s.last_overlap == pytest.approx(1.0)
