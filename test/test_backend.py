@@ -7,6 +7,7 @@ from ros2_stream4d.mapping.backend import sim3 as S3
 from ros2_stream4d.mapping.backend.drift import DriftModel
 from ros2_stream4d.mapping.backend.posegraph import LOOP, SEGMENT, BackendWorker, PoseGraph, PoseGraphConfig
 from ros2_stream4d.mapping.conventions import rot_x, rot_z
+from ros2_stream4d.mapping.conventions import unproject_depth as unproject
 
 pytest.importorskip("gtsam")
 
@@ -67,6 +68,61 @@ def test_align_point_maps_of_two_segments():
     fit = S3.align_point_maps(pts_a, pts_b, None, conf_b, centres_a, S3.apply(S3.inverse(S_a_b), centres_a))
     dt, dr, ds = S3.sim3_distance(fit.S, S_a_b)
     assert dt < 1e-6 and dr < 1e-5 and ds < 1e-8
+
+
+def _segment_pair(rng, S_a_b, frames=4, h=24, w=32):
+    """The same frames in two segments whose worlds differ by S_a_b (a <- b): poses, depths and K in each."""
+    from ros2_stream4d.mapping.conventions import make_transform
+
+    R, t, s = S3.decompose(S_a_b)
+    K = np.array([[30.0, 0.0, 15.5], [0.0, 30.0, 11.5], [0.0, 0.0, 1.0]])
+    T_a = np.stack([make_transform(rot_z(0.1 * i) @ rot_x(0.05 * i), [0.1 * i, 0.02 * i, 0.0])
+                    for i in range(frames)])
+    # frame i in b: the same camera (rotation R^T R_a, centre S^-1 c_a), everything s times smaller
+    T_b = np.stack([make_transform(R.T @ T[:3, :3], S3.apply(S3.inverse(S_a_b), T[:3, 3])) for T in T_a])
+    vv, uu = np.mgrid[0:h, 0:w]
+    d_a = np.stack([2.0 + 0.05 * uu + 0.03 * vv + 0.2 * i for i in range(frames)]).astype(np.float64)
+    return T_a, T_b, d_a, d_a / s, K
+
+
+def test_align_from_poses_recovers_the_segments_sim3_and_ignores_a_tilted_depth_error():
+    rng = np.random.default_rng(4)
+    S_a_b = random_sim3(rng, s=1.3)
+    T_a, T_b, d_a, d_b, K = _segment_pair(rng, S_a_b)
+    fit = S3.align_from_poses(T_a, T_b, d_a, d_b, K, K)
+    dt, dr, ds = S3.sim3_distance(fit.S, S_a_b)
+    assert dt < 1e-9 and dr < 1e-6 and ds < 1e-9 and fit.inlier_ratio == 1.0 and fit.rmse < 1e-5
+    # segment b's depth tilted (+-8 % from left to right, a smooth error a model makes) and 10 % wild pixels:
+    # the poses still give the rotation and translation exactly, the median depth ratio the scale within 1 %
+    tilt = 1.0 + 0.08 * np.linspace(-1, 1, d_b.shape[2])[None, None, :]
+    bad = d_b * tilt
+    bad.reshape(-1)[::10] *= 3.0
+    fit = S3.align_from_poses(T_a, T_b, d_a, bad, K, K)
+    R, t, s = S3.decompose(fit.S)
+    R0, t0, s0 = S3.decompose(S_a_b)
+    assert S3.rotation_angle_deg(R.T @ R0) < 1e-6 and abs(s / s0 - 1.0) < 0.01
+    assert np.linalg.norm(t - t0) < 0.01 * np.linalg.norm(t0) + 0.01
+    # a point-map fit of the same frames is pulled by the tilt (the reason the poses are the default)
+    pts = lambda T, d: np.stack([unproject(d[i], K, T[i]) for i in range(len(d))])  # noqa: E731
+    fit_pts = S3.align_point_maps(pts(T_a, d_a), pts(T_b, bad))
+    assert S3.sim3_distance(fit_pts.S, S_a_b)[1] > 0.2
+    # confidence weights the scale: the wild pixels rated 0 are left out entirely
+    conf = np.ones_like(bad)
+    conf.reshape(-1)[::10] = 0.0
+    fit_c = S3.align_from_poses(T_a, T_b, d_a, d_b * np.where(conf > 0, 1.0, 3.0), K, K, None, conf)
+    assert S3.sim3_distance(fit_c.S, S_a_b)[2] < 1e-9 and fit_c.inliers.size < d_a.size
+    with pytest.raises(ValueError, match="do not match"):
+        S3.align_from_poses(T_a[:3], T_b, d_a, d_b, K, K)
+    with pytest.raises(ValueError, match="fewer than 3"):
+        S3.align_from_poses(T_a, T_b, np.full_like(d_a, np.nan), d_b, K, K)
+
+
+def test_rotation_mean_and_weighted_median():
+    Rs = np.stack([rot_z(0.1), rot_z(0.3), rot_z(0.2)])
+    np.testing.assert_allclose(S3.rotation_mean(Rs), rot_z(0.2), atol=1e-12)
+    assert S3.weighted_median([5.0, 1.0, 3.0], [1.0, 1.0, 1.0]) == 3.0
+    assert S3.weighted_median([5.0, 1.0, 3.0], [10.0, 1.0, 1.0]) == 5.0
+    assert S3.weighted_median([1.0, 2.0], [1.0, 3.0]) == 2.0
 
 
 def test_icp_refines_a_perturbed_sim3():

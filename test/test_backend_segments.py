@@ -50,6 +50,21 @@ def ate(P, G):
     return float(np.sqrt(((S3.apply(A, P[:, :3, 3]) - G[:, :3, 3]) ** 2).sum(1).mean()))
 
 
+def test_a_new_segment_is_aligned_by_the_chosen_method(monkeypatch, room):
+    calls = []
+    for name in ("align_from_poses", "align_point_maps"):
+        real = getattr(S3, name)
+        monkeypatch.setattr(S3, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    for alignment, expected in (("poses", "align_from_poses"), ("points", "align_point_maps")):
+        calls.clear()
+        seg = SegmentedSession(oracle(room), ReanchorPolicy(max_segment_frames=30, min_segment_frames=12,
+                                                            overlap_frames=6, alignment=alignment))
+        poses(seg, 70)
+        assert calls == [expected] * 2 and len(seg.segment_stats.events) == 2
+    with pytest.raises(ValueError, match="alignment"):
+        ReanchorPolicy(alignment="icp")
+
+
 def test_policy_reasons():
     p = ReanchorPolicy(min_anchor_overlap=0.3, max_segment_frames=50, min_segment_frames=10, overlap_frames=4)
     assert p.reason(5, 0.0) is None  # too young
@@ -71,9 +86,11 @@ def test_anchor_overlap_of_a_plane():
     assert anchor_overlap(d, K, np.eye(4), d, K, T) == 0.0
 
 
-def test_exact_oracle_segments_change_nothing(room):
+@pytest.mark.parametrize("alignment", ["poses", "points"])
+def test_exact_oracle_segments_change_nothing(room, alignment):
     seg = SegmentedSession(oracle(room), ReanchorPolicy(max_segment_frames=40, min_segment_frames=12,
-                                                        overlap_frames=6, min_anchor_overlap=0.2))
+                                                        overlap_frames=6, min_anchor_overlap=0.2,
+                                                        alignment=alignment))
     P = poses(seg)
     G = gt(room)
     assert seg.segment_stats.segments >= 5 and seg.segment_stats.failed_alignments == 0
@@ -91,12 +108,14 @@ def test_overlap_policy_triggers_on_its_own(room):
     assert seg.segment_stats.events and all(ev.reason == "anchor_overlap" for ev in seg.segment_stats.events)
 
 
-def test_segments_bound_a_front_end_drift_that_grows_with_distance_from_the_anchor(room):
+@pytest.mark.parametrize("alignment", ["poses", "points"])
+def test_segments_bound_a_front_end_drift_that_grows_with_distance_from_the_anchor(room, alignment):
     drift = dict(scale_per_m=0.0, scale_per_m2=0.02, yaw_deg_per_m=0.0, yaw_deg_per_m2=2.0, scale_walk=0.0,
                  yaw_walk_deg=0.0)
     plain = poses(DriftedSession(oracle(room), seed=0, **drift))
     seg = SegmentedSession(DriftedSession(oracle(room), seed=0, **drift),
-                           ReanchorPolicy(max_segment_frames=40, min_segment_frames=12, overlap_frames=6))
+                           ReanchorPolicy(max_segment_frames=40, min_segment_frames=12, overlap_frames=6,
+                                          alignment=alignment))
     segmented = poses(seg)
     G = gt(room)
     assert ate(plain, G) > 0.1

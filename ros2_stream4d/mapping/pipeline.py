@@ -79,6 +79,7 @@ class PipelineConfig:
     segment_max_frames: int = 120
     segment_min_frames: int = 24
     segment_overlap_frames: int = 8
+    segment_alignment: str = "poses"  # poses | points (mapping/backend/segments.py)
     loop_min_similarity: float = 0.8
     loop_min_inliers: int = 20
     loop_search_radius: float = 1.0  # m
@@ -471,7 +472,8 @@ class MappingPipeline:
 def reanchor_policy(cfg: PipelineConfig) -> ReanchorPolicy:
     """When the back-end's segmented session starts a new segment."""
     return ReanchorPolicy(min_anchor_overlap=cfg.segment_min_anchor_overlap, max_segment_frames=cfg.segment_max_frames,
-                          min_segment_frames=cfg.segment_min_frames, overlap_frames=cfg.segment_overlap_frames)
+                          min_segment_frames=cfg.segment_min_frames, overlap_frames=cfg.segment_overlap_frames,
+                          alignment=cfg.segment_alignment)
 
 
 def backend_config(cfg: PipelineConfig) -> BackendConfig:

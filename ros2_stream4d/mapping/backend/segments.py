@@ -1,6 +1,9 @@
 """Segments and re-anchoring: a streaming session wrapper that restarts the model on a recent frame when its anchor
 no longer overlaps the view, re-feeds the last K frames so consecutive segments overlap, and aligns each new segment
-to the previous one by Sim(3) on those frames (VGGT-Long's chunk alignment, done online).
+to the previous one by Sim(3) on those frames (VGGT-Long's chunk alignment, done online): by default
+(``alignment="poses"``) its rotation and translation from the frames' camera poses in both segments and its scale
+from their depth ratio (sim3.align_from_poses); ``"points"`` fits the whole Sim(3) to their point maps
+(sim3.align_point_maps, as VGGT-Long does).
 
 ``SegmentedSession`` implements the session protocol (model/session.py: step, reset, window, anchors, frames_seen,
 stats, shrunk), so the reconstructor and pipeline use it unchanged: its outputs are in one continuous frame (the first
@@ -29,6 +32,8 @@ from ros2_stream4d.mapping.backend import sim3 as S3
 from ros2_stream4d.mapping.conventions import extrinsic_to_pose, inverse, unproject_depth
 from ros2_stream4d.mapping.reconstructor import nominal_K, usable_K
 
+ALIGNMENTS = ("poses", "points")
+
 
 @dataclass
 class ReanchorPolicy:
@@ -39,10 +44,13 @@ class ReanchorPolicy:
     depth_tolerance: float = 0.1  # relative
     overlap_samples: int = 2000
     min_inlier_ratio: float = 0.5
+    alignment: str = "poses"  # poses: sim3.align_from_poses; points: sim3.align_point_maps (VGGT-Long's)
 
     def __post_init__(self):
         if not (1 <= self.overlap_frames < self.min_segment_frames <= self.max_segment_frames):
             raise ValueError("need 1 <= overlap_frames < min_segment_frames <= max_segment_frames")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
 
     def reason(self, frames_in_segment: int, overlap: float) -> str | None:
         """Why to start a new segment now (None = keep going)."""
@@ -173,15 +181,21 @@ class SegmentedSession:
             out = self.inner.step(f.image, stamp_ns=f.stamp_ns, mapping=f.mapping)
             new.append(_frame_of(out, f.image, f.stamp_ns, f.mapping))
         self.segment_stats.refed_frames += len(old)
-        pts_old = np.stack([unproject_depth(f.depth, f.K, f.T_seg_cam) for f in old])
-        pts_new = np.stack([unproject_depth(f.depth, f.K, f.T_seg_cam) for f in new])
         conf_old = np.stack([f.conf for f in old])
         conf_new = np.stack([f.conf for f in new])
-        c_old = np.stack([f.T_seg_cam[:3, 3] for f in old])
-        c_new = np.stack([f.T_seg_cam[:3, 3] for f in new])
         ok, ratio, rmse = True, 0.0, float("nan")
         try:
-            fit = S3.align_point_maps(pts_old, pts_new, conf_old, conf_new, c_old, c_new, max_points=20000)
+            if self.policy.alignment == "poses":
+                fit = S3.align_from_poses(
+                    np.stack([f.T_seg_cam for f in old]), np.stack([f.T_seg_cam for f in new]),
+                    np.stack([f.depth for f in old]), np.stack([f.depth for f in new]),
+                    np.stack([f.K for f in old]), np.stack([f.K for f in new]), conf_old, conf_new, max_points=20000)
+            else:
+                pts_old = np.stack([unproject_depth(f.depth, f.K, f.T_seg_cam) for f in old])
+                pts_new = np.stack([unproject_depth(f.depth, f.K, f.T_seg_cam) for f in new])
+                c_old = np.stack([f.T_seg_cam[:3, 3] for f in old])
+                c_new = np.stack([f.T_seg_cam[:3, 3] for f in new])
+                fit = S3.align_point_maps(pts_old, pts_new, conf_old, conf_new, c_old, c_new, max_points=20000)
             S_prev_new, ratio, rmse = fit.S, fit.inlier_ratio, fit.rmse
             ok = ratio >= self.policy.min_inlier_ratio
         except ValueError:

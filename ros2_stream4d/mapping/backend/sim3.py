@@ -169,6 +169,67 @@ def align_point_maps(points_dst, points_src, conf_dst=None, conf_src=None, centr
     return robust_sim3(src, dst, w, threshold=threshold, seed=seed)
 
 
+def rotation_mean(rotations) -> np.ndarray:
+    """The chordal L2 mean of rotations (N, 3, 3): the rotation nearest their sum."""
+    U, _, Vt = np.linalg.svd(np.sum(np.asarray(rotations, np.float64), axis=0))
+    return U @ np.diag([1.0, 1.0, np.linalg.det(U @ Vt)]) @ Vt
+
+
+def weighted_median(values, weights) -> float:
+    """The value at half the total weight of the sorted values (weights > 0)."""
+    v, w = np.asarray(values, np.float64).ravel(), np.asarray(weights, np.float64).ravel()
+    order = np.argsort(v)
+    cw = np.cumsum(w[order])
+    return float(v[order][min(np.searchsorted(cw, 0.5 * cw[-1]), len(v) - 1)])
+
+
+def align_from_poses(T_dst, T_src, depth_dst, depth_src, K_dst, K_src, conf_dst=None, conf_src=None,
+                     max_points: int = 20000, threshold: float | None = None) -> Sim3Fit:
+    """Sim(3) of segment ``src`` into segment ``dst`` from the frames both hold, taking the motion from the frames'
+    camera poses and the scale from their depth: rotation = the chordal mean of R_dst_i R_src_i^T, scale = the
+    confidence-weighted median of depth_dst / depth_src over the pixels valid in both, translation = the mean of the
+    camera centres' c_dst_i - s R c_src_i. (align_point_maps fits all of it to the point maps instead: a noisy depth
+    map tilts and shifts that fit; the poses of a streaming model are steadier than its per-pixel depth.)
+
+    T_*: (F, 4, 4) camera poses in each segment's world; depth_*: (F, H, W) z-depth (non-finite or <= 0 = invalid);
+    K_*: (F, 3, 3) or (3, 3) intrinsics; conf_*: (F, H, W) (weight = sqrt(conf_dst conf_src)). The fit's inliers and RMSE are
+    those of the pixels' points after the fit (threshold None: 3 x their median residual, at least 1 % of the
+    spread), for the same quality checks as align_point_maps."""
+    from ros2_stream4d.mapping.conventions import unproject_depth
+
+    Td, Ts = np.asarray(T_dst, np.float64), np.asarray(T_src, np.float64)
+    dd, ds = np.asarray(depth_dst, np.float64), np.asarray(depth_src, np.float64)
+    if Td.shape != Ts.shape or Td.ndim != 3 or dd.shape != ds.shape or len(dd) != len(Td):
+        raise ValueError(f"poses {Td.shape} / {Ts.shape} and depths {dd.shape} / {ds.shape} do not match")
+    cd = np.ones_like(dd) if conf_dst is None else np.asarray(conf_dst, np.float64)
+    cs = np.ones_like(ds) if conf_src is None else np.asarray(conf_src, np.float64)
+    valid = np.isfinite(dd) & np.isfinite(ds) & (dd > 0) & (ds > 0) & np.isfinite(cd) & np.isfinite(cs) \
+        & (cd > 0) & (cs > 0)
+    if valid.sum() < 3:
+        raise ValueError("align_from_poses: fewer than 3 pixels with depth in both segments")
+    w = np.sqrt(cd * cs)
+    R = rotation_mean(Td[:, :3, :3] @ np.transpose(Ts[:, :3, :3], (0, 2, 1)))
+    s = weighted_median(dd[valid] / ds[valid], w[valid])
+    t = np.mean(Td[:, :3, 3] - s * Ts[:, :3, 3] @ R.T, axis=0)
+    S = sim3(R, t, s)
+    Kd = np.broadcast_to(np.asarray(K_dst, np.float64), (len(Td), 3, 3))
+    Ks = np.broadcast_to(np.asarray(K_src, np.float64), (len(Td), 3, 3))
+    idx = np.flatnonzero(valid)
+    if len(idx) > max_points:
+        idx = idx[np.linspace(0, len(idx) - 1, max_points).astype(int)]
+    f, rest = np.unravel_index(idx, (len(dd), dd[0].size))
+    a = np.concatenate([unproject_depth(dd[i], Kd[i], Td[i]).reshape(-1, 3)[rest[f == i]] for i in range(len(dd))])
+    b = np.concatenate([unproject_depth(ds[i], Ks[i], Ts[i]).reshape(-1, 3)[rest[f == i]] for i in range(len(dd))])
+    r = np.linalg.norm(apply(S, b) - a, axis=1)
+    if threshold is None:
+        spread = float(np.sqrt(((a - a.mean(0)) ** 2).sum(1).mean()))
+        threshold = max(3.0 * float(np.median(r)), 0.01 * spread)
+    inl = r < threshold
+    ww = w.reshape(len(dd), -1)[f, rest]
+    rmse = float(np.sqrt((ww[inl] * r[inl] ** 2).sum() / max(ww[inl].sum(), 1e-12)))
+    return Sim3Fit(S, inl, rmse)
+
+
 def icp_refine(src_xyz, dst_xyz, S_init, max_distance: float, iterations: int = 30, with_scale: bool = True,
                point_to_plane: bool = False) -> tuple[np.ndarray, float, float]:
     """Refine S (dst <- src) by ICP (Open3D): (S, fitness, inlier RMSE); fitness = fraction of source points with a
