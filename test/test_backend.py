@@ -102,7 +102,7 @@ def test_align_from_poses_recovers_the_segments_sim3_and_ignores_a_tilted_depth_
     R0, t0, s0 = S3.decompose(S_a_b)
     assert S3.rotation_angle_deg(R.T @ R0) < 1e-6 and abs(s / s0 - 1.0) < 0.01
     assert np.linalg.norm(t - t0) < 0.01 * np.linalg.norm(t0) + 0.01
-    # a point-map fit of the same frames is pulled by the tilt (the reason the poses are the default)
+    # a point-map fit of the same frames is pulled by the tilt
     pts = lambda T, d: np.stack([unproject(d[i], K, T[i]) for i in range(len(d))])  # noqa: E731
     fit_pts = S3.align_point_maps(pts(T_a, d_a), pts(T_b, bad))
     assert S3.sim3_distance(fit_pts.S, S_a_b)[1] > 0.2

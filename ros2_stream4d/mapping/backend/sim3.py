@@ -188,8 +188,8 @@ def align_from_poses(T_dst, T_src, depth_dst, depth_src, K_dst, K_src, conf_dst=
     """Sim(3) of segment ``src`` into segment ``dst`` from the frames both hold, taking the motion from the frames'
     camera poses and the scale from their depth: rotation = the chordal mean of R_dst_i R_src_i^T, scale = the
     confidence-weighted median of depth_dst / depth_src over the pixels valid in both, translation = the mean of the
-    camera centres' c_dst_i - s R c_src_i. (align_point_maps fits all of it to the point maps instead: a noisy depth
-    map tilts and shifts that fit; the poses of a streaming model are steadier than its per-pixel depth.)
+    camera centres' c_dst_i - s R c_src_i. (align_point_maps fits all of it to the point maps instead: a smooth depth
+    error tilts and shifts that fit, not this one.)
 
     T_*: (F, 4, 4) camera poses in each segment's world; depth_*: (F, H, W) z-depth (non-finite or <= 0 = invalid);
     K_*: (F, 3, 3) or (3, 3) intrinsics; conf_*: (F, H, W) (weight = sqrt(conf_dst conf_src)). The fit's inliers and RMSE are
