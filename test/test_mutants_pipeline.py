@@ -780,7 +780,7 @@ def test_products_of_the_map():
     for i in range(2):
         p.process(IMG, i)
     xyz, rgb, conf = p.map_points()
-    assert len(xyz) == p.map_size() > 0 and rgb.dtype == np.uint8
+    assert 0 < len(xyz) <= p.map_size() and rgb.dtype == np.uint8  # ~/map leaves out what the TSDF contradicts
     v, t, c = p.mesh()
     assert len(v) > 0 and len(t) > 0
     data, origin, res = p.occupancy()
