@@ -94,6 +94,7 @@ def test_prediction_masks_depth_and_points_and_returns_source_geometry():
     assert pred.model_hw == (H, W) and pred.valid_mask().all()
     depth, pts = pred.depth.copy(), pred.points_world.copy()
     depth[1, 2], depth[2, 3], depth[3, 4] = 0.0, -1.0, np.nan
+    depth[5, 6] = 0.5  # any positive depth is valid
     pts[4, 5, 1] = np.inf
     bad = dataclasses.replace(pred, depth=depth, points_world=pts)
     expect = np.ones((H, W), bool)
@@ -157,7 +158,8 @@ def test_parse_dtype():
 
 
 def test_reconstructor_arguments_and_the_batch_it_sends():
-    with pytest.raises(TypeError, match="Session|object"):
+    with pytest.raises(TypeError, match=r"object does not implement the StreamingSession protocol \(model/session.py: "
+                                         r"window, anchors, frames_seen, step, reset, stats, shrunk\)"):
         rc.StreamingReconstructor(object())
     with pytest.raises(ValueError, match=r"intrinsics must be one of \('model', 'camera_info'\), got 'exif'"):
         recon(intrinsics="exif")
@@ -221,7 +223,7 @@ def test_bad_session_outputs():
 
     with pytest.raises(TypeError, match="must return a dict, got list"):
         recon(Out(lambda o: list(o))).step(IMG, 0)
-    with pytest.raises(KeyError, match="neither 'pose_enc'"):
+    with pytest.raises(KeyError, match="^\"session output has neither 'pose_enc' nor 'extrinsic'/'intrinsic'\"$"):
         recon(Out(lambda o: o, exact=False)).step(IMG, 0)
     with pytest.raises(KeyError, match="neither 'pose_enc'"):  # both exact outputs are needed
         recon(Out(lambda o: {k: v for k, v in o.items() if k != "intrinsic"})).step(IMG, 0)
@@ -358,6 +360,14 @@ def test_backend_factory_settings_and_cards(tmp_path):
     assert not m3.training
     session = rc.ModelBackendFactory(window=3, anchors=2).build_session(str(card))
     assert session.window == 3 and session.anchors == 2
+    from ros2_stream4d.model.config import ModelConfig
+    from ros2_stream4d.model.hub import CheckpointNotAvailable
+
+    assert rc.ModelBackendFactory().load_model("random-small").cfg == ModelConfig.small()
+    weighted = tmp_path / "weighted.yaml"
+    weighted.write_text("name: w\nconfig: {preset: small, depth: 1}\nweights: no-such-weights\n")
+    with pytest.raises(CheckpointNotAvailable, match="checkpoint 'no-such-weights' is not a file and not a known name"):
+        f.load_model(str(weighted))  # weights named: neither beside the card nor a known checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -393,7 +403,9 @@ def test_config_from_params():
 
 def test_camera_only_frames_depth_geometry_and_cloud():
     p = pipe()
-    assert p.describe() == "Session"
+    assert p.describe() == "Session" and p.reconstructor.points_source == "depth"
+    assert pipe(points_source="point_head").reconstructor.points_source == "point_head"
+    assert pipe(conf_percentile=0.5).cloud_options.conf_percentile == 0.5
     for i in range(3):
         out = p.process(IMG, 100 + i, camera=2)
     assert isinstance(out, pl.Processed)
@@ -653,11 +665,13 @@ def test_pipeline_with_backend_reports_its_correction():
                                    atol=1e-4)
         assert r.cloud_xyz.dtype == np.float32
         stats = p.stats()
-        assert "backend segments" in stats and "backend keyframes" in stats
+        assert stats["backend segments"] == 1 and stats["backend segment alignments failed"] == 0
+        assert "backend keyframes" in stats
         assert p.settle_backend(10.0)
         old = p.backend
         p.erase_map()
         assert p.backend is not old and p.map_correction is None and p.map_size() == 0
+        assert p.backend.detector.config.min_similarity == 0.9  # the new back-end takes the settings in force
     finally:
         p.close()
     assert p.backend is None
@@ -711,7 +725,8 @@ def test_window_shrink_and_cache_stats():
     u = pipe(s)
     for i in range(7):
         u.process(IMG, i)
-    assert u.shrink_window() == 3  # an unlimited window: half of the frames held, (7 - 1) // 2
+    new = u.shrink_window()
+    assert new == 3 and type(new) is int  # an unlimited window: half of the frames held, (7 - 1) // 2
     s = Session(window=None)
     u = pipe(s)
     u.process(IMG, 0)
@@ -794,3 +809,32 @@ def test_out_of_memory_errors():
     assert pl.is_out_of_memory(RuntimeError("shape mismatch")) is False
     assert pl.is_out_of_memory(ValueError("out of memory")) is False
     pl._free_device_memory()  # callable without a GPU
+
+
+def test_backend_corrections_are_applied_at_most_at_the_apply_rate(monkeypatch):
+    from types import SimpleNamespace
+
+    class Backend:
+        def __init__(self):
+            self.observed = self.applied = 0
+
+        def observe(self, pipeline):
+            self.observed += 1
+
+        def apply(self, pipeline):
+            self.applied += 1
+
+    p = pipe(backend_apply_rate=2.0)  # at most every 0.5 s
+    p.backend = Backend()
+    now = [100.0]
+    monkeypatch.setattr(pl, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter))
+    for t in (100.0, 100.3, 100.45, 100.6, 100.9, 101.2):
+        now[0] = t
+        np.testing.assert_array_equal(p._run_backend(), np.eye(4))
+    assert p.backend.observed == 6 and p.backend.applied == 3  # at 100.0, 100.6 and 101.2
+    p.map_correction = C = np.diag([1.0, 1.0, 1.0, 1.0])
+    C[0, 3] = 2.0
+    out = p._run_backend()
+    np.testing.assert_array_equal(out, C)
+    assert out is not C
+    p.backend = None
