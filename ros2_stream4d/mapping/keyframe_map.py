@@ -308,15 +308,27 @@ class MapProducts:
         """Whether cloud_points() leaves out what the TSDF surface contradicts (needs the TSDF)."""
         return self.tsdf is not None and self.config.cloud_surface_voxels > 0
 
+    def cloud_snapshot(self):
+        """(the cloud's (xyz, rgb, conf), the TSDF's SurfaceSnapshot or None when the filter is off), copied: what
+        cloud_points filters, taken under the map's lock; the filtering itself needs no lock."""
+        self.flush_cloud()
+        cloud = self.cloud.points()
+        return cloud, (self.tsdf.snapshot() if self.surface_filtered and len(cloud[0]) else None)
+
     def cloud_points(self):
         """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)): the cloud's voxels, without those the fused
         surface contradicts (cloud_surface_voxels)."""
-        self.flush_cloud()
-        xyz, rgb, conf = self.cloud.points()
-        if self.surface_filtered and len(xyz):
-            keep = ~self.tsdf.contradicted(xyz, self.config.cloud_surface_voxels * self.config.tsdf_voxel_size)
-            xyz, rgb, conf = xyz[keep], rgb[keep], conf[keep]
+        return leave_out_contradicted(*self.cloud_snapshot(), self.config)
+
+
+def leave_out_contradicted(cloud, surface, config: KeyframeMapConfig):
+    """The cloud (xyz, rgb, conf) without the points the surface snapshot contradicts (cloud_surface_voxels TSDF
+    voxels); all of it when there is no snapshot."""
+    xyz, rgb, conf = cloud
+    if surface is None:
         return xyz, rgb, conf
+    keep = ~surface.contradicted(xyz, config.cloud_surface_voxels * config.tsdf_voxel_size)
+    return xyz[keep], rgb[keep], conf[keep]
 
 
 class KeyframeMap:
@@ -517,12 +529,14 @@ class KeyframeMap:
     def keyframe_poses(self) -> dict[int, np.ndarray]:
         return {kf.id: kf.T_map_kf.copy() for kf in self.keyframes}
 
-    @_locked
     def points(self):
-        """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map (MapProducts.
-        cloud_points: without what the TSDF surface contradicts)."""
-        self._refresh()
-        return self.products.cloud_points()
+        """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map, without what the TSDF
+        surface contradicts. The cloud and the surface are copied under the lock; the KD-tree query (about a second
+        for 2 M points here) runs outside it, so the frame thread is not held up by a ~/map query."""
+        with self._lock:
+            self._refresh()
+            cloud, surface = self.products.cloud_snapshot()
+        return leave_out_contradicted(cloud, surface, self.config)
 
     @_locked
     def mesh(self):

@@ -19,13 +19,48 @@ cubes turns into holes; shifted, such planes fall midway between samples.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import open3d as o3d
 from scipy.spatial import cKDTree
 
 from ros2_stream4d.mapping.conventions import inverse
+from ros2_stream4d.mapping.fusion import pack_voxel_keys
 
 o3c = o3d.core
+
+
+@dataclass(frozen=True)
+class SurfaceSnapshot:
+    """A TSDF's surface points (map) and its allocated blocks (packed integer block coordinates, sorted), copied out
+    of the volume: judging points against them needs neither the volume nor its lock."""
+
+    surface: np.ndarray  # (N, 3) float64
+    block_keys: np.ndarray  # (B,) int64, fusion.pack_voxel_keys of the block coordinates, sorted
+    block_size: float  # m: voxel_size x block_resolution
+    offset: np.ndarray  # the lattice's origin in map
+
+    def allocated(self, points: np.ndarray) -> np.ndarray:
+        """(N,) bool: each map point lies in an allocated block (fused space)."""
+        pts = np.asarray(points, np.float64).reshape(-1, 3)
+        if len(pts) == 0 or len(self.block_keys) == 0:
+            return np.zeros(len(pts), bool)
+        keys = pack_voxel_keys(np.floor((pts - self.offset) / self.block_size).astype(np.int64))
+        at = np.minimum(np.searchsorted(self.block_keys, keys), len(self.block_keys) - 1)
+        return self.block_keys[at] == keys
+
+    def contradicted(self, points: np.ndarray, distance: float) -> np.ndarray:
+        """(N,) bool: the fused surface contradicts the point: it lies in an allocated block and farther than
+        ``distance`` (m) from every surface point (spaced about a voxel apart)."""
+        pts = np.asarray(points, np.float64).reshape(-1, 3)
+        judged = self.allocated(pts)
+        if not judged.any() or len(self.surface) == 0:
+            return judged
+        gap, _ = cKDTree(self.surface).query(pts[judged], k=1, distance_upper_bound=distance)
+        out = np.zeros(len(pts), bool)
+        out[np.flatnonzero(judged)] = ~(gap <= distance)
+        return out
 
 
 class TsdfVolume:
@@ -95,29 +130,22 @@ class TsdfVolume:
             return np.zeros((0, 3))
         return pc.point.positions.numpy().astype(np.float64) + self.offset
 
+    def snapshot(self) -> SurfaceSnapshot:
+        """The surface points and the allocated blocks, copied (SurfaceSnapshot judges points without the volume)."""
+        keys = np.zeros((0, 3), np.int64)
+        if self.blocks():
+            hm = self.vbg.hashmap()
+            keys = hm.key_tensor()[hm.active_buf_indices().to(o3c.int64)].cpu().numpy().astype(np.int64)
+        return SurfaceSnapshot(self.surface_points(), np.sort(pack_voxel_keys(keys)),
+                               self.voxel_size * self.block_resolution, self.offset.copy())
+
     def allocated(self, points: np.ndarray) -> np.ndarray:
         """(N,) bool: each map point lies in a block the volume has allocated (fused space)."""
-        pts = np.asarray(points, np.float64).reshape(-1, 3)
-        if len(pts) == 0 or self.blocks() == 0:
-            return np.zeros(len(pts), bool)
-        keys = np.floor((pts - self.offset) / (self.voxel_size * self.block_resolution)).astype(np.int32)
-        _, found = self.vbg.hashmap().find(o3c.Tensor(keys).to(self.device))
-        return found.cpu().numpy().astype(bool)
+        return self.snapshot().allocated(points)
 
     def contradicted(self, points: np.ndarray, distance: float) -> np.ndarray:
-        """(N,) bool: the fused surface contradicts the point: it lies in an allocated block and farther than
-        ``distance`` (m) from every surface point (surface_points, spaced about a voxel apart)."""
-        pts = np.asarray(points, np.float64).reshape(-1, 3)
-        judged = self.allocated(pts)
-        if not judged.any():
-            return judged
-        surface = self.surface_points()
-        if len(surface) == 0:
-            return judged
-        gap, _ = cKDTree(surface).query(pts[judged], k=1, distance_upper_bound=distance)
-        out = np.zeros(len(pts), bool)
-        out[np.flatnonzero(judged)] = ~(gap <= distance)
-        return out
+        """(N,) bool: the fused surface contradicts the point (SurfaceSnapshot.contradicted)."""
+        return self.snapshot().contradicted(points, distance)
 
     def mesh(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(vertices float32 (V, 3), triangles int32 (T, 3), colours uint8 (V, 3)) of the zero level set."""
