@@ -526,7 +526,7 @@ def pointcloud2_msg(factory: MessageFactory, xyz: np.ndarray, rgb: np.ndarray | 
     if rgb is not None:
         if rgb.ndim == 2 and sys.byteorder == "little":
             # 0x00RRGGBB little-endian is the bytes B, G, R, 0: write them directly (no uint32 arithmetic)
-            colour_bytes = buf.view(np.uint8).reshape(n, -1)[:, 4 * column:4 * column + 4]
+            colour_bytes = buf.view(np.uint8).reshape(n, 4 * len(names))[:, 4 * column:4 * column + 4]
             colour_bytes[:, :3] = rgb[:, ::-1]
             colour_bytes[:, 3] = 0
         else:

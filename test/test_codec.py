@@ -253,6 +253,19 @@ def test_pointcloud2_on_both_kinds(kind):
 
 
 @pytest.mark.parametrize("kind", FACTORIES)
+def test_an_empty_coloured_cloud_is_a_valid_message(kind):
+    """A map whose every point was filtered out is published as an empty cloud (it once killed the node)."""
+    from sensor_msgs.msg import PointCloud2
+
+    msg = codec.pointcloud2_msg(FACTORIES[kind], np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8),
+                                np.zeros(0, np.float32), STAMP, "map")
+    for got in both_kinds(msg, PointCloud2).values():
+        assert got.width == 0 and len(got.data) == 0 and got.point_step == 20  # x y z rgb confidence
+        arrays = codec.pointcloud2_to_numpy(got)
+        assert arrays.xyz.shape == (0, 3) and arrays.rgb.shape == (0, 3)
+
+
+@pytest.mark.parametrize("kind", FACTORIES)
 def test_pointcloud2_foreign_layout_reads_alike(kind):
     """An organised big-endian cloud with a uint16 ring field, a 3-float normal (count 3), point and row padding."""
     f = FACTORIES[kind]
