@@ -817,12 +817,15 @@ def test_backend_corrections_are_applied_at_most_at_the_apply_rate(monkeypatch):
     class Backend:
         def __init__(self):
             self.observed = self.applied = 0
+            self.seen = []
 
         def observe(self, pipeline):
             self.observed += 1
+            self.seen.append(pipeline)
 
         def apply(self, pipeline):
             self.applied += 1
+            self.seen.append(pipeline)
 
     p = pipe(backend_apply_rate=2.0)  # at most every 0.5 s
     p.backend = Backend()
@@ -832,9 +835,70 @@ def test_backend_corrections_are_applied_at_most_at_the_apply_rate(monkeypatch):
         now[0] = t
         np.testing.assert_array_equal(p._run_backend(), np.eye(4))
     assert p.backend.observed == 6 and p.backend.applied == 3  # at 100.0, 100.6 and 101.2
+    assert all(x is p for x in p.backend.seen)
     p.map_correction = C = np.diag([1.0, 1.0, 1.0, 1.0])
     C[0, 3] = 2.0
     out = p._run_backend()
     np.testing.assert_array_equal(out, C)
     assert out is not C
     p.backend = None
+
+
+def test_pipeline_passes_its_settings_to_the_reconstructor_gate_cloud_and_back_end():
+    class Logger:
+        def warning(self, msg):
+            pass
+
+    log = Logger()
+    p = pl.MappingPipeline(cfg(intrinsics_source="camera_info", input_mode="pad", gate_threshold=0.5,
+                               conf_threshold=0.5, cloud_max_points=1234), Session(), logger=log)
+    r = p.reconstructor
+    assert r.intrinsics == "camera_info" and r.preprocessor.mode == "pad" and p.logger is log
+    assert p.gate.enabled and p.cloud_options.conf_threshold == 0.5 and p.cloud_options.max_points == 1234
+    assert pipe(conf_threshold=0.0).cloud_options.conf_threshold is None
+    K = K_of(H, W, 31.0, 37.0)
+    res = p.process(IMG, 0, K_src=K).result
+    np.testing.assert_allclose(res.prediction.K_model, K, atol=1e-9)
+    p.update_config(cfg(gate_threshold=0.5, conf_threshold=0.5, conf_percentile=0.5))
+    assert p.gate.enabled and p.cloud_options.conf_threshold == 0.5 and p.cloud_options.conf_percentile == 0.5
+    b = pl.MappingPipeline(cfg(backend=True, segment_max_frames=50), Session(), logger=log, describe="cam0")
+    try:
+        assert b.describe() == "cam0, back-end on (segments, loop closure, Sim(3) pose graph)"
+        assert b.reconstructor.session.policy.max_segment_frames == 50 and b.backend.logger is log
+        b.erase_map()
+        assert b.backend.logger is log
+    finally:
+        b.close()
+
+
+def test_process_scale_timings_and_a_camera_cloud_under_a_correction():
+    p = pipe(scale_source="fixed", fixed_scale=2.0)
+    raw = recon().step(IMG, 0)
+    t0 = time.perf_counter()
+    r = p.process(IMG, 0, sensor_depth=np.ones((H, W), np.float32)).result  # a sensor depth the source ignores
+    wall = time.perf_counter() - t0
+    np.testing.assert_allclose(r.prediction.depth, 2.0 * raw.depth, rtol=1e-6)
+    assert r.scale == 2.0
+    for key, value in r.timings.items():
+        assert 0.0 <= value <= wall, key
+    q = pipe(backend=True, cloud_frame="camera")
+    try:
+        q.map_correction = cv.make_transform(rot([0, 0, 1], 0.4), [3.0, 0.0, 0.0])
+        r = q.process(IMG, 0).result
+        np.testing.assert_allclose(r.cloud_xyz, r.prediction.points_camera().reshape(-1, 3), atol=1e-4)
+        assert 0.0 <= r.timings["pipeline_total"] <= 60 and r.timings["backend"] <= r.timings["pipeline_total"]
+    finally:
+        q.close()
+    s = pipe(Session(window=8))
+    new = s.shrink_window()
+    assert new == 4 and type(new) is int
+
+
+def test_a_loaded_map_takes_the_pipelines_map_settings(tmp_path):
+    p = pipe(map_voxel_size=0.05, map_keyframe_max_frames=1)
+    for i in range(2):
+        p.process(IMG, i)
+    path = p.save_map(tmp_path / "m")
+    q = pipe(map_voxel_size=0.08)
+    q.load_map(path)
+    assert q.map.config.cloud_voxel_size == 0.08 and len(q.keyframe_poses()) == 2
