@@ -126,6 +126,7 @@ def test_prediction_camera_points_intrinsics_and_scaling():
     np.testing.assert_allclose(s.points_world, 3.0 * pred.points_world, rtol=1e-6)
     assert s.depth.dtype == np.float32 and s.points_world.dtype == np.float32
     np.testing.assert_array_equal(s.K_model, pred.K_model)
+    np.testing.assert_allclose(pred.scaled(0.5).depth, 0.5 * pred.depth, rtol=1e-6)  # shrinking is a scale too
     for bad in (0.0, -2.0, np.nan, np.inf):
         with pytest.raises(ValueError, match="finite and positive"):
             pred.scaled(bad)
@@ -143,7 +144,7 @@ def test_stats_mean_and_timing_record():
             totals[k] += r.stats.last_s[k]
     assert r.stats.frames == 2
     assert r.stats.last_s["model"] >= 0.03 > r.stats.last_s["preprocess"]  # the session's time is "model"
-    assert r.stats.last_s["postprocess"] < 0.03
+    assert 0 < r.stats.last_s["postprocess"] < 0.03 and r.stats.last_s["model"] < 10
     for k in totals:
         assert r.stats.total_s[k] == pytest.approx(totals[k])
         assert r.stats.mean_s()[k] == pytest.approx(totals[k] / 2)
@@ -182,7 +183,8 @@ def test_reset_forgets_the_stream_and_the_geometry():
     r = recon(s)
     r.step(IMG, 0)
     r.step(IMG, 1)
-    with pytest.raises(ValueError, match=r"from \(42, 56\) to \(56, 56\) mid-stream"):
+    with pytest.raises(ValueError, match=r"from \(42, 56\) to \(56, 56\) mid-stream \(camera resolution changed\?\); "
+                                         r"call reset\(\) first, or fix the size with Preprocessor\(height=\.\.\.\)"):
         r.step(np.zeros((56, 56, 3), np.uint8), 2)
     r.reset()
     assert s.resets == 1 and r.stats.frames == 0 and r.stats.total_s["model"] == 0.0
@@ -253,6 +255,7 @@ def test_nominal_and_usable_intrinsics():
     assert rc.nominal_K((40, 100), 90.0)[0, 0] == pytest.approx(50.0)
     good = K_of(4, 6)
     assert rc.usable_K(good) is True
+    assert rc.usable_K(K_of(4, 6, 0.5, 0.5)) is True  # small focal lengths (det 0.25) are usable
     for i, j, v in ((0, 0, 0.0), (1, 1, 0.0), (0, 0, -3.0), (1, 1, -3.0), (0, 2, np.nan), (2, 2, 0.0)):
         K = good.copy()
         K[i, j] = v
@@ -265,7 +268,9 @@ def test_numpy_and_frame_helpers():
     assert isinstance(a, np.ndarray) and a.dtype == np.float32 and (a == 1.5).all()
     g = rc._numpy(torch.ones(2, requires_grad=True))
     assert g.dtype == np.float32
-    assert isinstance(rc._numpy([1, 2]), np.ndarray)
+    np.testing.assert_array_equal(rc._numpy([1, 2]), [1, 2])
+    f64 = rc._frame({"x": np.ones((1, 3, 4))}, "x", (3, 4))
+    assert f64.dtype == np.float32
     batch = torch.stack([torch.full((3, 4), 1.0), torch.full((3, 4), 2.0)])  # [B=2, h, w]
     f = rc._frame({"x": batch}, "x", (3, 4))
     assert f.dtype == np.float32 and f.flags.c_contiguous and (f == 1.0).all()  # the first of the batch
@@ -340,6 +345,8 @@ def test_model_cards_input_width_and_config(tmp_path):
 
 
 def test_backend_factory_settings_and_cards(tmp_path):
+    d = rc.ModelBackendFactory()
+    assert (d.window, d.anchors, d.backend, d.dtype) == (16, 1, "sdpa", torch.float32)
     f = rc.ModelBackendFactory(dtype="bf16", window=5, anchors=2.0, backend="math")
     assert f.device == torch.device("cpu") and f.dtype is torch.bfloat16 and f.window == 5
     assert f.anchors == 2 and type(f.anchors) is int and f.backend == "math" and f.allow_download is False
@@ -360,6 +367,9 @@ def test_backend_factory_settings_and_cards(tmp_path):
     assert not m3.training
     session = rc.ModelBackendFactory(window=3, anchors=2).build_session(str(card))
     assert session.window == 3 and session.anchors == 2
+    s = rc.build_session(str(card))
+    assert (s.window, s.anchors) == (16, 1)
+    assert rc.build_session(str(card), window=5).window == 5
     from ros2_stream4d.model.config import ModelConfig
     from ros2_stream4d.model.hub import CheckpointNotAvailable
 
