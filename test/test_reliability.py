@@ -482,6 +482,47 @@ def test_node_reports_out_of_memory_recovery_in_diagnostics():
         context.try_shutdown()
 
 
+@pytest.mark.ros
+def test_a_product_that_fails_to_publish_is_reported_and_the_node_goes_on():
+    """An exception while building ~/map (a bug like the empty coloured cloud that once ended the node) is logged,
+    counted in diagnostics and shown as the last error; the next map publish works again."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from ros2_stream4d.ros.node import Stream4DNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    overrides = [Parameter("model", value="random-small"), Parameter("input_width", value=56),
+                 Parameter("window", value=8), Parameter("process_every_frame", value=True),
+                 Parameter("map_cloud_surface_voxels", value=0.0), Parameter("autostart", value=False)]
+    node = Stream4DNode(context=context, parameter_overrides=overrides)
+    node.trigger_configure()
+    node.trigger_activate()
+    try:
+        node._on_image(0, make_image(0, 1_000_000_000))
+        wait_until(lambda: node.processor.frames_done >= 1 and node.pipeline.map_size() > 0, 60, None, "a map")
+        sent = []
+        real_publish = node._own_pubs["map"].publish
+        node._own_pubs["map"].publish = lambda msg: sent.append(msg) or real_publish(msg)
+        real = node.processor.assembler.map_message
+
+        def broken(*a, **k):
+            raise ValueError("injected")
+
+        node.processor.assembler.map_message = broken
+        node._own_timers["map"].callback()  # raises inside: caught, reported
+        assert node.last_error == "publishing ~/map failed: ValueError: injected" and sent == []
+        assert node.diagnostic_values()["bad input: publishing ~/map failed"] == 1
+        node.processor.assembler.map_message = real
+        node._own_timers["map"].callback()
+        assert len(sent) == 1 and sent[0].width == node.pipeline.map_size()
+    finally:
+        node.shutdown()
+        node.destroy_node()
+        context.try_shutdown()
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 @pytest.mark.ros

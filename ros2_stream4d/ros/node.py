@@ -217,15 +217,32 @@ class Stream4DNode(LifecycleNode):
             self.destroy_timer(timer)
         self._own_timers = {"diagnostics": self.create_timer(1.0 / self.cfg.diagnostics_rate, self._publish_diagnostics)}
         if self.cfg.map_publish_rate > 0:
-            self._own_timers["map"] = self.create_timer(1.0 / self.cfg.map_publish_rate, self._publish_map)
+            self._own_timers["map"] = self.create_timer(1.0 / self.cfg.map_publish_rate,
+                                                        self._guarded("~/map", self._publish_map))
         # the path grows to path_max_length poses: sent with every frame it would cost O(length) per frame
         if self.cfg.path_publish_rate > 0:
-            self._own_timers["path"] = self.create_timer(1.0 / self.cfg.path_publish_rate, self._publish_path)
+            self._own_timers["path"] = self.create_timer(1.0 / self.cfg.path_publish_rate,
+                                                         self._guarded("~/path", self._publish_path))
         if self.cfg.mesh_enabled and self.cfg.mesh_publish_rate > 0:
-            self._own_timers["mesh"] = self.create_timer(1.0 / self.cfg.mesh_publish_rate, self._publish_mesh)
+            self._own_timers["mesh"] = self.create_timer(1.0 / self.cfg.mesh_publish_rate,
+                                                         self._guarded("~/mesh", self._publish_mesh))
         if self.cfg.occupancy_enabled and self.cfg.occupancy_publish_rate > 0:
             self._own_timers["occupancy"] = self.create_timer(1.0 / self.cfg.occupancy_publish_rate,
-                                                              self._publish_occupancy)
+                                                              self._guarded("~/occupancy", self._publish_occupancy))
+
+    def _guarded(self, what: str, publish):
+        """A product timer's callback: an exception while building or sending the product is logged and shown in
+        diagnostics (as "publishing <what> failed"), and the node keeps running (an exception in a timer would end
+        rclpy's spin and the node with it)."""
+
+        def run() -> None:
+            try:
+                publish()
+            except Exception as exc:
+                self.last_error = f"publishing {what} failed: {type(exc).__name__}: {exc}"
+                self.warnings.warn(f"publishing {what} failed", self.last_error, action="product not sent")
+
+        return run
 
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params) -> SetParametersResult:
