@@ -912,3 +912,22 @@ def test_a_loaded_map_takes_the_pipelines_map_settings(tmp_path):
     q = pipe(map_voxel_size=0.08)
     q.load_map(path)
     assert q.map.config.cloud_voxel_size == 0.08 and len(q.keyframe_poses()) == 2
+
+
+def test_stats_before_any_frame_and_times_in_milliseconds():
+    p = pipe()
+    s = p.stats()
+    assert s["scale"] == "nan" and s["scale valid"] is False and s["frames"] == 0
+    p.timings = {"cloud": 0.0123}
+    assert p.stats()["time cloud [ms]"] == "12.3"
+
+
+def test_cards_without_a_seed_use_seed_zero_like_random_small(tmp_path):
+    card = tmp_path / "noseed.yaml"
+    card.write_text("name: n\nconfig: {preset: small}\n")
+    flat = [torch.cat([q.flatten() for q in m.parameters()])
+            for m in (rc.ModelBackendFactory().load_model(str(card)), rc.ModelBackendFactory().load_model("random-small"))]
+    seeded = tmp_path / "seed0.yaml"
+    seeded.write_text("name: n\nconfig: {preset: small}\nseed: 0\n")
+    zero = torch.cat([q.flatten() for q in rc.ModelBackendFactory().load_model(str(seeded)).parameters()])
+    assert torch.equal(flat[0], zero) and torch.equal(flat[1], zero)
