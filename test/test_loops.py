@@ -161,3 +161,42 @@ def test_depth_relative_threshold_accepts_revisits_under_model_depth_noise(sim_l
         if r.accepted:
             dt, dr, _ = S3.sim3_distance(r.S_i_j, true_edge(T, s, i, j))
             assert dt < 0.2 and dr < 3.0  # within the noise: 6 % of ~2 m depth
+
+
+def test_the_models_own_descriptors_are_used_when_the_first_keyframe_has_one(sim_loop):
+    """A learned model's pooled tokens replace the classical descriptor for every keyframe ("model tokens"); a
+    detector that started classical ignores model descriptors; a keyframe without one in a "model tokens" detector
+    is never a candidate (counted), and a descriptor of another size is refused."""
+    from dataclasses import replace
+
+    T, odo, s, views = sim_loop
+    calls = []
+
+    def classical(img):
+        calls.append(1)
+        return classical_descriptor(img)
+
+    # the "model" descriptor here: a one-hot of the place (keyframe index mod 12): revisits 12 keyframes apart match
+    def token(k):
+        d = np.zeros(16, np.float32)
+        d[k % 12] = 1.0
+        return d
+
+    det = LoopDetector(descriptor_fn=classical)
+    for k, v in enumerate(views[:26]):
+        det.add(replace(fresh(v), model_descriptor=token(k)))
+    assert det.descriptor_kind == "model tokens" and calls == []
+    np.testing.assert_array_equal(det.views[25].descriptor, token(25))
+    det.config.search_radius_m, det.config.search_drift_fraction = 1e3, 0.0
+    # the same "place" as 25: keyframes 1 and 13; 13 is within min_separation (15) of 25
+    assert {(c.i, c.j) for c in det.candidates()} == {(1, 25)}
+    # a keyframe without a model descriptor: kept for geometry, never compared
+    det.add(fresh(views[26]))
+    assert det.stats["keyframes without a model descriptor"] == 1 and det.candidates() == []
+    with pytest.raises(ValueError, match="descriptor"):
+        det.add(replace(fresh(views[27]), model_descriptor=np.ones(8, np.float32)))
+    # a detector whose first keyframe had none stays classical, whatever comes later
+    det2 = LoopDetector(descriptor_fn=classical)
+    det2.add(fresh(views[0]))
+    det2.add(replace(fresh(views[1]), model_descriptor=token(1)))
+    assert det2.descriptor_kind == "classical" and len(calls) == 2 and det2.views[1].descriptor.shape != (16,)

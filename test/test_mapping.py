@@ -580,3 +580,43 @@ def test_the_map_fuses_only_pixels_above_its_own_confidence_percentile():
     assert stored0 == stored and fused0 <= 0.13 and cloud0 == cloud  # the live cloud follows conf_percentile alone
     stored_hi, fused_hi, _ = columns(25.0, 90.0)
     assert 0.87 <= stored_hi <= 0.93 and fused_hi >= 0.87  # a stricter live cut: nothing else is stored to fuse
+
+
+class DescriptorSession(FakeSession):
+    """FakeSession with a learned model's place descriptor: a unit vector that encodes the frame number."""
+
+    def step(self, image, stamp_ns=None, mapping=None):
+        i = self.i
+        out = super().step(image, stamp_ns, mapping)
+        d = torch.zeros(1, 32)
+        d[0, i % 32] = 1.0
+        out["descriptor"] = d
+        return out
+
+
+def test_a_models_descriptor_reaches_the_keyframes_and_the_back_ends_loop_detector():
+    from ros2_stream4d.mapping.pipeline import MappingPipeline, PipelineConfig
+
+    cfg = PipelineConfig(input_width=112, map_keyframe_max_frames=2, backend=True, occupancy_enabled=False)
+    p = MappingPipeline(cfg, DescriptorSession())
+    try:
+        for i in range(5):
+            p.process(IMG, i)
+        assert p.settle_backend(timeout=60)
+        kfs = p.map.keyframes
+        assert len(kfs) == 3
+        for kf, first in zip(kfs, (0, 2, 4)):  # each keyframe keeps its first frame's descriptor
+            np.testing.assert_array_equal(kf.descriptor, np.eye(32, dtype=np.float32)[first])
+        det = p.backend.detector
+        assert det.descriptor_kind == "model tokens" and len(det.views) == 3
+        np.testing.assert_array_equal(det.views[1].descriptor, np.eye(32, dtype=np.float32)[2])
+        assert p.backend.diagnostics()["loop descriptor"] == "model tokens"
+    finally:
+        p.close()
+    q = MappingPipeline(cfg, FakeSession())  # a session without descriptors: the classical one, said so
+    try:
+        q.process(IMG, 0)
+        assert q.settle_backend(timeout=60) and q.map.keyframes[0].descriptor is None
+        assert q.backend.diagnostics()["loop descriptor"] == "classical"
+    finally:
+        q.close()

@@ -38,7 +38,7 @@ def run_stream(model, images, **kw):
 def test_unlimited_stream_equals_causal_forward(setup):
     model, images, causal = setup
     session, streamed = run_stream(model, images, window=None)
-    assert set(streamed) == set(OUTPUT_KEYS)
+    assert set(streamed) == set(OUTPUT_KEYS) | {"descriptor"}
     for k in OUTPUT_KEYS:
         assert streamed[k].shape == causal[k].shape
         diff = (streamed[k] - causal[k]).abs().max().item()
@@ -53,6 +53,25 @@ def test_step_output_shapes(setup):
     assert out["pose_enc"].shape == (2, 9)
     assert out["depth"].shape == (2, H, W, 1) and out["depth_conf"].shape == (2, H, W)
     assert out["world_points"].shape == (2, H, W, 3) and out["world_points_conf"].shape == (2, H, W)
+
+
+def test_the_stream_returns_the_pooled_last_layer_tokens_as_its_place_descriptor(setup):
+    """descriptor = the mean of the last aggregator layer's patch tokens, L2-normalised (model/session.py), frame by
+    frame equal to the causal forward's tokens; different images give different descriptors."""
+    from ros2_stream4d.model.session import pooled_descriptor
+
+    model, images, _ = setup
+    _, streamed = run_stream(model, images, window=None)
+    with torch.no_grad():
+        tokens, psi = model.aggregator(images, causal=True, keep_layers=model._keep_layers())
+    ref = tokens[-1][:, :, psi:].float().mean(dim=-2)
+    ref = ref / ref.norm(dim=-1, keepdim=True)
+    assert streamed["descriptor"].shape == (2, S, 2 * model.cfg.embed_dim)
+    torch.testing.assert_close(streamed["descriptor"], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(streamed["descriptor"].norm(dim=-1), torch.ones(2, S))
+    assert (streamed["descriptor"][:, 0] - streamed["descriptor"][:, 1]).abs().max() > 1e-3
+    torch.testing.assert_close(pooled_descriptor(torch.tensor([[2.0, 4.0], [4.0, 4.0]])),
+                               torch.tensor([0.6, 0.8]))
 
 
 def test_large_window_equals_unlimited_exactly(setup):

@@ -881,7 +881,7 @@ def test_detect_counts_each_candidate_once_and_keeps_no_pose_for_a_failed_verifi
     det.add(_view(1, [0.1, 0.0, 0.0], flat))
     (r,) = det.detect()
     assert not r.accepted and r.S_i_j is None
-    assert det.stats == {"candidates": 1, "accepted": 0, "rejected": 1}
+    assert det.stats == {"candidates": 1, "accepted": 0, "rejected": 1, "keyframes without a model descriptor": 0}
     (h,) = det.history
     assert h[:3] == (0, 1, False) and h[3] is None and h[4] == r.reason
 

@@ -55,6 +55,9 @@ def test_stream_equals_causal_forward(model):
         torch.testing.assert_close(extr[0, 0].double(), E[:3], atol=2e-4, rtol=1e-3)
     assert all(bool(torch.isfinite(v).all()) for v in out.values())
     assert out["world_points"].shape == (1, *CFG.hw, 3)
+    # the place descriptor: the aggregator's patch tokens of the frame, pooled and unit length
+    assert out["descriptor"].shape == (1, model.aggregator.dim)
+    torch.testing.assert_close(out["descriptor"].norm(dim=-1), torch.ones(1))
 
 
 def test_session_implements_the_streaming_protocol(model):

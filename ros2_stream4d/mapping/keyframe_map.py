@@ -115,6 +115,7 @@ class MapFrame:
     rgb: np.ndarray  # (h, w, 3) uint8
     K: np.ndarray  # (3, 3)
     conf: np.ndarray | None = None  # (h, w) float; None = 1
+    descriptor: np.ndarray | None = None  # (D,) the model's place descriptor of the frame; None = the model has none
 
 
 @dataclass
@@ -179,6 +180,7 @@ class Keyframe:
     frames: FrameBatch | None  # None while spilled to disk
     n_frames: int = 0
     spill_path: Path | None = None
+    descriptor: np.ndarray | None = None  # the model's place descriptor of its first frame (in memory, not saved)
 
     @property
     def in_memory(self) -> bool:
@@ -465,6 +467,7 @@ class KeyframeMap:
         kf = self._current
         if kf is None or self._needs_keyframe(kf, T, (h, w)):
             kf = self._new_keyframe(T, (h, w))
+            kf.descriptor = None if frame.descriptor is None else np.asarray(frame.descriptor, np.float32).copy()
         # the open keyframe fills preallocated buffers (no per-frame re-allocation); frames = views of the filled part
         n, buf = kf.n_frames, self._buf
         for name, value in (("stamps", np.int64(frame.stamp_ns)), ("T_kf_cam", S3.inverse(kf.T_map_kf) @ T), ("K", K),

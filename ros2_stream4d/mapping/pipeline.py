@@ -331,7 +331,7 @@ class MappingPipeline:
             ref = conf[::4, ::4][sub] if sub.any() else conf[valid]
             valid &= conf >= np.percentile(ref, o.conf_percentile)
         depth = np.where(valid, pred.depth, np.nan).astype(np.float32)
-        return MapFrame(stamp_ns, T_map_cam, depth, pred.rgb_model, pred.K_model, conf)
+        return MapFrame(stamp_ns, T_map_cam, depth, pred.rgb_model, pred.K_model, conf, descriptor=pred.descriptor)
 
     def map_size(self) -> int:
         """Points of the ~/map cloud."""

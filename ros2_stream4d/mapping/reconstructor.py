@@ -38,6 +38,7 @@ class FramePrediction:
     # "model" (pose head FoV) | "camera_info" | "session" (exact, e.g. the oracle) | "fallback" (nominal_K)
     intrinsics_source: str = "model"
     scale: float = 1.0  # the metric scale already applied (1.0 = model units)
+    descriptor: np.ndarray | None = None  # (D,) float32 place descriptor of a learned model (session "descriptor")
 
     @property
     def model_hw(self) -> tuple[int, int]:
@@ -197,7 +198,9 @@ class StreamingReconstructor:
             points = _frame(out, "world_points", hw, trailing=(3,))
             points_conf = _frame(out, "world_points_conf", hw)
         rgb = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-        return FramePrediction(stamp_ns, depth, depth_conf, points, points_conf, T_world_cam, K, mapping, rgb, source)
+        descriptor = _numpy(out["descriptor"])[0].astype(np.float32).reshape(-1) if "descriptor" in out else None
+        return FramePrediction(stamp_ns, depth, depth_conf, points, points_conf, T_world_cam, K, mapping, rgb, source,
+                               descriptor=descriptor)
 
     def _record(self, *times: float) -> None:
         self.stats.frames += 1

@@ -13,6 +13,13 @@ import torch
 from .kv_cache import CacheStats
 
 
+def pooled_descriptor(patch_tokens: torch.Tensor) -> torch.Tensor:
+    """A frame's global place descriptor from a model's patch tokens [..., P, D]: the mean token, L2-normalised
+    [..., D] (float32). Pooled features of a pretrained encoder / aggregator, as in the issue's place recognition."""
+    mean = patch_tokens.float().mean(dim=-2)
+    return mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 @runtime_checkable
 class StreamingSession(Protocol):
     window: int | None  # rolling window in frames besides the anchors (None = unlimited or no cache)
@@ -23,7 +30,9 @@ class StreamingSession(Protocol):
 
     def step(self, image: torch.Tensor, stamp_ns: int | None = None, mapping: Any = None) -> dict[str, torch.Tensor]:
         """One frame [B, 3, H, W] in [0, 1] -> outputs (pose_enc, depth, depth_conf, ...). stamp_ns and mapping
-        (the frame's preprocess.PixelMapping) serve sessions that replay recorded data (the oracle)."""
+        (the frame's preprocess.PixelMapping) serve sessions that replay recorded data (the oracle). A learned model
+        also returns ``descriptor`` [B, D]: its place descriptor (``pooled_descriptor`` of its patch tokens), which
+        the back-end's loop closure uses instead of the classical one; sessions without tokens (the oracle) do not."""
         ...
 
     def reset(self) -> None:

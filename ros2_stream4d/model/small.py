@@ -39,6 +39,7 @@ from torch import nn
 from .kv_cache import CacheStats, StreamCache
 from .layers import Block, PositionGetter, RotaryPositionEmbedding2D
 from .layers.patch_embed import build_patch_embed
+from .session import pooled_descriptor
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -478,7 +479,7 @@ class SmallSession:
         Einv = torch.linalg.inv(E)
         world = torch.einsum("bij,bhwj->bhwi", Einv[:, :3, :3], cam_pts) + Einv[:, None, None, :3, 3]
         return {"pose_enc": pose_enc, "depth": depth[..., None], "depth_conf": conf, "world_points": world,
-                "world_points_conf": conf}
+                "world_points_conf": conf, "descriptor": pooled_descriptor(patch_tok)}
 
 
 # ------------------------------------------------------------------------------------------------- model cards

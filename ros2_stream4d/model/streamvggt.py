@@ -16,6 +16,7 @@ from .aggregator import Aggregator
 from .config import ModelConfig
 from .kv_cache import CacheStats, StreamCache
 from .layers import set_attention_backend
+from .session import pooled_descriptor
 
 OUTPUT_KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
 
@@ -200,7 +201,7 @@ class StreamSession:
 
     @torch.inference_mode()
     def step(self, image: torch.Tensor, stamp_ns: int | None = None, mapping: Any = None) -> dict[str, torch.Tensor]:
-        """image [B, 3, H, W] in [0, 1] -> dict of OUTPUT_KEYS for this frame (no S dimension). stamp_ns and
+        """image [B, 3, H, W] in [0, 1] -> dict of OUTPUT_KEYS and "descriptor" for this frame (no S dimension). stamp_ns and
         mapping are part of the session protocol (model/session.py); a learned model does not use them."""
         if image.ndim == 3:
             image = image.unsqueeze(0)
@@ -216,4 +217,5 @@ class StreamSession:
         with m._autocast(dev):
             tokens, psi = m.aggregator.step(images, self.cache.aggregator, first=first, keep_layers=m._keep_layers())
         out = m._heads(tokens, images, psi, camera_caches=self.cache.camera if self.cache.camera else None)
+        out["descriptor"] = pooled_descriptor(tokens[-1][:, :, psi:])  # the last aggregator layer's patch tokens
         return {k: v[:, 0] for k, v in out.items() if isinstance(v, torch.Tensor)}

@@ -7,8 +7,10 @@ least ``min_separation`` keyframes back) whose cosine similarity is at least ``m
 the path travelled since then (the drift the odometry can have accumulated; a look-alike place elsewhere on the map
 is not even tried). The default descriptor is classical and needs no weights: a 16 x 12 zero-mean grey thumbnail
 (the "tiny image" of SeqSLAM-style place recognition) concatenated with a 4 x 4 grid of 8-bin gradient-orientation
-histograms, L2-normalised. ``descriptor_fn`` is the hook for a learned one (pooled model tokens when real weights
-run): any function image -> 1-D vector.
+histograms, L2-normalised (``descriptor_fn``: any function image -> 1-D vector). When the model is a learned one
+(StreamVGGT, VGGT, stream4d-small), every keyframe instead carries the model's own descriptor: its patch tokens
+pooled (model/session.py ``pooled_descriptor``: StreamVGGT's last aggregator layer, stream4d-small's aggregator on
+the pretrained DINOv2 features), and the detector uses those ("loop descriptor: model tokens" in diagnostics).
 
 Verification (``verify``): ORB features (OpenCV) matched both ways with Lowe's ratio test, lifted to 3D with each
 keyframe's depth; a RANSAC Sim(3) on the 3D-3D matches (mapping/backend/sim3.py) needs ``min_inliers`` and
@@ -66,8 +68,9 @@ class KeyframeView:
     depth: np.ndarray  # (h, w) float
     K: np.ndarray  # (3, 3)
     S_odom_kf: np.ndarray  # (4, 4)
-    descriptor: np.ndarray | None = None
+    descriptor: np.ndarray | None = None  # the one place recognition compares (set by LoopDetector.add)
     path_s: float = 0.0  # odometry path length at this keyframe
+    model_descriptor: np.ndarray | None = None  # the model's own (pooled tokens), when the model has one
     # compact geometry kept instead of the image and depth once added (bounded memory, features computed once)
     uv: np.ndarray | None = None  # (n, 2) ORB keypoints
     orb: np.ndarray | None = None  # (n, 32) uint8 ORB descriptors
@@ -162,7 +165,8 @@ class LoopDetector:
         self.descriptor_fn = descriptor_fn
         self.views: list[KeyframeView] = []
         self._desc = np.zeros((0, 0), np.float32)
-        self.stats = {"candidates": 0, "accepted": 0, "rejected": 0}
+        self.stats = {"candidates": 0, "accepted": 0, "rejected": 0, "keyframes without a model descriptor": 0}
+        self.descriptor_kind: str | None = None  # "model tokens" or "classical", decided by the first keyframe
         # the newest verification outcomes, (i, j, accepted, S_i_j or None, reason): for evaluation
         self.history: deque[tuple[int, int, bool, np.ndarray | None, str]] = deque(maxlen=HISTORY)
         self._orb = cv2.ORB_create(self.config.n_features)
@@ -170,8 +174,23 @@ class LoopDetector:
         self._spill_dir: Path | None = None
 
     def add(self, view: KeyframeView) -> None:
+        """Take a keyframe. Place recognition uses the model's descriptors when the first keyframe has one ("model
+        tokens"), else the classical one (``descriptor_fn``) for every keyframe; a later keyframe without a model
+        descriptor in a "model tokens" detector cannot be compared: it is kept for geometry but never a candidate
+        (counted in stats "keyframes without a model descriptor")."""
+        if self.descriptor_kind is None:
+            self.descriptor_kind = "model tokens" if view.model_descriptor is not None else "classical"
         if view.descriptor is None:
-            view.descriptor = np.asarray(self.descriptor_fn(view.rgb), np.float32)
+            if self.descriptor_kind == "classical":
+                view.descriptor = np.asarray(self.descriptor_fn(view.rgb), np.float32)
+            elif view.model_descriptor is not None:
+                view.descriptor = np.asarray(view.model_descriptor, np.float32).reshape(-1)
+            else:
+                view.descriptor = np.zeros(self._desc.shape[1], np.float32)  # similarity 0: never a candidate
+                self.stats["keyframes without a model descriptor"] += 1
+        if self._desc.size and view.descriptor.shape != (self._desc.shape[1],):
+            raise ValueError(f"keyframe {view.id}: a {view.descriptor.shape} descriptor, the detector holds "
+                             f"{self._desc.shape[1]}-dim ({self.descriptor_kind}) ones")
         view.compact(self._orb, self.config.icp_points, self.config.depth_max)
         if self.views:
             prev = self.views[-1]

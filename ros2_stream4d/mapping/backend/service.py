@@ -101,7 +101,8 @@ class LongRunBackend:
                 if len(frames) == 0:
                     break
                 depth = frames.depth[0].astype(np.float32)
-                view = KeyframeView(kf.id, frames.rgb[0].copy(), depth, frames.K[0].copy(), M_inv @ kf.T_map_kf)
+                view = KeyframeView(kf.id, frames.rgb[0].copy(), depth, frames.K[0].copy(), M_inv @ kf.T_map_kf,
+                                    model_descriptor=kf.descriptor)
                 self._observed += 1
                 self._M_at[kf.id] = self._M.copy()
                 self._put((view, kf.segment))
@@ -163,6 +164,8 @@ class LongRunBackend:
         d.update({"queue": self._queue.qsize(), "loop candidates": self.detector.stats["candidates"],
                   "loops accepted": self.detector.stats["accepted"],
                   "loops rejected": self.detector.stats["rejected"],
+                  "loop descriptor": self.detector.descriptor_kind or "none yet",
+                  "keyframes without a model descriptor": self.detector.stats["keyframes without a model descriptor"],
                   "correction translation [m]": float(np.linalg.norm(t)),
                   "correction rotation [deg]": S3.rotation_angle_deg(R), "correction scale": s,
                   "time per keyframe [ms] median": 1e3 * float(np.median(self.keyframe_s)) if self.keyframe_s else 0,
