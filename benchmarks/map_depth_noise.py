@@ -37,22 +37,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from ros2_stream4d.bench.env import environment
-    from ros2_stream4d.bench.longrun_bench import read_inputs, sim_bag
-    from ros2_stream4d.eval.metrics import map_metrics, mesh_metrics, observed_surface
-    from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse
+    from ros2_stream4d.bench.longrun_bench import ground_truth_in_map, read_inputs, sim_bag
+    from ros2_stream4d.eval.metrics import map_metrics, mesh_metrics
     from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig, MapProducts
-    from ros2_stream4d.sim.bag import read_ground_truth
     from ros2_stream4d.sim.oracle_noise import load_noise, perturb_depth
-    from ros2_stream4d.sim.scenes import load_mesh
 
     bag = sim_bag(Path(a.cache), a.scene, a.trajectory, a.frames, 224, 168, a.seed)
     stamps, images, _ = read_inputs(bag)
-    gt = read_ground_truth(bag, with_depth=True)
-    T_map_world = T_MAP_WORLD @ inverse(gt.T_world_cam[0])
-    gt_T = np.einsum("ij,njk->nik", T_map_world, gt.T_world_cam)
-    V, F = load_mesh(gt.mesh_path)
-    Vm = V @ T_map_world[:3, :3].T + T_map_world[:3, 3]
-    surface = observed_surface(gt.depths, gt.K, gt_T, voxel=a.threshold / 2)
+    gt, gt_T, (Vm, F), surface = ground_truth_in_map(bag, a.threshold)
     noise = load_noise(a.noise)
     rng = np.random.default_rng(a.seed)
     # the bench's map: 2 cm cloud voxels (at most 2 M), 5 cm TSDF to 5 m, every stored pixel (stride 1)

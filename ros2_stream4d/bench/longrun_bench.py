@@ -73,6 +73,23 @@ def read_inputs(bag: Path):
     return np.asarray(stamps, np.int64)[order], [images[i] for i in order], K
 
 
+def ground_truth_in_map(bag: Path, threshold: float):
+    """The bag's ground truth in the pipeline's map (camera only: the first camera's body axes): (ground truth with
+    depth, camera poses (N, 4, 4) in map, scene mesh (vertices in map, triangles), the observed surface sampled at
+    threshold / 2)."""
+    from ros2_stream4d.eval.metrics import observed_surface
+    from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse
+    from ros2_stream4d.sim.bag import read_ground_truth
+    from ros2_stream4d.sim.scenes import load_mesh
+
+    gt = read_ground_truth(bag, with_depth=True)
+    T_map_world = T_MAP_WORLD @ inverse(gt.T_world_cam[0])
+    gt_T = np.einsum("ij,njk->nik", T_map_world, gt.T_world_cam)
+    V, F = load_mesh(gt.mesh_path)
+    Vm = V @ T_map_world[:3, :3].T + T_map_world[:3, 3]
+    return gt, gt_T, (Vm, F), observed_surface(gt.depths, gt.K, gt_T, voxel=threshold / 2)
+
+
 def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: int, input_width: int,
                  conf_percentile: float = 30.0, progress: bool = True, loop_overrides: dict | None = None,
                  **pipeline_overrides) -> dict:
@@ -218,10 +235,6 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
 
 def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, height: int, noise: str, out: Path,
                 name: str, cache: Path, threshold: float = 0.05, progress: bool = True) -> dict:
-    from ros2_stream4d.eval.metrics import observed_surface
-    from ros2_stream4d.mapping.conventions import T_MAP_WORLD, inverse
-    from ros2_stream4d.sim.bag import read_ground_truth
-    from ros2_stream4d.sim.scenes import load_mesh
 
     from .env import environment
 
@@ -234,12 +247,7 @@ def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, hei
     for seed in seeds:
         bag = sim_bag(cache, scene, trajectory, frames, width, height, seed)
         stamps, images, K = read_inputs(bag)
-        gt = read_ground_truth(bag, with_depth=True)
-        T_map_world = T_MAP_WORLD @ inverse(gt.T_world_cam[0])
-        gt_T = np.einsum("ij,njk->nik", T_map_world, gt.T_world_cam)
-        V, F = load_mesh(gt.mesh_path)
-        Vm = V @ T_map_world[:3, :3].T + T_map_world[:3, 3]
-        surface = observed_surface(gt.depths, gt.K, gt_T, voxel=threshold / 2)
+        gt, gt_T, (Vm, F), surface = ground_truth_in_map(bag, threshold)
         del gt
         runs = {}
         for backend in (False, True):
