@@ -620,3 +620,15 @@ def test_a_models_descriptor_reaches_the_keyframes_and_the_back_ends_loop_detect
         assert q.backend.diagnostics()["loop descriptor"] == "classical"
     finally:
         q.close()
+
+
+def test_session_outputs_are_read_batched_or_not_with_or_without_the_depth_axis():
+    from ros2_stream4d.mapping.reconstructor import _frame
+
+    d = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for shape in ((3, 4), (3, 4, 1), (1, 3, 4), (1, 3, 4, 1), (2, 3, 4), (2, 3, 4, 1)):
+        a = np.zeros(shape, np.float32)
+        a[...] = d[..., None] if shape[-1] == 1 else d
+        np.testing.assert_array_equal(_frame({"depth": a}, "depth", (3, 4), trailing=(1,), squeeze_last=True), d)
+    with pytest.raises(ValueError, match="expected"):
+        _frame({"depth": np.zeros((2, 3, 5), np.float32)}, "depth", (3, 4), trailing=(1,), squeeze_last=True)

@@ -579,7 +579,7 @@ class KeyframeMap:
 
     @_locked
     def __len__(self) -> int:
-        """Points of the fused cloud (pending frames fused first)."""
+        """Voxels of the fused cloud (pending frames fused first; points() may leave some out)."""
         self._refresh()
         self.products.flush_cloud()
         return len(self.cloud)

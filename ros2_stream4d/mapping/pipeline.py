@@ -261,9 +261,8 @@ class MappingPipeline:
         t_post = time.perf_counter()
 
         xyz, colours, conf = frame_cloud(pred, self.cloud_options)
-        xyz_map = transform_points(self.T_map_world, xyz) if self.cloud_options.frame == "world" else None
-        if xyz_map is None:  # cloud wanted in the camera frame: the map still needs map coordinates
-            xyz_map = transform_points(T_map_cam, xyz)
+        if self.cloud_options.frame == "world":  # ~/cloud in map; in the camera frame it stays as it is
+            xyz = transform_points(self.T_map_world, xyz)
         t_cloud = time.perf_counter()
         T_map_cam_map = T_map_cam if self.map_correction is None else self.map_correction @ T_map_cam
         self.map.integrate(self._map_frame(pred, T_map_cam_map, stamp_ns))
@@ -275,7 +274,7 @@ class MappingPipeline:
         result = FrameResult(
             stamp_ns=stamp_ns, camera=camera, prediction=pred, T_map_cam=T_map_cam, T_map_base=T_map_base,
             T_map_odom=T_map_odom, depth=depth, confidence=confidence, K=K,
-            cloud_xyz=xyz_map if self.cloud_options.frame == "world" else xyz, cloud_rgb=colours, cloud_conf=conf,
+            cloud_xyz=xyz, cloud_rgb=colours, cloud_conf=conf,
             scale=float(scale), scale_valid=self.scale_valid(), timings=dict(self.timings))
         self.last = result
         if self.backend is not None:
@@ -334,7 +333,8 @@ class MappingPipeline:
         return MapFrame(stamp_ns, T_map_cam, depth, pred.rgb_model, pred.K_model, conf, descriptor=pred.descriptor)
 
     def map_size(self) -> int:
-        """Points of the ~/map cloud."""
+        """Voxels of the fused cloud: what ~/map holds before the surface filter leaves out what the TSDF
+        contradicts (map_cloud_surface_voxels), so an upper bound on ~/map's points (0: no map yet)."""
         return len(self.map)
 
     def map_points(self):

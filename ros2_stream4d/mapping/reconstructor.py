@@ -236,7 +236,7 @@ def _frame(out: dict, key: str, hw, trailing=(), squeeze_last=False) -> np.ndarr
         raise KeyError(f"session output lacks {key!r} (has {sorted(out)})")
     a = _numpy(out[key])
     expect = (*hw, *trailing)
-    if a.ndim == len(expect):  # unbatched output
+    if a.shape == expect or (squeeze_last and a.shape == tuple(hw)):  # unbatched output
         a = a[None]
     if a.shape[1:] != expect and not (squeeze_last and a.shape[1:] == tuple(hw)):
         raise ValueError(f"session output {key!r} has shape {a.shape}, expected [B, {', '.join(map(str, expect))}]")

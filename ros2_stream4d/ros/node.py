@@ -528,7 +528,7 @@ class Stream4DNode(LifecycleNode):
     def _srv_save_map(self, _request, response):
         try:
             path = self.save_map()
-            response.success, response.message = True, f"saved {self.pipeline.map_size()} points to {path}"
+            response.success, response.message = True, f"saved the map ({self.pipeline.map_size()} cloud voxels) to {path}"
         except (OSError, ValueError) as exc:
             response.success, response.message = False, f"{type(exc).__name__}: {exc}"
             self.get_logger().error(f"~/save_map failed: {response.message}")
