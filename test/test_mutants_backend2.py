@@ -198,7 +198,7 @@ def test_verify_icp_change_limit_is_strict_and_measured_from_the_ransac_translat
 
 
 def test_verify_ignores_keypoints_without_depth_in_either_keyframe(room):
-    from ros2_stream4d.mapping.backend.loops import LoopDetector
+    from ros2_stream4d.mapping.backend.loops import LoopConfig, LoopDetector
 
     det = LoopDetector()
     a, b = _kv(room, 0), _kv(room, 32)
@@ -208,3 +208,184 @@ def test_verify_ignores_keypoints_without_depth_in_either_keyframe(room):
     assert r.accepted, r.reason
     dt, dr, ds = S3.sim3_distance(r.S_i_j, S3.inverse(room[0][3]) @ room[32][3])
     assert dt < 0.02 and dr < 0.5 and ds < 0.02
+    # the inlier ratio counts only the matches with depth in both: the left 200 columns of the newer keyframe
+    # without depth do not dilute it below a strict 0.6
+    det = LoopDetector(LoopConfig(min_inlier_ratio=0.6))
+    a, b = _kv(room, 0), _kv(room, 32)
+    b.depth[:, :200] = np.nan
+    r = det.verify(a, b)
+    assert r.accepted and r.reason == "ok"
+    assert np.isfinite(b.xyz[:, 2]).sum() < 0.5 * len(b.xyz)
+
+
+def _noisy_pair(room, noise, **config):
+    from ros2_stream4d.mapping.backend.loops import LoopConfig, LoopDetector
+
+    rng = np.random.default_rng(0)
+    a, b = _kv(room, 0), _kv(room, 32)
+    a.depth *= 1 + noise * rng.standard_normal(a.depth.shape)
+    b.depth *= 1 + noise * rng.standard_normal(b.depth.shape)
+    return LoopDetector(LoopConfig(**config)).verify(a, b)
+
+
+def test_verify_widens_the_ransac_threshold_with_the_depth(room):
+    """3 % depth noise at ~2.5 m: a fixed 5 mm threshold finds no consensus; 5 mm + 5 % of the depth (~13 cm) does;
+    5 mm + 2 % (~5.5 cm) is still too tight: the added part grows with the depth, it is not divided by it."""
+    r = _noisy_pair(room, 0.03, ransac_threshold=0.005, ransac_threshold_rel=0.0)
+    assert (r.accepted, r.reason, r.inliers) == (False, "no Sim(3) consensus", 0)
+    r = _noisy_pair(room, 0.03, ransac_threshold=0.005, ransac_threshold_rel=0.02)
+    assert not r.accepted
+    m = re.fullmatch(r"(\d+) inliers \((0\.\d\d)\)", r.reason)
+    assert m and float(m.group(2)) < 0.3 and r.inliers == 0, r.reason
+    r = _noisy_pair(room, 0.03, ransac_threshold=0.005, ransac_threshold_rel=0.05)
+    assert r.accepted and r.reason == "ok"
+    dt, dr, _ = S3.sim3_distance(r.S_i_j, S3.inverse(room[0][3]) @ room[32][3])
+    assert dt < 0.1 and dr < 2.0
+
+
+# ---------------------------------------------------------------------------------------------------- loops: the rest
+def test_classical_descriptor_splits_the_orientation_grid_at_its_cells_and_keeps_angles_near_pi_in_the_last_bin():
+    from ros2_stream4d.mapping.backend.loops import classical_descriptor
+
+    g = np.full((48, 64), 50, np.uint8)
+    g[:, 16:] = 200  # a vertical step between columns 15 and 16: the border of the grid's first two columns of cells
+    d = classical_descriptor(g)
+    tiny = d[:192].reshape(12, 16)
+    assert np.ptp(tiny[:, :4]) == 0 and np.ptp(tiny[:, 4:]) == 0 and tiny[0, 0] < 0 < tiny[0, 4]
+    hist = d[192:].reshape(4, 4, 8)
+    # the Sobel response is the same on both sides of the step: one bin (angle 0) in both cells of every row
+    np.testing.assert_allclose(hist[:, 0, 0], hist[:, 1, 0], rtol=1e-6)
+    assert hist[0, 0, 0] > 0
+    rest = hist.copy()
+    rest[:, :2, 0] = 0.0
+    assert not rest.any()
+    # a horizontal ramp tilted by a hair: float32 rounds its orientation (just below pi) up to pi, which is the last
+    # bin's (an angle mod pi is the same orientation), not one past it
+    y, x = np.mgrid[0:48, 0:64].astype(np.float64)
+    d = classical_descriptor(0.5 * x - 1e-7 * y)
+    hist = d[192:].reshape(4, 4, 8)
+    assert np.isfinite(d).all() and hist[..., 7].any()
+    energy = hist**2
+    assert energy[..., [0, 7]].sum() > 0.99 * energy.sum()  # horizontal gradients: angle 0 or (just below) pi
+
+
+def test_detector_uses_its_config_keeps_float32_geometry_and_a_bounded_history(monkeypatch, room):
+    from ros2_stream4d.mapping.backend import loops
+    from ros2_stream4d.mapping.backend.loops import LoopConfig, LoopDetector
+
+    det = LoopDetector(LoopConfig(n_features=100), descriptor_fn=lambda img: [0.6, 0.8])
+    v = _kv(room, 0)
+    det.add(v)
+    assert 0 < len(v.uv) <= 100 and v.orb.shape == (len(v.uv), 32)  # ORB's own default is 500
+    assert len(_compacted(LoopDetector(), room, 0).uv) > 500
+    assert v.descriptor.dtype == np.float32 and v.descriptor.shape == (2,)
+    assert v.cloud.dtype == np.float32 and v.xyz.dtype == np.float32 and v.cloud.shape[1] == 3
+    # the verification history keeps the newest HISTORY outcomes
+    from ros2_stream4d.mapping.backend.loops import KeyframeView
+
+    monkeypatch.setattr(loops, "HISTORY", 2)
+    det = LoopDetector(LoopConfig(min_separation=1, min_similarity=-1.0, max_candidates=1))
+    flat = np.full((48, 64, 3), 128, np.uint8)
+    K = np.array([[30.0, 0, 32], [0, 30.0, 24], [0, 0, 1]])
+    for k in range(4):
+        det.add(KeyframeView(k, flat, np.full((48, 64), 2.0), K, S3.sim3(t=[0.1 * k, 0.0, 0.0])))
+        det.detect()
+    assert det.history.maxlen == 2 and [h[1] for h in det.history] == [2, 3]
+    assert det.stats["candidates"] == 3
+
+
+def test_lift_clamps_keypoints_to_the_image_and_keeps_depth_below_one():
+    from ros2_stream4d.mapping.backend.loops import _lift
+
+    depth = np.array([[0.5, 2.0, 3.0, 4.0],
+                      [1.5, np.nan, 2.5, 9.0],
+                      [0.0, 6.0, 7.0, 7.5]])
+    K = np.array([[2.0, 0, 1.5], [0, 4.0, 1.0], [0, 0, 1]])
+    uv = np.array([[-0.6, 0.2],  # rounds to column -1: clamped to column 0, row 0 (depth 0.5)
+                   [3.7, 2.6],  # rounds to (4, 3): clamped to the last column and row (7.5)
+                   [1.0, 1.0],  # no depth
+                   [3.0, 1.0],  # beyond depth_max
+                   [0.0, 2.0],  # zero depth
+                   [2.2, 0.4]])  # (2, 0): 3.0
+    xyz, ok = _lift(uv, depth, K, depth_max=8.0)
+    assert ok.tolist() == [True, True, False, False, False, True]
+    z = np.array([0.5, 7.5, 3.0])
+    u, v = uv[ok][:, 0], uv[ok][:, 1]
+    np.testing.assert_allclose(xyz[ok], np.c_[(u - 1.5) / 2.0 * z, (v - 1.0) / 4.0 * z, z], rtol=1e-12)
+
+
+def test_cloud_subsamples_the_valid_pixels_regularly_from_the_first():
+    from ros2_stream4d.mapping.backend.loops import _cloud
+
+    v, u = np.mgrid[0:4, 0:5]
+    depth = 1.0 + 0.1 * (5 * v + u)
+    depth[0, 1], depth[2, 2] = np.nan, 9.0  # 18 valid pixels left (depth_max 8)
+    K = np.array([[2.0, 0, 2.0], [0, 3.0, 1.5], [0, 0, 1]])
+    pts = _cloud(depth, K, 3, 8.0)
+    # valid pixels in row-major order, indices 0, 8, 17 of 18: (0, 0), (1, 4), (3, 4)
+    expect = []
+    for r, c in ((0, 0), (1, 4), (3, 4)):
+        z = 1.0 + 0.1 * (5 * r + c)
+        expect.append([(c - 2.0) / 2.0 * z, (r - 1.5) / 3.0 * z, z])
+    np.testing.assert_allclose(pts, expect, rtol=1e-12)
+    assert len(_cloud(depth, K, 50, 8.0)) == 18
+
+
+# ---------------------------------------------------------------------------------------------------- segments
+_K = np.array([[10.0, 0, 8.0], [0, 10.0, 6.0], [0, 0, 1]])
+
+
+def _overlap(depth, anchor_depth, **kw):
+    from ros2_stream4d.mapping.backend.segments import anchor_overlap
+
+    args = dict(anchor_K=_K, T_world_anchor=np.eye(4), K=_K, T_world_cam=np.eye(4))
+    args.update(kw)
+    return anchor_overlap(anchor_depth, args["anchor_K"], args["T_world_anchor"], depth, args["K"],
+                          args["T_world_cam"], **{k: v for k, v in kw.items() if k in ("samples", "tolerance")})
+
+
+def test_anchor_overlap_tolerance_is_relative_to_the_depth_and_defaults_to_a_tenth():
+    """The anchor and the frame are the same camera; four bands of columns: depth equal (seen), 7 % off at 2.15 m
+    (seen: 0.15 <= 0.1 x 2.15), 20 % off at 2.5 m (not seen: 0.5 > 0.25), equal at 0.5 m (seen)."""
+    anchor = np.full((12, 16), 2.0)
+    anchor[:, 12:] = 0.5
+    depth = np.empty((12, 16))
+    depth[:, :4], depth[:, 4:8], depth[:, 8:12], depth[:, 12:] = 2.0, 2.15, 2.5, 0.5
+    assert _overlap(depth, anchor) == pytest.approx(0.75)
+    assert _overlap(depth, anchor, tolerance=0.25) == pytest.approx(1.0)
+    assert _overlap(depth, anchor, tolerance=0.05) == pytest.approx(0.5)  # 2.15 is 7 % off: not within 5 %
+
+
+def test_anchor_overlap_of_a_frame_without_valid_depth_is_zero():
+    depth = np.full((12, 16), np.nan)
+    depth[0, :4], depth[1, :4] = 0.0, -1.0
+    assert _overlap(depth, np.full((12, 16), 2.0)) == 0.0
+
+
+def test_anchor_overlap_counts_only_points_inside_the_anchor_image_with_anchor_depth():
+    """The anchor camera's principal point is 1.6 rows lower: frame row r lands on anchor row r + 2 (rounded), so
+    rows 10 and 11 land on rows 12 and 13, outside its 12 rows; the anchor has no depth on its row 2 (frame row 0)."""
+    anchor = np.full((12, 16), 2.0)
+    anchor[2] = np.nan
+    K_anchor = _K.copy()
+    K_anchor[1, 2] += 1.6
+    assert _overlap(np.full((12, 16), 2.0), anchor, anchor_K=K_anchor) == pytest.approx(9 / 12)
+    # and a depth that disagrees with the anchor's is not seen even inside its image
+    anchor = np.full((12, 16), 2.0)
+    anchor[:6] = 3.0
+    assert _overlap(np.full((12, 16), 2.0), anchor) == pytest.approx(0.5)
+
+
+def test_anchor_overlap_needs_points_strictly_in_front_of_the_anchor():
+    """One point on the anchor's optical axis exactly 1e-6 in front of it (the anchor 1e-6 behind the point): not
+    in front; a point 2e-6 in front is."""
+    zw = float(np.float32(2e-6))
+    depth = np.full((12, 16), np.nan)
+    depth[6, 8] = zw  # the principal point: x = y = 0
+    anchor = np.full((12, 16), 1e-6)
+    T_anchor = np.eye(4)
+    T_anchor[2, 3] = zw - 1e-6
+    assert (zw - T_anchor[2, 3]) == 1e-6
+    assert _overlap(depth, anchor, T_world_anchor=T_anchor) == 0.0
+    anchor[6, 8] = zw
+    assert _overlap(depth, anchor) == 1.0
