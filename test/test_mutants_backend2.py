@@ -389,3 +389,215 @@ def test_anchor_overlap_needs_points_strictly_in_front_of_the_anchor():
     assert _overlap(depth, anchor, T_world_anchor=T_anchor) == 0.0
     anchor[6, 8] = zw
     assert _overlap(depth, anchor) == 1.0
+
+
+class _WallSession:
+    """A camera stepping dx along x per frame (the frame's image holds its index i) in front of a wall 2 m away;
+    the session's world is the camera of its first frame after a reset (as a model's segment world is). conf(i, n)
+    gives frame i's confidence at the n-th step since the reset, depth(i, n) its depth."""
+
+    window, anchors = 5, 2
+
+    def __init__(self, dx=0.1, conf=None, depth=None):
+        self.dx, self.conf, self.depth = dx, conf, depth
+        self.calls, self.resets, self.shrunk_with = [], 0, []
+        self.origin, self.n = None, 0
+
+    def reset(self):
+        self.resets += 1
+        self.origin, self.n = None, 0
+
+    def stats(self):
+        return "inner stats"
+
+    def shrunk(self, window):
+        self.shrunk_with.append(window)
+        return _WallSession(self.dx, self.conf, self.depth) if window > 1 else None
+
+    def step(self, image, stamp_ns=None, mapping=None):
+        import torch
+
+        from ros2_stream4d.mapping.conventions import inverse
+
+        i = int(float(image.flatten()[0]))
+        self.calls.append((i, stamp_ns, mapping))
+        self.origin = i if self.origin is None else self.origin
+        T = np.eye(4)
+        T[0, 3] = self.dx * (i - self.origin)
+        depth = np.full((12, 16), 2.0) if self.depth is None else self.depth(i, self.n)
+        conf = np.full((12, 16), 3.0) if self.conf is None else self.conf(i, self.n)
+        self.n += 1
+        return {"depth": torch.as_tensor(depth, dtype=torch.float32)[None, ..., None],
+                "depth_conf": torch.as_tensor(conf, dtype=torch.float32)[None],
+                "extrinsic": torch.as_tensor(inverse(T)[:3])[None], "intrinsic": torch.as_tensor(_K)[None]}
+
+
+def _frame(i):
+    import torch
+
+    return torch.full((1, 3, 12, 16), float(i))
+
+
+def _pose_of(res):
+    from ros2_stream4d.mapping.conventions import extrinsic_to_pose
+
+    return extrinsic_to_pose(res["extrinsic"][0].numpy().astype(np.float64))
+
+
+def _run_segments(inner, **policy):
+    from ros2_stream4d.mapping.backend.segments import ReanchorPolicy, SegmentedSession
+
+    events = []
+    s = SegmentedSession(inner, ReanchorPolicy(**policy), on_segment=events.append)
+    outs = [s.step(_frame(i), stamp_ns=100 + i, mapping=f"m{i}") for i in range(5)]
+    return s, events, outs
+
+
+def test_a_failed_alignment_falls_back_on_the_newest_camera_and_reports_no_inliers():
+    """No confident pixel: the point-map alignment has nothing to fit (the two camera centres alone are too few), so
+    the new segment is placed by the newest re-fed frame: its pose in the old segment times the inverse of its pose
+    in the new one. The 4th frame (index 3) ends the first segment; frames 2 and 3 are re-fed, the new world is
+    frame 2's camera (0.2 m along x in the old world)."""
+    inner = _WallSession(conf=lambda i, n: np.zeros((12, 16)))
+    s, events, outs = _run_segments(inner, max_segment_frames=4, min_segment_frames=4, overlap_frames=2)
+    assert [c for c in inner.calls] == [(0, 100, "m0"), (1, 101, "m1"), (2, 102, "m2"), (3, 103, "m3"),
+                                        (2, 102, "m2"), (3, 103, "m3"), (4, 104, "m4")]
+    (ev,) = events
+    assert (ev.segment, ev.frame, ev.reason, ev.ok) == (1, 3, "max_segment_frames", False)
+    assert ev.inlier_ratio == 0.0 and np.isnan(ev.rmse)
+    expect = np.eye(4)
+    expect[0, 3] = 0.2
+    np.testing.assert_allclose(ev.S_prev_new, expect, atol=1e-7)
+    np.testing.assert_allclose(ev.S_odom_new, expect, atol=1e-7)
+    assert s.segment == 1 and s.segment_stats.failed_alignments == 1 and s.segment_stats.refed_frames == 2
+    for i, res in enumerate(outs):  # the outputs stay in the first segment's world: the camera at 0.1 i
+        np.testing.assert_allclose(_pose_of(res)[:3, 3], [0.1 * i, 0.0, 0.0], atol=1e-6)
+
+
+def test_segment_alignment_uses_the_camera_centres_of_both_segments():
+    """One confident pixel per frame (a different one in each): two points are too few for a Sim(3); with the two
+    re-fed frames' camera centres there are four, and the fit is exact: inlier ratio 1.0, which a minimum of 1.0
+    accepts."""
+
+    def conf(i, n):
+        c = np.zeros((12, 16))
+        c[2 + 2 * (i % 2), 3 + 6 * (i % 2)] = 3.0
+        return c
+
+    inner = _WallSession(conf=conf)
+    s, events, outs = _run_segments(inner, max_segment_frames=4, min_segment_frames=4, overlap_frames=2,
+                                    min_inlier_ratio=1.0)
+    (ev,) = events
+    assert ev.ok and ev.inlier_ratio == 1.0 and ev.rmse < 1e-6 and s.segment_stats.failed_alignments == 0
+    expect = np.eye(4)
+    expect[0, 3] = 0.2
+    np.testing.assert_allclose(ev.S_prev_new, expect, atol=1e-6)
+    np.testing.assert_allclose(_pose_of(outs[4])[:3, 3], [0.4, 0.0, 0.0], atol=1e-5)
+
+
+def test_segment_alignment_ignores_pixels_the_new_segment_is_not_confident_about():
+    """The first frame after a reset has a wrong depth (5 m) with confidence 0 in its top half: those pixels are
+    left out of the fit (weight sqrt(conf_old conf_new) = 0), which stays exact."""
+
+    def conf(i, n):
+        c = np.full((12, 16), 3.0)
+        if n == 0 and i > 0:
+            c[:6] = 0.0
+        return c
+
+    def depth(i, n):
+        d = np.full((12, 16), 2.0)
+        if n == 0 and i > 0:
+            d[:6] = 5.0
+        return d
+
+    inner = _WallSession(conf=conf, depth=depth)
+    s, events, _ = _run_segments(inner, max_segment_frames=4, min_segment_frames=4, overlap_frames=2,
+                                 min_inlier_ratio=1.0)
+    (ev,) = events
+    assert ev.ok and ev.inlier_ratio == 1.0 and ev.rmse < 1e-6
+    np.testing.assert_allclose(ev.S_prev_new[:3, 3], [0.2, 0.0, 0.0], atol=1e-6)
+
+
+def test_segmented_session_forwards_the_protocol_and_its_depth_tolerance():
+    from ros2_stream4d.mapping.backend.segments import ReanchorPolicy, SegmentedSession
+
+    inner = _WallSession(dx=0.0, depth=lambda i, n: np.full((12, 16), 2.0 + 0.4 * i))
+    events = []
+    s = SegmentedSession(inner, ReanchorPolicy(depth_tolerance=0.3), on_segment=events.append)
+    assert (s.window, s.anchors, s.segment, s.last_overlap, s.frames_seen) == (5, 2, 0, 1.0, 0)
+    assert s.stats() == "inner stats"
+    s.step(_frame(0), stamp_ns=7, mapping="a")
+    s.step(_frame(1), stamp_ns=8, mapping="b")
+    assert inner.calls == [(0, 7, "a"), (1, 8, "b")]
+    assert s.last_overlap == 1.0  # 2.4 m against the anchor's 2.0: within 0.3 x 2.4
+    tight = SegmentedSession(_WallSession(dx=0.0, depth=lambda i, n: np.full((12, 16), 2.0 + 0.4 * i)))
+    tight.step(_frame(0))
+    tight.step(_frame(1))
+    assert tight.last_overlap == 0.0  # the default 0.1 x 2.4 is not enough
+    small = s.shrunk(3)
+    assert inner.shrunk_with == [3] and isinstance(small, SegmentedSession)
+    assert small.inner is not inner and isinstance(small.inner, _WallSession)
+    assert small.policy is s.policy and small.on_segment == events.append and small.segment == 0
+    assert s.shrunk(1) is None and inner.shrunk_with == [3, 1]
+
+
+def test_reanchor_policy_allows_a_single_overlap_frame_and_says_what_it_needs():
+    from ros2_stream4d.mapping.backend.segments import ReanchorPolicy
+
+    p = ReanchorPolicy(overlap_frames=1, min_segment_frames=2, max_segment_frames=2)
+    assert p.overlap_frames == 1
+    with pytest.raises(ValueError, match=r"^need 1 <= overlap_frames < min_segment_frames <= max_segment_frames$"):
+        ReanchorPolicy(overlap_frames=0)
+
+
+def test_np_detaches_tensors_to_float32_and_passes_arrays_through():
+    import torch
+
+    from ros2_stream4d.mapping.backend.segments import _np
+
+    t = torch.tensor([1.5, -2.0], dtype=torch.float64, requires_grad=True)
+    a = _np(t)
+    assert a.dtype == np.float32 and a.tolist() == [1.5, -2.0]
+    x = np.array([1.0, 2.0], np.float64)
+    assert _np(x).dtype == np.float64 and _np(x).tolist() == [1.0, 2.0]
+    assert _np([3, 4]).tolist() == [3, 4]
+
+
+def test_transform_outputs_maps_every_output_into_the_continuous_frame():
+    import torch
+
+    from ros2_stream4d.mapping.backend.segments import _Frame, _transform_outputs
+    from ros2_stream4d.mapping.conventions import inverse, make_transform
+    from ros2_stream4d.model.geometry import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri
+
+    h, w = 12, 16
+    K = np.array([[14.0, 0, 8.0], [0, 15.0, 6.0], [0, 0, 1]])
+    T_seg = make_transform(rotation_from_vector([0.05, 0.2, -0.1]), [0.3, -0.1, 0.2])
+    R_s, t_s, s = rotation_from_vector([0.0, 0.3, 0.1]), np.array([1.0, 2.0, -0.5]), 2.0
+    S = S3.sim3(R_s, t_s, s)
+    depth = np.full((h, w), 2.0, np.float32)
+    depth[0, 0] = 3.0
+    f = _Frame(None, None, None, T_seg, depth, np.full((h, w), 3.0, np.float32), K)
+    wp = np.random.default_rng(0).normal(size=(1, h, w, 3)).astype(np.float32)
+    old_ext = torch.as_tensor(inverse(T_seg)[:3], dtype=torch.float32)[None]
+    enc = extri_intri_to_pose_encoding(old_ext[None], torch.as_tensor(K, dtype=torch.float32)[None, None], (h, w))[0]
+    out = {"depth": torch.as_tensor(depth)[None, ..., None], "depth_conf": torch.full((1, h, w), 3.0),
+           "world_points": torch.as_tensor(wp), "extrinsic": old_ext,
+           "intrinsic": torch.zeros(1, 3, 3), "pose_enc": enc}
+    res = _transform_outputs(out, f, S)
+    assert set(res) == set(out) and res["depth_conf"] is out["depth_conf"]
+    np.testing.assert_allclose(res["depth"].numpy(), 2.0 * out["depth"].numpy())
+    np.testing.assert_allclose(res["world_points"][0].numpy(), s * wp[0] @ R_s.T + t_s, atol=1e-5)
+    # the camera: rotation R_s R_seg, centre s R_s c_seg + t_s
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R_s @ T_seg[:3, :3], s * R_s @ T_seg[:3, 3] + t_s
+    for key in ("extrinsic", "intrinsic", "world_points"):
+        assert res[key].dtype == torch.float32 and res[key].shape[0] == 1
+    np.testing.assert_allclose(res["extrinsic"][0].numpy(), inverse(T)[:3], atol=1e-6)
+    np.testing.assert_allclose(res["intrinsic"][0].numpy(), K, atol=1e-6)
+    e, k = pose_encoding_to_extri_intri(res["pose_enc"][None], (h, w))
+    np.testing.assert_allclose(e.reshape(3, 4).numpy(), inverse(T)[:3], atol=1e-4)
+    np.testing.assert_allclose(k.reshape(3, 3).numpy()[:2, :2], K[:2, :2], rtol=1e-4)
+    bare = _transform_outputs({"depth": out["depth"], "depth_conf": out["depth_conf"]}, f, S)
+    assert set(bare) == {"depth", "depth_conf", "extrinsic", "intrinsic"}
