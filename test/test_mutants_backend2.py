@@ -601,3 +601,188 @@ def test_transform_outputs_maps_every_output_into_the_continuous_frame():
     np.testing.assert_allclose(k.reshape(3, 3).numpy()[:2, :2], K[:2, :2], rtol=1e-4)
     bare = _transform_outputs({"depth": out["depth"], "depth_conf": out["depth_conf"]}, f, S)
     assert set(bare) == {"depth", "depth_conf", "extrinsic", "intrinsic"}
+
+
+# ---------------------------------------------------------------------------------------------------- posegraph
+def _square(config=None):
+    from test_mutants_backend import _drifted_square
+
+    from ros2_stream4d.mapping.backend.posegraph import PoseGraphConfig
+
+    return _drifted_square(config or PoseGraphConfig())
+
+
+def test_pose_graph_default_segment_and_edge_checks():
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, ODOMETRY, BackendWorker, PoseGraph
+
+    g = PoseGraph()
+    g.add_keyframe(0, np.eye(4))  # the default segment is 0: the next keyframe of segment 0 joins it by odometry
+    g.add_keyframe(1, S3.sim3(t=[1.0, 0.0, 0.0]), 0)
+    assert g.segment_of == {0: 0, 1: 0} and [(e.i, e.j, e.kind) for e in g.edges] == [(0, 1, ODOMETRY)]
+    with pytest.raises(KeyError, match="edge 0-7: unknown keyframe"):
+        g.add_edge(0, 7, np.eye(4))
+    with pytest.raises(KeyError, match="edge 7-1: unknown keyframe"):
+        g.add_edge(7, 1, np.eye(4))
+    assert len(g.edges) == 1
+    Z = np.eye(4, dtype=int)
+    e = g.add_edge(0, 1, Z, LOOP)
+    assert e.S_i_j.dtype == np.float64 and e.S_i_j is not Z
+    w = BackendWorker()
+    try:
+        w.add_keyframe(0, np.eye(4))
+        w.add_keyframe(1, S3.sim3(t=[1.0, 0.0, 0.0]), 0)
+        assert w.graph.segment_of == {0: 0, 1: 0} and [e.kind for e in w.graph.edges] == [ODOMETRY]
+    finally:
+        w.close()
+
+
+def test_accept_carries_keyframes_added_during_an_optimisation_by_the_newest_correction():
+    from ros2_stream4d.mapping.backend.posegraph import OptimisationResult, PoseGraph
+
+    g = PoseGraph()
+    odo = {k: S3.sim3(rotation_from_vector([0.0, 0.0, 0.3 * k]), [1.0 * k, 0.2 * k, 0.0]) for k in range(3)}
+    for k in range(3):
+        g.add_keyframe(k, odo[k])
+    C = S3.sim3(rotation_from_vector([0.0, 0.0, 0.1]), [0.5, -0.2, 0.0], 1.1)
+    C1 = S3.sim3(rotation_from_vector([0.0, 0.0, -0.05]), [0.1, 0.3, 0.0])
+    res = OptimisationResult(True, poses={0: C @ odo[0], 1: C1 @ odo[1]})  # solved before keyframe 2 came
+    g.accept(res)
+    np.testing.assert_allclose(g.solution[0], C @ odo[0], atol=1e-12)
+    np.testing.assert_allclose(g.solution[1], C1 @ odo[1], atol=1e-12)
+    np.testing.assert_allclose(g.solution[2], C1 @ odo[2], atol=1e-12)  # the correction at keyframe 1, not C
+
+
+def test_noise_models_robust_only_for_robust_edges_when_asked():
+    import gtsam
+
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, ODOMETRY, Edge, PoseGraphConfig, _noise
+
+    cfg = PoseGraphConfig()
+    odo = Edge(0, 1, np.eye(4), ODOMETRY, 0.01, 0.02, 0.03, robust=False)
+    loop = Edge(0, 1, np.eye(4), LOOP, 0.01, 0.02, 0.03, robust=True)
+    for model in (_noise(odo, cfg), _noise(odo, cfg, False), _noise(loop, cfg, False)):
+        assert not isinstance(model, gtsam.noiseModel.Robust)
+        np.testing.assert_allclose(model.sigmas(), [0.01] * 3 + [0.02] * 3 + [0.03])
+    assert isinstance(_noise(loop, cfg), gtsam.noiseModel.Robust)
+
+
+def _loops_on_a_line(wrong):
+    """Ten keyframes 1 m apart along x (exact odometry) and loops (i, j) that agree with it, but those in `wrong`,
+    which are 1 m off."""
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, Edge
+
+    odo = {k: S3.sim3(t=[1.0 * k, 0.0, 0.0]) for k in range(10)}
+    edges = []
+    for i, j in ((0, 8), (1, 9), (2, 7)):
+        Z = S3.inverse(odo[i]) @ odo[j]
+        if (i, j) in wrong:
+            Z = Z @ S3.sim3(t=[0.0, 1.0, 0.0])
+        edges.append(Edge(i, j, Z, LOOP, 0.02, 0.05, 0.02))
+    return edges, list(range(10)), odo
+
+
+def test_pairwise_consistency_needs_a_majority_against_a_loop_and_enough_neighbours():
+    from ros2_stream4d.mapping.backend.posegraph import PoseGraphConfig, inconsistent_loops
+
+    cfg = PoseGraphConfig()
+    edges, order, odo = _loops_on_a_line({(2, 7)})
+    # (0, 8) and (1, 9) agree with each other and not with (2, 7): each has one vote of two for it, a tie, kept;
+    # (2, 7) has none of two
+    assert [(e.i, e.j) for e in inconsistent_loops(edges, order, odo, cfg)] == [(2, 7)]
+    # two loops that disagree: one neighbour each, fewer than pcm_min_neighbours (2): neither is judged
+    two = [e for e in edges if (e.i, e.j) != (1, 9)]
+    assert inconsistent_loops(two, order, odo, cfg) == []
+
+
+def test_optimise_snapshot_keeps_the_first_keyframe_and_obeys_the_iteration_limit():
+    import dataclasses
+
+    from ros2_stream4d.mapping.backend.posegraph import PoseGraphConfig, optimise_snapshot
+
+    cfg = PoseGraphConfig()
+    g = _square(cfg)
+    snap = g.snapshot()
+    res = optimise_snapshot(snap, cfg)
+    assert res.ok and res.iterations > 1 and res.final_error < res.initial_error
+    np.testing.assert_allclose(res.poses[0], snap[3][0], atol=1e-9)  # the prior holds the first keyframe
+    one = dataclasses.replace(cfg, max_iterations=1)
+    res1 = optimise_snapshot(_square(one).snapshot(), one)
+    assert res1.ok and res1.iterations == 1 and res1.final_error > res.final_error
+
+
+def test_optimise_snapshot_outlier_threshold_is_strict_and_a_lone_outlier_leaves_nothing_to_correct():
+    import dataclasses
+
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, PoseGraphConfig, _whitened, optimise_snapshot
+
+    cfg = PoseGraphConfig()
+    g = _square(cfg)
+    res = optimise_snapshot(g.snapshot(), cfg)
+    (loop,) = [e for e in g.edges if e.kind == LOOP]
+    w = _whitened(loop, res.poses)
+    assert 0.1 < w < cfg.outlier_chi
+    at = dataclasses.replace(cfg, outlier_chi=w)  # the loop's residual at the solution equals the threshold: kept
+    res_at = optimise_snapshot(_square(at).snapshot(), at)
+    assert res_at.ok and res_at.rejected_edges == []
+    below = dataclasses.replace(cfg, outlier_chi=0.9 * w)  # above it: switched off, and then no loop is left
+    drop = optimise_snapshot(_square(below).snapshot(), below)
+    assert drop.ok is False and drop.rejected_edges == [(0, 4, LOOP)] and drop.poses == {}
+    assert drop.reason == ("loops agree with the current poses once 1 outlier(s) are removed (worst whitened "
+                           "residual 0.00 <= 4.93): nothing to correct")
+
+
+@pytest.mark.parametrize("gnc", [True, False])
+def test_optimise_snapshot_reports_a_gtsam_failure(gnc):
+    from ros2_stream4d.mapping.backend.posegraph import ODOMETRY, Edge, PoseGraphConfig, optimise_snapshot
+
+    cfg = PoseGraphConfig(gnc=gnc)
+    order, odometry, edges, initial, path = _square(cfg).snapshot()
+    edges.append(Edge(3, 9, np.eye(4), ODOMETRY, 0.01, 0.01, 0.01, robust=False))  # keyframe 9 has no value
+    res = optimise_snapshot((order, odometry, edges, initial, path), cfg)
+    assert res.ok is False and res.poses == {}
+    assert res.reason.startswith("optimisation failed: ") and '"9"' in res.reason
+    assert isinstance(res.seconds, float) and res.seconds > 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- service
+def test_closing_the_backend_abandons_the_queued_keyframes():
+    import threading
+
+    from ros2_stream4d.mapping.backend.loops import KeyframeView
+    from ros2_stream4d.mapping.backend.service import LongRunBackend
+
+    started, go, closing = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    class Blocking:
+        config = None
+
+        def add(self, view):
+            seen.append(view.id)
+            if view.id == 0:
+                started.set()
+                go.wait(10.0)
+
+        def detect(self):
+            return []
+
+    b = LongRunBackend()
+    b.detector = Blocking()
+    put = b._queue.put
+
+    def put_and_tell(item, *args, **kwargs):
+        put(item, *args, **kwargs)
+        if item is None:
+            closing.set()
+
+    b._queue.put = put_and_tell
+    for k in range(3):
+        b._put((KeyframeView(k, np.zeros((2, 2, 3), np.uint8), np.ones((2, 2)), np.eye(3), S3.sim3(t=[k, 0, 0])), 0))
+    assert started.wait(10.0)
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    assert closing.wait(10.0)  # close() has asked the worker to stop while keyframe 0 is still being processed
+    go.set()
+    closer.join(20.0)
+    assert not closer.is_alive() and not b._thread.is_alive()
+    assert seen == [0] and b.stats["keyframes"] == 1  # keyframes 1 and 2 were queued, never processed
