@@ -786,3 +786,44 @@ def test_closing_the_backend_abandons_the_queued_keyframes():
     closer.join(20.0)
     assert not closer.is_alive() and not b._thread.is_alive()
     assert seen == [0] and b.stats["keyframes"] == 1  # keyframes 1 and 2 were queued, never processed
+
+
+def test_gnc_alone_switches_off_a_wrong_loop_in_whitened_units():
+    """The drifted square with its true loop (0, 4) and a wrong one (0, 2) 1 m off, the rounds' outlier test off
+    (outlier_chi 1e6): GNC (truncated least squares on the edges' own sigmas, no robust kernel) switches the wrong
+    loop off; the true one stays and brings keyframe 4 back to the start."""
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, PoseGraphConfig, optimise_snapshot
+
+    cfg = PoseGraphConfig(outlier_chi=1e6)
+    g = _square(cfg)
+    Z = S3.inverse(g.odometry[0]) @ g.odometry[2] @ S3.sim3(t=[0.0, 1.0, 0.0])
+    g.add_edge(0, 2, Z, LOOP)
+    res = optimise_snapshot(g.snapshot(), cfg)
+    assert res.ok and res.rejected_edges == [(0, 2, LOOP)]
+    np.testing.assert_allclose(res.poses[4][:3, 3], [0.0, 0.0, 0.0], atol=0.05)
+
+
+def test_backend_observe_stops_at_a_keyframe_without_frames_and_counts_those_handed_on():
+    import threading
+    from types import SimpleNamespace
+
+    from test_mutants_backend import _stopped_backend
+
+    class Frames:
+        def __init__(self, n):
+            self.n = n
+            self.depth, self.rgb = np.ones((1, 2, 2)), np.zeros((1, 2, 2, 3), np.uint8)
+            self.K = np.eye(3)[None]
+
+        def __len__(self):
+            return self.n
+
+    kfs = [SimpleNamespace(id=k, T_map_kf=S3.sim3(t=[k, 0.0, 0.0]), segment=0, descriptor=None) for k in range(3)]
+    counts = {0: 1, 1: 0, 2: 1}  # keyframe 1 has no frame (yet)
+    m = SimpleNamespace(_lock=threading.Lock(), keyframes=kfs, frames_of=lambda kf: Frames(counts[kf.id]))
+    pipeline = SimpleNamespace(map=m)
+    b = _stopped_backend()
+    assert b.observe(pipeline) == 1 and b._observed == 1
+    counts[1] = 2
+    assert b.observe(pipeline) == 2 and b._observed == 3
+    assert [b._queue.get_nowait()[0].id for _ in range(b._queue.qsize())] == [0, 1, 2]
