@@ -602,3 +602,214 @@ def test_occupancy_option_limits():
     with pytest.raises(ValueError, match=r"^occupancy max_range must be > 0, got 0.0$"):
         OccupancyOptions(max_range=0.0)
     assert OccupancyOptions(max_range=0.5).max_range == 0.5
+
+
+# ------------------------------------------------------------------------ keyframe_map: a rebuild's catch-up
+@pytest.mark.parametrize("late", [2, 7], ids=["few-late-frames", "more-than-the-catch-up"])
+def test_frames_integrated_while_a_rebuild_fuses_are_in_its_products_once(monkeypatch, late):
+    """A background rebuild fuses a snapshot outside the lock; frames integrated meanwhile are fused into the new
+    products afterwards: in catch-up rounds when more than CATCH_UP_FRAMES arrived, else under the lock before the
+    swap. Each frame exactly once (a frame fused twice doubles its occupancy votes and TSDF weight), none lost: the
+    swapped-in map equals one built from every frame with the corrected poses. The rebuild is held inside its first
+    fuse while the late frames arrive, so both paths run every time."""
+    import threading
+
+    from map_helpers import assert_same_products, room, shifted, small_config
+
+    from ros2_stream4d.mapping import keyframe_map as km
+
+    assert 2 <= km.CATCH_UP_FRAMES < 7  # the two cases sit on either side of it
+    frames, _ = room()
+    early, rest = frames[:-late], frames[-late:]
+    m = km.KeyframeMap(small_config(background_rebuild=True))
+    for f in early:
+        m.integrate(f)
+    entered, release, names = threading.Event(), threading.Event(), []
+    fuse_batch = km.MapProducts.fuse_batch
+
+    def held_in_the_rebuild(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            names.append((threading.current_thread().name, threading.current_thread().daemon))
+            if not release.is_set():
+                entered.set()
+                assert release.wait(30)
+        return fuse_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(km.MapProducts, "fuse_batch", held_in_the_rebuild)
+    t = np.array([0.3, -0.2, 0.05])
+    m.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in m.keyframes})
+    assert entered.wait(30), "the rebuild started in its own thread"
+    n_before = len(m.keyframes)
+    for f in rest:  # the rebuild is inside its first fuse, outside the lock: integrating goes on
+        m.integrate(f)
+    release.set()
+    assert m.wait_rebuilt(60) and not m.stale and m.rebuilds == 1
+    assert set(names) == {("stream4d-map-rebuild", True)}, "a daemon thread: it never holds up the process's exit"
+    ref = km.KeyframeMap(small_config())  # the same steps, rebuilt synchronously in update_poses
+    for f in early:
+        ref.integrate(f)
+    ref.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in ref.keyframes})
+    for f in rest:
+        ref.integrate(f)
+    assert len(ref.keyframes) == len(m.keyframes) > n_before
+    assert_same_products(m, ref)
+
+
+@pytest.mark.parametrize("extra", [2, 5], ids=["last-frames-under-the-lock", "another-round"])
+def test_a_keyframe_growing_during_a_rebuild_is_fused_from_where_the_rebuild_left_it(monkeypatch, extra):
+    """The open keyframe gains frames while the rebuild fuses its first frames: the rebuild goes on from the frame it
+    reached (start=done), in another round when more than CATCH_UP_FRAMES arrived, else under the lock before the
+    swap. A restart from frame 0 fuses frames twice and the products differ from a synchronous build. The rebuild is
+    held twice: inside the snapshot (5 frames arrive into a new keyframe), then inside the round that fuses those 5
+    (``extra`` more arrive into the same keyframe)."""
+    import threading
+
+    from map_helpers import assert_same_products, room, shifted, small_config
+
+    from ros2_stream4d.mapping import keyframe_map as km
+
+    frames, _ = room()
+    early, late, later = frames[:12], frames[12:17], frames[17:17 + extra]
+    config = dict(background_rebuild=True, keyframe_max_frames=12, keyframe_distance=5.0, keyframe_angle_deg=90.0)
+    m = km.KeyframeMap(small_config(**config))
+    for f in early:
+        m.integrate(f)
+    holds = [lambda n: True, lambda n: n == len(late)]  # where the rebuild waits, in order
+    arrived, go = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
+    fuse_batch = km.MapProducts.fuse_batch
+
+    def held(self, batch, T_map_kf, start=0):
+        if threading.current_thread() is not threading.main_thread() and holds and holds[0](len(batch)):
+            k = 2 - len(holds)
+            holds.pop(0)
+            arrived[k].set()
+            assert go[k].wait(30)
+        return fuse_batch(self, batch, T_map_kf, start=start)
+
+    monkeypatch.setattr(km.MapProducts, "fuse_batch", held)
+    t = np.array([0.3, -0.2, 0.05])
+    m.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in m.keyframes})
+    n_before = len(m.keyframes)
+    assert arrived[0].wait(30)
+    for f in late:
+        m.integrate(f)
+    go[0].set()
+    assert arrived[1].wait(30), "a catch-up round fuses the 5 frames that arrived"
+    for f in later:
+        m.integrate(f)
+    go[1].set()
+    assert m.wait_rebuilt(60) and m.rebuilds == 1 and not holds
+    assert len(m.keyframes) == n_before + 1, "the late frames are one keyframe"
+    ref = km.KeyframeMap(small_config(**{**config, "background_rebuild": False}))
+    for f in early:
+        ref.integrate(f)
+    ref.update_poses({kf.id: shifted(kf.T_map_kf, t) for kf in ref.keyframes})
+    for f in late + later:
+        ref.integrate(f)
+    assert_same_products(m, ref)
+
+
+def test_pose_updates_accept_rounding_noise_and_refuse_what_is_not_a_similarity():
+    """A Sim(3) pose with float32 rounding (1e-7, as a pose read from a float32 message) is accepted; a bottom row or
+    a rotation off by more than the 1e-6 tolerance is refused with the reason."""
+    from map_helpers import room, small_config
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    frames, _ = room(n=4)
+    m = KeyframeMap(small_config())
+    for f in frames:
+        m.integrate(f)
+    kid = m.keyframes[0].id
+    c, s = np.cos(0.3), np.sin(0.3)
+    good = np.array([[c, -s, 0, 0.1], [s, c, 0, 0.2], [0, 0, 1, 0.0], [0, 0, 0, 1.0]])
+    good[:3, :3] *= 1.3  # a Sim(3) with scale 1.3
+    for where, eps in (((3, 0), 4e-7), ((0, 2), 4e-7), ((2, 1), -4e-7)):
+        T = good.copy()
+        T[where] += eps  # inside the tolerance: off the bottom row or off an exact rotation by float rounding
+        m.update_poses({kid: T})
+        np.testing.assert_array_equal(m.keyframes[0].T_map_kf, T)
+    for where, eps in (((3, 0), 1e-4), ((0, 2), 1e-3), ((3, 3), 1e-4)):
+        T = good.copy()
+        T[where] += eps
+        with pytest.raises(ValueError, match=f"^pose of keyframe {kid} is not a rigid or Sim"):
+            m.update_poses({kid: T})
+    mirror = good.copy()
+    mirror[:3, 0] *= -1  # a reflection (det < 0) is not a pose
+    with pytest.raises(ValueError, match="not a rigid or Sim"):
+        m.update_poses({kid: mirror})
+
+
+def test_confident_depth_without_rated_even_pixels_cuts_on_every_rated_pixel():
+    """The percentile is taken on the even-pixel subsample; when no even pixel is rated (a one-pixel-wide rated
+    column at an odd index) it is taken on every rated pixel, not on an empty subsample. Nothing rated: all NaN, in
+    the depth's dtype."""
+    from ros2_stream4d.mapping.keyframe_map import confident_depth
+
+    depth = np.arange(1.0, 1.0 + 6 * 8).reshape(6, 8).astype(np.float32)
+    conf = np.zeros((6, 8), np.float32)
+    conf[:, 3] = [1.0, 6.0, 2.0, 5.0, 3.0, 4.0]  # only column 3 rated
+    out = confident_depth(depth, conf, 50.0)  # the median of 1..6 is 3.5: rows with conf 6, 5, 4 stay
+    keep = np.isfinite(out)
+    assert keep[:, 3].tolist() == [False, True, False, True, False, True] and keep.sum() == 3
+    np.testing.assert_array_equal(out[keep], depth[keep])
+    none = confident_depth(depth, np.zeros_like(conf), 10.0)
+    assert none.dtype == np.float32 and none.shape == depth.shape and np.isnan(none).all()
+
+
+def test_wait_rebuilt_gives_up_at_its_timeout_while_a_rebuild_runs(monkeypatch):
+    """wait_rebuilt(timeout) returns False at the timeout while the background rebuild is still fusing, True once it
+    is swapped in (and at once when nothing is stale)."""
+    import threading
+
+    from map_helpers import room, shifted, small_config
+
+    from ros2_stream4d.mapping import keyframe_map as km
+
+    frames, _ = room(n=6)
+    m = km.KeyframeMap(small_config(background_rebuild=True))
+    for f in frames:
+        m.integrate(f)
+    assert m.wait_rebuilt(0.0) is True
+    entered, release = threading.Event(), threading.Event()
+    fuse_batch = km.MapProducts.fuse_batch
+
+    def held(self, *args, **kwargs):
+        entered.set()
+        assert release.wait(30)
+        return fuse_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(km.MapProducts, "fuse_batch", held)
+    m.update_poses({kf.id: shifted(kf.T_map_kf, [0.1, 0.0, 0.0]) for kf in m.keyframes})
+    assert entered.wait(30)
+    threading.Timer(10.0, release.set).start()  # a wait that ignored its timeout would end here, with True
+    assert m.wait_rebuilt(0.3) is False and m.stale
+    release.set()
+    assert m.wait_rebuilt(30) is True and not m.stale
+
+
+def test_an_own_spill_directory_is_removed_at_close_even_if_already_gone(tmp_path):
+    """Without spill_dir the map spills to a temporary directory of its own and removes it at close(); a directory
+    removed by someone else first is not an error. A spill_dir given by the user is never removed."""
+    import shutil
+
+    from map_helpers import room, small_config
+
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    frames, _ = room(n=12)
+    own = KeyframeMap(small_config(max_keyframes_in_memory=1, keyframe_max_frames=2))
+    given = KeyframeMap(small_config(max_keyframes_in_memory=1, keyframe_max_frames=2, spill_dir=str(tmp_path / "s")))
+    for f in frames:
+        own.integrate(f)
+        given.integrate(f)
+    root = own.spill_root()
+    assert root.is_dir() and any(root.iterdir()) and any((tmp_path / "s").iterdir())
+    own.close()
+    given.close()
+    assert not root.exists() and (tmp_path / "s").is_dir()
+    again = KeyframeMap(small_config(max_keyframes_in_memory=1, keyframe_max_frames=2))
+    for f in frames:
+        again.integrate(f)
+    shutil.rmtree(again.spill_root())
+    again.close()  # the directory is already gone: no error

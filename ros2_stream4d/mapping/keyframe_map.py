@@ -307,20 +307,15 @@ class MapProducts:
 
     @property
     def surface_filtered(self) -> bool:
-        """Whether cloud_points() leaves out what the TSDF surface contradicts (needs the TSDF)."""
+        """Whether the map's cloud leaves out what the TSDF surface contradicts (needs the TSDF)."""
         return self.tsdf is not None and self.config.cloud_surface_voxels > 0
 
     def cloud_snapshot(self):
         """(the cloud's (xyz, rgb, conf), the TSDF's SurfaceSnapshot or None when the filter is off), copied: what
-        cloud_points filters, taken under the map's lock; the filtering itself needs no lock."""
+        leave_out_contradicted filters, taken under the map's lock; the filtering itself needs no lock."""
         self.flush_cloud()
         cloud = self.cloud.points()
         return cloud, (self.tsdf.snapshot() if self.surface_filtered and len(cloud[0]) else None)
-
-    def cloud_points(self):
-        """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)): the cloud's voxels, without those the fused
-        surface contradicts (cloud_surface_voxels)."""
-        return leave_out_contradicted(*self.cloud_snapshot(), self.config)
 
 
 def leave_out_contradicted(cloud, surface, config: KeyframeMapConfig):
@@ -341,7 +336,6 @@ class KeyframeMap:
         self.config = config or KeyframeMapConfig()
         self._lock = threading.RLock()  # the node's worker integrates while timers and services read products
         self._spill_root: Path | None = None
-        self._own_spill = False
         self._finalizer = None
         self.keyframes: list[Keyframe] = []
         self._spilled = 0  # keyframes[:_spilled] are on disk
@@ -602,7 +596,6 @@ class KeyframeMap:
                 self._spill_root.mkdir(parents=True, exist_ok=True)
             else:
                 self._spill_root = Path(tempfile.mkdtemp(prefix="stream4d_keyframes_"))
-                self._own_spill = True
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._spill_root), True)
         return self._spill_root
 
