@@ -827,3 +827,22 @@ def test_backend_observe_stops_at_a_keyframe_without_frames_and_counts_those_han
     counts[1] = 2
     assert b.observe(pipeline) == 2 and b._observed == 3
     assert [b._queue.get_nowait()[0].id for _ in range(b._queue.qsize())] == [0, 1, 2]
+
+
+def test_verify_counts_keypoints_5_px_off_as_pnp_outliers(room):
+    """Half of the newer keyframe's keypoints moved 5 px (their 3D points unchanged): PnP, at its 3 px reprojection
+    error, keeps (the right matches of) the other half only; the loop is still accepted."""
+    det, a, b = _tampered(room)
+    rng = np.random.default_rng(2)
+    moved = rng.random(len(b.uv)) < 0.5
+    phi = rng.uniform(0.0, 2 * np.pi, moved.sum())
+    b.uv = b.uv.copy()
+    b.uv[moved] += 5.0 * np.c_[np.cos(phi), np.sin(phi)]
+    ia, ib = _hamming_matches(a, b, det.config.ratio)
+    ok = np.isfinite(a.xyz[ia]).all(1) & np.isfinite(b.xyz[ib]).all(1)
+    n_moved, n_kept = int(moved[ib[ok]].sum()), int((~moved[ib[ok]]).sum())
+    assert n_moved > 50 and n_kept > 50
+    r = det.verify(a, b)
+    assert r.accepted, r.reason
+    # (about 70 % of the matches are right: 196 PnP inliers of 281 unmoved, 101 of the 145 left here)
+    assert 0.5 * n_kept <= r.details["pnp_inliers"] <= n_kept + 0.1 * n_moved
