@@ -264,13 +264,16 @@ def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, 
 def _agree_without(rejected, active, initial, config: PoseGraphConfig, t0: float) -> OptimisationResult | None:
     """A dropped result when every segment / loop edge but the rejected ones agrees with the poses the optimisation
     started from (whitened residual <= consistent_chi): the loops left say nothing the map does not already say."""
-    worst = max((_whitened(e, initial) for e in active if e.robust and (e.i, e.j, e.kind) not in rejected),
-                default=0.0)
+    left = [_whitened(e, initial) for e in active if e.robust and (e.i, e.j, e.kind) not in rejected]
+    if not left:
+        return OptimisationResult(False, reason=f"every loop ({len(rejected)}) rejected as an outlier: nothing to "
+                                  "correct", rejected_edges=list(rejected), seconds=time.perf_counter() - t0)
+    worst = max(left)
     if worst > config.consistent_chi:
         return None
     removed = f" once {len(rejected)} outlier(s) are removed" if rejected else ""
-    return OptimisationResult(False, reason=f"loops agree with the current poses{removed} (worst whitened residual "
-                              f"{worst:.2f} <= {config.consistent_chi}): nothing to correct",
+    return OptimisationResult(False, reason=f"the {len(left)} loop(s) agree with the current poses{removed} (worst "
+                              f"whitened residual {worst:.2f} <= {config.consistent_chi}): nothing to correct",
                               rejected_edges=list(rejected), seconds=time.perf_counter() - t0)
 
 
