@@ -813,3 +813,47 @@ def test_an_own_spill_directory_is_removed_at_close_even_if_already_gone(tmp_pat
         again.integrate(f)
     shutil.rmtree(again.spill_root())
     again.close()  # the directory is already gone: no error
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("stride", 0, "stride, keyframe_max_frames and max_keyframes_in_memory must be >= 1"),
+    ("cloud_stride", 0, "stride, keyframe_max_frames and max_keyframes_in_memory must be >= 1"),
+    ("keyframe_max_frames", 0, "stride, keyframe_max_frames and max_keyframes_in_memory must be >= 1"),
+    ("max_keyframes_in_memory", 0, "stride, keyframe_max_frames and max_keyframes_in_memory must be >= 1"),
+    ("keyframe_distance", 0.0, "keyframe_distance, keyframe_angle_deg and depth_max must be > 0"),
+    ("keyframe_angle_deg", 0.0, "keyframe_distance, keyframe_angle_deg and depth_max must be > 0"),
+    ("depth_max", 0.0, "keyframe_distance, keyframe_angle_deg and depth_max must be > 0"),
+])
+def test_keyframe_map_config_refuses_each_bad_setting_alone_with_its_reason(field, value, message):
+    """Each setting on its own is refused (one bad value among good ones), with the message naming the settings;
+    values just inside the limits are accepted."""
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig
+
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        KeyframeMapConfig(**{field: value})
+    ok = KeyframeMapConfig(stride=1, cloud_stride=1, keyframe_max_frames=1, max_keyframes_in_memory=1,
+                           keyframe_distance=0.01, keyframe_angle_deg=0.5, depth_max=0.5)
+    assert (ok.stride, ok.keyframe_angle_deg, ok.depth_max) == (1, 0.5, 0.5)
+
+
+def test_the_cloud_takes_depths_above_zero_up_to_and_including_cloud_depth_max():
+    """Points fused into the cloud: depth > 0 (0 = no measurement) and <= cloud_depth_max (a point exactly at the
+    limit is kept); a depth below a metre is a point like any other. A Sim(3) pose scales the depth it fuses."""
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig, MapProducts
+
+    depth = np.full((H, W), np.nan, np.float32)
+    depth[10, 10], depth[10, 20], depth[20, 10], depth[20, 20] = 0.0, 0.5, 2.0, 2.5
+    rgb = np.full((H, W, 3), 77, np.uint8)
+    conf = np.ones((H, W), np.float32)
+    cfg = KeyframeMapConfig(cloud_stride=1, cloud_voxel_size=0.01, cloud_depth_max=2.0, conf_percentile=0.0,
+                            tsdf=False, occupancy=False, cloud_surface_voxels=0.0)
+    p = MapProducts(cfg)
+    p.fuse(depth, conf, rgb, K, np.eye(4))
+    (xyz, _, _), _ = p.cloud_snapshot()
+    assert sorted(np.round(xyz[:, 2], 3).tolist()) == [0.5, 2.0]
+    S = np.eye(4)
+    S[:3, :3] *= 1.5  # a Sim(3) keyframe pose: depths x 1.5, then the same limit
+    q = MapProducts(cfg)
+    q.fuse(depth, conf, rgb, K, S)
+    (xyz, _, _), _ = q.cloud_snapshot()
+    assert sorted(np.round(xyz[:, 2], 3).tolist()) == [0.75]
