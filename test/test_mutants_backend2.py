@@ -444,12 +444,12 @@ def _pose_of(res):
     return extrinsic_to_pose(res["extrinsic"][0].numpy().astype(np.float64))
 
 
-def _run_segments(inner, **policy):
+def _run_segments(inner, n=5, **policy):
     from ros2_stream4d.mapping.backend.segments import ReanchorPolicy, SegmentedSession
 
     events = []
     s = SegmentedSession(inner, ReanchorPolicy(**policy), on_segment=events.append)
-    outs = [s.step(_frame(i), stamp_ns=100 + i, mapping=f"m{i}") for i in range(5)]
+    outs = [s.step(_frame(i), stamp_ns=100 + i, mapping=f"m{i}") for i in range(n)]
     return s, events, outs
 
 
@@ -845,3 +845,63 @@ def test_verify_counts_keypoints_5_px_off_as_pnp_outliers(room):
     assert r.accepted, r.reason
     # (about 70 % of the matches are right: 196 PnP inliers of 281 unmoved, 101 of the 145 left here)
     assert 0.5 * n_kept <= r.details["pnp_inliers"] <= n_kept + 0.1 * n_moved
+
+
+# ------------------------------------------------------------------- third batch (sampled at 9058ca4, seed 17)
+def test_anchor_overlap_with_the_anchor_and_the_frame_away_from_the_world_origin():
+    """The anchor and the frame are one camera, turned and 1.2 m away from the world origin: every point is seen
+    (the world -> anchor transform applies the anchor's inverse translation as well as its rotation); the same frame
+    0.8 m further along its optical axis sees nothing the anchor saw at that depth."""
+    T = np.eye(4)
+    T[:3, :3] = rotation_from_vector(np.array([0.2, -0.5, 0.1]))
+    T[:3, 3] = [0.7, -0.4, 0.9]
+    wall = np.full((12, 16), 2.0)
+    assert _overlap(wall, wall, T_world_anchor=T, T_world_cam=T) == pytest.approx(1.0)
+    ahead = T.copy()
+    ahead[:3, 3] += 0.8 * T[:3, 2]
+    assert _overlap(wall, wall, T_world_anchor=T, T_world_cam=ahead) == 0.0
+
+
+def test_segments_are_numbered_one_after_the_other():
+    """Several segment switches: the events and the session count segments 1, 2, 3, ... (not stuck at 1)."""
+    inner = _WallSession()
+    s, events, _ = _run_segments(inner, max_segment_frames=4, min_segment_frames=4, overlap_frames=2, n=12)
+    n = len(events)
+    assert n >= 3 and [e.segment for e in events] == list(range(1, n + 1))
+    assert s.segment == n and s.segment_stats.segments == n + 1
+
+
+def test_backend_diagnostics_say_which_descriptor_the_loops_use():
+    """Before any keyframe: "loop descriptor" is "none yet"; keyframes without a model descriptor are counted
+    under their own key."""
+    from test_mutants_backend import _stopped_backend
+
+    d = _stopped_backend().diagnostics()
+    assert d["loop descriptor"] == "none yet"
+    assert d["keyframes without a model descriptor"] == 0
+
+
+def test_verify_needs_enough_features_in_each_keyframe_not_just_in_one(room):
+    """A textureless older keyframe against a textured newer one: "too few features" (the newer one alone has
+    plenty)."""
+    from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopDetector
+
+    det = LoopDetector()
+    rgb, depth, K, T = room[32]
+    flat = KeyframeView(0, np.full_like(rgb, 128), depth.copy(), K, T)
+    r = det.verify(flat, _kv(room, 32))
+    assert (r.accepted, r.reason) == (False, "too few features")
+    r = det.verify(_kv(room, 32), KeyframeView(1, np.full_like(rgb, 128), depth.copy(), K, T))
+    assert (r.accepted, r.reason) == (False, "too few features")
+
+
+def test_verify_reports_matches_without_depth_by_count(room):
+    """The newer keyframe has no depth at all: its matches cannot be lifted, and the reason says how many matches
+    had depth in both (0)."""
+    from ros2_stream4d.mapping.backend.loops import LoopDetector
+
+    det = LoopDetector()
+    a, b = _kv(room, 0), _kv(room, 32)
+    b.depth[:] = np.nan
+    r = det.verify(a, b)
+    assert (r.accepted, r.reason) == (False, "0 matches with depth")
