@@ -905,3 +905,62 @@ def test_verify_reports_matches_without_depth_by_count(room):
     b.depth[:] = np.nan
     r = det.verify(a, b)
     assert (r.accepted, r.reason) == (False, "0 matches with depth")
+
+
+# ------------------------------------------------------------------------------ sim3.align_from_poses (at 9058ca4)
+def _pose_pair_segments():
+    """Two frames of one scene in two segment worlds related by a known Sim(3) S (dst <- src): poses and depths
+    exact (depth_src = depth_dst / s), depths between 0.4 and 2.9 m, a few invalid pixels of every kind. Pixel
+    (0, 0) of frame 0 is the first valid pixel and an outlier (its src depth 1.5x too far)."""
+    H, W = 6, 8
+    K = np.array([[10.0, 0, 4.0], [0, 10.0, 3.0], [0, 0, 1]])
+    S = S3.sim3(rotation_from_vector(np.array([0.1, -0.3, 0.2])), np.array([0.4, -0.2, 0.3]), 1.25)
+    R, t, s = S3.decompose(S)
+    Td = np.stack([np.eye(4), np.eye(4)])
+    Td[1, :3, :3] = rotation_from_vector(np.array([0.0, 0.15, 0.0]))
+    Td[1, :3, 3] = [0.3, 0.0, 0.1]
+    Ts = np.stack([np.eye(4), np.eye(4)])
+    for i in range(2):  # the same cameras in the src world: S^-1 of the dst pose, rigid
+        Ts[i, :3, :3] = R.T @ Td[i, :3, :3]
+        Ts[i, :3, 3] = R.T @ (Td[i, :3, 3] - t) / s
+    dd = np.tile(np.linspace(0.4, 2.9, H * W).reshape(H, W), (2, 1, 1))
+    ds = dd / s
+    ds[0, 0, 0] *= 1.5  # the outlier
+    dd[0, 0, 1], ds[0, 0, 2], dd[0, 0, 3], ds[1, 5, 7] = 0.0, -1.0, np.nan, np.inf  # invalid
+    cd, cs = np.ones_like(dd), np.ones_like(dd)
+    cd[1, 0, 0], cs[1, 0, 1] = 0.0, 0.0  # no confidence: invalid
+    return S, Td, Ts, dd, ds, K, cd, cs
+
+
+def test_align_from_poses_counts_valid_pixels_and_rejects_the_outlier_exactly():
+    S, Td, Ts, dd, ds, K, cd, cs = _pose_pair_segments()
+    fit = S3.align_from_poses(Td, Ts, dd, ds, K, K, cd, cs)
+    dt, dr, dsc = S3.sim3_distance(fit.S, S)
+    assert dt < 1e-9 and dr < 1e-7 and dsc < 1e-9
+    n_valid = 2 * 6 * 8 - 6  # 4 invalid depths, 2 without confidence
+    assert len(fit.inliers) == n_valid and fit.inliers.sum() == n_valid - 1 and not fit.inliers[0]
+    assert fit.rmse < 1e-5  # float32 unprojection
+    # a regular subsample of the valid pixels, from the first to the last: 5 of them, the outlier first
+    sub = S3.align_from_poses(Td, Ts, dd, ds, K, K, cd, cs, max_points=5)
+    assert sub.inliers.tolist() == [False, True, True, True, True]
+    # an explicit threshold above the outlier's residual keeps it (and the RMSE is its weighted share)
+    # frame 0's camera is the dst world's origin, so S maps its src point to 1.5 x its dst point (0.4 m deep)
+    r0 = 0.5 * 0.4 * float(np.linalg.norm([(0 - 4.0) / 10, (0 - 3.0) / 10, 1.0]))
+    big = S3.align_from_poses(Td, Ts, dd, ds, K, K, cd, cs, threshold=r0 * 1.01)
+    assert big.inliers.all() and big.rmse == pytest.approx(r0 / np.sqrt(n_valid), rel=1e-3)
+    small = S3.align_from_poses(Td, Ts, dd, ds, K, K, cd, cs, threshold=r0 * 0.99)
+    assert small.inliers.sum() == n_valid - 1
+
+
+def test_align_from_poses_refuses_mismatched_inputs_each_alone_and_needs_three_pixels():
+    S, Td, Ts, dd, ds, K, cd, cs = _pose_pair_segments()
+    for args in ((Td, Ts[:1], dd, ds), (Td[0], Ts[0], dd, ds), (Td, Ts, dd, ds[:, :5]), (Td[:1], Ts[:1], dd, ds)):
+        with pytest.raises(ValueError, match="do not match$"):
+            S3.align_from_poses(*args, K, K)
+    three = np.full_like(dd, np.nan)
+    three[1, 2, 3:6] = dd[1, 2, 3:6]
+    fit = S3.align_from_poses(Td, Ts, three, ds, K, K)  # exactly three pixels with depth in both: enough
+    assert len(fit.inliers) == 3 and abs(S3.scale_of(fit.S) - 1.25) < 1e-9
+    three[1, 2, 5] = np.nan
+    with pytest.raises(ValueError, match="^align_from_poses: fewer than 3 pixels with depth in both segments$"):
+        S3.align_from_poses(Td, Ts, three, ds, K, K)
