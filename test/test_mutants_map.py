@@ -857,3 +857,38 @@ def test_the_cloud_takes_depths_above_zero_up_to_and_including_cloud_depth_max()
     q.fuse(depth, conf, rgb, K, S)
     (xyz, _, _), _ = q.cloud_snapshot()
     assert sorted(np.round(xyz[:, 2], 3).tolist()) == [0.75]
+
+
+def test_surface_snapshot_judges_points_in_its_blocks_from_its_offset_lattice():
+    """A hand-built snapshot: blocks of 0.5 m on a lattice offset by (0.1, 0.2, 0.3), blocks (0, 0, 0) and (3, 0, 0)
+    allocated (the last key of the sorted list included), one surface point. A point is judged only inside an
+    allocated block; it is contradicted when farther than `distance` from every surface point (at exactly the
+    distance: not contradicted); with no surface point every judged point is contradicted."""
+    from ros2_stream4d.mapping.fusion import pack_voxel_keys
+    from ros2_stream4d.mapping.tsdf import SurfaceSnapshot
+
+    offset = np.array([0.1, 0.2, 0.3])
+    keys = np.sort(pack_voxel_keys(np.array([[0, 0, 0], [3, 0, 0]], np.int64)))
+    surface = offset + np.array([[0.25, 0.25, 0.25]])
+    snap = SurfaceSnapshot(surface, keys, 0.5, offset)
+    pts = offset + np.array([
+        [0.25, 0.25, 0.25],  # on the surface point, block (0, 0, 0)
+        [0.50 - 1e-9, 0.25, 0.25],  # block (0, 0, 0), 0.25 m from the surface point: exactly the distance
+        [0.25, 0.25, 0.1],  # block (0, 0, 0), 0.15 m away
+        [0.05, 0.05, 0.45],  # block (0, 0, 0), 0.37 m away: contradicted
+        [1.75, 0.25, 0.25],  # block (3, 0, 0) (the last key): far from the surface: contradicted
+        [1.25, 0.25, 0.25],  # block (2, 0, 0): not allocated, not judged
+        [-0.05, 0.25, 0.25],  # block (-1, 0, 0): not allocated (the lattice starts at the offset, not at 0)
+    ])
+    np.testing.assert_array_equal(snap.allocated(pts), [True, True, True, True, True, False, False])
+    gap = np.linalg.norm(pts[1] - surface[0])
+    np.testing.assert_array_equal(snap.contradicted(pts, gap), [False, False, False, True, True, False, False])
+    np.testing.assert_array_equal(snap.contradicted(pts, gap * (1 - 1e-9)),
+                                  [False, True, False, True, True, False, False])
+    bare = SurfaceSnapshot(np.zeros((0, 3)), keys, 0.5, offset)
+    np.testing.assert_array_equal(bare.contradicted(pts, 0.3), [True, True, True, True, True, False, False])
+    none = SurfaceSnapshot(surface, np.zeros(0, np.int64), 0.5, offset)
+    assert none.contradicted(pts, 0.3).tolist() == [False] * 7 and none.allocated(pts[:1]).dtype == bool
+    assert snap.allocated(np.zeros((0, 3))).shape == (0,)
+    one = pts[3].tolist()  # a single point given flat
+    assert snap.contradicted(one, 0.3).tolist() == [True]

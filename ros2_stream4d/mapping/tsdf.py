@@ -57,7 +57,8 @@ class SurfaceSnapshot:
         judged = self.allocated(pts)
         if not judged.any() or len(self.surface) == 0:
             return judged
-        gap, _ = cKDTree(self.surface).query(pts[judged], k=1, distance_upper_bound=distance)
+        # the bound is exclusive in scipy: a point exactly `distance` away must come back (it is not "farther")
+        gap, _ = cKDTree(self.surface).query(pts[judged], k=1, distance_upper_bound=np.nextafter(distance, np.inf))
         out = np.zeros(len(pts), bool)
         out[np.flatnonzero(judged)] = ~(gap <= distance)
         return out
