@@ -892,3 +892,31 @@ def test_surface_snapshot_judges_points_in_its_blocks_from_its_offset_lattice():
     assert snap.allocated(np.zeros((0, 3))).shape == (0,)
     one = pts[3].tolist()  # a single point given flat
     assert snap.contradicted(one, 0.3).tolist() == [True]
+
+
+def test_an_empty_tsdf_answers_with_empty_arrays_of_the_right_shapes():
+    """Before any frame, and after frames with no valid depth (0, NaN, beyond depth_max): no block, and every query
+    answers with an empty array of its documented shape and dtype (the node serialises these as empty messages)."""
+    t = TsdfVolume(voxel_size=0.1, depth_max=3.0)
+
+    def check():
+        v, f, c = t.mesh()
+        assert (v.shape, v.dtype, f.shape, f.dtype, c.shape, c.dtype) == ((0, 3), np.float32, (0, 3), np.int32,
+                                                                           (0, 3), np.uint8)
+        s = t.surface_points()
+        assert s.shape == (0, 3)
+        snap = t.snapshot()
+        assert snap.surface.shape == (0, 3) and snap.block_keys.shape == (0,) and snap.block_keys.dtype == np.int64
+        assert snap.allocated(np.zeros((2, 3))).tolist() == [False, False]
+
+    check()
+    depth, rgb = _wall(z=1.23)
+    depth[:] = 0.0
+    depth[:, :10] = np.nan
+    depth[:, 20:30] = 3.5  # beyond depth_max
+    assert t.integrate(depth, rgb, K, _pose()) is False and t.blocks() == 0 and t.frames == 0
+    check()
+    depth[:, 40:] = 2.9  # within depth_max: fused
+    assert t.integrate(depth, rgb, K, _pose()) is True and t.blocks() > 0 and t.frames == 1
+    t.integrate(depth, rgb, K, _pose())  # a second view: the surface's weight passes min_weight
+    assert len(t.surface_points()) > 0 and len(t.mesh()[1]) > 0
