@@ -262,8 +262,9 @@ def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, 
 
 
 def _agree_without(rejected, active, initial, config: PoseGraphConfig, t0: float) -> OptimisationResult | None:
-    """A dropped result when every segment / loop edge but the rejected ones agrees with the poses the optimisation
-    started from (whitened residual <= consistent_chi): the loops left say nothing the map does not already say."""
+    """A dropped result when every loop (robust) edge but the rejected ones agrees with the poses the optimisation
+    started from (whitened residual <= consistent_chi), or none is left: the loops say nothing the map does not
+    already say."""
     left = [_whitened(e, initial) for e in active if e.robust and (e.i, e.j, e.kind) not in rejected]
     if not left:
         return OptimisationResult(False, reason=f"every loop ({len(rejected)}) rejected as an outlier: nothing to "
