@@ -514,6 +514,29 @@ def test_robust_sim3_without_consensus_and_without_refinement():
     np.testing.assert_array_equal(refined.inliers, r < 0.03)
 
 
+
+def test_robust_sim3_refuses_fewer_than_three_positive_weights_and_samples_by_weight():
+    S, src, dst = _noisy_pair(n=100, seed=13, noise=0.0)
+    for k in (0, 1, 2):  # two weighted points leave a rotation about their line free: refused, not guessed
+        w = np.zeros(100)
+        w[:k] = 1.0
+        with pytest.raises(ValueError, match=rf"^robust_sim3 needs >= 3 correspondences with a positive weight \({k}\)$"):
+            S3.robust_sim3(src, dst, w, threshold=0.01)
+    # three weighted inliers among 97 unweighted outliers: only sampling by weight draws them (uniform draws almost
+    # never do in 200 tries); their fit is exact
+    bad = dst.copy()
+    bad[3:] += np.random.default_rng(14).uniform(2.0, 4.0, (97, 3))
+    w = np.r_[np.full(3, 0.1), np.zeros(97)]
+    fit = S3.robust_sim3(src, bad, w, threshold=0.01)
+    np.testing.assert_allclose(fit.S, S, atol=1e-9)
+    assert fit.inliers[:3].all() and fit.rmse == pytest.approx(0.0, abs=1e-9)
+    # a refinement round that would keep fewer than 3 weighted points stops, and the fit of the round before stands
+    src3 = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    dst3 = np.array([[0.0, 0.0, 0.0], [1.3, 0.0, 0.0], [0.0, 0.8, 0.0]])
+    fit = S3.robust_sim3(src3, dst3, [1.0, 100.0, 100.0], threshold=0.18)
+    assert isinstance(fit, S3.Sim3Fit) and fit.inliers.sum() == 3
+    np.testing.assert_allclose(fit.S, S3.umeyama(src3, dst3, [1.0, 100.0, 100.0]), atol=1e-12)
+
 # ---------------------------------------------------------------------------------------------------- service
 def _keyframe_map(n, start=0):
     from map_helpers import small_config

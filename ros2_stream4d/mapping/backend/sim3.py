@@ -104,15 +104,17 @@ def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, i
     w = np.ones(n) if w is None else np.clip(np.asarray(w, np.float64), 0.0, None)
     if n < 3:
         raise ValueError("robust_sim3 needs >= 3 correspondences")
+    if np.count_nonzero(w) < 3:  # a Sim(3) from 2 weighted points leaves a rotation about their line free
+        raise ValueError(f"robust_sim3 needs >= 3 correspondences with a positive weight ({np.count_nonzero(w)})")
     spread = float(np.sqrt(((dst - dst.mean(0)) ** 2).sum(1).mean()))
     if threshold is None:
         r0 = np.linalg.norm(apply(umeyama(src, dst, w, with_scale), src) - dst, axis=1)
         threshold = max(3.0 * float(np.median(r0)), 0.01 * spread)
     rng = np.random.default_rng(seed)
     best, best_score = None, -1.0
-    p = w / w.sum() if w.sum() > 0 else None
+    p = w / w.sum()
     for _ in range(iterations):
-        idx = rng.choice(n, 3, replace=False, p=p) if np.count_nonzero(w) >= 3 else rng.choice(n, 3, replace=False)
+        idx = rng.choice(n, 3, replace=False, p=p)
         a = src[idx]
         if np.linalg.norm(np.cross(a[1] - a[0], a[2] - a[0])) < 1e-9:
             continue
@@ -124,13 +126,13 @@ def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, i
         score = float(w[inl].sum())
         if score > best_score:
             best, best_score = inl, score
-    if best is None or best.sum() < 3:
+    if best is None or np.count_nonzero(w[best]) < 3:
         raise ValueError("no Sim(3) consensus")
     inl = best
     S = umeyama(src[inl], dst[inl], w[inl], with_scale)
     for _ in range(refine_rounds):
         new = np.linalg.norm(apply(S, src) - dst, axis=1) < threshold
-        if new.sum() < 3:
+        if np.count_nonzero(w[new]) < 3:
             break
         S = umeyama(src[new], dst[new], w[new], with_scale)
         if np.array_equal(new, inl):
