@@ -920,3 +920,95 @@ def test_an_empty_tsdf_answers_with_empty_arrays_of_the_right_shapes():
     assert t.integrate(depth, rgb, K, _pose()) is True and t.blocks() > 0 and t.frames == 1
     t.integrate(depth, rgb, K, _pose())  # a second view: the surface's weight passes min_weight
     assert len(t.surface_points()) > 0 and len(t.mesh()[1]) > 0
+
+
+def test_the_memory_bound_keeps_exactly_the_configured_number_of_keyframes_in_memory():
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    m = KeyframeMap(_cloud_config(keyframe_max_frames=1, max_keyframes_in_memory=2))
+    for k in range(4):
+        m.integrate(_map_frame(_pose(t=(0.0, 0.0, 0.1 * k)), stamp=k))
+    assert [kf.in_memory for kf in m.keyframes] == [False, False, True, True]
+    assert m.stats()["keyframes in memory"] == 2 and len(list(m.spill_root().iterdir())) == 2
+    m.close()
+
+
+def test_the_map_builds_its_products_from_its_own_settings():
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+    from ros2_stream4d.mapping.occupancy import OccupancyOptions
+
+    cfg = _cloud_config(tsdf=True, occupancy=True, tsdf_voxel_size=0.04, tsdf_trunc_voxels=4.0, depth_max=2.0,
+                        occupancy_resolution=0.07, occupancy_floor_z=-0.3, occupancy_min_height=0.15,
+                        occupancy_max_height=1.2, occupancy_max_range=4.0, occupancy_slab_height=0.1)
+    assert cfg.occupancy_options() == OccupancyOptions(0.07, -0.3, 0.15, 1.2, 4.0, 0.1)
+    m = KeyframeMap(cfg)
+    t = m.tsdf
+    assert (t.voxel_size, t.trunc_voxels, t.depth_max) == (0.04, 4.0, 2.0)
+    assert m.grid.options == cfg.occupancy_options()
+
+
+def test_each_pose_update_rebuilds_the_products_once_at_the_next_query():
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap
+
+    m = KeyframeMap(_cloud_config(keyframe_max_frames=1))
+    for k in range(2):
+        m.integrate(_map_frame(_pose(t=(0.0, 0.0, 0.1 * k)), stamp=k))
+    assert m.rebuilds == 0
+    before = m.points()[0]
+    for n, dz in enumerate((0.5, 1.0), start=1):
+        m.update_poses({0: _pose(t=(0.0, 0.0, dz))})
+        m.points()
+        m.points()  # nothing changed since: no second rebuild
+        assert m.rebuilds == n
+    assert not np.array_equal(m.points()[0], before)
+
+
+def test_a_background_rebuild_of_a_loaded_map_whose_ids_do_not_start_at_zero():
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap, make_keyframe_map
+
+    src = KeyframeMap(_cloud_config(keyframe_max_frames=1))
+    for k in range(2):
+        src.integrate(_map_frame(_pose(t=(0.0, 0.0, 0.1 * k)), stamp=k))
+    stored = [(kf.id + 3, kf.segment, kf.T_map_kf, src.frames_of(kf)) for kf in src.keyframes]  # ids 3 and 4
+    m = make_keyframe_map(stored, _cloud_config(background_rebuild=True))
+    assert m.wait_rebuilt(timeout=60.0) and not m.stale
+    np.testing.assert_allclose(np.sort(m.points()[0], axis=0), np.sort(src.points()[0], axis=0), atol=1e-6)
+    m.update_poses({4: _pose(t=(0.0, 0.0, 0.7))})
+    assert m.wait_rebuilt(timeout=60.0) and m.rebuilds == 2
+
+
+def test_pixels_exactly_at_depth_max_are_fused_and_one_frame_has_a_surface_below_weight_one():
+    depth, rgb = _wall(1.5)
+    depth[10:30, 20:40] = 2.0  # exactly depth_max: inside the range ("within depth_max")
+    without = depth.copy()
+    without[10:30, 20:40] = np.nan
+    a, b = (TsdfVolume(voxel_size=0.05, depth_max=2.0, min_weight=0.5) for _ in range(2))
+    assert a.integrate(depth, rgb, K, np.eye(4)) and b.integrate(without, rgb, K, np.eye(4))
+    assert len(a.mesh()[0]) > len(b.mesh()[0])
+    s = a.surface_points()
+    assert (np.abs(s[:, 2] - 1.5) < 0.03).sum() > 100, "one frame (weight 1 > min_weight 0.5) has the wall"
+
+
+def test_a_failed_background_rebuild_is_reported_not_waited_on_forever(tmp_path):
+    """A rebuild thread that fails (here: a spilled keyframe file damaged on disk) records why, wakes wait_rebuilt
+    (MapRebuildError, not a hang), shows in stats(), is not retried per frame, and a pose update tries again."""
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap, MapRebuildError
+
+    m = KeyframeMap(_cloud_config(keyframe_max_frames=1, max_keyframes_in_memory=1, background_rebuild=True,
+                                  spill_dir=str(tmp_path / "spill")))
+    for k in range(3):
+        m.integrate(_map_frame(_pose(t=(0.0, 0.0, 0.1 * k)), stamp=k))
+    assert m.stats()["map rebuild error"] == "none"
+    path = m.keyframes[0].spill_path
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # truncated
+    m.update_poses({0: _pose(t=(0.0, 0.0, 0.3))})
+    with pytest.raises(MapRebuildError, match=r"could not be rebuilt after a pose update: ValueError: .*kf_"):
+        m.wait_rebuilt(timeout=60.0)
+    assert m.stale and m.rebuilds == 0 and m.stats()["map rebuild error"].startswith("ValueError: ")
+    m.integrate(_map_frame(_pose(t=(0.0, 0.0, 0.4)), stamp=9))  # frames go on into the current products
+    assert m._rebuilder is None or not m._rebuilder.is_alive(), "no new attempt per frame"
+    path.write_bytes(good)
+    m.update_poses({0: _pose(t=(0.0, 0.0, 0.3))})
+    assert m.wait_rebuilt(timeout=60.0) and m.rebuilds == 1 and m.stats()["map rebuild error"] == "none"
+    m.close()

@@ -483,19 +483,24 @@ def test_node_reports_out_of_memory_recovery_in_diagnostics():
 
 
 @pytest.mark.ros
-def test_a_product_that_fails_to_publish_is_reported_and_the_node_goes_on():
+def test_a_product_that_fails_to_publish_is_reported_and_the_node_goes_on(tmp_path):
     """An exception while building ~/map (a bug like the empty coloured cloud that once ended the node) is logged,
-    counted in diagnostics and shown as the last error; the next map publish works again."""
+    counted in diagnostics and shown as the last error; the next map publish works again. A map whose background
+    rebuild failed: ~/save_map answers with the reason and diagnostics warn (the node goes on)."""
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticStatus
     from rclpy.parameter import Parameter
+    from std_srvs.srv import Trigger
 
+    from ros2_stream4d.mapping.keyframe_map import MapRebuildError
     from ros2_stream4d.ros.node import Stream4DNode
 
     context = rclpy.Context()
     rclpy.init(context=context)
     overrides = [Parameter("model", value="random-small"), Parameter("input_width", value=56),
                  Parameter("window", value=8), Parameter("process_every_frame", value=True),
-                 Parameter("map_cloud_surface_voxels", value=0.0), Parameter("autostart", value=False)]
+                 Parameter("map_cloud_surface_voxels", value=0.0), Parameter("autostart", value=False),
+                 Parameter("map_save_path", value=str(tmp_path / "map"))]
     node = Stream4DNode(context=context, parameter_overrides=overrides)
     node.trigger_configure()
     node.trigger_activate()
@@ -517,6 +522,20 @@ def test_a_product_that_fails_to_publish_is_reported_and_the_node_goes_on():
         node.processor.assembler.map_message = real
         node._own_timers["map"].callback()
         assert len(sent) == 1 and sent[0].width == node.pipeline.map_size()
+
+        m = node.pipeline.map
+        m.rebuild_error = "ValueError: keyframe file damaged (injected)"
+
+        def failed(timeout=None):
+            raise MapRebuildError(f"the map's products could not be rebuilt after a pose update: {m.rebuild_error}")
+
+        m.wait_rebuilt = failed
+        node.last_error = ""
+        level, message = node._status(node.diagnostic_values())
+        assert level == DiagnosticStatus.WARN and "its rebuild failed: ValueError: keyframe file damaged" in message
+        response = node._srv_save_map(Trigger.Request(), Trigger.Response())
+        assert not response.success and response.message.startswith("MapRebuildError: the map's products could not")
+        assert not (tmp_path / "map").exists()
     finally:
         node.shutdown()
         node.destroy_node()

@@ -197,6 +197,11 @@ def _is_similarity(T: np.ndarray, tol: float = 1e-6) -> bool:
     return bool(np.allclose(R @ R.T, np.eye(3), atol=tol))
 
 
+class MapRebuildError(RuntimeError):
+    """A background rebuild of the products failed (e.g. a spilled keyframe file could not be read back): the
+    products do not follow the last pose update; the next pose update tries again."""
+
+
 def _locked(method):
     """Run a KeyframeMap method under the map's lock (integration and product queries come from several threads)."""
 
@@ -351,6 +356,7 @@ class KeyframeMap:
         self._epoch = 0  # erases so far (a rebuild started before an erase is dropped)
         self._rebuilder: threading.Thread | None = None
         self._rebuilt = threading.Condition(self._lock)
+        self.rebuild_error: str | None = None  # why the last background rebuild failed (None: it did not)
 
     # ------------------------------------------------------------------ products
     @property
@@ -374,7 +380,8 @@ class KeyframeMap:
         if not self.stale:
             return
         if self.config.background_rebuild:
-            self._start_rebuild()
+            if self.rebuild_error is None:  # a failed rebuild is tried again at the next pose update, not per frame
+                self._start_rebuild()
             return
         self._build_products()
         for kf in self.keyframes:
@@ -388,6 +395,16 @@ class KeyframeMap:
             self._rebuilder.start()
 
     def _rebuild(self) -> None:
+        """The rebuild thread's body: a failure is recorded (rebuild_error, stats()) and wakes wait_rebuilt, which
+        raises MapRebuildError, instead of ending the thread silently with the products stale for good."""
+        try:
+            self._rebuild_products()
+        except Exception as exc:  # any failure of the thread is reported to the map's users
+            with self._rebuilt:
+                self.rebuild_error = f"{type(exc).__name__}: {exc}"
+                self._rebuilt.notify_all()
+
+    def _rebuild_products(self) -> None:
         """Background rebuild: a fresh product set from a snapshot of the keyframes and their poses (each one's
         frames copied under the lock, fused outside it), then, under the lock, the frames integrated since the
         snapshot, and the swap. A pose update during the build does not restart it (on a long run corrections come
@@ -432,11 +449,16 @@ class KeyframeMap:
             time.sleep(time.monotonic() - t0)
 
     def wait_rebuilt(self, timeout: float | None = None) -> bool:
-        """Until the products follow every pose update (a background rebuild finished); False at the timeout."""
+        """Until the products follow every pose update (a background rebuild finished); False at the timeout,
+        MapRebuildError when the rebuild failed."""
         with self._rebuilt:
             if self.stale:
                 self._refresh()
-            return self._rebuilt.wait_for(lambda: not self.stale, timeout)
+            done = self._rebuilt.wait_for(lambda: not self.stale or self.rebuild_error is not None, timeout)
+            if self.stale and self.rebuild_error is not None:
+                raise MapRebuildError(f"the map's products could not be rebuilt after a pose update: "
+                                      f"{self.rebuild_error}")
+            return done
 
     # ------------------------------------------------------------------ the interface
     @_locked
@@ -520,6 +542,7 @@ class KeyframeMap:
             self.stale = True
             self._generation += 1
             if self.config.background_rebuild:
+                self.rebuild_error = None
                 self._start_rebuild()
 
     @_locked
@@ -568,6 +591,7 @@ class KeyframeMap:
         self.keyframes, self._current, self._spilled, self._buf = [], None, 0, {}
         self.segment, self._next_id, self.frames = 0, 0, 0
         self.stale = False
+        self.rebuild_error = None
         self._epoch += 1
         self._build_products()
 
@@ -583,7 +607,7 @@ class KeyframeMap:
         return {"keyframes": len(self.keyframes), "keyframes in memory": sum(kf.in_memory for kf in self.keyframes),
                 "map frames": sum(kf.n_frames for kf in self.keyframes), "segments": self.segment + 1,
                 "map points": len(self), "tsdf blocks": self.tsdf.blocks() if self.tsdf else 0,
-                "keyframe bytes in memory": self.memory_bytes()}
+                "keyframe bytes in memory": self.memory_bytes(), "map rebuild error": self.rebuild_error or "none"}
 
     def memory_bytes(self) -> int:
         return sum(kf.frames.nbytes() for kf in self.keyframes if kf.frames is not None)

@@ -39,6 +39,7 @@ from visualization_msgs.msg import Marker
 from ros2_stream4d import topics
 from ros2_stream4d.loader import ModelOptions, load_pipeline
 from ros2_stream4d.mapping.frame_sync import ApproximateSync
+from ros2_stream4d.mapping.keyframe_map import MapRebuildError
 from ros2_stream4d.mapping.map_io import validate_map_dir_path, validate_map_path
 from ros2_stream4d.mapping.pipeline import PipelineConfig, Processed, start_pose_matrix
 from ros2_stream4d.ros import conversions as conv
@@ -425,6 +426,9 @@ class Stream4DNode(LifecycleNode):
             return DiagnosticStatus.WARN, f"no image for {silent:.1f} s on {', '.join(self.input_topics[::2])}"
         if self.last_error:
             return DiagnosticStatus.WARN, self.last_error
+        if values.get("map rebuild error", "none") != "none":
+            return DiagnosticStatus.WARN, (f"the map does not follow the last pose correction (its rebuild failed: "
+                                           f"{values['map rebuild error']})")
         if pr is not None and pr.decision is not None and pr.decision.conflict:
             return DiagnosticStatus.ERROR, f"TF not published: {pr.decision.conflict}"
         if self.cfg.publish_depth and self.pipeline is not None and not self.pipeline.scale_valid():
@@ -529,7 +533,7 @@ class Stream4DNode(LifecycleNode):
         try:
             path = self.save_map()
             response.success, response.message = True, f"saved the map ({self.pipeline.map_size()} cloud voxels) to {path}"
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, MapRebuildError) as exc:
             response.success, response.message = False, f"{type(exc).__name__}: {exc}"
             self.get_logger().error(f"~/save_map failed: {response.message}")
         return response
@@ -545,7 +549,7 @@ class Stream4DNode(LifecycleNode):
         if self.cfg.save_map_on_shutdown and self.pipeline is not None and self.pipeline.map_size() > 0:
             try:
                 self.get_logger().info(f"map saved to {self.save_map()}")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, MapRebuildError) as exc:
                 self.get_logger().error(f"could not save the map: {exc}")
         if self.pipeline is not None:
             self.pipeline.close()
