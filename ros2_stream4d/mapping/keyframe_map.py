@@ -399,7 +399,7 @@ class KeyframeMap:
         raises MapRebuildError, instead of ending the thread silently with the products stale for good."""
         try:
             self._rebuild_products()
-        except Exception as exc:  # any failure of the thread is reported to the map's users
+        except Exception as exc:  # noqa: BLE001 - any failure of the thread is reported to the map's users
             with self._rebuilt:
                 self.rebuild_error = f"{type(exc).__name__}: {exc}"
                 self._rebuilt.notify_all()
