@@ -518,15 +518,20 @@ def test_the_node_feeds_its_live_viewer_off_the_worker(tmp_path):
     node = Stream4DNode(context=context, parameter_overrides=overrides)
     try:
         assert node.viewer is not None
+        # the viewer starts in its own thread (rerun import, warm-up); until then, and whenever logging falls
+        # behind, its 2-slot queue drops the oldest result rather than make the worker wait (CI once saw the first
+        # frame dropped that way): wait for it to be up, then hand it one frame at a time
+        assert node.viewer.ready.wait(60) and node.viewer.failure is None
         rng = np.random.default_rng(0)
         for i in range(4):
             rgb = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
             node._on_image(0, numpy_to_image(rgb, "rgb8", stamp=ns_to_time(1_000_000_000 + i * 100_000_000),
                                              frame_id="cam"))
-        deadline = time.monotonic() + 60
-        while node.processor.frames_done < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert node.processor.frames_done == 4
+            deadline = time.monotonic() + 60
+            while node.viewer.logged < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert node.processor.frames_done == i + 1 and node.viewer.logged == i + 1
+        assert node.viewer.dropped == 0
     finally:
         node.shutdown()  # closes the viewer: the recording is complete on disk
         node.destroy_node()
