@@ -6,7 +6,7 @@ import pytest
 
 from ros2_stream4d.mapping.backend import sim3 as S3
 from ros2_stream4d.mapping.backend.drift import DriftModel
-from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopDetector, classical_descriptor
+from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopConfig, LoopDetector, classical_descriptor
 from ros2_stream4d.mapping.backend.posegraph import LOOP, PoseGraph
 
 pytest.importorskip("gtsam")
@@ -200,3 +200,19 @@ def test_the_models_own_descriptors_are_used_when_the_first_keyframe_has_one(sim
     det2.add(fresh(views[0]))
     det2.add(replace(fresh(views[1]), model_descriptor=token(1)))
     assert det2.descriptor_kind == "classical" and len(calls) == 2 and det2.views[1].descriptor.shape != (16,)
+
+
+def test_orb_finds_enough_corners_on_rendered_views(sim_loop):
+    """The FAST threshold matters on rendered (and on smooth real) views: at OpenCV's default 20 few corners pass,
+    and revisits then fail on too few matches (docs/longrun/README.md, "More ORB corners")."""
+    views = sim_loop[3][:10]
+
+    def corners(config):
+        det = LoopDetector(config)
+        for v in views:
+            det.add(fresh(v))
+        return float(np.median([len(v.uv) for v in det.views]))
+
+    default, opencv_default = corners(LoopConfig()), corners(LoopConfig(orb_fast_threshold=20))
+    assert LoopConfig().orb_fast_threshold == 12
+    assert default >= 2 * opencv_default and default >= 200, (default, opencv_default)

@@ -117,6 +117,11 @@ class LoopConfig:
     search_radius_m: float = 1.0
     search_drift_fraction: float = 0.15
     n_features: int = 1500
+    # ORB's FAST corner threshold (OpenCV's default is 20). At 20 the 224 x 168 views of the synthetic office gave a
+    # median of 60-200 corners (~25 on the revisited keyframes of figure-eight seed 2, whose true revisits then all
+    # failed on too few matches); at 12, 430-650; at 10 one false loop passed verification (docs/longrun/README.md,
+    # "More ORB corners")
+    orb_fast_threshold: int = 12
     ratio: float = 0.8
     min_inliers: int = 20
     min_inlier_ratio: float = 0.3
@@ -169,7 +174,8 @@ class LoopDetector:
         self.descriptor_kind: str | None = None  # "model tokens" or "classical", decided by the first keyframe
         # the newest verification outcomes, (i, j, accepted, S_i_j or None, reason): for evaluation
         self.history: deque[tuple[int, int, bool, np.ndarray | None, str]] = deque(maxlen=HISTORY)
-        self._orb = cv2.ORB_create(self.config.n_features)
+        c = self.config
+        self._orb = cv2.ORB_create(c.n_features, fastThreshold=c.orb_fast_threshold)
         self._in_memory: deque[KeyframeView] = deque()
         self._spill_dir: Path | None = None
 
