@@ -104,8 +104,9 @@ def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, i
     w = np.ones(n) if w is None else np.clip(np.asarray(w, np.float64), 0.0, None)
     if n < 3:
         raise ValueError("robust_sim3 needs >= 3 correspondences")
-    if np.count_nonzero(w) < 3:  # a Sim(3) from 2 weighted points leaves a rotation about their line free
-        raise ValueError(f"robust_sim3 needs >= 3 correspondences with a positive weight ({np.count_nonzero(w)})")
+    weighted = np.count_nonzero(w)
+    if weighted < 3:  # a Sim(3) from 2 weighted points leaves a rotation about their line free
+        raise ValueError(f"robust_sim3 needs >= 3 correspondences with a positive weight ({weighted})")
     spread = float(np.sqrt(((dst - dst.mean(0)) ** 2).sum(1).mean()))
     if threshold is None:
         r0 = np.linalg.norm(apply(umeyama(src, dst, w, with_scale), src) - dst, axis=1)
