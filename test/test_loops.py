@@ -202,9 +202,9 @@ def test_the_models_own_descriptors_are_used_when_the_first_keyframe_has_one(sim
     assert det2.descriptor_kind == "classical" and len(calls) == 2 and det2.views[1].descriptor.shape != (16,)
 
 
-def test_a_lower_fast_threshold_finds_more_corners_on_rendered_views(sim_loop):
-    """orb_fast_threshold reaches ORB: on rendered (smooth) views a lower threshold passes far more corners
-    (docs/longrun/README.md, "More ORB corners")."""
+def test_orb_finds_enough_corners_on_rendered_views(sim_loop):
+    """The FAST threshold matters on rendered (and on smooth real) views: at OpenCV's default 20 few corners pass,
+    and revisits then fail on too few matches (docs/longrun/README.md, "More ORB corners")."""
     views = sim_loop[3][:10]
 
     def corners(config):
@@ -213,6 +213,6 @@ def test_a_lower_fast_threshold_finds_more_corners_on_rendered_views(sim_loop):
             det.add(fresh(v))
         return float(np.median([len(v.uv) for v in det.views]))
 
-    default, low = corners(LoopConfig()), corners(LoopConfig(orb_fast_threshold=12))
-    assert LoopConfig().orb_fast_threshold == 20
-    assert low >= 2 * default and low >= 200, (low, default)
+    default, opencv_default = corners(LoopConfig()), corners(LoopConfig(orb_fast_threshold=20))
+    assert LoopConfig().orb_fast_threshold == 12
+    assert default >= 2 * opencv_default and default >= 200, (default, opencv_default)

@@ -117,10 +117,11 @@ def test_verify_failure_reasons_name_the_failing_stage(room):
                    KeyframeView(1, flat.copy(), np.full((48, 64), 2.0), K, np.eye(4)))
     assert (r.accepted, r.reason, r.inliers, r.fitness, r.details) == (False, "too few features", 0, 0.0, {})
     # exactly min_inliers features in the newer keyframe are enough to go on (to the matching)
-    probe = LoopDetector()
+    # (at OpenCV's FAST threshold: the two views' feature counts then leave matches between 0 and nb)
+    probe = LoopDetector(LoopConfig(orb_fast_threshold=20))
     nb = len(_compacted(probe, room, 0).orb)
     assert len(_compacted(probe, room, 32).orb) > nb
-    det = LoopDetector(LoopConfig(min_inliers=nb))
+    det = LoopDetector(LoopConfig(min_inliers=nb, orb_fast_threshold=20))
     r = det.verify(_compacted(det, room, 32), _compacted(det, room, 0))
     assert not r.accepted and r.reason != "too few features"
     assert re.fullmatch(r"\d+ matches", r.reason), r.reason
@@ -231,8 +232,11 @@ def _noisy_pair(room, noise, **config):
 def test_verify_widens_the_ransac_threshold_with_the_depth(room):
     """3 % depth noise at ~2.5 m: a fixed 5 mm threshold finds no consensus; 5 mm + 5 % of the depth (~13 cm) does;
     5 mm + 2 % (~5.5 cm) is still too tight: the added part grows with the depth, it is not divided by it."""
-    r = _noisy_pair(room, 0.03, ransac_threshold=0.005, ransac_threshold_rel=0.0)
+    # (with OpenCV's FAST threshold: with the default's ~10x more matches, 3 chance agreements make a "consensus")
+    r = _noisy_pair(room, 0.03, ransac_threshold=0.005, ransac_threshold_rel=0.0, orb_fast_threshold=20)
     assert (r.accepted, r.reason, r.inliers) == (False, "no Sim(3) consensus", 0)
+    r = _noisy_pair(room, 0.03, ransac_threshold=0.005, ransac_threshold_rel=0.0)
+    assert not r.accepted and re.fullmatch(r"\d+ inliers \(0\.0\d\)", r.reason), r.reason
     r = _noisy_pair(room, 0.03, ransac_threshold=0.005, ransac_threshold_rel=0.02)
     assert not r.accepted
     m = re.fullmatch(r"(\d+) inliers \((0\.\d\d)\)", r.reason)

@@ -117,11 +117,13 @@ class LoopConfig:
     search_radius_m: float = 1.0
     search_drift_fraction: float = 0.15
     n_features: int = 1500
-    # ORB's FAST corner threshold (OpenCV's default, 20). Lower finds many more corners on smooth views (12: 430-650
-    # on the synthetic office's 224 x 168 views against 60-200) and gave the realistic sets far more loops, but on
-    # exact input verification then accepted loops between the office's identical twin rooms that moved exact poses
-    # by 6-14 mm (docs/longrun/README.md, "More ORB corners"): not the default until candidates are gated better
-    orb_fast_threshold: int = 20
+    # ORB's FAST corner threshold (OpenCV's default is 20). At 20 the 224 x 168 views of the synthetic office gave a
+    # median of 60-200 corners (~27 on the revisited keyframes of figure-eight seed 2, whose true revisits then all
+    # failed on too few matches); at 12, 430-650; at 10 one false loop passed verification on realistic input. On
+    # exact input 12 lets look-alike views (twin rooms, repeated corridor faces) pass verification before the true
+    # revisit; the graph rejects them once the true loops come and withdraws what they bent (posegraph.py)
+    # (docs/longrun/README.md, "More ORB corners")
+    orb_fast_threshold: int = 12
     ratio: float = 0.8
     min_inliers: int = 20
     min_inlier_ratio: float = 0.3
