@@ -271,9 +271,34 @@ def test_a_correction_the_loops_need_is_not_withdrawn():
     first = g.optimise()
     assert first.ok and "withdrawn" not in first.reason
     corrected = {k: v.copy() for k, v in g.solution.items()}
-    again = g.optimise()
-    assert not again.ok and "agree" in again.reason, again.reason
+    again = g.optimise()  # solved again (a correction is in force), to the same poses: below noise, not applied
+    assert not again.ok and "below noise" in again.reason, again.reason
     assert all(np.array_equal(g.solution[k], corrected[k]) for k in range(n))
+
+
+@pytest.mark.parametrize("resolve", [True, False])
+def test_new_loops_re_solve_the_graph_while_a_correction_is_in_force(resolve):
+    """Drifted odometry corrected by one loop; two more loops at the same place agree with the corrected poses
+    within consistent_chi. With resolve_when_corrected (the default) the graph is solved again with all three and
+    the new solution applied; without it the optimisation stops at the agreement test and the poses stay those of
+    the first loop alone."""
+    T = circle_keyframes()
+    g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.01, yaw_deg_per_m=0.8, seed=1),
+                                   PoseGraphConfig(resolve_when_corrected=resolve))
+    assert PoseGraphConfig().resolve_when_corrected
+    n = len(T)
+    g.add_edge(n - 1, 0, loop_edge(T, scales, n - 1, 0), LOOP)
+    assert g.optimise().ok
+    first = {k: v.copy() for k, v in g.solution.items()}
+    for i, j in [(n - 2, 1), (n - 3, 2)]:
+        g.add_edge(i, j, loop_edge(T, scales, i, j), LOOP)
+    res = g.optimise()
+    if resolve:
+        assert res.ok and res.max_move_m > 0.01 and not res.rejected_edges, res.reason
+        assert not all(np.allclose(g.solution[k], first[k]) for k in range(n))
+    else:
+        assert not res.ok and "agree with the current poses" in res.reason
+        assert all(np.array_equal(g.solution[k], first[k]) for k in range(n))
 
 
 def test_loops_left_after_the_rounds_reject_a_wrong_one_do_not_move_exact_poses():
