@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--percentiles", type=float, nargs="+", default=[0.0, 30.0, 50.0, 70.0, 85.0])
     p.add_argument("--surface-voxels", type=float, nargs="+", default=[0.0, 1.0, 2.0])
     p.add_argument("--threshold", type=float, default=0.05)
+    p.add_argument("--max-points", type=int, default=2_000_000, help="the cloud's voxel cap (the longrun bench's)")
     p.add_argument("--cache", default="/tmp/stream4d_longrun")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     from ros2_stream4d.bench.env import environment
     from ros2_stream4d.bench.longrun_bench import ground_truth_in_map, read_inputs, sim_bag
     from ros2_stream4d.eval.metrics import map_metrics, mesh_metrics
-    from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig, MapProducts
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig, MapProducts, leave_out_contradicted
     from ros2_stream4d.sim.oracle_noise import load_noise, perturb_depth
 
     bag = sim_bag(Path(a.cache), a.scene, a.trajectory, a.frames, 224, 168, a.seed)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     noise = load_noise(a.noise)
     rng = np.random.default_rng(a.seed)
     # the bench's map: 2 cm cloud voxels (at most 2 M), 5 cm TSDF to 5 m, every stored pixel (stride 1)
-    products = {pct: MapProducts(KeyframeMapConfig(cloud_max_points=2_000_000, occupancy=False, cloud_stride=2,
+    products = {pct: MapProducts(KeyframeMapConfig(cloud_max_points=a.max_points, occupancy=False, cloud_stride=2,
                                                    conf_percentile=pct, cloud_surface_voxels=0.0))
                 for pct in a.percentiles}
     t0 = time.perf_counter()
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         for sv in a.surface_voxels:
             pr.config.cloud_surface_voxels = sv
             t1 = time.perf_counter()
-            xyz = pr.cloud_points()[0].astype(np.float64)
+            xyz = leave_out_contradicted(*pr.cloud_snapshot(), pr.config)[0].astype(np.float64)
             query_s = time.perf_counter() - t1
             m = map_metrics(xyz, Vm, F, threshold=a.threshold, surface_samples=surface)
             row = {"conf_percentile": pct, "cloud_surface_voxels": sv, "cloud_points": len(xyz),
