@@ -191,3 +191,24 @@ def test_stage_bench_times_every_stage(tmp_path):
     assert c["message_bytes"]["cloud"] > 0 and c["message_bytes"]["cloud_points"] > 0
     assert data["cloud_check"]["points"] == 1000 and data["cloud_check"]["bytes"] == 1000 * 20
     assert "frame total" in markdown_table(res)
+
+
+def test_map_depth_noise_study_runs_and_its_surface_filter_leaves_points_out(tmp_path, monkeypatch):
+    """benchmarks/map_depth_noise.py (the study behind the map's confidence cut and surface filter) on a short office
+    bag: it writes one row per (cut, filter), and the filter leaves points out (it rotted once, unnoticed, when a
+    method it called was removed)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("open3d")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "map_depth_noise.py"
+    spec = importlib.util.spec_from_file_location("map_depth_noise", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "study.json"
+    assert mod.main(["--frames", "30", "--percentiles", "50", "--surface-voxels", "0", "1", "--cache",
+                     str(tmp_path / "cache"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["conf_percentile"], r["cloud_surface_voxels"]) for r in rows] == [(50.0, 0.0), (50.0, 1.0)]
+    assert rows[1]["cloud_points"] < rows[0]["cloud_points"]
+    assert all(0.0 < r["cloud_fscore"] <= 1.0 and 0.0 < r["mesh_fscore"] <= 1.0 for r in rows)
