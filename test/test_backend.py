@@ -483,3 +483,69 @@ def test_one_optimisation_at_a_time_and_loop_detection_goes_on_meanwhile():
         assert backend.stats["last_drop_reason"] == "second"
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("duty", [0.25, 1.0])
+def test_the_optimiser_works_at_most_optimise_duty_of_the_time(duty):
+    """After an optimisation of t seconds the next waits t x (1 / optimise_duty - 1) (the child process shares a small
+    computer with the frames), then starts by itself, with no new keyframe to wake the worker."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopResult
+    from ros2_stream4d.mapping.backend.posegraph import OptimisationResult
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    with pytest.raises(ValueError, match="optimise_duty"):
+        BackendConfig(optimise_duty=0.0)
+    with pytest.raises(ValueError, match="optimise_duty"):
+        BackendConfig(optimise_duty=1.5)
+
+    class EveryKeyframeLoopsToTheFirst:
+        latest = None
+
+        def add(self, view):
+            self.latest = view.id
+
+        def detect(self):
+            return [LoopResult(0, self.latest, True, np.eye(4))] if self.latest else []
+
+    backend = LongRunBackend(BackendConfig(optimise_duty=duty))
+    submitted: list[float] = []
+    futures: list[Future] = []
+    lock = threading.Lock()
+
+    def submit(snap):
+        with lock:
+            submitted.append(time.monotonic())
+            futures.append(Future())
+            return futures[-1]
+
+    def until(cond, what):
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.005)
+
+    backend.detector, backend._submit = EveryKeyframeLoopsToTheFirst(), submit
+    try:
+        for k in range(4):
+            T = np.eye(4)
+            T[0, 3] = 0.5 * k
+            backend._put((KeyframeView(k, np.zeros((4, 4, 3), np.uint8), np.ones((4, 4)), np.eye(3), T), 0))
+            if k == 1:
+                until(lambda: len(submitted) == 1, "the first loop starts an optimisation")
+        until(lambda: backend.stats["keyframes"] == 4, "keyframes handled meanwhile")
+        done = time.monotonic()
+        futures[0].set_result(OptimisationResult(False, reason="first", seconds=0.3))
+        until(lambda: len(submitted) == 2, "the loops found meanwhile start the next one by themselves")
+        waited = submitted[1] - done
+        if duty < 1.0:
+            assert waited >= 0.3 * (1 / duty - 1) - 0.05, waited
+        else:
+            assert waited < 0.5, waited
+        futures[1].set_result(OptimisationResult(False, reason="second"))
+        assert backend.wait_idle(20.0)
+    finally:
+        backend.close()

@@ -57,6 +57,16 @@ class BackendConfig:
     # the pose graph is solved in a child process: GTSAM's bindings hold the interpreter lock while they optimise,
     # which stalled the frame thread for seconds per optimisation on a 1400-keyframe graph (docs/longrun)
     optimise_in_subprocess: bool = True
+    # the share of wall time the optimiser may work: after an optimisation of t seconds the next starts no earlier than
+    # t x (1 / optimise_duty - 1) later (loops found meanwhile wait for it). While a correction is in force every new
+    # loop re-solves the graph (posegraph resolve_when_corrected); on the 10,000-frame office loop its child process
+    # then took 64 % of a core by frame 8800 (solves of ~1700 keyframes) beside the frame, worker and rebuild threads
+    # on this 2-core machine. 1 = no pause
+    optimise_duty: float = 0.25
+
+    def __post_init__(self):
+        if not 0.0 < self.optimise_duty <= 1.0:
+            raise ValueError(f"optimise_duty must be in (0, 1], got {self.optimise_duty}")
 
 
 class LongRunBackend:
@@ -83,6 +93,7 @@ class LongRunBackend:
         self._pool: ProcessPoolExecutor | None = None  # the optimiser's child process, started at the first solve
         self._future: Future | None = None  # the optimisation in flight in it
         self._pending = False  # loops accepted since the last optimisation started
+        self._next_start = 0.0  # time.monotonic() before which no optimisation starts (optimise_duty)
         self._thread = threading.Thread(target=self._run, name="stream4d-backend", daemon=True)
         self._thread.start()
 
@@ -188,7 +199,7 @@ class LongRunBackend:
     def _run(self) -> None:
         while True:
             try:  # while an optimisation is in flight, look at it between keyframes
-                item = self._queue.get(timeout=0.02 if self._future is not None else None)
+                item = self._queue.get(timeout=0.02 if self._future is not None or self._pending else None)
             except queue.Empty:
                 item = ()
             if item is None or self._stop:
@@ -241,7 +252,7 @@ class LongRunBackend:
             except BrokenProcessPool as exc:
                 res = self._pool_died(exc)
             self._finish(res)
-        if not self._pending:
+        if not self._pending or time.monotonic() < self._next_start:
             return
         self._pending = False
         with self._lock:
@@ -269,6 +280,7 @@ class LongRunBackend:
         """Take in an optimisation's result: the graph keeps it when accepted (keyframes added since it started
         follow through their odometry), the counts and the reason of a drop go to the diagnostics."""
         self.optimisation_s = (self.optimisation_s + [res.seconds])[-1000:]
+        self._next_start = time.monotonic() + res.seconds * (1.0 / self.config.optimise_duty - 1.0)
         with self._lock:
             self.graph.accept(res)
             if res.ok:
