@@ -135,7 +135,9 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
                 if progress:
                     print(f"  backend={backend} frame {i + 1}/{n}  {time.perf_counter() - t_start:.0f} s  "
                           f"RSS {rec['rss'][-1][1]:.0f} MiB  load {os.getloadavg()[0]:.1f}", flush=True)
+        t_settle = time.perf_counter()
         rec["settled"] = pipe.settle_backend(timeout=900)
+        rec["settle_s"] = time.perf_counter() - t_settle
         rec["wall_s"] = time.perf_counter() - t_start
         rec["kf_final"] = {kf.id: kf.T_map_kf.copy() for kf in pipe.map.keyframes}
         rec["kf_stamp"] = {kf.id: int(pipe.map.frames_of(kf).stamps[0]) for kf in pipe.map.keyframes}
@@ -349,7 +351,8 @@ def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, 
               "backend_added_ms_median_last_quarter": float(np.median(b[-q:])),
               "frame_ms_median_first_quarter": 1e3 * float(np.median(rec["frame_s"][:q])),
               "frame_ms_median_last_quarter": 1e3 * float(np.median(rec["frame_s"][-q:])),
-              "backend": {k: v for k, v in d.items() if not isinstance(v, np.ndarray)}, "wall_s": rec["wall_s"]}
+              "backend": {k: v for k, v in d.items() if not isinstance(v, np.ndarray)}, "wall_s": rec["wall_s"],
+              "settled": rec["settled"], "settle_s": rec["settle_s"]}
     js = out / f"{name}.json"
     js.write_text(json.dumps(result, indent=1, default=_json_default))
     import matplotlib
