@@ -252,7 +252,7 @@ def test_a_correction_the_loops_left_do_not_need_is_withdrawn():
     g.add_edge(n - 1, 0, S3.inverse(T[-1]) @ T[0], LOOP)
     g.add_edge(30, 5, S3.inverse(T[30]) @ T[5], LOOP)
     res = g.optimise()
-    assert res.ok and "withdrawn" in res.reason, res.reason
+    assert res.ok and res.withdrawn and "withdrawn" in res.reason, res.reason
     assert all(np.array_equal(g.solution[k], T[k]) for k in range(n))
     assert np.allclose(g.odom_correction(), np.eye(4), atol=1e-12)
     assert 0.02 < res.max_move_m < 0.04
@@ -269,7 +269,7 @@ def test_a_correction_the_loops_need_is_not_withdrawn():
     n = len(T)
     g.add_edge(n - 1, 0, loop_edge(T, scales, n - 1, 0), LOOP)
     first = g.optimise()
-    assert first.ok and "withdrawn" not in first.reason
+    assert first.ok and not first.withdrawn
     corrected = {k: v.copy() for k, v in g.solution.items()}
     again = g.optimise()  # solved again (a correction is in force), to the same poses: below noise, not applied
     assert not again.ok and "below noise" in again.reason, again.reason
@@ -544,8 +544,34 @@ def test_the_optimiser_works_at_most_optimise_duty_of_the_time(duty):
         if duty < 1.0:
             assert waited >= 0.3 * (1 / duty - 1) - 0.05, waited
         else:
-            assert waited < 0.5, waited
+            assert waited < 0.85, waited  # polled every 20 ms; 0.9 s is what duty 0.25 would wait
         futures[1].set_result(OptimisationResult(False, reason="second"))
         assert backend.wait_idle(20.0)
+    finally:
+        backend.close()
+
+
+def test_a_withdrawn_correction_is_counted_and_logged():
+    """A withdrawal moves the map back to the odometry, possibly by metres: the diagnostics count it and the log says
+    how far, unlike an ordinary accepted optimisation."""
+    from ros2_stream4d.mapping.backend.posegraph import OptimisationResult
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    class Log:
+        def __init__(self):
+            self.warnings = []
+
+        def warning(self, msg):
+            self.warnings.append(msg)
+
+    log = Log()
+    backend = LongRunBackend(BackendConfig(optimise_in_subprocess=False), logger=log)
+    try:
+        backend._finish(OptimisationResult(True, {}, reason="solved"))
+        assert backend.stats["corrections_withdrawn"] == 0 and not log.warnings
+        backend._finish(OptimisationResult(True, {}, reason="the 3 loop(s) left agree with the odometry: the "
+                                           "correction is withdrawn", max_move_m=1.25, withdrawn=True))
+        assert backend.stats["corrections_withdrawn"] == 1 and backend.stats["optimisations_ok"] == 2
+        assert len(log.warnings) == 1 and "withdrawn" in log.warnings[0] and "1.25 m" in log.warnings[0]
     finally:
         backend.close()

@@ -233,7 +233,7 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
                    "rss_mib": rec["rss"], "wall_s": rec["wall_s"]}
     d = rec["diagnostics"]
     res["backend"] = {k: d[k] for k in ("keyframes", "optimisations_ok", "optimisations_dropped", "last_drop_reason",
-                                        "corrections_applied", "time per keyframe [ms] median",
+                                        "corrections_applied", "corrections_withdrawn", "time per keyframe [ms] median",
                                         "time per optimisation [ms] median", "edges_rejected_by_graph")
                       if k in d}
     res["segments"] = rec["segments"]

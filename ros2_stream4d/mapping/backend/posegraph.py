@@ -38,8 +38,9 @@ import numpy as np
 from ros2_stream4d.mapping.backend import sim3 as S3
 
 ODOMETRY, SEGMENT, LOOP = "odometry", "segment", "loop"
-# a solution this far from the odometry (m, any keyframe) holds a correction; below it is the rounding of the
-# poses' products (1e-8 - 2e-7 m on the service tests' uncorrected graphs)
+# a solution this far from the odometry (m, any keyframe) holds a correction; below it is rounding: an uncorrected
+# keyframe's solution is the carried correction (solution @ inverse(odometry) of the one before) times its odometry,
+# 1e-8 - 2e-7 m from it on the service tests' graphs
 WITHDRAW_ABOVE_M = 1e-4
 
 
@@ -126,6 +127,7 @@ class OptimisationResult:
     seconds: float = 0.0
     rejected_edges: list[tuple[int, int, str]] = field(default_factory=list)
     max_move_m: float = 0.0
+    withdrawn: bool = False  # ok, and the poses are the odometry: a correction in force was withdrawn
 
 
 class PoseGraph:
@@ -292,7 +294,7 @@ def _agree_without(rejected, active, initial, odometry, order, config: PoseGraph
     if corrected and all(_whitened(e, odometry) <= config.consistent_chi for e in kept):
         return OptimisationResult(True, {k: odometry[k].copy() for k in order}, reason=(
             f"the {len(kept)} loop(s) left agree with the odometry: the correction is withdrawn"),
-            rejected_edges=list(rejected), seconds=time.perf_counter() - t0, max_move_m=max(moves))
+            rejected_edges=list(rejected), seconds=time.perf_counter() - t0, max_move_m=max(moves), withdrawn=True)
     if corrected and kept and config.resolve_when_corrected:
         return None  # a correction is in force: the graph is solved with every loop (resolve_when_corrected)
     if not left:

@@ -18,8 +18,9 @@ carries the correction. Consecutive keyframes of a
 segment are joined by odometry edges; the first keyframe of a new segment (a stream reset) by a weak segment edge
 (the pipeline's guess that the new stream starts where the last ended). Loops are detected and verified in the
 worker (mapping/backend/loops.py); the graph is optimised (posegraph.py) in a child process, one optimisation at a
-time, the next one starting when loops were accepted meanwhile; a dropped optimisation leaves the map on odometry
-and says why in the diagnostics.
+time, the next one starting when loops were accepted meanwhile and its pause is over (``optimise_duty``); a dropped
+optimisation leaves the map on odometry and says why in the diagnostics; a withdrawn correction (the loops left
+agree with the odometry) is counted and logged.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class LongRunBackend:
         self._idle = threading.Event()
         self._idle.set()
         self.stats = {"keyframes": 0, "dropped_keyframes": 0, "optimisations_ok": 0, "optimisations_dropped": 0,
-                      "last_drop_reason": "", "edges_rejected_by_graph": 0, "corrections_applied": 0}
+                      "last_drop_reason": "", "edges_rejected_by_graph": 0, "corrections_applied": 0,
+                      "corrections_withdrawn": 0}
         self.keyframe_s: list[float] = []
         self.optimisation_s: list[float] = []
         self._pool: ProcessPoolExecutor | None = None  # the optimiser's child process, started at the first solve
@@ -288,6 +290,11 @@ class LongRunBackend:
         if res.ok:
             self.stats["optimisations_ok"] += 1
             self.stats["edges_rejected_by_graph"] += len(res.rejected_edges)
+            if res.withdrawn:
+                self.stats["corrections_withdrawn"] += 1
+                if self.logger is not None:
+                    self.logger.warning(f"back-end: correction withdrawn (keyframes back to odometry, up to "
+                                        f"{res.max_move_m:.2f} m): {res.reason}")
         else:
             self.stats["optimisations_dropped"] += 1
             self.stats["last_drop_reason"] = res.reason
