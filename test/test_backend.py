@@ -420,62 +420,78 @@ def test_the_service_solves_in_a_child_process_exactly_as_in_process():
     assert backend._pool is None
 
 
-def test_one_optimisation_at_a_time_and_loop_detection_goes_on_meanwhile():
-    """While the child process optimises, the worker keeps taking keyframes (a long run's optimisations take longer
-    than a keyframe: one after the other, the worker fell ever further behind); loops found meanwhile start one more
-    optimisation of the newest graph when the running one ends; idle only when nothing is left."""
+class _EveryKeyframeLoopsToTheFirst:
+    """A loop detector stand-in: every keyframe after the first closes a loop to keyframe 0."""
+
+    latest = None
+
+    def add(self, view):
+        self.latest = view.id
+
+    def detect(self):
+        from ros2_stream4d.mapping.backend.loops import LoopResult
+
+        return [LoopResult(0, self.latest, True, np.eye(4))] if self.latest else []
+
+
+def _with_fake_child(backend, record):
+    """The back-end's child process replaced by futures the test completes: record(snap) of every submission goes to
+    the first list, its Future to the second."""
     import threading
-    import time
     from concurrent.futures import Future
 
-    from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopResult
-    from ros2_stream4d.mapping.backend.posegraph import OptimisationResult
-    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
-
-    class EveryKeyframeLoopsToTheFirst:
-        def __init__(self):
-            self.latest = None
-
-        def add(self, view):
-            self.latest = view.id
-
-        def detect(self):
-            return [LoopResult(0, self.latest, True, np.eye(4))] if self.latest else []
-
-    backend = LongRunBackend(BackendConfig())
-    submitted: list[tuple] = []
+    submitted: list = []
     futures: list[Future] = []
     lock = threading.Lock()
 
     def submit(snap):
         with lock:
-            submitted.append(snap)
+            submitted.append(record(snap))
             futures.append(Future())
             return futures[-1]
 
-    def until(cond, what):
-        deadline = time.monotonic() + 20
-        while not cond():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.005)
+    backend.detector, backend._submit = _EveryKeyframeLoopsToTheFirst(), submit
+    return submitted, futures
 
-    backend.detector, backend._submit = EveryKeyframeLoopsToTheFirst(), submit
+
+def _until(cond, what, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def _line_view(k):
+    """Keyframe k, 0.5 m along x from the one before (a 4 x 4 view)."""
+    from ros2_stream4d.mapping.backend.loops import KeyframeView
+
+    T = np.eye(4)
+    T[0, 3] = 0.5 * k
+    return KeyframeView(k, np.zeros((4, 4, 3), np.uint8), np.ones((4, 4)), np.eye(3), T)
+
+
+def test_one_optimisation_at_a_time_and_loop_detection_goes_on_meanwhile():
+    """While the child process optimises, the worker keeps taking keyframes (a long run's optimisations take longer
+    than a keyframe: one after the other, the worker fell ever further behind); loops found meanwhile start one more
+    optimisation of the newest graph when the running one ends; idle only when nothing is left."""
+    from ros2_stream4d.mapping.backend.posegraph import OptimisationResult
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    backend = LongRunBackend(BackendConfig())
+    submitted, futures = _with_fake_child(backend, lambda snap: snap)
     try:
-        def view(k):
-            T = np.eye(4)
-            T[0, 3] = 0.5 * k
-            return KeyframeView(k, np.zeros((4, 4, 3), np.uint8), np.ones((4, 4)), np.eye(3), T)
-
         for k in range(2):
-            backend._put((view(k), 0))
-        until(lambda: len(submitted) == 1, "the first loop starts an optimisation")
+            backend._put((_line_view(k), 0))
+        _until(lambda: len(submitted) == 1, "the first loop starts an optimisation")
         for k in range(2, 6):
-            backend._put((view(k), 0))
-        until(lambda: backend.stats["keyframes"] == 6, "keyframes handled while the optimisation runs")
+            backend._put((_line_view(k), 0))
+        _until(lambda: backend.stats["keyframes"] == 6, "keyframes handled while the optimisation runs")
         assert len(submitted) == 1 and not backend.wait_idle(0.05), "one at a time; busy while one is in flight"
         assert submitted[0][0] == [0, 1]  # the graph as it was when it started
         futures[0].set_result(OptimisationResult(False, reason="first"))
-        until(lambda: len(submitted) == 2, "the loops found meanwhile start the next one")
+        _until(lambda: len(submitted) == 2, "the loops found meanwhile start the next one")
         assert submitted[1][0] == [0, 1, 2, 3, 4, 5], "of the newest graph"
         futures[1].set_result(OptimisationResult(False, reason="second"))
         assert backend.wait_idle(20)
@@ -489,11 +505,8 @@ def test_one_optimisation_at_a_time_and_loop_detection_goes_on_meanwhile():
 def test_the_optimiser_works_at_most_optimise_duty_of_the_time(duty):
     """After an optimisation of t seconds the next waits t x (1 / optimise_duty - 1) (the child process shares a small
     computer with the frames), then starts by itself, with no new keyframe to wake the worker."""
-    import threading
     import time
-    from concurrent.futures import Future
 
-    from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopResult
     from ros2_stream4d.mapping.backend.posegraph import OptimisationResult
     from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
 
@@ -502,44 +515,17 @@ def test_the_optimiser_works_at_most_optimise_duty_of_the_time(duty):
     with pytest.raises(ValueError, match="optimise_duty"):
         BackendConfig(optimise_duty=1.5)
 
-    class EveryKeyframeLoopsToTheFirst:
-        latest = None
-
-        def add(self, view):
-            self.latest = view.id
-
-        def detect(self):
-            return [LoopResult(0, self.latest, True, np.eye(4))] if self.latest else []
-
     backend = LongRunBackend(BackendConfig(optimise_duty=duty))
-    submitted: list[float] = []
-    futures: list[Future] = []
-    lock = threading.Lock()
-
-    def submit(snap):
-        with lock:
-            submitted.append(time.monotonic())
-            futures.append(Future())
-            return futures[-1]
-
-    def until(cond, what):
-        deadline = time.monotonic() + 20
-        while not cond():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.005)
-
-    backend.detector, backend._submit = EveryKeyframeLoopsToTheFirst(), submit
+    submitted, futures = _with_fake_child(backend, lambda snap: time.monotonic())
     try:
         for k in range(4):
-            T = np.eye(4)
-            T[0, 3] = 0.5 * k
-            backend._put((KeyframeView(k, np.zeros((4, 4, 3), np.uint8), np.ones((4, 4)), np.eye(3), T), 0))
+            backend._put((_line_view(k), 0))
             if k == 1:
-                until(lambda: len(submitted) == 1, "the first loop starts an optimisation")
-        until(lambda: backend.stats["keyframes"] == 4, "keyframes handled meanwhile")
+                _until(lambda: len(submitted) == 1, "the first loop starts an optimisation")
+        _until(lambda: backend.stats["keyframes"] == 4, "keyframes handled meanwhile")
         done = time.monotonic()
         futures[0].set_result(OptimisationResult(False, reason="first", seconds=0.3))
-        until(lambda: len(submitted) == 2, "the loops found meanwhile start the next one by themselves")
+        _until(lambda: len(submitted) == 2, "the loops found meanwhile start the next one by themselves")
         waited = submitted[1] - done
         if duty < 1.0:
             assert waited >= 0.3 * (1 / duty - 1) - 0.05, waited

@@ -275,8 +275,7 @@ def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, 
     return [e for e, n, k in zip(loops, seen, agree) if n >= config.pcm_min_neighbours and 2 * k < n]
 
 
-def _agree_without(rejected, active, initial, odometry, order, config: PoseGraphConfig,
-                   t0: float) -> OptimisationResult | None:
+def _agree_without(rejected, active, initial, odometry, config: PoseGraphConfig, t0: float) -> OptimisationResult | None:
     """The outcome when the optimisation has nothing to solve, else None. Nothing to solve: every loop (robust)
     edge but the rejected ones agrees with the poses the optimisation started from (whitened residual <=
     consistent_chi), or none is left. Then, when those poses are a correction that the loops left do not need (they
@@ -289,10 +288,10 @@ def _agree_without(rejected, active, initial, odometry, order, config: PoseGraph
     left = [_whitened(e, initial) for e in kept]
     if left and max(left) > config.consistent_chi:
         return None
-    moves = [float(np.linalg.norm(initial[k][:3, 3] - odometry[k][:3, 3])) for k in order]
+    moves = [float(np.linalg.norm(initial[k][:3, 3] - S[:3, 3])) for k, S in odometry.items()]
     corrected = max(moves) > WITHDRAW_ABOVE_M
     if corrected and all(_whitened(e, odometry) <= config.consistent_chi for e in kept):
-        return OptimisationResult(True, {k: odometry[k].copy() for k in order}, reason=(
+        return OptimisationResult(True, {k: S.copy() for k, S in odometry.items()}, reason=(
             f"the {len(kept)} loop(s) left agree with the odometry: the correction is withdrawn"),
             rejected_edges=list(rejected), seconds=time.perf_counter() - t0, max_move_m=max(moves), withdrawn=True)
     if corrected and kept and config.resolve_when_corrected:
@@ -318,7 +317,7 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     rejected: list[tuple[int, int, str]] = [(e.i, e.j, e.kind) for e in inconsistent_loops(edges, order, odometry,
                                                                                            config)]
     active = [e for e in edges if e.active and (e.i, e.j, e.kind) not in rejected]
-    agreed = _agree_without(rejected, active, initial, odometry, order, config, t0)
+    agreed = _agree_without(rejected, active, initial, odometry, config, t0)
     if agreed is not None:
         return agreed
     first = order[0]
@@ -346,7 +345,7 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     except RuntimeError as exc:
         return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
     if rejected:  # the chi test again without the outliers: a wrong loop alone is no reason to move the map
-        agreed = _agree_without(rejected, active, initial, odometry, order, config, t0)
+        agreed = _agree_without(rejected, active, initial, odometry, config, t0)
         if agreed is not None:
             return agreed
     res = None
@@ -377,7 +376,7 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     res.seconds = time.perf_counter() - t0
     if rejected:  # and once more after the rounds' rejections (exact input, office loop: GNC kept one wrong loop,
         # the rounds removed it, and the solution from the remaining loops' centimetre noise moved the map 2.7 cm)
-        agreed = _agree_without(rejected, active, initial, odometry, order, config, t0)
+        agreed = _agree_without(rejected, active, initial, odometry, config, t0)
         if agreed is not None:
             return agreed
     # plausibility
