@@ -75,6 +75,17 @@ def test_drift_is_corrected_in_the_keyframe_map_and_map_to_odom(loop_images):
     A = S3.umeyama(odo_est, T[:, :3, 3])
     odo_ate = float(np.sqrt(((S3.apply(A, odo_est) - T[:, :3, 3]) ** 2).sum(1).mean()))
     assert keyframe_ate(pipeline, T) < 0.5 * odo_ate
+    # corrections (Sim(3), the drift has scale) came and went while keyframes were open: every stored frame is still
+    # placed relative to its keyframe as the odometry placed it, so a keyframe's pose moves and scales its frames alike
+    by_stamp = {r.stamp_ns: r.T_map_cam for r in results}
+    worst = 0.0
+    for kf in pipeline.map.keyframes:
+        frames = pipeline.map.frames_of(kf)
+        T_odom_kf = by_stamp[int(frames.stamps[0])]
+        for stamp, T_kf_cam in zip(frames.stamps, frames.T_kf_cam):
+            want = np.linalg.inv(T_odom_kf) @ by_stamp[int(stamp)]
+            worst = max(worst, float(np.abs(T_kf_cam - want).max()))
+    assert worst < 1e-6, worst
     # map -> odom moves the newest camera to its corrected place (a real correction, rigid)
     M = backend.map_from_odom(cams[-1])
     assert np.allclose(M[:3, :3] @ M[:3, :3].T, np.eye(3), atol=1e-9)

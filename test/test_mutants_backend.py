@@ -564,7 +564,8 @@ def _add_frames(m, n, start=0):
 
 class _Pipeline:
     def __init__(self, kmap, last=None):
-        self.map, self.last, self.map_correction, self.updates = kmap, last, None, []
+        self.map, self.last, self.updates = kmap, last, []
+        self.map_correction = self.map_integration = None
 
     def update_keyframe_poses(self, poses):
         self.updates.append(poses)
@@ -593,8 +594,9 @@ def test_backend_observe_hands_each_new_keyframe_once_in_odometry():
         np.testing.assert_array_equal(view.K, frames.K[0])
         np.testing.assert_allclose(view.S_odom_kf, kf.T_map_kf, atol=1e-12)  # no correction yet
     assert [v.id for v, _ in items] == [0, 1, 2]
-    # under a correction M the keyframe goes to the graph in odometry: M^-1 T_map_kf; M is remembered per keyframe
-    M = S3.sim3(rotation_from_vector([0.0, 0.2, 0.0]), [1.0, -2.0, 0.5])
+    # under a correction M (Sim(3)) the keyframe goes to the graph in odometry: M^-1 T_map_kf; M is remembered per
+    # keyframe
+    M = S3.sim3(rotation_from_vector([0.0, 0.2, 0.0]), [1.0, -2.0, 0.5], s=1.2)
     b._M = M.copy()
     _add_frames(p.map, 1, start=3)
     assert b.observe(p) == 1
@@ -633,7 +635,7 @@ def test_backend_apply_writes_the_solution_and_moves_the_other_keyframes():
         T_map_cam = T_cam
 
     p = _Pipeline(kmap, Last())
-    assert b.apply(p) is False and p.updates == [] and p.map_correction is None
+    assert b.apply(p) is False and p.updates == [] and p.map_correction is None and p.map_integration is None
     C = S3.sim3(rotation_from_vector([0.0, 0.0, 0.5]), [0.3, -0.7, 0.2], s=1.3)
     S0 = S3.sim3(rotation_from_vector([0.2, 0.0, 0.0]), [9.0, 8.0, 7.0], s=0.9)
     b.graph = _Graph(C, {0: S0})
@@ -645,17 +647,22 @@ def test_backend_apply_writes_the_solution_and_moves_the_other_keyframes():
     (poses,) = p.updates
     assert set(poses) == {0, 1}  # keyframe 2 was never observed: it is left alone
     np.testing.assert_allclose(poses[0], S0)
-    np.testing.assert_allclose(poses[1], M_new @ np.linalg.inv(Ma) @ kmap.keyframes[1].T_map_kf, atol=1e-12)
-    np.testing.assert_allclose(b._M_at[1], M_new)
-    np.testing.assert_allclose(p.map_correction, M_new)
-    np.testing.assert_allclose(b._M, M_new)
+    # a keyframe not in the graph yet moves with the Sim(3) correction (scale included), as frames now enter the map
+    np.testing.assert_allclose(poses[1], C @ np.linalg.inv(Ma) @ kmap.keyframes[1].T_map_kf, atol=1e-12)
+    np.testing.assert_allclose(b._M_at[1], C)
+    np.testing.assert_allclose(p.map_integration, C)
+    # map -> odom is rigid: it puts the last camera where the correction does
+    np.testing.assert_allclose(p.map_correction, M_new, atol=1e-12)
+    np.testing.assert_allclose(p.map_correction @ T_cam, S3.to_se3(C @ T_cam), atol=1e-12)
+    np.testing.assert_allclose(b._M, C)
     assert b.stats["corrections_applied"] == 1 and b._result is None
     assert b.apply(p) is False and b.stats["corrections_applied"] == 1
-    # without a last frame the correction in force stays
+    # without a last frame map -> odom is the correction's rigid part (the camera at odom's origin)
     q = _Pipeline(_keyframe_map(1))
     b._result = object()
     assert b.apply(q) is True
-    np.testing.assert_allclose(q.map_correction, M_new)
+    np.testing.assert_allclose(q.map_correction, S3.to_se3(C), atol=1e-12)
+    np.testing.assert_allclose(q.map_integration, C)
 
 
 def test_backend_map_from_odom_is_the_rigid_correction_at_the_camera():

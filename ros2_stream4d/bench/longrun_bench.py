@@ -116,7 +116,7 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
         pipe.backend.detector.config = dataclasses.replace(pipe.backend.detector.config, **loop_overrides)
     n = len(stamps)
     rec = {"T_odom_cam": np.zeros((n, 4, 4)), "C": np.zeros((n, 4, 4)), "kf": np.zeros(n, np.int64),
-           "T_kf_then": np.zeros((n, 4, 4)), "backend_s": [], "frame_s": [], "rss": []}
+           "T_kf_cam": np.zeros((n, 4, 4)), "backend_s": [], "frame_s": [], "rss": []}
     t_start = time.perf_counter()
     try:
         for i in range(n):
@@ -127,7 +127,8 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
             rec["T_odom_cam"][i] = r.T_map_cam
             rec["C"][i] = r.odom_correction if r.odom_correction is not None else np.eye(4)
             kf = pipe.map.keyframes[-1]  # the keyframe this frame was integrated into
-            rec["kf"][i], rec["T_kf_then"][i] = kf.id, kf.T_map_kf
+            # the frame's pose relative to its keyframe, as the map stores it (what its geometry follows)
+            rec["kf"][i], rec["T_kf_cam"][i] = kf.id, kf.frames.T_kf_cam[kf.n_frames - 1]
             if backend:
                 rec["backend_s"].append(pipe.timings["backend"])
             if i % 100 == 0 or i == n - 1:
@@ -152,12 +153,12 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
         pipe.close()
     from ros2_stream4d.mapping.backend import sim3 as S3
 
-    # every frame follows its keyframe: final = T_kf_final inv(T_kf_then) (C T_odom_cam); a keyframe's pose may be
-    # a Sim(3) (its scale resizes its geometry): the camera pose is its rigid part
+    # every frame follows its keyframe: final = T_kf_final T_kf_cam (the stored relative pose); a keyframe's pose may
+    # be a Sim(3) (its scale resizes its geometry): the camera pose is its rigid part
     final = np.empty_like(rec["T_odom_cam"])
     online = np.einsum("nij,njk->nik", rec["C"], rec["T_odom_cam"])
     for i in range(n):
-        final[i] = S3.to_se3(rec["kf_final"][int(rec["kf"][i])] @ np.linalg.inv(rec["T_kf_then"][i]) @ online[i])
+        final[i] = S3.to_se3(rec["kf_final"][int(rec["kf"][i])] @ rec["T_kf_cam"][i])
     rec["online"], rec["final"] = online, final
     return rec
 

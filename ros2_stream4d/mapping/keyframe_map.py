@@ -107,7 +107,8 @@ class KeyframeMapConfig:
 @dataclass
 class MapFrame:
     """One processed frame for the map: metric z-depth (NaN = invalid or below the confidence mask), its
-    confidence, colour, pinhole K of that image and the camera optical frame's pose in ``map``."""
+    confidence, colour, pinhole K of that image and the camera optical frame's pose in ``map``: rigid, or a Sim(3)
+    whose scale sizes the depth (a back-end's correction of the odometry's scale)."""
 
     stamp_ns: int
     T_map_cam: np.ndarray
@@ -501,7 +502,7 @@ class KeyframeMap:
         c = self.config
         if kf.n_frames >= c.keyframe_max_frames or kf.frames is None or kf.frames.depth.shape[1:] != hw:
             return True
-        rel = inverse(S3.to_se3(kf.T_map_kf)) @ T  # metres in map, whatever the keyframe's scale
+        rel = inverse(S3.to_se3(kf.T_map_kf)) @ S3.to_se3(T)  # metres in map, whatever either pose's scale
         return bool(np.linalg.norm(rel[:3, 3]) > c.keyframe_distance or rotation_angle_deg(rel) > c.keyframe_angle_deg)
 
     def _close_current(self) -> None:

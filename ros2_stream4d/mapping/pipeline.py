@@ -166,9 +166,13 @@ class MappingPipeline:
         self.map = KeyframeMap(map_config(cfg))
         self._start_T_map_body: np.ndarray | None = start_pose_matrix(cfg.map_start_pose)
         self._next_T_map_world: np.ndarray | None = None  # a reset stream continues where the last left
-        # T_map_odom of a back-end (mapping/backend/service.py): frames enter the keyframe map corrected; the poses
-        # published stay odometry (the correction goes to map -> odom). None = identity.
+        # a back-end's correction (mapping/backend/service.py); the poses published stay odometry. map_correction: the
+        # rigid T_map_odom that map -> odom publishes. map_integration: the Sim(3) map <- odom that new frames enter the
+        # keyframe map through (the graph's correction at its newest keyframe, scale included), so a frame's pose
+        # relative to its keyframe stays the odometry's and a keyframe's Sim(3) pose scales all its frames alike.
+        # None = identity.
         self.map_correction: np.ndarray | None = None
+        self.map_integration: np.ndarray | None = None
         self.cloud_options = CloudOptions(
             conf_threshold=cfg.conf_threshold if cfg.conf_threshold > 0 else None,
             conf_percentile=cfg.conf_percentile if cfg.conf_percentile > 0 else None,
@@ -264,7 +268,7 @@ class MappingPipeline:
         if self.cloud_options.frame == "world":  # ~/cloud in map; in the camera frame it stays as it is
             xyz = transform_points(self.T_map_world, xyz)
         t_cloud = time.perf_counter()
-        T_map_cam_map = T_map_cam if self.map_correction is None else self.map_correction @ T_map_cam
+        T_map_cam_map = T_map_cam if self.map_integration is None else self.map_integration @ T_map_cam
         self.map.integrate(self._map_frame(pred, T_map_cam_map, stamp_ns))
         t_map = time.perf_counter()
 
@@ -376,7 +380,7 @@ class MappingPipeline:
 
     def _restart_backend(self) -> None:
         """A new map: the back-end's graph (keyframe ids of the old map) and its correction start again."""
-        self.map_correction = None
+        self.map_correction = self.map_integration = None
         if self.backend is not None:
             self.backend.close()
             self.backend = LongRunBackend(backend_config(self.cfg), logger=self.logger)

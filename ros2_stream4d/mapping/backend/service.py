@@ -11,10 +11,11 @@ Use (the node, or the offline processor), ROS-free:
 
 Keyframes come from the pipeline's KeyframeMap (id, segment, first frame's colour, depth and K, and T_map_kf at
 creation, mapped back to odometry through the correction then in force). The pipeline's published poses are the
-odometry (frame ``odom`` once a back-end runs); after a correction the keyframe map holds corrected poses (rigid
-Sim(3): a keyframe's scale resizes its stored depth in the map's products), the pipeline
-integrates new frames through ``pipeline.map_correction`` (the hook in mapping/pipeline.py) and map -> odom
-carries the correction. Consecutive keyframes of a
+odometry (frame ``odom`` once a back-end runs); after a correction the keyframe map holds corrected poses (Sim(3): a
+keyframe's scale resizes its stored depth in the map's products), the pipeline integrates new frames through the
+Sim(3) ``pipeline.map_integration`` (so every frame's pose relative to its keyframe is the odometry's, whatever
+corrections come and go while the keyframe is open) and map -> odom publishes ``pipeline.map_correction``, the rigid
+transform that puts the current camera where the corrected map has it. Consecutive keyframes of a
 segment are joined by odometry edges; the first keyframe of a new segment (a stream reset) by a weak segment edge
 (the pipeline's guess that the new stream starts where the last ended). Loops are detected and verified in the
 worker (mapping/backend/loops.py); the graph is optimised (posegraph.py) in a child process, one optimisation at a
@@ -79,7 +80,7 @@ class LongRunBackend:
         self._lock = threading.Lock()  # guards graph
         self._queue: queue.Queue = queue.Queue()
         self._observed = 0  # keyframes of the pipeline's map handed to the worker (a prefix of its list)
-        self._M = np.eye(4)  # the map -> odom correction handed to the pipeline (rigid)
+        self._M = np.eye(4)  # the map <- odom Sim(3) the pipeline integrates frames through (map_integration)
         self._M_at: dict[int, np.ndarray] = {}  # ... in force when each keyframe was observed
         self._last_segment: int | None = None
         self._result: OptimisationResult | None = None  # newest accepted, not yet applied
@@ -105,7 +106,7 @@ class LongRunBackend:
         every processed frame (a keyframe's odometry pose is its map pose under the correction then in force)."""
         m = pipeline.map
         new = 0
-        M_inv = np.linalg.inv(self._M)
+        M_inv = S3.inverse(self._M)
         with m._lock:  # frames_of and the keyframe list, consistent with the worker-free integration thread
             # the list only grows while this back-end lives (an erase or a loaded map starts a new back-end): new
             # keyframes are the tail (scanning the whole list every frame made this linear in the map's size)
@@ -142,18 +143,19 @@ class LongRunBackend:
                 return False
             # Sim(3): a keyframe's scale correction resizes its stored depth in the map (see KeyframeMap)
             solution = {k: S.copy() for k, S in self.graph.solution.items()}
-        last = pipeline.last
-        M_new = self.map_from_odom(last.T_map_cam) if last is not None else self._M
+            C = self.graph.odom_correction()
         poses = {}
         for kf in pipeline.map.keyframes:
             if kf.id in solution:
                 poses[kf.id] = solution[kf.id]
             elif kf.id in self._M_at:  # not in the graph yet: move it with the correction
-                poses[kf.id] = M_new @ np.linalg.inv(self._M_at[kf.id]) @ kf.T_map_kf
-                self._M_at[kf.id] = M_new
+                poses[kf.id] = C @ S3.inverse(self._M_at[kf.id]) @ kf.T_map_kf
+                self._M_at[kf.id] = C
         pipeline.update_keyframe_poses(poses)
-        pipeline.map_correction = M_new
-        self._M = M_new
+        pipeline.map_integration = C
+        last = pipeline.last
+        pipeline.map_correction = _rigid_map_from_odom(C, last.T_map_cam) if last is not None else S3.to_se3(C)
+        self._M = C
         self.stats["corrections_applied"] += 1
         return True
 
@@ -165,9 +167,7 @@ class LongRunBackend:
     def map_from_odom(self, T_odom_cam: np.ndarray) -> np.ndarray:
         """The rigid T_map_odom that places the current camera (T_odom_cam, the pipeline's pose) where the
         corrected map has it: what map -> odom publishes."""
-        T = np.asarray(T_odom_cam, np.float64)
-        T_map_cam = S3.to_se3(self.odom_correction() @ T)
-        return T_map_cam @ np.linalg.inv(T)
+        return _rigid_map_from_odom(self.odom_correction(), T_odom_cam)
 
     def diagnostics(self) -> dict:
         with self._lock:
@@ -300,3 +300,9 @@ class LongRunBackend:
             self.stats["last_drop_reason"] = res.reason
             if self.logger is not None:
                 self.logger.warning(f"back-end: optimisation dropped: {res.reason}")
+
+
+def _rigid_map_from_odom(C: np.ndarray, T_odom_cam: np.ndarray) -> np.ndarray:
+    """The rigid T_map_odom that puts the camera at T_odom_cam where the Sim(3) correction C puts it."""
+    T = np.asarray(T_odom_cam, np.float64)
+    return S3.to_se3(C @ T) @ np.linalg.inv(T)
