@@ -106,7 +106,9 @@ class LongRunBackend:
         every processed frame (a keyframe's odometry pose is its map pose under the correction then in force)."""
         m = pipeline.map
         new = 0
-        M_inv = S3.inverse(self._M)
+        # the exact inverse of what the frames were multiplied by: S3.inverse assumes an orthonormal rotation, and the
+        # rounding of a correction fed back through the graph's initial guesses grew to 1e-5 over ~80 keyframes
+        M_inv = np.linalg.inv(self._M)
         with m._lock:  # frames_of and the keyframe list, consistent with the worker-free integration thread
             # the list only grows while this back-end lives (an erase or a loaded map starts a new back-end): new
             # keyframes are the tail (scanning the whole list every frame made this linear in the map's size)
@@ -149,7 +151,7 @@ class LongRunBackend:
             if kf.id in solution:
                 poses[kf.id] = solution[kf.id]
             elif kf.id in self._M_at:  # not in the graph yet: move it with the correction
-                poses[kf.id] = C @ S3.inverse(self._M_at[kf.id]) @ kf.T_map_kf
+                poses[kf.id] = C @ np.linalg.inv(self._M_at[kf.id]) @ kf.T_map_kf
                 self._M_at[kf.id] = C
         pipeline.update_keyframe_poses(poses)
         pipeline.map_integration = C
