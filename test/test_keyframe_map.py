@@ -100,6 +100,24 @@ def test_a_sim3_correction_resizes_the_keyframes_geometry():
         m.update_poses({m.keyframes[0].id: shear})
     with pytest.raises(ValueError, match="not a rigid or Sim"):
         m.update_poses({m.keyframes[0].id: np.diag([-1.0, 1.0, 1.0, 1.0])})  # a reflection
+    # an update with one bad pose changes none (all are checked before any is written)
+    before = m.keyframe_poses()
+    with pytest.raises(ValueError, match=f"keyframe {m.keyframes[1].id} is not a rigid or Sim"):
+        m.update_poses({m.keyframes[0].id: shifted(before[m.keyframes[0].id], (1.0, 0.0, 0.0)),
+                        m.keyframes[1].id: np.diag([1.0, 1.0, 2.0, 1.0])})
+    for kid, T in m.keyframe_poses().items():
+        np.testing.assert_array_equal(T, before[kid])
+
+    # frames may enter through a Sim(3) pose (a back-end's scale correction of the odometry): the half-size stream
+    # integrated at D x its poses is the true map, and each frame's pose relative to its keyframe stays the stream's
+    m2 = build([dataclasses.replace(f, T_map_cam=D @ f.T_map_cam) for f in half])
+    assert_same_products(m2, build(frames), atol=1e-4)
+    by_stamp = {f.stamp_ns: f.T_map_cam for f in half}
+    for kf in m2.keyframes:
+        fr = m2.frames_of(kf)
+        for stamp, rel in zip(fr.stamps, fr.T_kf_cam):
+            np.testing.assert_allclose(rel, np.linalg.inv(by_stamp[int(fr.stamps[0])]) @ by_stamp[int(stamp)],
+                                       atol=1e-9)
 
 
 def test_rebuild_equals_live_map_and_memory_is_bounded_by_spilling(tmp_path):

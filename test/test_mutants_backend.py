@@ -1041,3 +1041,34 @@ def test_segment_frames_from_exact_outputs_or_a_pose_encoding_agree():
     np.testing.assert_allclose(ev.S_prev_new, np.eye(4), atol=1e-6)
     assert s.segment_stats.segments == 1 + len(events) and s.segment_stats.refed_frames == 2 * len(events)
     assert s.last_overlap == pytest.approx(1.0)
+
+
+def test_backend_apply_drops_a_correction_the_map_refuses():
+    """A solution the keyframe map refuses (not a Sim(3)) is dropped with its reason: no pose moves, the correction
+    in force stays, the frame thread goes on."""
+    b = _stopped_backend()
+    kmap = _keyframe_map(3)
+
+    class Forwarding(_Pipeline):
+        def update_keyframe_poses(self, poses):
+            self.map.update_poses(poses)
+
+    class Last:
+        T_map_cam = np.eye(4)
+
+    p = Forwarding(kmap, Last())
+    before = kmap.keyframe_poses()
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.3
+    C = S3.sim3(rotation_from_vector([0.0, 0.0, 0.5]), [0.3, -0.7, 0.2], s=1.3)
+    b.graph = _Graph(C, {0: C @ before[0], 1: sheared})
+    b._M_at = {2: np.eye(4)}
+    b._result = object()
+    assert b.apply(p) is False
+    assert b.stats["optimisations_dropped"] == 1 and b.stats["corrections_applied"] == 0
+    assert "refused" in b.stats["last_drop_reason"] and "keyframe 1" in b.stats["last_drop_reason"]
+    for kid, T in kmap.keyframe_poses().items():
+        np.testing.assert_array_equal(T, before[kid])
+    assert p.map_integration is None and p.map_correction is None
+    np.testing.assert_array_equal(b._M, np.eye(4))
+    np.testing.assert_array_equal(b._M_at[2], np.eye(4))

@@ -527,18 +527,21 @@ class KeyframeMap:
     @_locked
     def update_poses(self, poses: dict[int, np.ndarray]) -> None:
         """New T_map_kf (rigid or Sim(3)) for the given keyframe ids; the products follow at the next query or
-        integration. ValueError for a matrix that is neither."""
+        integration. ValueError for a matrix that is neither (then no pose changes: all are checked first)."""
         by_id = {kf.id: kf for kf in self.keyframes}
         unknown = sorted(set(poses) - set(by_id))
         if unknown:
             raise KeyError(f"no keyframes with ids {unknown}")
+        checked = {}
         for kid, T in poses.items():
-            T = np.asarray(T, np.float64)
+            T = np.array(T, np.float64)
             if T.shape != (4, 4) or not np.isfinite(T).all():
                 raise ValueError(f"pose of keyframe {kid} must be a finite 4x4")
             if not _is_similarity(T):
                 raise ValueError(f"pose of keyframe {kid} is not a rigid or Sim(3) transform [[s R, t], [0, 1]]")
-            by_id[kid].T_map_kf = T.copy()
+            checked[kid] = T
+        for kid, T in checked.items():
+            by_id[kid].T_map_kf = T
         if poses:
             self.stale = True
             self._generation += 1

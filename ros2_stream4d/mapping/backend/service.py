@@ -137,8 +137,10 @@ class LongRunBackend:
 
     def apply(self, pipeline) -> bool:
         """Write the newest accepted correction into the keyframe map and the pipeline: the graph's keyframes get
-        their corrected Sim(3) poses, newer keyframes follow the new map -> odom, and the pipeline integrates the
-        next frames through it (pipeline.map_correction). True when something was applied."""
+        their corrected Sim(3) poses, newer keyframes follow the graph's Sim(3) correction at its newest keyframe, the
+        pipeline integrates the next frames through that correction (pipeline.map_integration) and publishes its rigid
+        map -> odom (pipeline.map_correction). True when something was applied; a correction the keyframe map refuses
+        is dropped (counted, its reason in the diagnostics) and the one in force stays."""
         with self._lock:
             res, self._result = self._result, None
             if res is None:
@@ -146,14 +148,23 @@ class LongRunBackend:
             # Sim(3): a keyframe's scale correction resizes its stored depth in the map (see KeyframeMap)
             solution = {k: S.copy() for k, S in self.graph.solution.items()}
             C = self.graph.odom_correction()
-        poses = {}
+        poses, moved = {}, []
         for kf in pipeline.map.keyframes:
             if kf.id in solution:
                 poses[kf.id] = solution[kf.id]
             elif kf.id in self._M_at:  # not in the graph yet: move it with the correction
                 poses[kf.id] = C @ np.linalg.inv(self._M_at[kf.id]) @ kf.T_map_kf
-                self._M_at[kf.id] = C
-        pipeline.update_keyframe_poses(poses)
+                moved.append(kf.id)
+        try:
+            pipeline.update_keyframe_poses(poses)
+        except ValueError as exc:  # a pose the map refuses: the correction is dropped, the map stays as it was
+            self.stats["optimisations_dropped"] += 1
+            self.stats["last_drop_reason"] = f"the keyframe map refused the correction: {exc}"
+            if self.logger is not None:
+                self.logger.warning(f"back-end: correction not applied, the keyframe map refused it: {exc}")
+            return False
+        for kid in moved:
+            self._M_at[kid] = C
         pipeline.map_integration = C
         last = pipeline.last
         pipeline.map_correction = _rigid_map_from_odom(C, last.T_map_cam) if last is not None else S3.to_se3(C)
