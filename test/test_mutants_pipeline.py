@@ -642,13 +642,19 @@ def test_reset_continues_the_map_where_the_last_stream_ended():
     assert p._next_T_map_world is None
 
 
-def test_map_correction_moves_the_frames_entering_the_map():
+def test_map_integration_moves_the_frames_entering_the_map():
     p = pipe()
-    C = cv.make_transform(rot([0, 0, 1], 0.2), [0.5, -0.3, 0.1])
-    p.map_correction = C
+    # the rigid map -> odom a back-end publishes does not place frames in the map ...
+    p.map_correction = cv.make_transform(rot([1, 0, 0], 0.4), [2.0, 0.0, 0.0])
     r = p.process(IMG, 0).result
-    np.testing.assert_allclose(p.map_frames[-1].T_map_cam, C @ r.T_map_cam, atol=1e-12)
+    np.testing.assert_allclose(p.map_frames[-1].T_map_cam, r.T_map_cam, atol=1e-12)
     np.testing.assert_allclose(r.T_map_cam, cv.T_MAP_WORLD, atol=1e-12)  # the published pose stays odometry
+    # ... its Sim(3) correction does, scale included
+    C = cv.make_transform(rot([0, 0, 1], 0.2), [0.5, -0.3, 0.1])
+    C[:3, :3] *= 1.1
+    p.map_integration = C
+    r = p.process(IMG, 1).result
+    np.testing.assert_allclose(p.map_frames[-1].T_map_cam, C @ r.T_map_cam, atol=1e-12)
     assert r.odom_correction is None  # no back-end
 
 
