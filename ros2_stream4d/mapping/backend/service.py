@@ -167,7 +167,7 @@ class LongRunBackend:
             self._M_at[kid] = C
         pipeline.map_integration = C
         last = pipeline.last
-        pipeline.map_correction = _rigid_map_from_odom(C, last.T_map_cam) if last is not None else S3.to_se3(C)
+        pipeline.map_correction = _rigid_map_from_odom(C, np.eye(4) if last is None else last.T_map_cam)
         self._M = C
         self.stats["corrections_applied"] += 1
         return True
