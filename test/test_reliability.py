@@ -569,8 +569,12 @@ def test_corrupt_checkpoint_fails_at_startup_naming_the_file(ros_process, tmp_pa
 # ------------------------------------------------------------------------------------------------ map files
 
 SAVE_LOOP = """
+import signal
 import sys
 import numpy as np
+# a suite started in the background by a shell without job control inherits SIGINT ignored, and Python then keeps it
+# ignored: the child would save on through the SIGINT runs (seen once, 60 s timeout); Ctrl-C's default here
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from ros2_stream4d.mapping.map_io import save_map
 path, sizes = sys.argv[1], [int(a) for a in sys.argv[2:]]
 rng = np.random.default_rng(0)
