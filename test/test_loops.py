@@ -216,3 +216,29 @@ def test_orb_finds_enough_corners_on_rendered_views(sim_loop):
     default, opencv_default = corners(LoopConfig()), corners(LoopConfig(orb_fast_threshold=20))
     assert LoopConfig().orb_fast_threshold == 12
     assert default >= 2 * opencv_default and default >= 200, (default, opencv_default)
+
+
+def test_a_gate_holds_verified_loops_back_and_release_accepts_them(sim_loop):
+    """detect(gate=...): a verified loop the gate answers is held (not accepted, its reason the gate's, counted as
+    held and rejected, recorded as not accepted); the others are untouched; release() records a held one accepted."""
+    T, odo, s, views = sim_loop
+    _, plain, _ = run_detector(views)
+    det = LoopDetector()
+    seen, accepted, held = [], [], []
+    for v in views:
+        det.add(fresh(v))
+
+        def gate(r):
+            seen.append((r.i, r.j))
+            return "odd keyframe" if r.j % 2 else ""
+
+        for r in det.detect(gate=gate):
+            (held if r.held else accepted if r.accepted else []).append(r)
+    assert sorted(seen) == sorted((r.i, r.j) for r in plain), "the gate sees every verified loop, only those"
+    assert held and accepted and all(r.j % 2 == 0 for r in accepted)
+    assert all(r.j % 2 and not r.accepted and r.reason == "held: odd keyframe" and r.S_i_j is not None for r in held)
+    assert det.stats["held"] == len(held) and det.stats["accepted"] == len(accepted)
+    assert sum(1 for h in det.history if not h[2] and h[4] == "held: odd keyframe") == len(held)
+    out = det.release(held[0], "2 held loops agree")
+    assert out.accepted and not out.held and out.reason == "released: 2 held loops agree"
+    assert det.history[-1][:3] == (held[0].i, held[0].j, True) and det.stats["accepted"] == len(accepted) + 1

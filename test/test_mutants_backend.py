@@ -726,7 +726,7 @@ def test_backend_keyframes_join_by_odometry_within_and_by_a_weak_segment_edge_ac
         def add(self, view):
             self.added.append(view.id)
 
-        def detect(self):
+        def detect(self, gate=None):
             out, self.results = self.results, []
             return out
 
@@ -737,8 +737,8 @@ def test_backend_keyframes_join_by_odometry_within_and_by_a_weak_segment_edge_ac
     b._keyframe(view[0], 0)
     b._keyframe(view[1], 0)
     assert b._pending is False
-    b.detector.results = [SimpleNamespace(i=0, j=2, S_i_j=loop, accepted=True),
-                          SimpleNamespace(i=1, j=2, S_i_j=np.eye(4), accepted=False)]
+    b.detector.results = [SimpleNamespace(i=0, j=2, S_i_j=loop, accepted=True, held=False),
+                          SimpleNamespace(i=1, j=2, S_i_j=np.eye(4), accepted=False, held=False)]
     b._keyframe(view[2], 1)  # a new stream: a segment edge, not an odometry one
     assert b._pending is True and b._last_segment == 1
     b._keyframe(view[3], 1)
@@ -912,7 +912,8 @@ def test_detect_counts_each_candidate_once_and_keeps_no_pose_for_a_failed_verifi
     det.add(_view(1, [0.1, 0.0, 0.0], flat))
     (r,) = det.detect()
     assert not r.accepted and r.S_i_j is None
-    assert det.stats == {"candidates": 1, "accepted": 0, "rejected": 1, "keyframes without a model descriptor": 0}
+    assert det.stats == {"candidates": 1, "accepted": 0, "rejected": 1, "held": 0, "released": 0,
+                         "keyframes without a model descriptor": 0}
     (h,) = det.history
     assert h[:3] == (0, 1, False) and h[3] is None and h[4] == r.reason
 

@@ -766,7 +766,7 @@ def test_closing_the_backend_abandons_the_queued_keyframes():
                 started.set()
                 go.wait(10.0)
 
-        def detect(self):
+        def detect(self, gate=None):
             return []
 
     b = LongRunBackend()

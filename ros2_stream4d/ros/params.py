@@ -167,6 +167,12 @@ PARAMS: tuple[Param, ...] = (
           live=True, low=0.0, high=1000.0),
     Param("loop_search_drift_fraction", 0.15, "", "backend: ... plus this fraction of the path travelled since",
           live=True, low=0.0, high=10.0),
+    Param("loop_gate_distance", 0.5, "m",
+          "backend: once loops corrected the map, a new loop must agree with it within this (+ 0.1 m per metre of "
+          "odometry from the loops the map rests on) or it is held back", low=0.0, high=1000.0),
+    Param("loop_release_after", 3, "loops",
+          "backend: held loops join the graph once this many of them agree with each other (0 = no gate)",
+          low=0, high=1000),
     Param("backend_max_correction", 2.0, "m",
           "backend: an optimisation moving a keyframe further than this (+ a fraction of the path) is dropped",
           low=0.0, high=100000.0),

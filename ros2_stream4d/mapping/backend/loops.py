@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -162,6 +163,7 @@ class LoopResult:
     inliers: int = 0
     fitness: float = 0.0
     details: dict = field(default_factory=dict)
+    held: bool = False  # verified, but the gate held it back (reason says why): not accepted, kept by the caller
 
 
 class LoopDetector:
@@ -172,7 +174,8 @@ class LoopDetector:
         self.descriptor_fn = descriptor_fn
         self.views: list[KeyframeView] = []
         self._desc = np.zeros((0, 0), np.float32)
-        self.stats = {"candidates": 0, "accepted": 0, "rejected": 0, "keyframes without a model descriptor": 0}
+        self.stats = {"candidates": 0, "accepted": 0, "rejected": 0, "held": 0, "released": 0,
+                      "keyframes without a model descriptor": 0}
         self.descriptor_kind: str | None = None  # "model tokens" or "classical", decided by the first keyframe
         # the newest verification outcomes, (i, j, accepted, S_i_j or None, reason): for evaluation
         self.history: deque[tuple[int, int, bool, np.ndarray | None, str]] = deque(maxlen=HISTORY)
@@ -231,18 +234,38 @@ class LoopDetector:
                 out.append(LoopCandidate(o.id, view.id, float(sim[k])))
         return out
 
-    def detect(self, view: KeyframeView | None = None) -> list[LoopResult]:
-        """Candidates of the newest keyframe, each verified; accepted ones first."""
+    def detect(self, view: KeyframeView | None = None, gate: Callable[[LoopResult], str] | None = None
+               ) -> list[LoopResult]:
+        """Candidates of the newest keyframe, each verified; accepted ones first. ``gate`` (the back-end's check
+        against the map, PoseGraph.prediction_gate) sees each verified loop: a non-empty answer holds it back (not
+        accepted, ``held``, the answer its reason; counted in stats "held" and "rejected")."""
         by_id = {v.id: v for v in self.views}
         res = []
         for cand in self.candidates(view):
             self.stats["candidates"] += 1
             r = self.verify(by_id[cand.i], by_id[cand.j])
             r.similarity = cand.similarity
+            if r.accepted and gate is not None:
+                why = gate(r)
+                if why:
+                    r.accepted, r.held, r.reason = False, True, f"held: {why}"
+                    self.stats["held"] += 1
             self.stats["accepted" if r.accepted else "rejected"] += 1
-            self.history.append((r.i, r.j, r.accepted, None if r.S_i_j is None else np.array(r.S_i_j), r.reason))
+            self._record(r)
             res.append(r)
         return sorted(res, key=lambda r: (not r.accepted, -r.inliers))
+
+    def release(self, r: LoopResult, why: str) -> LoopResult:
+        """A held loop accepted after all (the caller found enough held loops that agree with it): recorded again,
+        accepted, with why."""
+        out = replace(r, accepted=True, held=False, reason=f"released: {why}")
+        self.stats["released"] += 1
+        self.stats["accepted"] += 1
+        self._record(out)
+        return out
+
+    def _record(self, r: LoopResult) -> None:
+        self.history.append((r.i, r.j, r.accepted, None if r.S_i_j is None else np.array(r.S_i_j), r.reason))
 
     # ------------------------------------------------------------------ geometry
     def verify(self, a: KeyframeView, b: KeyframeView) -> LoopResult:

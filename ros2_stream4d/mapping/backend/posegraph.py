@@ -114,6 +114,17 @@ class PoseGraphConfig:
     pcm_trans_m: float = 0.15  # m, + pcm_trans_fraction x the loop's length
     pcm_trans_fraction: float = 0.05
     pcm_rot_deg: float = 3.0
+    # the prediction gate (PoseGraph.prediction_gate): once loops have corrected the map, a new loop must agree with
+    # the corrected poses within gate_trans_m + gate_trans_fraction x d and gate_rot_deg + gate_rot_deg_per_m x d,
+    # d the odometry path the prediction rests on (to the nearest loop the solution holds, or between the loop's ends
+    # when none). Realistic office loop seed 1: true loops after a correction disagreed with it by <= 0.34 m / 3.5
+    # deg, the two look-alike loops that verification accepted (1.91 m apart in truth) by 1.98 / 2.00 m with d ~2 m;
+    # before any correction d is the whole loop (~38 m) and the gate is as wide as the candidate search
+    # (docs/longrun/README.md, "The prediction gate")
+    gate_trans_m: float = 0.5
+    gate_trans_fraction: float = 0.1
+    gate_rot_deg: float = 5.0
+    gate_rot_deg_per_m: float = 0.5
 
 
 @dataclass
@@ -141,6 +152,9 @@ class PoseGraph:
         self.edges: list[Edge] = []
         self.solution: dict[int, np.ndarray] = {}  # last accepted S_map_kf
         self.path_length = 0.0
+        self.path_at: dict[int, float] = {}  # odometry path length at each keyframe (m)
+        # the loops the solution rests on (inliers of the last accepted optimisation): their ends' path positions
+        self._anchors = np.zeros((0, 2))
 
     # ------------------------------------------------------------------ building
     def add_keyframe(self, kid: int, S_odom_kf, segment: int = 0, odometry_edge: bool = True) -> None:
@@ -155,6 +169,7 @@ class PoseGraph:
         self.order.append(kid)
         if prev is not None:
             self.path_length += float(np.linalg.norm(S[:3, 3] - self.odometry[prev][:3, 3]))
+        self.path_at[kid] = self.path_length
         # initial guess: the newest correction carried forward
         self.solution[kid] = self.odom_correction(prev) @ S if prev is not None else S.copy()
         if odometry_edge and prev is not None and self.segment_of[prev] == int(segment):
@@ -184,6 +199,25 @@ class PoseGraph:
         kid = self.order[-1] if kid is None else kid
         return self.solution[kid] @ S3.inverse(self.odometry[kid])
 
+    def prediction_gate(self, i: int, j: int, S_i_j) -> str:
+        """Why the loop (i, j) measured as S_i_j disagrees with the poses the map holds now, or "" when it agrees:
+        within gate_trans_m + gate_trans_fraction x d (and the rotation's counterpart), d the odometry path the
+        prediction of (i, j) rests on: from i and j to the two ends of the nearest loop the solution holds, or from i
+        to j when that is shorter (no loop yet: the gate is as wide as the odometry's drift allows)."""
+        c = self.config
+        pi, pj = self.path_at[int(i)], self.path_at[int(j)]
+        d = abs(pj - pi)
+        if len(self._anchors):
+            d = min(d, float(np.min(np.abs(self._anchors[:, 0] - pi) + np.abs(self._anchors[:, 1] - pj))))
+        D = S3.inverse(np.asarray(S_i_j, np.float64)) @ S3.inverse(self.solution[int(i)]) @ self.solution[int(j)]
+        R, t, _ = S3.decompose(D)
+        dt, dr = float(np.linalg.norm(t)), S3.rotation_angle_deg(R)
+        tol_t, tol_r = c.gate_trans_m + c.gate_trans_fraction * d, c.gate_rot_deg + c.gate_rot_deg_per_m * d
+        if dt <= tol_t and dr <= tol_r:
+            return ""
+        return (f"disagrees with the map by {dt:.2f} m / {dr:.1f} deg (tolerance {tol_t:.2f} m / {tol_r:.1f} deg: "
+                f"{d:.1f} m of odometry from a loop the map rests on)")
+
     def rigid_poses(self) -> dict[int, np.ndarray]:
         return {k: S3.to_se3(S) for k, S in self.solution.items()}
 
@@ -207,6 +241,9 @@ class PoseGraph:
                 e.inlier = (e.i, e.j, e.kind) not in rejected
         if not res.ok:
             return res
+        self._anchors = np.array([(self.path_at[e.i], self.path_at[e.j]) for e in self.edges
+                                  if e.kind == LOOP and e.active and e.inlier and e.i in res.poses and e.j in res.poses],
+                                 np.float64).reshape(-1, 2)
         last_solved = None
         for kid in self.order:
             if kid in res.poses:
@@ -240,13 +277,21 @@ def _whitened(e: Edge, X: dict[int, np.ndarray]) -> float:
     return float(np.linalg.norm(err / sig))
 
 
+def loops_agree(ea: Edge, eb: Edge, odometry: dict[int, np.ndarray], config: PoseGraphConfig) -> bool:
+    """Whether loop a's measurement matches the cycle through loop b and the odometry between their ends,
+    O(i_a, i_b) Z_b O(j_b, j_a), within pcm_trans_m + pcm_trans_fraction x |t(Z_a)| and pcm_rot_deg."""
+    cycle = S3.inverse(odometry[ea.i]) @ odometry[eb.i] @ eb.S_i_j @ S3.inverse(odometry[eb.j]) @ odometry[ea.j]
+    R, t, _ = S3.decompose(S3.inverse(ea.S_i_j) @ cycle)
+    return bool(np.linalg.norm(t) <= config.pcm_trans_m + config.pcm_trans_fraction * np.linalg.norm(ea.S_i_j[:3, 3])
+                and S3.rotation_angle_deg(R) <= config.pcm_rot_deg)
+
+
 def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, np.ndarray],
                        config: PoseGraphConfig) -> list[Edge]:
     """Active loop edges that disagree with most of their neighbours (the pairwise consistency of PCM, Mangelson et
     al. 2018, without the maximum clique): loops a = (i_a, j_a) and b = (i_b, j_b) are neighbours when both ends
-    lie within pcm_window keyframes of each other; they agree when Z_a matches the cycle through b and the
-    odometry between the ends, O(i_a, i_b) Z_b O(j_b, j_a), within pcm_trans_m + pcm_trans_fraction x |t(Z_a)| and
-    pcm_rot_deg (over a few keyframes even a drifting odometry is accurate). A wrong loop that the graph could
+    lie within pcm_window keyframes of each other; they agree when ``loops_agree`` (over a few keyframes even a
+    drifting odometry is accurate). A wrong loop that the graph could
     partly bend to (one that GNC keeps) is caught here by the right ones around it."""
     if config.pcm_window <= 0:
         return []
@@ -263,12 +308,7 @@ def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, 
                 break
             if abs(pos[eb.j] - pos[ea.j]) > config.pcm_window:
                 continue
-            cycle = (S3.inverse(odometry[ea.i]) @ odometry[eb.i] @ eb.S_i_j @ S3.inverse(odometry[eb.j])
-                     @ odometry[ea.j])
-            D = S3.inverse(ea.S_i_j) @ cycle
-            R, t, _ = S3.decompose(D)
-            ok = (np.linalg.norm(t) <= config.pcm_trans_m + config.pcm_trans_fraction * np.linalg.norm(ea.S_i_j[:3, 3])
-                  and S3.rotation_angle_deg(R) <= config.pcm_rot_deg)
+            ok = loops_agree(ea, eb, odometry, config)
             for n in (a, b):
                 seen[n] += 1
                 agree[n] += ok

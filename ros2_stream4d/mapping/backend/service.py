@@ -21,7 +21,10 @@ segment are joined by odometry edges; the first keyframe of a new segment (a str
 worker (mapping/backend/loops.py); the graph is optimised (posegraph.py) in a child process, one optimisation at a
 time, the next one starting when loops were accepted meanwhile and its pause is over (``optimise_duty``); a dropped
 optimisation leaves the map on odometry and says why in the diagnostics; a withdrawn correction (the loops left
-agree with the odometry) is counted and logged.
+agree with the odometry) is counted and logged. Once loops have corrected the map, a verified loop that disagrees
+with the corrected poses (PoseGraph.prediction_gate) is held back, not added; held loops that agree with each other
+(``release_after`` of them) join the graph together, whose outlier selection then decides between them and the
+loops the map rests on.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import multiprocessing
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -37,13 +41,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ros2_stream4d.mapping.backend import sim3 as S3
-from ros2_stream4d.mapping.backend.loops import KeyframeView, LoopConfig, LoopDetector, classical_descriptor
+from ros2_stream4d.mapping.backend.loops import (
+    KeyframeView,
+    LoopConfig,
+    LoopDetector,
+    LoopResult,
+    classical_descriptor,
+)
 from ros2_stream4d.mapping.backend.posegraph import (
     LOOP,
     SEGMENT,
+    Edge,
     OptimisationResult,
     PoseGraph,
     PoseGraphConfig,
+    loops_agree,
     optimise_snapshot,
 )
 
@@ -65,10 +77,20 @@ class BackendConfig:
     # then took 64 % of a core by frame 8800 (solves of ~1700 keyframes) beside the frame, worker and rebuild threads
     # on this 2-core machine. 1 = no pause
     optimise_duty: float = 0.25
+    # a verified loop that disagrees with the corrected map (PoseGraph.prediction_gate) is held back, not added to the
+    # graph; once release_after held loops agree with each other (posegraph.loops_agree: ends within pcm_window
+    # keyframes) they join the graph together and its outlier selection decides between them and the map's loops (so
+    # a correction made by look-alike loops cannot shut out the true revisit). At most max_held are kept (the oldest
+    # go). release_after 0 = no gate
+    release_after: int = 3
+    max_held: int = 100
 
     def __post_init__(self):
         if not 0.0 < self.optimise_duty <= 1.0:
             raise ValueError(f"optimise_duty must be in (0, 1], got {self.optimise_duty}")
+        if self.release_after < 0 or self.max_held < 1:
+            raise ValueError(f"release_after must be >= 0 and max_held >= 1, got {self.release_after}, "
+                             f"{self.max_held}")
 
 
 class LongRunBackend:
@@ -83,6 +105,7 @@ class LongRunBackend:
         self._M = np.eye(4)  # the map <- odom Sim(3) the pipeline integrates frames through (map_integration)
         self._M_at: dict[int, np.ndarray] = {}  # ... in force when each keyframe was observed
         self._last_segment: int | None = None
+        self._held: deque[LoopResult] = deque(maxlen=self.config.max_held)  # loops the prediction gate held back
         self._result: OptimisationResult | None = None  # newest accepted, not yet applied
         self._applied = 0
         self._stop = False
@@ -190,6 +213,8 @@ class LongRunBackend:
         d.update({"queue": self._queue.qsize(), "loop candidates": self.detector.stats["candidates"],
                   "loops accepted": self.detector.stats["accepted"],
                   "loops rejected": self.detector.stats["rejected"],
+                  "loops held (disagree with the map)": self.detector.stats["held"],
+                  "loops released (held loops agreed)": self.detector.stats["released"], "loops held now": len(self._held),
                   "loop descriptor": self.detector.descriptor_kind or "none yet",
                   "keyframes without a model descriptor": self.detector.stats["keyframes without a model descriptor"],
                   "correction translation [m]": float(np.linalg.norm(t)),
@@ -244,7 +269,11 @@ class LongRunBackend:
             self._last_segment = segment
         self.stats["keyframes"] += 1
         self.detector.add(view)
-        accepted = [r for r in self.detector.detect() if r.accepted]
+        results = self.detector.detect(gate=self._gate if self.config.release_after > 0 else None)
+        accepted = [r for r in results if r.accepted]
+        for r in results:
+            if r.held:
+                accepted += self._hold(r)
         with self._lock:
             for r in accepted:
                 self.graph.add_edge(r.i, r.j, r.S_i_j, LOOP)
@@ -252,6 +281,34 @@ class LongRunBackend:
         self.keyframe_s = self.keyframe_s[-1000:]
         if accepted:
             self._pending = True
+
+    def _gate(self, r: LoopResult) -> str:
+        with self._lock:
+            return self.graph.prediction_gate(r.i, r.j, r.S_i_j)
+
+    def _hold(self, r: LoopResult) -> list[LoopResult]:
+        """Keep a held loop; when it and at least release_after - 1 held loops agree, all of them are released
+        (returned, accepted) and no longer held."""
+        def edge(x: LoopResult) -> Edge:
+            return Edge(x.i, x.j, np.asarray(x.S_i_j, np.float64), LOOP, 0.0, 0.0, 0.0)
+
+        c = self.config
+        window = c.graph.pcm_window
+        with self._lock:
+            pos = {k: n for n, k in enumerate(self.graph.order)}
+            odometry = self.graph.odometry
+            new = edge(r)
+            agree = [h for h in self._held if abs(pos[h.i] - pos[r.i]) <= window and abs(pos[h.j] - pos[r.j]) <= window
+                     and loops_agree(new, edge(h), odometry, c.graph) and loops_agree(edge(h), new, odometry, c.graph)]
+        if 1 + len(agree) < c.release_after:
+            self._held.append(r)
+            return []
+        for h in agree:
+            self._held.remove(h)
+        why = f"{len(agree) + 1} held loops agree"
+        if self.logger is not None:
+            self.logger.warning(f"back-end: {why} although they disagree with the corrected map: they join the graph")
+        return [self.detector.release(x, why) for x in [r, *agree]]
 
     def _optimise_step(self) -> None:
         """At most one optimisation at a time, always of the newest graph: a finished one is taken in, and when loops
