@@ -147,6 +147,8 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
         rec["mesh"] = (vertices.astype(np.float64), triangles)
         rec["diagnostics"] = pipe.backend.diagnostics() if pipe.backend is not None else {}
         rec["loops"] = list(pipe.backend.detector.history) if pipe.backend is not None else []
+        # each loop edge's final state: in the final solve (True) or switched off by the graph (False)
+        rec["loop_edges"] = final_loop_edges(pipe.backend.graph) if pipe.backend is not None else {}
         rec["segments"] = pipe.reconstructor.session.segment_stats.segments if backend else 1
         rec["describe"] = pipe.describe()
     finally:
@@ -163,8 +165,17 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
     return rec
 
 
-def loop_truth(loops, kf_stamp: dict, gt_by_stamp) -> list[dict]:
-    """Each verified loop against the ground-truth relative pose of its two keyframes."""
+def final_loop_edges(graph) -> dict[tuple[int, int], bool]:
+    """(i, j) -> whether the graph's loop edge between keyframes i and j is in its final solve (active and an
+    inlier of the last optimisation)."""
+    from ros2_stream4d.mapping.backend.posegraph import LOOP
+
+    return {(e.i, e.j): bool(e.active and e.inlier) for e in graph.edges if e.kind == LOOP}
+
+
+def loop_truth(loops, kf_stamp: dict, gt_by_stamp, loop_edges: dict | None = None) -> list[dict]:
+    """Each verified loop against the ground-truth relative pose of its two keyframes; an accepted one also says
+    whether it is in the graph's final solve (``loop_edges``, final_loop_edges)."""
     from ros2_stream4d.mapping.backend import sim3 as S3
 
     out = []
@@ -174,12 +185,14 @@ def loop_truth(loops, kf_stamp: dict, gt_by_stamp) -> list[dict]:
         Ti, Tj = gt_by_stamp(kf_stamp[i]), gt_by_stamp(kf_stamp[j])
         rel = np.linalg.inv(Ti) @ Tj
         dist = float(np.linalg.norm(rel[:3, 3]))
-        rec = {"i": int(i), "j": int(j), "accepted": bool(accepted), "gt_distance_m": dist, "reason": reason}
+        rec = {"i": int(i), "j": int(j), "accepted": bool(accepted), "gt_distance_m": dist, "reason": reason,
+               "same_place": bool(dist < SAME_PLACE_M and S3.rotation_angle_deg(rel[:3, :3]) < SAME_PLACE_DEG)}
         if accepted:
             R, t, _ = S3.decompose(S)
-            rec["same_place"] = bool(dist < SAME_PLACE_M and S3.rotation_angle_deg(rel[:3, :3]) < SAME_PLACE_DEG)
             rec["accurate"] = bool(S3.rotation_angle_deg(R.T @ rel[:3, :3]) < TRUE_ROT_DEG
                                    and np.linalg.norm(t - rel[:3, 3]) < TRUE_TRANS_M + TRUE_TRANS_FRAC * dist)
+            if loop_edges is not None:
+                rec["in_final_graph"] = bool(loop_edges.get((int(i), int(j)), False))
         out.append(rec)
     return out
 
@@ -215,14 +228,20 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
                                                   "mesh_accuracy_median", "mesh_completeness_median")})
             res["final_trajectory_xy"] = a["aligned"][:, :2, 3]
     index = {int(s): k for k, s in enumerate(stamps)}
-    loops = loop_truth(rec["loops"], rec["kf_stamp"], lambda s: gt_T[index[s]])
+    loops = loop_truth(rec["loops"], rec["kf_stamp"], lambda s: gt_T[index[s]], rec.get("loop_edges"))
     acc = [x for x in loops if x["accepted"]]
     res["loops"] = {"verified": len(loops), "accepted": len(acc), "accepted_true": sum(x["same_place"] for x in acc),
                     "accepted_accurate": sum(x["accurate"] for x in acc), "rejected": len(loops) - len(acc),
                     "precision": (sum(x["same_place"] for x in acc) / len(acc)) if acc else None,
                     "false_accepted": [x for x in acc if not x["same_place"]],
                     "inaccurate_accepted": [x for x in acc if x["same_place"] and not x["accurate"]],
-                    "rejected_by": _reasons([x["reason"] for x in loops if not x["accepted"]])}
+                    "rejected_by": _reasons([x["reason"] for x in loops if not x["accepted"]]),
+                    # held back by the prediction gate (a verified loop that disagrees with the corrected map), and
+                    # released later (enough held loops agreed): a released loop is listed twice, held and accepted
+                    "held": sum(x["reason"].startswith("held") for x in loops),
+                    "released": sum(x["reason"].startswith("released") for x in loops),
+                    "held_same_place": sum(x["reason"].startswith("held") and x["same_place"] for x in loops),
+                    "false_in_final_graph": sum(not x["same_place"] and x.get("in_final_graph", False) for x in acc)}
     res["accepted_frames"] = [(index[rec["kf_stamp"][x["i"]]], index[rec["kf_stamp"][x["j"]]]) for x in acc]
     b = np.asarray(rec["backend_s"]) * 1e3
     res["cost"] = {"frame_ms_median": 1e3 * float(np.median(rec["frame_s"])),

@@ -1,0 +1,43 @@
+"""The long-run bench's loop accounting (bench/longrun_bench.py): each verified loop against the ground truth, and
+whether an accepted one is in the graph's final solve (what tells a false loop that bent the map from one the graph
+switched off)."""
+
+import numpy as np
+import pytest
+
+from ros2_stream4d.bench.longrun_bench import final_loop_edges, loop_truth
+from ros2_stream4d.mapping.backend import sim3 as S3
+from ros2_stream4d.mapping.conventions import rot_z
+
+pytest.importorskip("gtsam")
+
+
+def test_loops_are_judged_against_the_ground_truth_and_the_final_graph():
+    gt = {10: S3.sim3(t=[0.0, 0.0, 0.0]), 20: S3.sim3(t=[0.3, 0.0, 0.0]), 30: S3.sim3(rot_z(0.2), [2.0, 0.0, 0.0])}
+    stamp = {0: 10, 5: 20, 9: 30}  # keyframe id -> stamp
+    true_05 = np.linalg.inv(gt[10]) @ gt[20]
+    history = [(0, 5, True, true_05, "ok"),  # the same place, measured right
+               (0, 5, True, true_05 @ S3.sim3(t=[0.5, 0, 0]), "ok"),  # the same place, measured 0.5 m off
+               (0, 9, True, np.eye(4), "ok"),  # a look-alike: 2 m apart in truth
+               (5, 9, False, np.eye(4), "held: disagrees with the map by 1.70 m"),
+               (0, 9, False, None, "12 matches")]
+    out = loop_truth(history, stamp, gt.__getitem__, {(0, 5): True, (0, 9): False})
+    assert [x["same_place"] for x in out] == [True, True, False, False, False]
+    assert [x.get("accurate") for x in out] == [True, False, False, None, None]
+    assert [x.get("in_final_graph") for x in out] == [True, True, False, None, None]
+    assert abs(out[2]["gt_distance_m"] - 2.0) < 1e-12
+    assert "in_final_graph" not in loop_truth(history[:1], stamp, gt.__getitem__)[0]  # no graph given: not judged
+
+
+def test_final_loop_edges_says_which_loops_the_final_solve_holds():
+    from ros2_stream4d.mapping.backend.posegraph import LOOP, PoseGraph
+
+    g = PoseGraph()
+    for k in range(4):
+        g.add_keyframe(k, S3.sim3(t=[0.5 * k, 0.0, 0.0]))
+    a = g.add_edge(0, 3, np.eye(4), LOOP)
+    b = g.add_edge(1, 3, np.eye(4), LOOP)
+    c = g.add_edge(0, 2, np.eye(4), LOOP)
+    b.inlier, c.active = False, False
+    assert final_loop_edges(g) == {(0, 3): True, (1, 3): False, (0, 2): False}
+    assert a.inlier and len(g.edges) == 6  # 3 odometry edges are not loops
