@@ -299,7 +299,8 @@ class LongRunBackend:
             odometry = self.graph.odometry
             new = edge(r)
             agree = [h for h in self._held if abs(pos[h.i] - pos[r.i]) <= window and abs(pos[h.j] - pos[r.j]) <= window
-                     and loops_agree(new, edge(h), odometry, c.graph) and loops_agree(edge(h), new, odometry, c.graph)]
+                     and loops_agree(new, edge(h), odometry, c.graph, c.graph.gate_pcm_factor)
+                     and loops_agree(edge(h), new, odometry, c.graph, c.graph.gate_pcm_factor)]
         if 1 + len(agree) < c.release_after:
             self._held.append(r)
             return []
