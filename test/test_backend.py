@@ -578,7 +578,7 @@ def _true(truth, i, j, dx=0.0):
     return S3.inverse(truth[i]) @ truth[j] @ S3.sim3(t=[dx, 0.0, 0.0])
 
 
-def test_the_prediction_gate_is_wide_before_a_correction_and_tight_beside_the_loops_the_map_rests_on():
+def test_the_loop_gate_is_wide_before_a_correction_and_tight_beside_the_loops_the_map_rests_on():
     """Before any correction a loop is judged against the odometry over the whole path between its ends (wide: the
     drift is unknown); once loops corrected the map, a new loop next to them must agree with the corrected poses
     within gate_trans_m + gate_trans_fraction x the short odometry from those loops (realistic office loop seed 1:
@@ -586,19 +586,19 @@ def test_the_prediction_gate_is_wide_before_a_correction_and_tight_beside_the_lo
     them later). The loops-around-it part is off here (pcm_window 0; next test)."""
     g, truth = _line_graph(config=PoseGraphConfig(pcm_window=0))
     wrong = _true(truth, 3, 23, dx=1.2)  # 1.2 m off: what the look-alike views of a repeated corridor claim
-    assert g.prediction_gate(3, 23, wrong) == ""  # 10 m of odometry between the ends: 0.5 + 0.1 x 10.4 m allowed
+    assert g.loop_gate(3, 23, wrong) == ""  # 10 m of odometry between the ends: 0.5 + 0.1 x 10.4 m allowed
     for i in range(3):
         g.add_edge(i, i + 20, _true(truth, i, i + 20), LOOP)
     res = g.optimise()
     assert res.ok, res.reason
-    assert g.prediction_gate(3, 23, _true(truth, 3, 23)) == ""  # the truth agrees with the corrected map
-    why = g.prediction_gate(3, 23, wrong)
+    assert g.loop_gate(3, 23, _true(truth, 3, 23)) == ""  # the truth agrees with the corrected map
+    why = g.loop_gate(3, 23, wrong)
     assert why.startswith("disagrees with the map by ") and 1.0 < float(why.split()[5]) < 1.3, why
     assert "1.0 m of odometry" in why  # keyframe 2 -> 3 and 22 -> 23: 2 x 0.52 m
     # far from every loop the map rests on, the same error is inside what the odometry allows
-    assert g.prediction_gate(9, 29, _true(truth, 9, 29, dx=1.2)) == ""
+    assert g.loop_gate(9, 29, _true(truth, 9, 29, dx=1.2)) == ""
     wrong_rot = _true(truth, 3, 23) @ S3.sim3(rot_z(np.radians(12.0)))
-    assert "deg" in g.prediction_gate(3, 23, wrong_rot) and g.prediction_gate(9, 29, wrong_rot) == ""
+    assert "deg" in g.loop_gate(3, 23, wrong_rot) and g.loop_gate(9, 29, wrong_rot) == ""
 
 
 def test_the_gate_holds_a_loop_that_disagrees_with_the_loops_around_it_before_any_solve():
@@ -610,21 +610,21 @@ def test_the_gate_holds_a_loop_that_disagrees_with_the_loops_around_it_before_an
     g, truth = _line_graph()
     g.add_edge(0, 20, _true(truth, 0, 20), LOOP)
     wrong = _true(truth, 3, 23, dx=2.5)  # beyond 3 x (0.15 m + 5 % of the loop's 10 m)
-    assert "loops around it" not in g.prediction_gate(3, 23, wrong), "one loop around it: too few to judge"
+    assert "loops around it" not in g.loop_gate(3, 23, wrong), "one loop around it: too few to judge"
     g.add_edge(1, 21, _true(truth, 1, 21), LOOP)
     g.add_edge(2, 22, _true(truth, 2, 22) @ S3.sim3(t=[2.5, 0.0, 0.0]), LOOP)  # a wrong one among them
-    assert g.prediction_gate(3, 23, wrong) == "disagrees with 2 of the 3 loops around it"
-    assert g.prediction_gate(3, 23, _true(truth, 3, 23)) == ""  # agrees with 2 of 3
-    assert "loops around it" not in g.prediction_gate(12, 29, _true(truth, 12, 29, dx=2.5)), "none within pcm_window"
+    assert g.loop_gate(3, 23, wrong) == "disagrees with 2 of the 3 loops around it"
+    assert g.loop_gate(3, 23, _true(truth, 3, 23)) == ""  # agrees with 2 of 3
+    assert "loops around it" not in g.loop_gate(12, 29, _true(truth, 12, 29, dx=2.5)), "none within pcm_window"
     g.edges[-1].inlier = False  # the graph switched the wrong one off: it no longer counts
-    assert g.prediction_gate(3, 23, wrong) == "disagrees with 2 of the 2 loops around it"
+    assert g.loop_gate(3, 23, wrong) == "disagrees with 2 of the 2 loops around it"
     off = PoseGraph(PoseGraphConfig(pcm_window=0))
     off.odometry, off.path_at, off.solution, off.edges, off._pos = g.odometry, g.path_at, g.solution, g.edges, g._pos
-    assert "loops around it" not in off.prediction_gate(3, 23, wrong), "pcm_window 0: no pairwise check"
+    assert "loops around it" not in off.loop_gate(3, 23, wrong), "pcm_window 0: no pairwise check"
     narrow = _true(truth, 3, 23, dx=1.2)  # inside the gate's 1.95 m, outside the graph's 0.65 m
-    assert g.prediction_gate(3, 23, narrow) == ""
+    assert g.loop_gate(3, 23, narrow) == ""
     g.config.gate_pcm_factor = 1.0
-    assert g.prediction_gate(3, 23, narrow) == "disagrees with 2 of the 2 loops around it"
+    assert g.loop_gate(3, 23, narrow) == "disagrees with 2 of the 2 loops around it"
 
 
 def test_loops_that_disagree_with_the_map_are_held_until_enough_of_them_agree():

@@ -237,7 +237,7 @@ class LoopDetector:
     def detect(self, view: KeyframeView | None = None, gate: Callable[[LoopResult], str] | None = None
                ) -> list[LoopResult]:
         """Candidates of the newest keyframe, each verified; accepted ones first. ``gate`` (the back-end's check
-        against the map, PoseGraph.prediction_gate) sees each verified loop: a non-empty answer holds it back (not
+        against the map, PoseGraph.loop_gate) sees each verified loop: a non-empty answer holds it back (not
         accepted, ``held``, the answer its reason; counted in stats "held" and "rejected")."""
         by_id = {v.id: v for v in self.views}
         res = []

@@ -114,15 +114,15 @@ class PoseGraphConfig:
     pcm_trans_m: float = 0.15  # m, + pcm_trans_fraction x the loop's length
     pcm_trans_fraction: float = 0.05
     pcm_rot_deg: float = 3.0
-    # the prediction gate (PoseGraph.prediction_gate): once loops have corrected the map, a new loop must agree with
-    # the corrected poses within gate_trans_m + gate_trans_fraction x d and gate_rot_deg + gate_rot_deg_per_m x d,
-    # d the odometry path the prediction rests on (to the nearest loop the solution holds, or between the loop's ends
-    # when none). Realistic office loop seed 1: true loops after a correction disagreed with it by <= 0.34 m / 3.5
-    # deg, the two look-alike loops that verification accepted (1.91 m apart in truth) by 1.98 / 2.00 m with d ~2 m;
-    # before any correction d is the whole loop (~38 m) and the gate is as wide as the candidate search. Before that
-    # the gate checks a loop against the loop edges around it (pcm_window, pcm_min_neighbours, loops_agree): at
-    # 96ff676 a look-alike loop of seed 0 (1.03 m off in truth) passed while the first optimisations were still
-    # running (docs/longrun/README.md, "The prediction gate")
+    # the loop gate (PoseGraph.loop_gate; docs/longrun/README.md, "the loop gate"): a verified loop must agree
+    # - with the loop edges around it (pcm_window, pcm_min_neighbours; loops_agree gate_pcm_factor times wider than
+    #   the graph's pairwise test): the first loops of a revisit come before the optimisations that use them (at
+    #   96ff676, without this part, a look-alike loop of realistic loop seed 0, 1.03 m off in truth, passed);
+    # - with the corrected poses: within gate_trans_m + gate_trans_fraction x d and gate_rot_deg + gate_rot_deg_per_m
+    #   x d, d the odometry path the prediction rests on (to the nearest loop the solution holds, or between the
+    #   loop's ends when that is shorter: before any correction the gate is as wide as the odometry's drift). Realistic
+    #   loop seed 1: true loops after a correction disagreed with it by <= 0.34 m, the two look-alike loops
+    #   verification accepted (1.91 m apart in truth) by 1.98 / 2.00 m with d ~2 m (tolerance ~0.7 m)
     gate_trans_m: float = 0.5
     gate_trans_fraction: float = 0.1
     gate_rot_deg: float = 10.0  # true loops disagreed by up to 6.2 deg in rotation (loop seed 2), look-alikes by <= 2
@@ -208,7 +208,7 @@ class PoseGraph:
         kid = self.order[-1] if kid is None else kid
         return self.solution[kid] @ S3.inverse(self.odometry[kid])
 
-    def prediction_gate(self, i: int, j: int, S_i_j) -> str:
+    def loop_gate(self, i: int, j: int, S_i_j) -> str:
         """Why the loop (i, j) measured as S_i_j disagrees with what the graph holds now, or "" when it agrees:
         - with the loops around it: like inconsistent_loops, a loop that disagrees (loops_agree) with most of the
           (at least pcm_min_neighbours) loop edges whose ends lie within pcm_window keyframes of its own, before any
@@ -318,8 +318,8 @@ def inconsistent_loops(edges: list[Edge], order: list[int], odometry: dict[int, 
     """Active loop edges that disagree with most of their neighbours (the pairwise consistency of PCM, Mangelson et
     al. 2018, without the maximum clique): loops a = (i_a, j_a) and b = (i_b, j_b) are neighbours when both ends
     lie within pcm_window keyframes of each other; they agree when ``loops_agree`` (over a few keyframes even a
-    drifting odometry is accurate). A wrong loop that the graph could
-    partly bend to (one that GNC keeps) is caught here by the right ones around it."""
+    drifting odometry is accurate). A wrong loop that the graph could partly bend to (one that GNC keeps) is caught
+    here by the right ones around it."""
     if config.pcm_window <= 0:
         return []
     pos = {k: n for n, k in enumerate(order)}

@@ -22,7 +22,7 @@ worker (mapping/backend/loops.py); the graph is optimised (posegraph.py) in a ch
 time, the next one starting when loops were accepted meanwhile and its pause is over (``optimise_duty``); a dropped
 optimisation leaves the map on odometry and says why in the diagnostics; a withdrawn correction (the loops left
 agree with the odometry) is counted and logged. Once loops have corrected the map, a verified loop that disagrees
-with the corrected poses (PoseGraph.prediction_gate) is held back, not added; held loops that agree with each other
+with the corrected poses (PoseGraph.loop_gate) is held back, not added; held loops that agree with each other
 (``release_after`` of them) join the graph together, whose outlier selection then decides between them and the
 loops the map rests on.
 """
@@ -77,7 +77,7 @@ class BackendConfig:
     # then took 64 % of a core by frame 8800 (solves of ~1700 keyframes) beside the frame, worker and rebuild threads
     # on this 2-core machine. 1 = no pause
     optimise_duty: float = 0.25
-    # a verified loop that disagrees with the corrected map (PoseGraph.prediction_gate) is held back, not added to the
+    # a verified loop that disagrees with the corrected map (PoseGraph.loop_gate) is held back, not added to the
     # graph; once release_after held loops agree with each other (posegraph.loops_agree: ends within pcm_window
     # keyframes) they join the graph together and its outlier selection decides between them and the map's loops (so
     # a correction made by look-alike loops cannot shut out the true revisit). At most max_held are kept (the oldest
@@ -284,7 +284,7 @@ class LongRunBackend:
 
     def _gate(self, r: LoopResult) -> str:
         with self._lock:
-            return self.graph.prediction_gate(r.i, r.j, r.S_i_j)
+            return self.graph.loop_gate(r.i, r.j, r.S_i_j)
 
     def _hold(self, r: LoopResult) -> list[LoopResult]:
         """Keep a held loop; when it and at least release_after - 1 held loops agree, all of them are released
