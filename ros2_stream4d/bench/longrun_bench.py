@@ -236,7 +236,7 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
                     "false_accepted": [x for x in acc if not x["same_place"]],
                     "inaccurate_accepted": [x for x in acc if x["same_place"] and not x["accurate"]],
                     "rejected_by": _reasons([x["reason"] for x in loops if not x["accepted"]]),
-                    # held back by the prediction gate (a verified loop that disagrees with the corrected map), and
+                    # held back by the loop gate (a verified loop that disagrees with the corrected map), and
                     # released later (enough held loops agreed): a released loop is listed twice, held and accepted
                     "held": sum(x["reason"].startswith("held") for x in loops),
                     "released": sum(x["reason"].startswith("released") for x in loops),

@@ -221,14 +221,11 @@ class PoseGraph:
         i, j = int(i), int(j)
         S_i_j = np.asarray(S_i_j, np.float64)
         if c.pcm_window > 0:
-            new = Edge(i, j, S_i_j, LOOP, 0.0, 0.0, 0.0)
-            pi, pj = self._pos[i], self._pos[j]
-            near = [e for e in self.edges if e.kind == LOOP and e.active and e.inlier
-                    and abs(self._pos[e.i] - pi) <= c.pcm_window and abs(self._pos[e.j] - pj) <= c.pcm_window]
-            if len(near) >= c.pcm_min_neighbours:
-                agree = sum(loops_agree(new, e, self.odometry, c, c.gate_pcm_factor) for e in near)
-                if 2 * agree < len(near):
-                    return f"disagrees with {len(near) - agree} of the {len(near)} loops around it"
+            near, agree = self.loops_around(
+                Edge(i, j, S_i_j, LOOP, 0.0, 0.0, 0.0),
+                (e for e in self.edges if e.kind == LOOP and e.active and e.inlier))
+            if len(near) >= c.pcm_min_neighbours and 2 * len(agree) < len(near):
+                return f"disagrees with {len(near) - len(agree)} of the {len(near)} loops around it"
         pi, pj = self.path_at[i], self.path_at[j]
         d = abs(pj - pi)
         if len(self._anchors):
@@ -241,6 +238,16 @@ class PoseGraph:
             return ""
         return (f"disagrees with the map by {dt:.2f} m / {dr:.1f} deg (tolerance {tol_t:.2f} m / {tol_r:.1f} deg: "
                 f"{d:.1f} m of odometry from a loop the map rests on)")
+
+    def loops_around(self, e: Edge, others, both_ways: bool = False) -> tuple[list[Edge], list[Edge]]:
+        """(the loops among ``others`` whose ends lie within pcm_window keyframes of e's, those of them e agrees
+        with: loops_agree gate_pcm_factor times wider than the graph's; both_ways: and they with e)."""
+        c, pos = self.config, self._pos
+        near = [o for o in others
+                if abs(pos[o.i] - pos[e.i]) <= c.pcm_window and abs(pos[o.j] - pos[e.j]) <= c.pcm_window]
+        agree = [o for o in near if loops_agree(e, o, self.odometry, c, c.gate_pcm_factor)
+                 and (not both_ways or loops_agree(o, e, self.odometry, c, c.gate_pcm_factor))]
+        return near, agree
 
     def rigid_poses(self) -> dict[int, np.ndarray]:
         return {k: S3.to_se3(S) for k, S in self.solution.items()}

@@ -55,7 +55,6 @@ from ros2_stream4d.mapping.backend.posegraph import (
     OptimisationResult,
     PoseGraph,
     PoseGraphConfig,
-    loops_agree,
     optimise_snapshot,
 )
 
@@ -105,7 +104,7 @@ class LongRunBackend:
         self._M = np.eye(4)  # the map <- odom Sim(3) the pipeline integrates frames through (map_integration)
         self._M_at: dict[int, np.ndarray] = {}  # ... in force when each keyframe was observed
         self._last_segment: int | None = None
-        self._held: deque[LoopResult] = deque(maxlen=self.config.max_held)  # loops the prediction gate held back
+        self._held: deque[LoopResult] = deque(maxlen=self.config.max_held)  # loops the loop gate held back
         self._result: OptimisationResult | None = None  # newest accepted, not yet applied
         self._applied = 0
         self._stop = False
@@ -293,14 +292,12 @@ class LongRunBackend:
             return Edge(x.i, x.j, np.asarray(x.S_i_j, np.float64), LOOP, 0.0, 0.0, 0.0)
 
         c = self.config
-        window = c.graph.pcm_window
+        held = list(self._held)
+        edges = [edge(h) for h in held]
         with self._lock:
-            pos = {k: n for n, k in enumerate(self.graph.order)}
-            odometry = self.graph.odometry
-            new = edge(r)
-            agree = [h for h in self._held if abs(pos[h.i] - pos[r.i]) <= window and abs(pos[h.j] - pos[r.j]) <= window
-                     and loops_agree(new, edge(h), odometry, c.graph, c.graph.gate_pcm_factor)
-                     and loops_agree(edge(h), new, odometry, c.graph, c.graph.gate_pcm_factor)]
+            _, agreeing = self.graph.loops_around(edge(r), edges, both_ways=True)
+        agreeing_ids = {id(e) for e in agreeing}
+        agree = [h for h, e in zip(held, edges) if id(e) in agreeing_ids]
         if 1 + len(agree) < c.release_after:
             self._held.append(r)
             return []
