@@ -318,7 +318,7 @@ def _expected_alignment(points_dst, points_src, conf_dst, conf_src, centres_dst,
         wc = float(np.median(w)) if len(w) else 1.0
         src, dst = np.vstack([src, centres_src]), np.vstack([dst, centres_dst])
         w = np.r_[w, np.full(len(centres_src), wc)]
-    return S3.robust_sim3(src, dst, w, threshold=threshold, seed=0), len(idx)
+    return S3.robust_sim3(src, dst, w, threshold=threshold, seed=0, scale="symmetric"), len(idx)
 
 
 def test_align_point_maps_selects_weights_and_subsamples_as_documented():

@@ -13,7 +13,8 @@ pooled (model/session.py ``pooled_descriptor``: StreamVGGT's last aggregator lay
 the pretrained DINOv2 features), and the detector uses those ("loop descriptor: model tokens" in diagnostics).
 
 Verification (``verify``): ORB features (OpenCV) matched both ways with Lowe's ratio test, lifted to 3D with each
-keyframe's depth; a RANSAC Sim(3) on the 3D-3D matches (mapping/backend/sim3.py) needs ``min_inliers`` and
+keyframe's depth; a RANSAC Sim(3) on the 3D-3D matches (mapping/backend/sim3.py; ``ransac_scale``) needs
+``min_inliers`` and
 ``min_inlier_ratio``; PnP (RANSAC, the older keyframe's 3D against the newer's pixels) must agree in rotation; then
 point-to-plane ICP on the two keyframes' depth clouds refines its rigid part (the scale stays the RANSAC one: facing
 a wall, scale and forward translation are nearly the same motion, and ICP cannot separate them) and must reach ``min_fitness``.
@@ -133,6 +134,9 @@ class LoopConfig:
     # with depth (realistic oracle noise, office loop seed 1: the fixed 5 cm alone accepted no loop; with 0.1, 40
     # loops, all between the same places)
     ransac_threshold_rel: float = 0.1
+    # the RANSAC Sim(3)'s scale estimator (sim3.umeyama): both keyframes' depth is noisy, and the least-squares one
+    # comes out low by the noise (6 % depth noise: test_loops.py)
+    ransac_scale: str = "symmetric"
     max_pnp_rotation_deg: float = 5.0  # PnP and the 3D-3D Sim(3) must agree this well
     icp_distance: float = 0.10  # m
     icp_points: int = 5000
@@ -140,6 +144,10 @@ class LoopConfig:
     max_icp_change_m: float = 0.3  # ICP may not move the RANSAC estimate further (else: rejected)
     depth_max: float = 8.0
     max_views_in_memory: int = 200  # older keyframes' features and ICP clouds are spilled to a temporary directory
+
+    def __post_init__(self):
+        if self.ransac_scale not in S3.SCALES:
+            raise ValueError(f"ransac_scale must be one of {S3.SCALES}, got {self.ransac_scale!r}")
 
 
 HISTORY = 10_000  # verification outcomes kept for evaluation (bounded: memory stays flat on long runs)
@@ -297,7 +305,7 @@ class LoopDetector:
                                              if c.ransac_threshold_rel > 0 else [])
         for threshold in thresholds:
             try:
-                fit = S3.robust_sim3(pb[ok], pa[ok], threshold=threshold, iterations=300)
+                fit = S3.robust_sim3(pb[ok], pa[ok], threshold=threshold, iterations=300, scale=c.ransac_scale)
             except ValueError as exc:
                 why = str(exc)
                 continue

@@ -60,8 +60,20 @@ def apply(S, xyz) -> np.ndarray:
     return np.asarray(xyz, np.float64) @ S[:3, :3].T + S[:3, 3]
 
 
-def umeyama(src, dst, w=None, with_scale: bool = True) -> np.ndarray:
-    """The Sim(3) S minimising sum_i w_i |dst_i - S src_i|^2 (src, dst (N, 3), N >= 3 not collinear)."""
+SCALES = ("least_squares", "symmetric")
+
+
+def umeyama(src, dst, w=None, with_scale: bool = True, scale: str = "least_squares") -> np.ndarray:
+    """The Sim(3) S minimising sum_i w_i |dst_i - S src_i|^2 (src, dst (N, 3), N >= 3 not collinear).
+
+    scale "least_squares" is Umeyama's (cross-covariance over the source's variance): when the source points are
+    noisy too, its denominator holds their noise and the scale comes out low (regression dilution: about the noise
+    variance over the spread, 0.8 % per segment switch on the realistic oracle, docs/longrun/README.md).
+    "symmetric" (Horn 1987) is the ratio of the two spreads, sqrt(var(dst) / var(src)): unbiased when both sides
+    carry noise of the same relative size (two predictions of the same frames, two keyframes' depth); the rotation
+    and the centroids are Umeyama's. Exact correspondences give both the same scale."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
     w = np.ones(len(src)) if w is None else np.asarray(w, np.float64)
     W = w.sum()
@@ -76,7 +88,12 @@ def umeyama(src, dst, w=None, with_scale: bool = True) -> np.ndarray:
         E[2, 2] = -1.0
     R = U @ E @ Vt
     var_s = (w * (xs ** 2).sum(1)).sum() / W
-    s = float(np.trace(np.diag(D) @ E) / var_s) if with_scale else 1.0
+    if not with_scale:
+        s = 1.0
+    elif scale == "symmetric":
+        s = float(np.sqrt((w * (xd ** 2).sum(1)).sum() / W / var_s))
+    else:
+        s = float(np.trace(np.diag(D) @ E) / var_s)
     if not np.isfinite(s) or s <= 0:
         raise ValueError("degenerate point set for umeyama")
     return sim3(R, mu_d - s * R @ mu_s, s)
@@ -94,11 +111,13 @@ class Sim3Fit:
 
 
 def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, iterations: int = 200,
-                refine_rounds: int = 5, seed: int = 0, with_scale: bool = True) -> Sim3Fit:
+                refine_rounds: int = 5, seed: int = 0, with_scale: bool = True, scale: str = "least_squares"
+                ) -> Sim3Fit:
     """Sim(3) dst <- src with outliers rejected: RANSAC over 3-point samples (inliers: residual < threshold, one
     value or one per correspondence), then
     weighted Umeyama on the inliers, re-selected ``refine_rounds`` times. threshold None = 3 x the median residual
-    of a first all-points fit (at least 1 % of the point cloud's spread)."""
+    of a first all-points fit (at least 1 % of the point cloud's spread). ``scale``: umeyama's estimator, in every
+    fit."""
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
     n = len(src)
     w = np.ones(n) if w is None else np.clip(np.asarray(w, np.float64), 0.0, None)
@@ -109,7 +128,7 @@ def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, i
         raise ValueError(f"robust_sim3 needs >= 3 correspondences with a positive weight ({weighted})")
     spread = float(np.sqrt(((dst - dst.mean(0)) ** 2).sum(1).mean()))
     if threshold is None:
-        r0 = np.linalg.norm(apply(umeyama(src, dst, w, with_scale), src) - dst, axis=1)
+        r0 = np.linalg.norm(apply(umeyama(src, dst, w, with_scale, scale), src) - dst, axis=1)
         threshold = max(3.0 * float(np.median(r0)), 0.01 * spread)
     rng = np.random.default_rng(seed)
     best, best_score = None, -1.0
@@ -120,7 +139,7 @@ def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, i
         if np.linalg.norm(np.cross(a[1] - a[0], a[2] - a[0])) < 1e-9:
             continue
         try:
-            S = umeyama(a, dst[idx], with_scale=with_scale)
+            S = umeyama(a, dst[idx], with_scale=with_scale, scale=scale)
         except ValueError:
             continue
         inl = np.linalg.norm(apply(S, src) - dst, axis=1) < threshold
@@ -130,12 +149,12 @@ def robust_sim3(src, dst, w=None, threshold: float | np.ndarray | None = None, i
     if best is None or np.count_nonzero(w[best]) < 3:
         raise ValueError("no Sim(3) consensus")
     inl = best
-    S = umeyama(src[inl], dst[inl], w[inl], with_scale)
+    S = umeyama(src[inl], dst[inl], w[inl], with_scale, scale)
     for _ in range(refine_rounds):
         new = np.linalg.norm(apply(S, src) - dst, axis=1) < threshold
         if np.count_nonzero(w[new]) < 3:
             break
-        S = umeyama(src[new], dst[new], w[new], with_scale)
+        S = umeyama(src[new], dst[new], w[new], with_scale, scale)
         if np.array_equal(new, inl):
             break
         inl = new
@@ -151,7 +170,8 @@ def align_point_maps(points_dst, points_src, conf_dst=None, conf_src=None, centr
     points_*: (F, H, W, 3) (or (F, N, 3)) the shared frames' point maps in each segment's world (same pixels;
     non-finite or zero = invalid); conf_*: (F, H, W) confidences (weight = sqrt(conf_dst conf_src)); centres_*:
     (F, 3) the frames' camera centres in each world (added with the median weight). A regular subsample of at
-    most max_points pixel correspondences is used (deterministic)."""
+    most max_points pixel correspondences is used (deterministic). Both point maps are predictions with noise: the
+    scale is umeyama's "symmetric" one (the least-squares one shrank every segment by the noise)."""
     a = np.asarray(points_dst, np.float64).reshape(-1, 3)
     b = np.asarray(points_src, np.float64).reshape(-1, 3)
     if a.shape != b.shape:
@@ -169,7 +189,7 @@ def align_point_maps(points_dst, points_src, conf_dst=None, conf_src=None, centr
         src = np.vstack([src, np.asarray(centres_src, np.float64)])
         dst = np.vstack([dst, np.asarray(centres_dst, np.float64)])
         w = np.r_[w, np.full(len(np.asarray(centres_src).reshape(-1, 3)), wc)]
-    return robust_sim3(src, dst, w, threshold=threshold, seed=seed)
+    return robust_sim3(src, dst, w, threshold=threshold, seed=seed, scale="symmetric")
 
 
 def rotation_mean(rotations) -> np.ndarray:
