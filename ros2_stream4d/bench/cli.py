@@ -105,6 +105,9 @@ def register(subparsers) -> None:
     lr.add_argument("--cache", default="/tmp/stream4d_longrun", help="where the sim bags are written once")
     lr.add_argument("--out", default="docs/longrun/node")
     lr.add_argument("--name", default=None, help="file stem (default <scene>_<trajectory>_<noise>)")
+    lr.add_argument("--lockstep", action="store_true",
+                    help="the back-end in step with the frames (wait for it after every frame, solve in its worker, "
+                         "apply at once): reproducible figures for comparisons; not the node's timing")
     lr.add_argument("--memory-only", action="store_true",
                     help="back-end on, first seed only, no ground truth: memory and added time over a long run")
     lr.set_defaults(func=run_longrun_cmd)
@@ -239,6 +242,8 @@ def run_longrun_cmd(args) -> int:
     from .longrun_bench import run_longrun, run_memory
 
     noise = Path(args.noise).stem if args.noise not in ("none", "realistic") else args.noise
+    if args.memory_only and args.lockstep:
+        raise SystemExit("--lockstep is for comparing figures; --memory-only measures the node's timing: not both")
     if args.memory_only:
         run_memory(args.scene, args.trajectory, args.frames, args.seeds[0], args.width, args.height, args.noise,
                    Path(args.out), args.name or f"{args.scene}_{args.trajectory}_{args.frames}_memory",
@@ -246,7 +251,7 @@ def run_longrun_cmd(args) -> int:
         return 0
     run_longrun(args.scene, args.trajectory, args.frames, args.seeds, args.width, args.height, args.noise,
                 Path(args.out), args.name or f"{args.scene}_{args.trajectory}_{noise}", Path(args.cache),
-                threshold=args.threshold)
+                threshold=args.threshold, lockstep=args.lockstep)
     return 0
 
 

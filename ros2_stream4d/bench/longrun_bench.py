@@ -98,8 +98,14 @@ def ground_truth_in_map(bag: Path, threshold: float):
 
 def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: int, input_width: int,
                  conf_percentile: float = 30.0, progress: bool = True, loop_overrides: dict | None = None,
-                 **pipeline_overrides) -> dict:
-    """One pass of the bag through the node's pipeline; per-frame poses and the keyframe map at the end."""
+                 lockstep: bool = False, **pipeline_overrides) -> dict:
+    """One pass of the bag through the node's pipeline; per-frame poses and the keyframe map at the end.
+
+    lockstep: the back-end in step with the frames, for comparisons that timing must not blur: after every frame
+    the bench waits for its worker, the graph is solved in the worker itself (no child process, no duty pause) and
+    an accepted correction is applied before the next frame. Two lockstep runs give the same figures; a live run
+    (the node's way: the worker and the optimiser beside the frames) gives figures that depend on when each
+    correction lands (docs/longrun/README.md). The time figures of a lockstep run are not the node's."""
     from ros2_stream4d.loader import ModelOptions, load_pipeline
     from ros2_stream4d.mapping.pipeline import PipelineConfig
 
@@ -114,6 +120,9 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
     pipe = load_pipeline(opts, cfg)
     if loop_overrides and pipe.backend is not None:  # experiments on loop verification settings
         pipe.backend.detector.config = dataclasses.replace(pipe.backend.detector.config, **loop_overrides)
+    if lockstep and pipe.backend is not None:
+        pipe.backend.config = dataclasses.replace(pipe.backend.config, optimise_in_subprocess=False,
+                                                  optimise_duty=1.0)
     n = len(stamps)
     rec = {"T_odom_cam": np.zeros((n, 4, 4)), "C": np.zeros((n, 4, 4)), "kf": np.zeros(n, np.int64),
            "T_kf_cam": np.zeros((n, 4, 4)), "backend_s": [], "frame_s": [], "rss": []}
@@ -123,6 +132,9 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
             t0 = time.perf_counter()
             out = pipe.process(images[i], int(stamps[i]), K_src=K)
             rec["frame_s"].append(time.perf_counter() - t0)
+            if lockstep and pipe.backend is not None:
+                pipe.backend.wait_idle()
+                pipe.backend.apply(pipe)
             r = out.result
             rec["T_odom_cam"][i] = r.T_map_cam
             rec["C"][i] = r.odom_correction if r.odom_correction is not None else np.eye(4)
@@ -263,7 +275,7 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
 
 
 def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, height: int, noise: str, out: Path,
-                name: str, cache: Path, threshold: float = 0.05, progress: bool = True) -> dict:
+                name: str, cache: Path, threshold: float = 0.05, progress: bool = True, lockstep: bool = False) -> dict:
 
     from .env import environment
 
@@ -271,7 +283,7 @@ def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, hei
     cache.mkdir(parents=True, exist_ok=True)
     result = {"schema": "stream4d.bench.longrun/1", "environment": environment("cpu"), "scene": scene,
               "trajectory": trajectory, "frames": frames, "image": [width, height], "oracle_noise": noise,
-              "loadavg_start": os.getloadavg(), "runs": {}}
+              "backend_timing": "lockstep" if lockstep else "live", "loadavg_start": os.getloadavg(), "runs": {}}
     plots = {}
     for seed in seeds:
         bag = sim_bag(cache, scene, trajectory, frames, width, height, seed)
@@ -280,7 +292,8 @@ def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, hei
         del gt
         runs = {}
         for backend in (False, True):
-            rec = run_pipeline(bag, images, stamps, K, backend, noise, seed, input_width=width, progress=progress)
+            rec = run_pipeline(bag, images, stamps, K, backend, noise, seed, input_width=width, progress=progress,
+                               lockstep=lockstep)
             runs["on" if backend else "off"] = evaluate(rec, gt_T, stamps, surface, (Vm, F), threshold)
         plots[seed] = (gt_T[:, :2, 3], runs)
         on, off = runs["on"], runs["off"]
@@ -302,7 +315,8 @@ def run_longrun(scene: str, trajectory: str, frames: int, seeds, width: int, hei
     result["loadavg_end"] = os.getloadavg()
     js = out / f"{name}.json"
     js.write_text(json.dumps(result, indent=1, default=_json_default))
-    png = plot_runs(plots, out / f"{name}.png", f"{scene} / {trajectory}, {frames} frames, oracle_noise {noise}")
+    png = plot_runs(plots, out / f"{name}.png", f"{scene} / {trajectory}, {frames} frames, oracle_noise {noise}"
+                    + (", back-end in lockstep" if lockstep else ""))
     print(f"wrote {js}\nwrote {png}")
     return result
 
