@@ -79,7 +79,7 @@ class PipelineConfig:
     segment_max_frames: int = 120
     segment_min_frames: int = 24
     segment_overlap_frames: int = 8
-    segment_alignment: str = "points"  # points | poses (mapping/backend/segments.py)
+    segment_alignment: str = "poses"  # poses | points (mapping/backend/segments.py)
     loop_min_similarity: float = 0.8
     loop_min_inliers: int = 20
     loop_search_radius: float = 1.0  # m

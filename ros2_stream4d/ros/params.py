@@ -156,9 +156,9 @@ PARAMS: tuple[Param, ...] = (
     Param("segment_overlap_frames", 8, "frames",
           "backend: recent frames re-fed into a new segment (its overlap with the last; < segment_min_frames)",
           low=1, high=1000),
-    Param("segment_alignment", "points", "",
-          "backend: how a new segment is aligned to the last on the re-fed frames: points (a Sim(3) fit to their "
-          "point maps) or poses (rotation and translation from their camera poses, scale from their depth ratio)",
+    Param("segment_alignment", "poses", "",
+          "backend: how a new segment is aligned to the last on the re-fed frames: poses (rotation and translation "
+          "from their camera poses, scale from their depth ratio) or points (a Sim(3) fit to their point maps)",
           ("points", "poses")),
     Param("loop_min_similarity", 0.8, "", "backend: global-descriptor cosine similarity of a loop candidate",
           live=True, low=0.0, high=1.0),
