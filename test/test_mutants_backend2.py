@@ -449,8 +449,11 @@ def _pose_of(res):
 
 
 def _run_segments(inner, n=5, **policy):
+    """The tests below exercise the point-map alignment (its fallback, weights and camera centres): "points" unless
+    a test says otherwise (the default became "poses")."""
     from ros2_stream4d.mapping.backend.segments import ReanchorPolicy, SegmentedSession
 
+    policy.setdefault("alignment", "points")
     events = []
     s = SegmentedSession(inner, ReanchorPolicy(**policy), on_segment=events.append)
     outs = [s.step(_frame(i), stamp_ns=100 + i, mapping=f"m{i}") for i in range(n)]
