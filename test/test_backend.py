@@ -743,3 +743,36 @@ def test_align_point_maps_scale_is_unbiased_under_depth_noise():
     assert S3.scale_of(fit.S) / 1.15 == pytest.approx(1.0, abs=0.004)
     ls = S3.robust_sim3(pts_b, pts_a.reshape(-1, 3), threshold=None)
     assert S3.scale_of(ls.S) / 1.15 < 0.995  # what the least-squares scale gives on the same points
+
+
+def test_held_loops_are_released_only_when_they_outnumber_the_loops_around_them_they_contradict():
+    """Look-alike loops of a repeated corridor bay agree with each other (live realistic office loop seed 0: three,
+    1.04 m off in truth, were released beside the true loops they contradict). Held loops that agree are released
+    only when there are more of them than loop edges in force around them that they disagree with; a map bent by
+    look-alikes is outnumbered by the true revisit's loops as they keep coming."""
+    from ros2_stream4d.mapping.backend.loops import LoopResult
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    backend = LongRunBackend(BackendConfig(optimise_in_subprocess=False))
+    try:
+        g, truth = _line_graph(backend.graph)
+        for i in range(5):  # five true loops, 0-20 .. 4-24
+            g.add_edge(i, i + 20, _true(truth, i, i + 20), LOOP)
+        assert g.optimise().ok
+
+        def held(i):  # 2.5 m off: beyond the gate's pairwise tolerance of the true loops (3 x (0.15 + 5 % x 10 m))
+            r = LoopResult(i, i + 20, True, _true(truth, i, i + 20, 2.5))
+            r.reason = backend._gate(r)
+            assert r.reason.startswith("disagrees with 5 of the 5 loops around it"), r.reason
+            r.accepted, r.held = False, True
+            return r
+
+        for i in (5, 6, 7, 8):  # 5-25 .. 8-28 lie within pcm_window (8) of all five true loops: 4 <= 5
+            assert backend._hold(held(i)) == [], f"{i}: outnumbered"
+        r = LoopResult(9, 29, True, _true(truth, 9, 29, 2.5))  # 1-21 .. 4-24 around it: 5 held loops > 4
+        released = backend._hold(r)
+        assert sorted(x.i for x in released) == [5, 6, 7, 8, 9] and not backend._held
+        assert released[0].reason == "released: 5 held loops agree, more than the 4 loops around them they contradict"
+        # without the true loops around them, three agreeing held loops are released (test above)
+    finally:
+        backend.close()

@@ -221,9 +221,7 @@ class PoseGraph:
         i, j = int(i), int(j)
         S_i_j = np.asarray(S_i_j, np.float64)
         if c.pcm_window > 0:
-            near, agree = self.loops_around(
-                Edge(i, j, S_i_j, LOOP, 0.0, 0.0, 0.0),
-                (e for e in self.edges if e.kind == LOOP and e.active and e.inlier))
+            near, agree = self.loops_around(Edge(i, j, S_i_j, LOOP, 0.0, 0.0, 0.0), self.loops_in_force())
             if len(near) >= c.pcm_min_neighbours and 2 * len(agree) < len(near):
                 return f"disagrees with {len(near) - len(agree)} of the {len(near)} loops around it"
         pi, pj = self.path_at[i], self.path_at[j]
@@ -238,6 +236,10 @@ class PoseGraph:
             return ""
         return (f"disagrees with the map by {dt:.2f} m / {dr:.1f} deg (tolerance {tol_t:.2f} m / {tol_r:.1f} deg: "
                 f"{d:.1f} m of odometry from a loop the map rests on)")
+
+    def loops_in_force(self) -> list[Edge]:
+        """The loop edges the last optimisation kept (active inliers)."""
+        return [e for e in self.edges if e.kind == LOOP and e.active and e.inlier]
 
     def loops_around(self, e: Edge, others, both_ways: bool = False) -> tuple[list[Edge], list[Edge]]:
         """(the loops among ``others`` whose ends lie within pcm_window keyframes of e's, those of them e agrees
