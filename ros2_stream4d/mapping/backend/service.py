@@ -311,7 +311,7 @@ class LongRunBackend:
         why = f"{len(agree) + 1} held loops agree" + (f", more than the {against} loops around them they contradict"
                                                        if against else "")
         if self.logger is not None:
-            self.logger.warning(f"back-end: {why} although they disagree with the corrected map: they join the graph")
+            self.logger.warning(f"back-end: {why} although the loop gate held them: they join the graph")
         return [self.detector.release(x, why) for x in [r, *agree]]
 
     def _optimise_step(self) -> None:

@@ -64,11 +64,13 @@ SCALES = ("least_squares", "symmetric")
 
 
 def umeyama(src, dst, w=None, with_scale: bool = True, scale: str = "least_squares") -> np.ndarray:
-    """The Sim(3) S minimising sum_i w_i |dst_i - S src_i|^2 (src, dst (N, 3), N >= 3 not collinear).
+    """The Sim(3) S with dst ~ S src (src, dst (N, 3), N >= 3 not collinear): the rotation and centroids minimise
+    sum_i w_i |dst_i - S src_i|^2 (Umeyama 1991); the scale is per ``scale``.
 
-    scale "least_squares" is Umeyama's (cross-covariance over the source's variance): when the source points are
-    noisy too, its denominator holds their noise and the scale comes out low (regression dilution: about the noise
-    variance over the spread, 0.8 % per segment switch on the realistic oracle, docs/longrun/README.md).
+    scale "least_squares" is Umeyama's (the minimiser of that sum: cross-covariance over the source's variance):
+    when the source points are noisy too, its denominator holds their noise and the scale comes out low (regression
+    dilution: about the noise variance over the spread, 0.8 % per segment switch on the realistic oracle,
+    docs/longrun/README.md).
     "symmetric" (Horn 1987) is the ratio of the two spreads, sqrt(var(dst) / var(src)): unbiased when both sides
     carry noise of the same relative size (two predictions of the same frames, two keyframes' depth); the rotation
     and the centroids are Umeyama's. Exact correspondences give both the same scale."""
