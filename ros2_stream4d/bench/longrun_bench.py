@@ -182,7 +182,8 @@ def final_loop_edges(graph) -> dict[tuple[int, int], bool]:
     inlier of the last optimisation)."""
     from ros2_stream4d.mapping.backend.posegraph import LOOP
 
-    return {(e.i, e.j): bool(e.active and e.inlier) for e in graph.edges if e.kind == LOOP}
+    in_force = {id(e) for e in graph.loops_in_force()}
+    return {(e.i, e.j): id(e) in in_force for e in graph.edges if e.kind == LOOP}
 
 
 def loop_truth(loops, kf_stamp: dict, gt_by_stamp, loop_edges: dict | None = None) -> list[dict]:

@@ -14,7 +14,8 @@ the pretrained DINOv2 features), and the detector uses those ("loop descriptor: 
 
 Verification (``verify``): ORB features (OpenCV) matched both ways with Lowe's ratio test, lifted to 3D with each
 keyframe's depth; a RANSAC Sim(3) on the 3D-3D matches (mapping/backend/sim3.py; its scale estimator
-``ransac_scale``) needs ``min_inliers`` and ``min_inlier_ratio``; PnP (RANSAC, the older keyframe's 3D against the newer's pixels) must agree in rotation; then
+``ransac_scale``) needs ``min_inliers`` and ``min_inlier_ratio``; PnP (RANSAC, the older keyframe's 3D against the
+newer's pixels) must agree in rotation; then
 point-to-plane ICP on the two keyframes' depth clouds refines its rigid part (the scale stays the RANSAC one: facing
 a wall, scale and forward translation are nearly the same motion, and ICP cannot separate them) and must reach ``min_fitness``.
 The result, S_i_j (keyframe j's local frame into keyframe i's), is the loop edge.

@@ -221,7 +221,7 @@ class PoseGraph:
         i, j = int(i), int(j)
         S_i_j = np.asarray(S_i_j, np.float64)
         if c.pcm_window > 0:
-            near, agree = self.loops_around(Edge(i, j, S_i_j, LOOP, 0.0, 0.0, 0.0), self.loops_in_force())
+            near, agree = self.loops_around(measured_loop(i, j, S_i_j), self.loops_in_force())
             if len(near) >= c.pcm_min_neighbours and 2 * len(agree) < len(near):
                 return f"disagrees with {len(near) - len(agree)} of the {len(near)} loops around it"
         pi, pj = self.path_at[i], self.path_at[j]
@@ -274,9 +274,8 @@ class PoseGraph:
                 e.inlier = (e.i, e.j, e.kind) not in rejected
         if not res.ok:
             return res
-        self._anchors = np.array([(self.path_at[e.i], self.path_at[e.j]) for e in self.edges
-                                  if e.kind == LOOP and e.active and e.inlier and e.i in res.poses and e.j in res.poses],
-                                 np.float64).reshape(-1, 2)
+        self._anchors = np.array([(self.path_at[e.i], self.path_at[e.j]) for e in self.loops_in_force()
+                                  if e.i in res.poses and e.j in res.poses], np.float64).reshape(-1, 2)
         last_solved = None
         for kid in self.order:
             if kid in res.poses:
@@ -308,6 +307,12 @@ def _whitened(e: Edge, X: dict[int, np.ndarray]) -> float:
     err = gtsam.Similarity3.Logmap(to_gtsam(S3.inverse(e.S_i_j) @ pred))
     sig = np.r_[[e.sigma_rot] * 3, [e.sigma_trans] * 3, e.sigma_scale]
     return float(np.linalg.norm(err / sig))
+
+
+def measured_loop(i: int, j: int, S_i_j) -> Edge:
+    """A verified loop measurement as a loop edge, for the pairwise tests (loops_agree); not in any graph (its
+    sigmas are unused)."""
+    return Edge(int(i), int(j), np.asarray(S_i_j, np.float64), LOOP, 0.0, 0.0, 0.0)
 
 
 def loops_agree(ea: Edge, eb: Edge, odometry: dict[int, np.ndarray], config: PoseGraphConfig,

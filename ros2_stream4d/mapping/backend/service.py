@@ -51,10 +51,10 @@ from ros2_stream4d.mapping.backend.loops import (
 from ros2_stream4d.mapping.backend.posegraph import (
     LOOP,
     SEGMENT,
-    Edge,
     OptimisationResult,
     PoseGraph,
     PoseGraphConfig,
+    measured_loop,
     optimise_snapshot,
 )
 
@@ -213,7 +213,8 @@ class LongRunBackend:
                   "loops accepted": self.detector.stats["accepted"],
                   "loops rejected": self.detector.stats["rejected"],
                   "loops held (disagree with the map)": self.detector.stats["held"],
-                  "loops released (held loops agreed)": self.detector.stats["released"], "loops held now": len(self._held),
+                  "loops released (held loops agreed)": self.detector.stats["released"],
+                  "loops held now": len(self._held),
                   "loop descriptor": self.detector.descriptor_kind or "none yet",
                   "keyframes without a model descriptor": self.detector.stats["keyframes without a model descriptor"],
                   "correction translation [m]": float(np.linalg.norm(t)),
@@ -291,18 +292,16 @@ class LongRunBackend:
         longer held. The majority: a repeated corridor bay gives look-alike loops that agree with each other (live
         realistic office loop seed 0 at aa81ed8: three, 1.04 m off in truth, released beside the true loops they
         contradict); a map bent by look-alikes is outnumbered by the true revisit's loops as they keep coming."""
-        def edge(x: LoopResult) -> Edge:
-            return Edge(x.i, x.j, np.asarray(x.S_i_j, np.float64), LOOP, 0.0, 0.0, 0.0)
-
         c = self.config
         held = list(self._held)
-        edges = [edge(h) for h in held]
+        edges = [measured_loop(h.i, h.j, h.S_i_j) for h in held]
+        e = measured_loop(r.i, r.j, r.S_i_j)
         with self._lock:
-            _, agreeing = self.graph.loops_around(edge(r), edges, both_ways=True)
-            near, agreed = self.graph.loops_around(edge(r), self.graph.loops_in_force())
+            _, agreeing = self.graph.loops_around(e, edges, both_ways=True)
+            near, agreed = self.graph.loops_around(e, self.graph.loops_in_force())
         against = len(near) - len(agreed)
-        agreeing_ids = {id(e) for e in agreeing}
-        agree = [h for h, e in zip(held, edges) if id(e) in agreeing_ids]
+        agreeing_ids = {id(x) for x in agreeing}
+        agree = [h for h, x in zip(held, edges) if id(x) in agreeing_ids]
         if 1 + len(agree) < c.release_after or 1 + len(agree) <= against:
             self._held.append(r)
             return []
