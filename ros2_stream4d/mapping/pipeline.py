@@ -86,6 +86,7 @@ class PipelineConfig:
     loop_search_drift_fraction: float = 0.15
     loop_gate_distance: float = 0.5  # m: a loop disagreeing with the corrected map by more (+ per metre) is held
     loop_release_after: int = 3  # held loops join the graph once this many agree (0 = no gate)
+    loop_release_wait: int = 8  # keyframes past a held loop's newer end before it is weighed (0 = at once)
     backend_max_correction: float = 2.0  # m (+ a fraction of the path): a larger correction is dropped
     backend_apply_rate: float = 1.0  # Hz: how often an accepted correction is written into the map
 
@@ -488,7 +489,7 @@ def backend_config(cfg: PipelineConfig) -> BackendConfig:
         loops=LoopConfig(min_similarity=cfg.loop_min_similarity, min_inliers=cfg.loop_min_inliers,
                          search_radius_m=cfg.loop_search_radius, search_drift_fraction=cfg.loop_search_drift_fraction),
         graph=PoseGraphConfig(max_correction_m=cfg.backend_max_correction, gate_trans_m=cfg.loop_gate_distance),
-        release_after=cfg.loop_release_after)
+        release_after=cfg.loop_release_after, release_wait=cfg.loop_release_wait)
 
 
 def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:

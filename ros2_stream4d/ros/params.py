@@ -173,6 +173,9 @@ PARAMS: tuple[Param, ...] = (
     Param("loop_release_after", 3, "loops",
           "backend: held loops join the graph once this many of them agree with each other (0 = no gate)",
           low=0, high=1000),
+    Param("loop_release_wait", 8, "keyframes",
+          "backend: held loops are weighed (agreeing, more than the loops around them) this many keyframes after "
+          "their newer end, once the revisit's loops there have come (0 = at once)", low=0, high=100000),
     Param("backend_max_correction", 2.0, "m",
           "backend: an optimisation moving a keyframe further than this (+ a fraction of the path) is dropped",
           low=0.0, high=100000.0),

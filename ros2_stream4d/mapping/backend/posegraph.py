@@ -237,6 +237,10 @@ class PoseGraph:
         return (f"disagrees with the map by {dt:.2f} m / {dr:.1f} deg (tolerance {tol_t:.2f} m / {tol_r:.1f} deg: "
                 f"{d:.1f} m of odometry from a loop the map rests on)")
 
+    def position(self, kid: int) -> int:
+        """The keyframe's index in the graph's order."""
+        return self._pos[int(kid)]
+
     def loops_in_force(self) -> list[Edge]:
         """The loop edges the last optimisation kept (active inliers)."""
         return [e for e in self.edges if e.kind == LOOP and e.active and e.inlier]

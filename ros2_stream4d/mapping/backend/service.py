@@ -83,13 +83,19 @@ class BackendConfig:
     # shut out the true revisit). At most max_held are kept (the oldest go). release_after 0 = no gate
     release_after: int = 3
     max_held: int = 100
+    # ... decided once the revisit has gone on past them: a held loop's group is weighed when the newest keyframe is
+    # release_wait keyframes beyond its newer end (the graph's pcm_window: the loops of that stretch of the revisit
+    # have all come). Deciding at once let a repeated corridor bay's look-alikes in (live realistic office loop seed
+    # 0 at b3cfb87: three agreeing look-alikes, 1.04 m off in truth, outnumbered the 2 true loops around them when
+    # they came; the final solve, with the revisit's other true loops, rejected them). 0 = at once
+    release_wait: int = 8
 
     def __post_init__(self):
         if not 0.0 < self.optimise_duty <= 1.0:
             raise ValueError(f"optimise_duty must be in (0, 1], got {self.optimise_duty}")
-        if self.release_after < 0 or self.max_held < 1:
-            raise ValueError(f"release_after must be >= 0 and max_held >= 1, got {self.release_after}, "
-                             f"{self.max_held}")
+        if self.release_after < 0 or self.max_held < 1 or self.release_wait < 0:
+            raise ValueError(f"release_after and release_wait must be >= 0 and max_held >= 1, got "
+                             f"{self.release_after}, {self.release_wait}, {self.max_held}")
 
 
 class LongRunBackend:
@@ -105,6 +111,7 @@ class LongRunBackend:
         self._M_at: dict[int, np.ndarray] = {}  # ... in force when each keyframe was observed
         self._last_segment: int | None = None
         self._held: deque[LoopResult] = deque(maxlen=self.config.max_held)  # loops the loop gate held back
+        self._weighed: set[tuple[int, int]] = set()  # held loops _release has weighed (each once, when due)
         self._result: OptimisationResult | None = None  # newest accepted, not yet applied
         self._applied = 0
         self._stop = False
@@ -274,6 +281,7 @@ class LongRunBackend:
         for r in results:
             if r.held:
                 accepted += self._hold(r)
+        accepted += self._release()  # held loops that came due as the graph grew
         with self._lock:
             for r in accepted:
                 self.graph.add_edge(r.i, r.j, r.S_i_j, LOOP)
@@ -287,25 +295,47 @@ class LongRunBackend:
             return self.graph.loop_gate(r.i, r.j, r.S_i_j)
 
     def _hold(self, r: LoopResult) -> list[LoopResult]:
-        """Keep a held loop; when it and at least release_after - 1 held loops agree, and they outnumber the loop
-        edges in force around it that it disagrees with, all of them are released (returned, accepted) and no
-        longer held. The majority: a repeated corridor bay gives look-alike loops that agree with each other (live
+        """Keep a held loop; the held loops released now (_release)."""
+        self._held.append(r)
+        return self._release()
+
+    def _release(self) -> list[LoopResult]:
+        """Held loops that join the graph now (accepted, no longer held): each held loop is weighed once, when it is
+        due (release_wait keyframes of the revisit past its newer end); when it and at least release_after - 1 held
+        loops agree, and they outnumber the loop edges in force around it that it disagrees with, all of them are
+        released. The majority: a repeated corridor bay gives look-alike loops that agree with each other (live
         realistic office loop seed 0 at aa81ed8: three, 1.04 m off in truth, released beside the true loops they
-        contradict); a map bent by look-alikes is outnumbered by the true revisit's loops as they keep coming."""
+        contradict); a map bent by look-alikes is outnumbered by the true revisit's loops as they keep coming. One
+        that loses stays held (it still counts for a later group) until max_held newer ones push it out."""
         c = self.config
-        held = list(self._held)
-        edges = [measured_loop(h.i, h.j, h.S_i_j) for h in held]
+        with self._lock:
+            newest = len(self.graph.order) - 1
+            due = [r for r in self._held if (r.i, r.j) not in self._weighed
+                   and self.graph.position(r.j) + c.release_wait <= newest]
+        self._weighed &= {(h.i, h.j) for h in self._held}  # forget those max_held pushed out
+        for r in due:
+            self._weighed.add((r.i, r.j))
+            released = self._weigh(r)
+            if released:
+                return released
+        return []
+
+    def _weigh(self, r: LoopResult) -> list[LoopResult]:
+        """r (held) and the held loops that agree with it, released when they are at least release_after and
+        outnumber the loop edges in force around r that it contradicts; [] otherwise (they stay held)."""
+        c = self.config
+        others = [h for h in self._held if h is not r]
+        edges = [measured_loop(h.i, h.j, h.S_i_j) for h in others]
         e = measured_loop(r.i, r.j, r.S_i_j)
         with self._lock:
             _, agreeing = self.graph.loops_around(e, edges, both_ways=True)
             near, agreed = self.graph.loops_around(e, self.graph.loops_in_force())
         against = len(near) - len(agreed)
         agreeing_ids = {id(x) for x in agreeing}
-        agree = [h for h, x in zip(held, edges) if id(x) in agreeing_ids]
+        agree = [h for h, x in zip(others, edges) if id(x) in agreeing_ids]
         if 1 + len(agree) < c.release_after or 1 + len(agree) <= against:
-            self._held.append(r)
             return []
-        for h in agree:
+        for h in [r, *agree]:
             self._held.remove(h)
         why = f"{len(agree) + 1} held loops agree" + (f", more than the {against} loops around them they contradict"
                                                        if against else "")
