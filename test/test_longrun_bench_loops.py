@@ -41,3 +41,35 @@ def test_final_loop_edges_says_which_loops_the_final_solve_holds():
     b.inlier, c.active = False, False
     assert final_loop_edges(g) == {(0, 3): True, (1, 3): False, (0, 2): False}
     assert a.inlier and len(g.edges) == 6  # 3 odometry edges are not loops
+
+
+def test_memory_sample_splits_resident_memory_and_names_the_maps_sizes():
+    """The 10,000-frame memory run records, beside RSS, what malloc holds for objects (its arenas in use plus large
+    blocks) and what it keeps freed, and the keyframe map's sizes: a map that grows tells apart from an allocator that
+    keeps what was freed. A 64 MiB array shows up as allocated and goes when freed; the map's figures are its own."""
+    from types import SimpleNamespace
+
+    from map_helpers import small_config
+
+    from ros2_stream4d.bench.longrun_bench import heap_mib, memory_sample
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMap, MapFrame
+
+    before = heap_mib()
+    assert before is not None, "glibc (Debian 12) has malloc_info"
+    big = np.ones(2**23)  # 64 MiB
+    during = heap_mib()
+    allocated = (during["in_use"] + during["mmapped"]) - (before["in_use"] + before["mmapped"])
+    assert 63.0 < allocated < 70.0
+    del big
+    after = heap_mib()
+    assert (after["in_use"] + after["mmapped"]) < (during["in_use"] + during["mmapped"]) - 60.0
+    m = KeyframeMap(small_config(tsdf=False, occupancy=False, keyframe_max_frames=1, background_rebuild=False))
+    K = np.array([[5.0, 0, 4.0], [0, 6.0, 3.0], [0, 0, 1]])
+    for i in range(3):
+        T = S3.sim3(t=[2.0 * i, 0.0, 0.0])
+        m.integrate(MapFrame(1000 + i, T, np.full((6, 8), 2.0 + i, np.float32), np.full((6, 8, 3), 9, np.uint8), K,
+                             None))
+    s = memory_sample(7, SimpleNamespace(map=m))
+    assert s["frame"] == 7 and s["rss"] > 0 and s["heap"]["arenas"] >= 1
+    assert s["map_points"] == len(m) > 0 and s["keyframes"] == 3 and s["tsdf_blocks"] == 0
+    assert s["keyframes_in_memory"] == 3 and s["keyframe_mib"] == pytest.approx(m.memory_bytes() / 2**20)

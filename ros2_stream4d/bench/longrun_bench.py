@@ -26,6 +26,7 @@ Writes <out>/<name>.json and <name>.png (top view: ground truth, back-end off an
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -50,6 +51,45 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def heap_mib() -> dict[str, float] | None:
+    """glibc's malloc accounting over all its arenas (malloc_info) in MiB: ``in_use`` (allocated from the arenas),
+    ``free_held`` (freed but kept by the arenas: resident memory no object holds), ``mmapped`` (large blocks, returned
+    to the system on free), and the number of arenas; None where the C library has no malloc_info (the JSON then
+    says null). Tells a growing map from memory the allocator keeps."""
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    try:
+        libc = ctypes.CDLL(None)
+        malloc_info, fopen, fclose = libc.malloc_info, libc.fopen, libc.fclose
+    except (OSError, AttributeError):
+        return None
+    fopen.restype, fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+    malloc_info.argtypes, fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile("r", suffix=".xml") as f:
+        fp = fopen(f.name.encode(), b"w")
+        if not fp:
+            return None
+        malloc_info(0, fp)
+        fclose(fp)
+        root = ET.fromstring(f.read())
+    total = {e.get("type"): int(e.get("size")) for e in root.findall("total")}
+    system = {e.get("type"): int(e.get("size")) for e in root.findall("system")}
+    free = total.get("fast", 0) + total.get("rest", 0)
+    mib = 2.0**20
+    return {"in_use": (system["current"] - free) / mib, "free_held": free / mib, "mmapped": total.get("mmap", 0) / mib,
+            "arenas": len(root.findall("heap"))}
+
+
+def memory_sample(frame: int, pipe) -> dict:
+    """What the process holds at a frame: RSS, the allocator's split (heap_mib), and the keyframe map's own sizes
+    (points in its cloud, TSDF blocks, keyframes and their bytes in RAM: the parts that may grow with the run)."""
+    st = pipe.map.stats()
+    return {"frame": frame, "rss": rss_mib(), "heap": heap_mib(), "map_points": st["map points"],
+            "tsdf_blocks": st["tsdf blocks"], "keyframes": st["keyframes"],
+            "keyframes_in_memory": st["keyframes in memory"], "keyframe_mib": st["keyframe bytes in memory"] / 2**20}
 
 
 def sim_bag(cache: Path, scene: str, trajectory: str, frames: int, width: int, height: int, seed: int) -> Path:
@@ -125,7 +165,7 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
                                                   optimise_duty=1.0)
     n = len(stamps)
     rec = {"T_odom_cam": np.zeros((n, 4, 4)), "C": np.zeros((n, 4, 4)), "kf": np.zeros(n, np.int64),
-           "T_kf_cam": np.zeros((n, 4, 4)), "backend_s": [], "frame_s": [], "rss": []}
+           "T_kf_cam": np.zeros((n, 4, 4)), "backend_s": [], "frame_s": [], "rss": [], "memory": []}
     t_start = time.perf_counter()
     try:
         for i in range(n):
@@ -145,6 +185,8 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
                 rec["backend_s"].append(pipe.timings["backend"])
             if i % 100 == 0 or i == n - 1:
                 rec["rss"].append((i, rss_mib()))
+                if i % 500 == 0 or i == n - 1:
+                    rec["memory"].append(memory_sample(i, pipe))
                 if progress:
                     print(f"  backend={backend} frame {i + 1}/{n}  {time.perf_counter() - t_start:.0f} s  "
                           f"RSS {rec['rss'][-1][1]:.0f} MiB  load {os.getloadavg()[0]:.1f}", flush=True)
@@ -380,7 +422,8 @@ def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, 
     result = {"schema": "stream4d.bench.longrun_memory/1", "environment": environment("cpu"), "scene": scene,
               "trajectory": trajectory, "frames": frames, "seed": seed, "image": [width, height],
               "oracle_noise": noise, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-              "rss_mib": rec["rss"], "keyframes": len(rec["kf_final"]), "segments": rec["segments"],
+              "rss_mib": rec["rss"], "memory": rec["memory"], "keyframes": len(rec["kf_final"]),
+              "segments": rec["segments"],
               "backend_added_ms_median": float(np.median(b)),
               "backend_added_ms_median_first_quarter": float(np.median(b[:q])),
               "backend_added_ms_median_last_quarter": float(np.median(b[-q:])),
@@ -397,10 +440,21 @@ def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, 
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     f, r = zip(*rec["rss"])
-    a1.plot(f, r, "-o", ms=2)
+    a1.plot(f, r, "-o", ms=2, label="RSS")
+    mem = [m for m in rec["memory"] if m["heap"] is not None]
+    if mem:  # what of it objects hold (arenas in use + large blocks) and what the arenas keep freed
+        fm = [m["frame"] for m in mem]
+        a1.plot(fm, [m["heap"]["in_use"] + m["heap"]["mmapped"] for m in mem], "-s", ms=3, label="allocated")
+        a1.plot(fm, [m["heap"]["free_held"] for m in mem], "-^", ms=3, label="freed, kept by malloc")
     a1.set_xlabel("frame")
-    a1.set_ylabel("RSS [MiB]")
-    a1.set_title(f"{scene}/{trajectory}, back-end on: resident memory")
+    a1.set_ylabel("MiB")
+    a1.set_title(f"{scene}/{trajectory}, back-end on: memory")
+    a1b = a1.twinx()
+    a1b.plot([m["frame"] for m in rec["memory"]], [m["map_points"] / 1e6 for m in rec["memory"]], "k:",
+             label="map points [M]")
+    a1b.set_ylabel("map cloud points [millions]")
+    a1.legend(loc="upper left", fontsize=7)
+    a1b.legend(loc="lower right", fontsize=7)
     k = max(1, len(b) // 200)
     a2.plot(np.arange(len(b))[::k], [np.median(b[i:i + k]) for i in range(0, len(b), k)], "-")
     a2.set_xlabel("frame")
@@ -410,6 +464,12 @@ def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, 
     png = out / f"{name}.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
+    for m in rec["memory"]:
+        h = m["heap"] or {}
+        print(f"  frame {m['frame']}: RSS {m['rss']:.0f} MiB, allocated {h.get('in_use', 0) + h.get('mmapped', 0):.0f}"
+              f", freed and kept by malloc {h.get('free_held', float('nan')):.0f}; map points {m['map_points']}, "
+              f"TSDF blocks {m['tsdf_blocks']}, keyframes in RAM {m['keyframes_in_memory']} "
+              f"({m['keyframe_mib']:.0f} MiB)")
     print(f"RSS {r[0]:.0f} -> {r[len(r) // 4]:.0f} (frame {f[len(f) // 4]}) -> {r[-1]:.0f} MiB; keyframes "
           f"{result['keyframes']}; added {result['backend_added_ms_median']:.2f} ms/frame median\nwrote {js}\nwrote {png}")
     return result
