@@ -85,9 +85,10 @@ class BackendConfig:
     max_held: int = 100
     # ... decided once the revisit has gone on past them: a held loop's group is weighed when the newest keyframe is
     # release_wait keyframes beyond its newer end (the graph's pcm_window: the loops of that stretch of the revisit
-    # have all come). Deciding at once let a repeated corridor bay's look-alikes in (live realistic office loop seed
-    # 0 at b3cfb87: three agreeing look-alikes, 1.04 m off in truth, outnumbered the 2 true loops around them when
-    # they came; the final solve, with the revisit's other true loops, rejected them). 0 = at once
+    # have all come), not as it forms: true loops that come just after look-alikes then outnumber them. (Live
+    # realistic office loop seed 0 at b3cfb87: three agreeing look-alikes of a corridor bay, 1.04 m off in truth,
+    # outnumbered the 2 true loops around them when they came; at 8392ecd, weighed 8 keyframes later, still only those
+    # 2 were around them, and they were released all the same: docs/longrun/README.md.) 0 = at once
     release_wait: int = 8
 
     def __post_init__(self):
