@@ -73,3 +73,21 @@ def test_memory_sample_splits_resident_memory_and_names_the_maps_sizes():
     assert s["frame"] == 7 and s["rss"] > 0 and s["heap"]["arenas"] >= 1
     assert s["map_points"] == len(m) > 0 and s["keyframes"] == 3 and s["tsdf_blocks"] == 0
     assert s["keyframes_in_memory"] == 3 and s["keyframe_mib"] == pytest.approx(m.memory_bytes() / 2**20)
+
+
+def test_memory_runs_take_the_maps_cap_and_the_score_runs_refuse_it(monkeypatch):
+    """`stream4d bench longrun --memory-only --map-max-points N` measures memory with the map cloud capped at N (the
+    node's default 1 M; the bench's 8 M serves the F-score); the F-score runs refuse the option (their figures would
+    not compare)."""
+    from ros2_stream4d.bench import longrun_bench
+    from ros2_stream4d.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(longrun_bench, "run_memory", lambda *a, **k: seen.update(k))
+    args = build_parser().parse_args(["bench", "longrun", "--memory-only", "--map-max-points", "1000000"])
+    assert args.func(args) == 0 and seen == {"map_max_points": 1_000_000}
+    args = build_parser().parse_args(["bench", "longrun", "--memory-only"])
+    assert args.func(args) == 0 and seen == {"map_max_points": longrun_bench.MAP_MAX_POINTS}
+    args = build_parser().parse_args(["bench", "longrun", "--map-max-points", "5"])
+    with pytest.raises(SystemExit, match="is for --memory-only"):
+        args.func(args)

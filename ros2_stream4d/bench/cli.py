@@ -110,6 +110,9 @@ def register(subparsers) -> None:
                          "apply at once): reproducible figures for comparisons; not the node's timing")
     lr.add_argument("--memory-only", action="store_true",
                     help="back-end on, first seed only, no ground truth: memory and added time over a long run")
+    lr.add_argument("--map-max-points", type=int, default=None,
+                    help="with --memory-only: the map cloud's voxel cap (default the bench's 8 M, set for the F-score; "
+                         "the node's default, map_max_points, is 1 M)")
     lr.set_defaults(func=run_longrun_cmd)
 
     u = sub.add_parser("gpu", help="CUDA: bf16 SDPA vs flash-attn FPS at 518x392, W=16 (says so on CPU)",
@@ -239,15 +242,17 @@ def run_cloud(args) -> int:
 def run_longrun_cmd(args) -> int:
     from pathlib import Path
 
-    from .longrun_bench import run_longrun, run_memory
+    from .longrun_bench import MAP_MAX_POINTS, run_longrun, run_memory
 
     noise = Path(args.noise).stem if args.noise not in ("none", "realistic") else args.noise
     if args.memory_only and args.lockstep:
         raise SystemExit("--lockstep is for comparing figures; --memory-only measures the node's timing: not both")
+    if args.map_max_points is not None and not args.memory_only:
+        raise SystemExit("--map-max-points is for --memory-only (the F-score runs keep the bench's cap)")
     if args.memory_only:
         run_memory(args.scene, args.trajectory, args.frames, args.seeds[0], args.width, args.height, args.noise,
                    Path(args.out), args.name or f"{args.scene}_{args.trajectory}_{args.frames}_memory",
-                   Path(args.cache))
+                   Path(args.cache), map_max_points=args.map_max_points or MAP_MAX_POINTS)
         return 0
     run_longrun(args.scene, args.trajectory, args.frames, args.seeds, args.width, args.height, args.noise,
                 Path(args.out), args.name or f"{args.scene}_{args.trajectory}_{noise}", Path(args.cache),

@@ -405,9 +405,11 @@ def plot_runs(plots: dict, path: Path, title: str) -> Path:
 
 
 def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, height: int, noise: str, out: Path,
-               name: str, cache: Path) -> dict:
-    """Back-end on over a long run (e.g. 10,000 frames): resident memory, the back-end's added per-frame time and
-    its worker's queue, sampled every 100 frames; JSON + plot. No ground truth is read (it would not fit)."""
+               name: str, cache: Path, map_max_points: int = MAP_MAX_POINTS) -> dict:
+    """Back-end on over a long run (e.g. 10,000 frames): resident memory (every 100 frames; what of it malloc and the
+    map hold every 500), the back-end's added per-frame time and its worker's queue; JSON + plot. No ground truth is
+    read (it would not fit). map_max_points: the map cloud's voxel cap (the bench's default is set for the F-score;
+    the node's is 1 M)."""
     from .env import environment
 
     out.mkdir(parents=True, exist_ok=True)
@@ -415,12 +417,13 @@ def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, 
     bag = sim_bag(cache, scene, trajectory, frames, width, height, seed)
     stamps, images, K = read_inputs(bag)
     load0 = os.getloadavg()
-    rec = run_pipeline(bag, images, stamps, K, True, noise, seed, input_width=width)
+    rec = run_pipeline(bag, images, stamps, K, True, noise, seed, input_width=width, map_max_points=map_max_points)
     b = np.asarray(rec["backend_s"]) * 1e3
     q = len(b) // 4
     d = rec["diagnostics"]
     result = {"schema": "stream4d.bench.longrun_memory/1", "environment": environment("cpu"), "scene": scene,
               "trajectory": trajectory, "frames": frames, "seed": seed, "image": [width, height],
+              "map_max_points": map_max_points,
               "oracle_noise": noise, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
               "rss_mib": rec["rss"], "memory": rec["memory"], "keyframes": len(rec["kf_final"]),
               "segments": rec["segments"],
