@@ -428,7 +428,7 @@ class _EveryKeyframeLoopsToTheFirst:
     def add(self, view):
         self.latest = view.id
 
-    def detect(self, gate=None):  # no gate: these tests are about scheduling
+    def detect(self, gate=None, near=()):  # no gate, no near: these tests are about scheduling
         from ros2_stream4d.mapping.backend.loops import LoopResult
 
         return [LoopResult(0, self.latest, True, np.eye(4))] if self.latest else []
@@ -684,7 +684,7 @@ def test_released_loops_join_the_graph_and_held_ones_do_not():
         assert g.optimise().ok
         answers = {26: [(6, 0.0)], 27: [(7, 2.0)], 28: [(8, 2.0)]}  # newest keyframe: [(older one, error in m)]
 
-        def detect(view=None, gate=None):
+        def detect(view=None, gate=None, near=()):
             out = []
             for i, dx in answers[backend.detector.views[-1].id]:
                 r = LoopResult(i, backend.detector.views[-1].id, True, _true(truth, i, i + 20, dx))
@@ -831,3 +831,43 @@ def test_held_loops_are_weighed_once_the_revisit_has_gone_on_past_them():
                                          "contradict"
     finally:
         backend.close()
+
+
+def test_once_loops_corrected_the_map_a_keyframe_is_verified_against_the_keyframes_at_its_place():
+    """A revisiting keyframe's candidates include the keyframes the corrected map has at its place (within
+    near_radius_m, looking the same way), nearest first (live realistic office loop seed 0 beside another run: place
+    recognition ranked a corridor bay's look-alikes above them and they were never verified). Not before any loop
+    corrected the map (the odometry's prediction is the drifted one), not for a view turned away, not when off (the
+    default: in lockstep the extra loops made one map worse)."""
+    from ros2_stream4d.mapping.backend.loops import KeyframeView
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    with pytest.raises(ValueError, match="near_radius_m"):
+        BackendConfig(near_radius_m=-1.0)
+
+    def run(config, loops=True, turn=0.0):
+        backend = LongRunBackend(config)
+        try:
+            g, truth = _line_graph(backend.graph, n=26)
+            if loops:
+                for i in range(3):
+                    g.add_edge(i, i + 20, _true(truth, i, i + 20), LOOP)
+                assert g.optimise().ok
+            seen = []
+            backend.detector.detect = lambda view=None, gate=None, near=(): seen.append(list(near)) or []
+            # where the corrected map will put it: 1.6 m along the line (keyframes 3 and 4 lie 0.1 / 0.4 m away)
+            S_map = S3.sim3(rot_x(turn), [1.6, 0.0, 0.0])  # about x: the optical axis (z) turns
+            S_odom = S3.inverse(g.odom_correction()) @ S_map
+            backend._keyframe(KeyframeView(26, np.zeros((4, 4, 3), np.uint8), np.ones((4, 4)), np.eye(3), S_odom), 0)
+            np.testing.assert_allclose(g.solution[26][:3, 3], [1.6, 0.0, 0.0], atol=1e-6)
+            return seen[0]
+        finally:
+            backend.close()
+
+    base = dict(optimise_in_subprocess=False)
+    assert BackendConfig().near_radius_m == 0.0, "off by default (docs/longrun/README.md)"
+    assert run(BackendConfig(near_radius_m=0.5, **base)) == [3, 4]
+    assert run(BackendConfig(near_radius_m=0.2, **base)) == [3]
+    assert run(BackendConfig(near_radius_m=0.5, **base), turn=np.radians(90.0)) == [], "optical axes 90 deg apart"
+    assert run(BackendConfig(**base)) == [], "off"
+    assert run(BackendConfig(near_radius_m=0.5, **base), loops=False) == [], "no loop has corrected the map yet"

@@ -270,3 +270,29 @@ def test_loop_scale_is_unbiased_when_both_keyframes_depth_is_noisy(sim_loop):
     assert bias["least_squares"] < bias["symmetric"] - 0.01, bias
     with pytest.raises(ValueError, match="ransac_scale must be one of"):
         LoopConfig(ransac_scale="median")
+
+
+def test_near_keyframes_are_candidates_beside_the_descriptors_own(sim_loop):
+    """candidates(view, near): after the descriptor's (at most max_candidates), up to max_candidates of the keyframes
+    the caller predicts at the view's place, whatever their similarity, none twice, none within min_separation of the
+    view; detect verifies them (the back-end's corrected map brings the true neighbours a look-alike outranked)."""
+    T, odo, s, views = sim_loop
+    det = LoopDetector()
+    for v in views[:30]:
+        det.add(fresh(v))
+    plain = det.candidates()
+    assert det.candidates(near=[]) == plain
+    by_sim = [c.i for c in plain]
+    low = [k for k in range(30 - det.config.min_separation) if k not in by_sim]  # older, not ranked by the descriptor
+    near = [low[0], by_sim[0] if by_sim else low[1], low[1], low[0], 29 - 3, low[2], low[3], low[4]]
+    out = det.candidates(near=near)
+    assert [c.i for c in out[:len(plain)]] == by_sim
+    extra = [c.i for c in out[len(plain):]]
+    assert extra == [low[0], low[1], low[2]], "nearest first, none twice, none too recent, at most max_candidates"
+    assert all(c.j == 29 for c in out)
+    i = extra[0]
+    sim = float(det._desc[i] @ det.views[-1].descriptor)
+    assert out[len(plain)].similarity == pytest.approx(sim)
+    before = det.stats["candidates"]
+    res = det.detect(near=[i])
+    assert det.stats["candidates"] == before + len(plain) + 1 and any(r.i == i for r in res)

@@ -726,7 +726,7 @@ def test_backend_keyframes_join_by_odometry_within_and_by_a_weak_segment_edge_ac
         def add(self, view):
             self.added.append(view.id)
 
-        def detect(self, gate=None):
+        def detect(self, gate=None, near=()):
             out, self.results = self.results, []
             return out
 

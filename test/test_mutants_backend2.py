@@ -769,7 +769,7 @@ def test_closing_the_backend_abandons_the_queued_keyframes():
                 started.set()
                 go.wait(10.0)
 
-        def detect(self, gate=None):
+        def detect(self, gate=None, near=()):
             return []
 
     b = LongRunBackend()

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -224,7 +224,11 @@ class LoopDetector:
         d = view.descriptor[None]
         self._desc = d if self._desc.size == 0 else np.vstack([self._desc, d])
 
-    def candidates(self, view: KeyframeView | None = None) -> list[LoopCandidate]:
+    def candidates(self, view: KeyframeView | None = None, near: Sequence[int] = ()) -> list[LoopCandidate]:
+        """The keyframes to verify against view (default the newest): the max_candidates most similar by descriptor
+        (at least min_similarity, within the odometry search radius), then up to max_candidates of ``near`` (older
+        keyframe ids the caller predicts at the view's place, nearest first: the back-end's corrected map) that are
+        not among them, whatever their similarity. All at least min_separation keyframes older than the view."""
         c = self.config
         view = self.views[-1] if view is None else view
         n = len(self.views) - 1 if view is self.views[-1] else len(self.views)
@@ -240,16 +244,21 @@ class LoopDetector:
             radius = c.search_radius_m + c.search_drift_fraction * (view.path_s - o.path_s)
             if np.linalg.norm(o.S_odom_kf[:3, 3] - view.S_odom_kf[:3, 3]) <= radius:
                 out.append(LoopCandidate(o.id, view.id, float(sim[k])))
+        if len(near):
+            have = {x.i for x in out}
+            index = {v.id: k for k, v in enumerate(self.views[:old])}
+            extra = [i for i in dict.fromkeys(near) if i in index and i not in have][:c.max_candidates]
+            out += [LoopCandidate(i, view.id, float(sim[index[i]])) for i in extra]
         return out
 
-    def detect(self, view: KeyframeView | None = None, gate: Callable[[LoopResult], str] | None = None
-               ) -> list[LoopResult]:
-        """Candidates of the newest keyframe, each verified; accepted ones first. ``gate`` (the back-end's check
+    def detect(self, view: KeyframeView | None = None, gate: Callable[[LoopResult], str] | None = None,
+               near: Sequence[int] = ()) -> list[LoopResult]:
+        """Candidates of the newest keyframe (``candidates``, ``near`` included), each verified; accepted ones first. ``gate`` (the back-end's check
         against the map, PoseGraph.loop_gate) sees each verified loop: a non-empty answer holds it back (not
         accepted, ``held``, the answer its reason; counted in stats "held" and "rejected")."""
         by_id = {v.id: v for v in self.views}
         res = []
-        for cand in self.candidates(view):
+        for cand in self.candidates(view, near):
             self.stats["candidates"] += 1
             r = self.verify(by_id[cand.i], by_id[cand.j])
             r.similarity = cand.similarity

@@ -237,6 +237,20 @@ class PoseGraph:
         return (f"disagrees with the map by {dt:.2f} m / {dr:.1f} deg (tolerance {tol_t:.2f} m / {tol_r:.1f} deg: "
                 f"{d:.1f} m of odometry from a loop the map rests on)")
 
+    def keyframes_near(self, kid: int, radius_m: float, max_angle_deg: float) -> list[int]:
+        """The keyframes before kid whose corrected pose (the solution) lies within radius_m of kid's and looks the
+        same way (optical axes within max_angle_deg), nearest first: where the map predicts kid to revisit."""
+        me = self.solution[int(kid)]
+        ids = self.order[:self._pos[int(kid)]]
+        if not ids:
+            return []
+        P = np.array([self.solution[k][:3, 3] for k in ids])
+        Z = np.array([self.solution[k][:3, 2] for k in ids])
+        Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+        d = np.linalg.norm(P - me[:3, 3], axis=1)
+        ok = (d <= radius_m) & (Z @ (me[:3, 2] / np.linalg.norm(me[:3, 2])) >= np.cos(np.radians(max_angle_deg)))
+        return [ids[n] for n in np.argsort(d, kind="stable") if ok[n]]
+
     def position(self, kid: int) -> int:
         """The keyframe's index in the graph's order."""
         return self._pos[int(kid)]
