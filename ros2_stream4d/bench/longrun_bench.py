@@ -138,14 +138,15 @@ def ground_truth_in_map(bag: Path, threshold: float):
 
 def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: int, input_width: int,
                  conf_percentile: float = 30.0, progress: bool = True, loop_overrides: dict | None = None,
-                 lockstep: bool = False, **pipeline_overrides) -> dict:
+                 lockstep: bool = False, sample_memory: bool = False, **pipeline_overrides) -> dict:
     """One pass of the bag through the node's pipeline; per-frame poses and the keyframe map at the end.
 
     lockstep: the back-end in step with the frames, for comparisons that timing must not blur: after every frame
     the bench waits for its worker, the graph is solved in the worker itself (no child process, no duty pause) and
     an accepted correction is applied before the next frame. Two lockstep runs give the same figures; a live run
     (the node's way: the worker and the optimiser beside the frames) gives figures that depend on when each
-    correction lands (docs/longrun/README.md). The time figures of a lockstep run are not the node's."""
+    correction lands (docs/longrun/README.md). The time figures of a lockstep run are not the node's.
+    sample_memory: every 500 frames a memory_sample in rec["memory"] (the memory runs)."""
     from ros2_stream4d.loader import ModelOptions, load_pipeline
     from ros2_stream4d.mapping.pipeline import PipelineConfig
 
@@ -185,7 +186,7 @@ def run_pipeline(bag: Path, images, stamps, K, backend: bool, noise: str, seed: 
                 rec["backend_s"].append(pipe.timings["backend"])
             if i % 100 == 0 or i == n - 1:
                 rec["rss"].append((i, rss_mib()))
-                if i % 500 == 0 or i == n - 1:
+                if sample_memory and (i % 500 == 0 or i == n - 1):  # the memory runs' split (run_memory)
                     rec["memory"].append(memory_sample(i, pipe))
                 if progress:
                     print(f"  backend={backend} frame {i + 1}/{n}  {time.perf_counter() - t_start:.0f} s  "
@@ -417,7 +418,8 @@ def run_memory(scene: str, trajectory: str, frames: int, seed: int, width: int, 
     bag = sim_bag(cache, scene, trajectory, frames, width, height, seed)
     stamps, images, K = read_inputs(bag)
     load0 = os.getloadavg()
-    rec = run_pipeline(bag, images, stamps, K, True, noise, seed, input_width=width, map_max_points=map_max_points)
+    rec = run_pipeline(bag, images, stamps, K, True, noise, seed, input_width=width, sample_memory=True,
+                       map_max_points=map_max_points)
     b = np.asarray(rec["backend_s"]) * 1e3
     q = len(b) // 4
     d = rec["diagnostics"]

@@ -253,9 +253,10 @@ class LoopDetector:
 
     def detect(self, view: KeyframeView | None = None, gate: Callable[[LoopResult], str] | None = None,
                near: Sequence[int] = ()) -> list[LoopResult]:
-        """Candidates of the newest keyframe (``candidates``, ``near`` included), each verified; accepted ones first. ``gate`` (the back-end's check
-        against the map, PoseGraph.loop_gate) sees each verified loop: a non-empty answer holds it back (not
-        accepted, ``held``, the answer its reason; counted in stats "held" and "rejected")."""
+        """Candidates of the newest keyframe (``candidates``, ``near`` included), each verified; accepted ones
+        first. ``gate`` (the back-end's check against the map, PoseGraph.loop_gate) sees each verified loop: a
+        non-empty answer holds it back (not accepted, ``held``, the answer its reason; counted in stats "held" and
+        "rejected")."""
         by_id = {v.id: v for v in self.views}
         res = []
         for cand in self.candidates(view, near):

@@ -241,7 +241,7 @@ class PoseGraph:
         """The keyframes before kid whose corrected pose (the solution) lies within radius_m of kid's and looks the
         same way (optical axes within max_angle_deg), nearest first: where the map predicts kid to revisit."""
         me = self.solution[int(kid)]
-        ids = self.order[:self._pos[int(kid)]]
+        ids = self.order[:self.position(kid)]
         if not ids:
             return []
         P = np.array([self.solution[k][:3, 3] for k in ids])

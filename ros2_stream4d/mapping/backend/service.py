@@ -292,7 +292,7 @@ class LongRunBackend:
         with self._lock:  # the corrected map's keyframes at this one's place (once loops corrected it)
             near = self.graph.keyframes_near(view.id, c.near_radius_m, c.near_angle_deg) \
                 if c.near_radius_m > 0 and self.graph.loops_in_force() else []
-        results = self.detector.detect(gate=self._gate if self.config.release_after > 0 else None, near=near)
+        results = self.detector.detect(gate=self._gate if c.release_after > 0 else None, near=near)
         accepted = [r for r in results if r.accepted]
         for r in results:
             if r.held:
