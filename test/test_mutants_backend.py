@@ -939,6 +939,7 @@ def test_backend_starts_a_named_daemon_worker_that_survives_a_failing_keyframe()
     try:
         assert b.stats == {"keyframes": 0, "dropped_keyframes": 0, "optimisations_ok": 0,
                            "optimisations_dropped": 0, "last_drop_reason": "", "edges_rejected_by_graph": 0,
+                           "drift calibrations": 0, "rotation drift calibrated [deg/m]": 0.0,
                            "corrections_applied": 0, "corrections_withdrawn": 0}
         assert b.detector.descriptor_fn is classical_descriptor and b.detector.config is b.config.loops
         assert b._thread.is_alive() and b._thread.daemon and b._thread.name == "stream4d-backend"

@@ -699,13 +699,14 @@ def test_backend_settings_reach_the_segments_loops_and_graph():
     c = cfg(segment_min_anchor_overlap=0.42, segment_max_frames=77, segment_min_frames=11,
             segment_overlap_frames=5, loop_min_similarity=0.61, loop_min_inliers=17, loop_search_radius=1.7,
             loop_search_drift_fraction=0.07, backend_max_correction=3.3, loop_gate_distance=0.9, loop_release_after=5,
-            loop_release_wait=13)
+            loop_release_wait=13, backend_drift_calibration=False)
     rp = pl.reanchor_policy(c)
     assert (rp.min_anchor_overlap, rp.max_segment_frames, rp.min_segment_frames, rp.overlap_frames) == (0.42, 77, 11, 5)
     bc = pl.backend_config(c)
     lc = bc.loops
     assert (lc.min_similarity, lc.min_inliers, lc.search_radius_m, lc.search_drift_fraction) == (0.61, 17, 1.7, 0.07)
     assert bc.graph.max_correction_m == 3.3
+    assert bc.graph.drift_calibration is False and pl.backend_config(cfg()).graph.drift_calibration is True
     assert (bc.graph.gate_trans_m, bc.release_after, bc.release_wait) == (0.9, 5, 13)
 
 

@@ -87,6 +87,7 @@ class PipelineConfig:
     loop_gate_distance: float = 0.5  # m: a loop disagreeing with the corrected map by more (+ per metre) is held
     loop_release_after: int = 3  # held loops join the graph once this many agree (0 = no gate)
     loop_release_wait: int = 8  # keyframes past a held loop's newer end before it is weighed (0 = at once)
+    backend_drift_calibration: bool = True  # the graph estimates the front-end's rotation drift per metre
     backend_max_correction: float = 2.0  # m (+ a fraction of the path): a larger correction is dropped
     backend_apply_rate: float = 1.0  # Hz: how often an accepted correction is written into the map
 
@@ -488,7 +489,8 @@ def backend_config(cfg: PipelineConfig) -> BackendConfig:
     return BackendConfig(
         loops=LoopConfig(min_similarity=cfg.loop_min_similarity, min_inliers=cfg.loop_min_inliers,
                          search_radius_m=cfg.loop_search_radius, search_drift_fraction=cfg.loop_search_drift_fraction),
-        graph=PoseGraphConfig(max_correction_m=cfg.backend_max_correction, gate_trans_m=cfg.loop_gate_distance),
+        graph=PoseGraphConfig(max_correction_m=cfg.backend_max_correction, gate_trans_m=cfg.loop_gate_distance,
+                              drift_calibration=cfg.backend_drift_calibration),
         release_after=cfg.loop_release_after, release_wait=cfg.loop_release_wait)
 
 

@@ -176,6 +176,9 @@ PARAMS: tuple[Param, ...] = (
     Param("loop_release_wait", 8, "keyframes",
           "backend: held loops are weighed (agreeing, more than the loops around them) this many keyframes after "
           "their newer end, once the revisit's loops there have come (0 = at once)", low=0, high=100000),
+    Param("backend_drift_calibration", True, "",
+          "backend: once loops span 10 m of odometry, estimate the front-end's rotation drift per metre, take it out "
+          "of the odometry edges and solve again trusting their rotation (the rate is in the diagnostics)"),
     Param("backend_max_correction", 2.0, "m",
           "backend: an optimisation moving a keyframe further than this (+ a fraction of the path) is dropped",
           low=0.0, high=100000.0),

@@ -13,6 +13,15 @@ still exceeds ``outlier_chi`` is switched off and the graph re-optimised (a wron
 kernel alone is not enough: after long drift a true loop starts with a residual the kernel already ignores.
 Odometry sigmas grow with the edge length and must cover the front-end's real drift per metre.
 
+Drift calibration (``drift_calibration``, Kummerle et al. 2011 estimate a robot's systematic odometry error inside
+its graph SLAM in the same spirit): a streaming front-end's rotation drift is mostly systematic, a rate per metre
+travelled about a fixed axis (heading about gravity), which the loose odometry sigmas cannot tell from noise: with
+them the loops' own rotation noise shapes the map between loops. Once a solution rests on loops spanning at least
+``calibration_min_path_m`` of odometry, ``rotation_drift`` measures the rate (rotation vector per metre, map frame)
+that the solution implies over the odometry edges between the loops' ends, ``calibrated_edges`` takes it out of every
+odometry edge, and the graph is solved again with the odometry's rotation trusted to
+``calibrated_sigma_rot_per_m``.
+
 An optimisation is dropped with a reason (never applied) when it fails, is not finite, does not converge, or moves a
 keyframe implausibly far (more than ``max_correction_fraction`` of the path length plus ``max_correction_m``); one that
 moves no keyframe by ``min_correction_m`` is not applied either, and no optimisation runs while every segment / loop
@@ -31,11 +40,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ros2_stream4d.mapping.backend import sim3 as S3
+from ros2_stream4d.mapping.conventions import rotation_from_vector, rotation_vector
 
 ODOMETRY, SEGMENT, LOOP = "odometry", "segment", "loop"
 # a solution this far from the odometry (m, any keyframe) holds a correction; below it is rounding: an uncorrected
@@ -132,6 +142,12 @@ class PoseGraphConfig:
     # differ from the first loops of a revisit by more than 0.15 m / 3 deg (realistic loop seed 0: 5 of the first 8;
     # ATE 0.076 m). True pairs then differed by <= 0.63 m / 6.3 deg (p99 0.43 m / 4.6 deg; loop seeds 0 and 2)
     gate_pcm_factor: float = 3.0
+    # drift calibration (module docstring): the second solve's odometry rotation sigma per metre, once the drift rate
+    # is taken out (the realistic oracle's heading drift is 0.3 deg/m + 0.02 deg/m per metre since the anchor, its
+    # random walk 0.05 deg per sqrt(m): 0.02 rad/m = 1.1 deg/m still covers the rate's variation along a segment)
+    drift_calibration: bool = True
+    calibrated_sigma_rot_per_m: float = 0.02
+    calibration_min_path_m: float = 10.0  # odometry between the loops' ends the rate is measured over
 
 
 @dataclass
@@ -146,6 +162,7 @@ class OptimisationResult:
     rejected_edges: list[tuple[int, int, str]] = field(default_factory=list)
     max_move_m: float = 0.0
     withdrawn: bool = False  # ok, and the poses are the odometry: a correction in force was withdrawn
+    drift_rad_per_m: np.ndarray | None = None  # the rotation drift calibrated out (rotation vector per metre, map)
 
 
 class PoseGraph:
@@ -405,6 +422,79 @@ def _agree_without(rejected, active, initial, odometry, config: PoseGraphConfig,
                               rejected_edges=list(rejected), seconds=time.perf_counter() - t0)
 
 
+def _solve_rounds(prior, values, kept_edges, rejected: list, order, config: PoseGraphConfig,
+                  t0: float) -> OptimisationResult:
+    """Levenberg-Marquardt over the prior and kept_edges() from values, up to three rounds: after each, the robust
+    edge with the largest whitened residual above ``outlier_chi`` joins ``rejected`` (in place; one at a time, the
+    worst edge explains the others) and the graph is solved again."""
+    import gtsam
+
+    res = None
+    for _round in range(3):
+        graph = gtsam.NonlinearFactorGraph()
+        graph.add(prior)
+        kept = kept_edges()
+        for e in kept:
+            graph.add(gtsam.BetweenFactorSimilarity3(e.i, e.j, to_gtsam(e.S_i_j), _noise(e, config)))
+        params = gtsam.LevenbergMarquardtParams()
+        params.setMaxIterations(config.max_iterations)
+        try:
+            opt = gtsam.LevenbergMarquardtOptimizer(graph, values, params)
+            e0 = graph.error(values)
+            out = opt.optimize()
+            e1 = graph.error(out)
+        except RuntimeError as exc:  # an indeterminant system (a disconnected keyframe) and other GTSAM failures
+            return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
+        poses = {k: from_gtsam(out.atSimilarity3(k)) for k in order}
+        res = OptimisationResult(True, poses, initial_error=float(e0), final_error=float(e1),
+                                 iterations=int(opt.iterations()))
+        bad = [e for e in kept if e.robust and _whitened(e, poses) > config.outlier_chi]
+        if not bad:
+            break
+        worst = max(bad, key=lambda e: _whitened(e, poses))
+        rejected.append((worst.i, worst.j, worst.kind))
+    return res
+
+
+def rotation_drift(order, edges, poses: dict[int, np.ndarray], min_path_m: float) -> np.ndarray | None:
+    """The front-end's rotation drift per metre that the poses imply: the mean over the odometry edges between the
+    first and last keyframe a loop edge touches of the rotation (map frame, rotation vector) between the odometry's
+    relative rotation and the poses', per metre of odometry (sum of rotation vectors over sum of lengths); None
+    when those edges span less than min_path_m. An odometry edge i -> j measures R_i^T E R_j, E the drift over it
+    in the map frame, so E = R_i Z R_j^T with the poses' R_i, R_j."""
+    pos = {k: n for n, k in enumerate(order)}
+    ends = [pos[x] for e in edges if e.kind == LOOP for x in (e.i, e.j) if x in pos]
+    if not ends:
+        return None
+    lo, hi = min(ends), max(ends)
+    num, length = np.zeros(3), 0.0
+    for e in edges:
+        if e.kind != ODOMETRY or e.i not in pos or e.j not in pos or not lo <= pos[e.i] < pos[e.j] <= hi:
+            continue
+        Ri, Rj, Z = S3.decompose(poses[e.i])[0], S3.decompose(poses[e.j])[0], S3.decompose(e.S_i_j)[0]
+        num += rotation_vector(Ri @ Z @ Rj.T)
+        length += float(np.linalg.norm(e.S_i_j[:3, 3]))
+    return num / length if length >= min_path_m else None
+
+
+def calibrated_edges(edges, poses: dict[int, np.ndarray], drift: np.ndarray, config: PoseGraphConfig) -> list[Edge]:
+    """The edges with the rotation drift (rad per metre, map frame) taken out of each odometry edge (Z -> R_i^T
+    exp(-drift d) R_i Z, d its length, R_i the poses' rotation of its first keyframe; its translation is unchanged:
+    the drift turns the path after i, not the step as seen from i) and its rotation sigma set to
+    ``calibrated_sigma_rot_per_m``; segment and loop edges unchanged."""
+    out = []
+    for e in edges:
+        if e.kind != ODOMETRY:
+            out.append(e)
+            continue
+        R, t, s = S3.decompose(e.S_i_j)
+        Ri = S3.decompose(poses[e.i])[0]
+        d = float(np.linalg.norm(t))
+        out.append(replace(e, S_i_j=S3.sim3(Ri.T @ rotation_from_vector(-drift * d) @ Ri @ R, t, s),
+                           sigma_rot=float(np.hypot(config.odom_sigma_rot, config.calibrated_sigma_rot_per_m * d))))
+    return out
+
+
 def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
     import gtsam
 
@@ -447,30 +537,22 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
         agreed = _agree_without(rejected, active, initial, odometry, config, t0)
         if agreed is not None:
             return agreed
-    res = None
-    for _round in range(3):
-        graph = gtsam.NonlinearFactorGraph()
-        graph.add(prior)
-        kept = [e for e in active if (e.i, e.j, e.kind) not in rejected]
-        for e in kept:
-            graph.add(gtsam.BetweenFactorSimilarity3(e.i, e.j, to_gtsam(e.S_i_j), _noise(e, config)))
-        params = gtsam.LevenbergMarquardtParams()
-        params.setMaxIterations(config.max_iterations)
-        try:
-            opt = gtsam.LevenbergMarquardtOptimizer(graph, values, params)
-            e0 = graph.error(values)
-            out = opt.optimize()
-            e1 = graph.error(out)
-        except RuntimeError as exc:  # an indeterminant system (a disconnected keyframe) and other GTSAM failures
-            return OptimisationResult(False, reason=f"optimisation failed: {exc}", seconds=time.perf_counter() - t0)
-        poses = {k: from_gtsam(out.atSimilarity3(k)) for k in order}
-        res = OptimisationResult(True, poses, initial_error=float(e0), final_error=float(e1),
-                                 iterations=int(opt.iterations()))
-        bad = [e for e in kept if e.robust and _whitened(e, poses) > config.outlier_chi]
-        if not bad:
-            break
-        worst = max(bad, key=lambda e: _whitened(e, poses))  # one at a time: the worst edge explains the others
-        rejected.append((worst.i, worst.j, worst.kind))
+    res = _solve_rounds(prior, values, lambda: [e for e in active if (e.i, e.j, e.kind) not in rejected], rejected,
+                        order, config, t0)
+    if res.ok and config.drift_calibration:
+        first = res.poses
+        drift = rotation_drift(order, [e for e in active if (e.i, e.j, e.kind) not in rejected], first,
+                               config.calibration_min_path_m)
+        if drift is not None:
+            values = gtsam.Values()
+            for k in order:
+                values.insert(k, to_gtsam(first[k]))
+            res = _solve_rounds(prior, values, lambda: calibrated_edges(
+                [e for e in active if (e.i, e.j, e.kind) not in rejected], first, drift, config), rejected, order,
+                config, t0)
+            res.drift_rad_per_m = drift
+    if not res.ok:
+        return res
     res.rejected_edges = rejected
     res.seconds = time.perf_counter() - t0
     if rejected:  # and once more after the rounds' rejections (exact input, office loop: GNC kept one wrong loop,

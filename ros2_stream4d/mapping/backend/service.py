@@ -131,7 +131,8 @@ class LongRunBackend:
         self._idle = threading.Event()
         self._idle.set()
         self.stats = {"keyframes": 0, "dropped_keyframes": 0, "optimisations_ok": 0, "optimisations_dropped": 0,
-                      "last_drop_reason": "", "edges_rejected_by_graph": 0, "corrections_applied": 0,
+                      "last_drop_reason": "", "edges_rejected_by_graph": 0,
+                      "drift calibrations": 0, "rotation drift calibrated [deg/m]": 0.0, "corrections_applied": 0,
                       "corrections_withdrawn": 0}
         self.keyframe_s: list[float] = []
         self.optimisation_s: list[float] = []
@@ -409,6 +410,9 @@ class LongRunBackend:
         if res.ok:
             self.stats["optimisations_ok"] += 1
             self.stats["edges_rejected_by_graph"] += len(res.rejected_edges)
+            if res.drift_rad_per_m is not None:  # the latest solve's estimate (posegraph drift calibration)
+                self.stats["drift calibrations"] += 1
+                self.stats["rotation drift calibrated [deg/m]"] = float(np.degrees(np.linalg.norm(res.drift_rad_per_m)))
             if res.withdrawn:
                 self.stats["corrections_withdrawn"] += 1
                 if self.logger is not None:
