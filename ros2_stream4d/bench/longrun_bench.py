@@ -310,7 +310,8 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
     d = rec["diagnostics"]
     res["backend"] = {k: d[k] for k in ("keyframes", "optimisations_ok", "optimisations_dropped", "last_drop_reason",
                                         "corrections_applied", "corrections_withdrawn", "time per keyframe [ms] median",
-                                        "time per optimisation [ms] median", "edges_rejected_by_graph")
+                                        "time per optimisation [ms] median", "edges_rejected_by_graph",
+                                        "drift calibrations", "rotation drift calibrated [deg/m]")
                       if k in d}
     res["segments"] = rec["segments"]
     res["keyframes"] = len(rec["kf_final"])
