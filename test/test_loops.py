@@ -296,3 +296,32 @@ def test_near_keyframes_are_candidates_beside_the_descriptors_own(sim_loop):
     before = det.stats["candidates"]
     res = det.detect(near=[i])
     assert det.stats["candidates"] == before + len(plain) + 1 and any(r.i == i for r in res)
+
+
+def test_the_loop_sequence_verifies_the_old_pass_where_the_revisit_goes_on(sim_loop):
+    """After a loop (i, j) accepted at its keyframe, the next sequence_window keyframes also try the older pass's
+    keyframe at i's path position plus the path travelled since j, whatever the descriptor ranks (live, a repeated
+    corridor bay outranked the true neighbours); not beyond the window, not when off."""
+    T, odo, s, views = sim_loop
+    det = LoopDetector()
+    for v in views[:33]:
+        det.add(fresh(v))
+        det.detect()
+    assert det._last_loop == (0, 32)  # the first revisit (test_revisits_are_found_accurate_and_true)
+    det.config.max_candidates = 0  # the descriptor offers nothing from here on
+    det.add(fresh(views[33]))
+    assert [c.i for c in det.candidates()] == [1]
+    res = det.detect()
+    assert len(res) == 1 and res[0].accepted and (res[0].i, res[0].j) == (1, 33)
+    assert np.linalg.norm(T[1][:3, 3] - T[33][:3, 3]) < 0.1  # the true neighbour
+    assert det._last_loop == (1, 33)
+    for k in range(34, 37):  # no detection: the sequence's anchor stays (1, 33)
+        det.add(fresh(views[k]))
+    assert [c.i for c in det.candidates()] == [4]  # 3 keyframes on, within the window of 8
+    det.config.sequence_window = 2
+    assert det.candidates() == []
+    det.config.sequence_window = 8
+    det.config.sequence_candidates = 0
+    assert det.candidates() == []
+    with pytest.raises(ValueError, match="sequence_window"):
+        LoopConfig(sequence_window=-1)
