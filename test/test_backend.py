@@ -941,3 +941,21 @@ def test_calibrated_edges_restore_the_odometry_edges_rotation_and_keep_the_rest(
         assert S3.rotation_angle_deg(S3.decompose(c.S_i_j)[0].T @ true_rel) < 1e-6  # restored
         assert np.allclose(c.S_i_j[:3, 3], e.S_i_j[:3, 3])
         assert c.sigma_rot < e.sigma_rot
+
+
+def test_drift_calibration_measures_the_rate_per_metre_under_a_drifting_scale():
+    """The front-end's heading drifts per metre travelled; with its scale drifting too (here 4.5x over three laps)
+    the rate is measured per metre of the map, not of the odometry (which would give 0.13 deg/m here)."""
+    n = 40
+    T1 = circle_keyframes(n)
+    T = np.concatenate([T1, T1, T1])
+    g, odo, scales = drifted_graph(T, DriftModel(scale_per_m=0.02, yaw_deg_per_m=0.3, scale_walk=0.0,
+                                                 yaw_walk_deg=0.0, seed=0))
+    assert scales[-1] > 4.0
+    for k in range(n):
+        for lap in (1, 2):
+            g.add_edge(k, lap * n + k, loop_edge(T, scales, k, lap * n + k), LOOP)
+    res = g.optimise()
+    assert res.ok, res.reason
+    rate = np.degrees(res.drift_rad_per_m)
+    assert abs(rate[2] - 0.3) < 0.03 and np.hypot(rate[0], rate[1]) < 0.01, rate

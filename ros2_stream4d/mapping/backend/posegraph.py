@@ -459,8 +459,9 @@ def _solve_rounds(prior, values, kept_edges, rejected: list, order, config: Pose
 def rotation_drift(order, edges, poses: dict[int, np.ndarray], min_path_m: float) -> np.ndarray | None:
     """The front-end's rotation drift per metre that the poses imply: the mean over the odometry edges between the
     first and last keyframe a loop edge touches of the rotation (map frame, rotation vector) between the odometry's
-    relative rotation and the poses', per metre of odometry (sum of rotation vectors over sum of lengths); None
-    when those edges span less than min_path_m. An odometry edge i -> j measures R_i^T E R_j, E the drift over it
+    relative rotation and the poses', per metre (sum of rotation vectors over the sum of the edges' lengths in the
+    map's units, each scaled by its first keyframe's scale in the poses: a drifting scale would otherwise bias the
+    rate); None when those edges span less than min_path_m. An odometry edge i -> j measures R_i^T E R_j, E the drift over it
     in the map frame, so E = R_i Z R_j^T with the poses' R_i, R_j."""
     pos = {k: n for n, k in enumerate(order)}
     ends = [pos[x] for e in edges if e.kind == LOOP for x in (e.i, e.j) if x in pos]
@@ -471,15 +472,15 @@ def rotation_drift(order, edges, poses: dict[int, np.ndarray], min_path_m: float
     for e in edges:
         if e.kind != ODOMETRY or e.i not in pos or e.j not in pos or not lo <= pos[e.i] < pos[e.j] <= hi:
             continue
-        Ri, Rj, Z = S3.decompose(poses[e.i])[0], S3.decompose(poses[e.j])[0], S3.decompose(e.S_i_j)[0]
+        (Ri, _, si), Rj, Z = S3.decompose(poses[e.i]), S3.decompose(poses[e.j])[0], S3.decompose(e.S_i_j)[0]
         num += rotation_vector(Ri @ Z @ Rj.T)
-        length += float(np.linalg.norm(e.S_i_j[:3, 3]))
+        length += si * float(np.linalg.norm(e.S_i_j[:3, 3]))
     return num / length if length >= min_path_m else None
 
 
 def calibrated_edges(edges, poses: dict[int, np.ndarray], drift: np.ndarray, config: PoseGraphConfig) -> list[Edge]:
     """The edges with the rotation drift (rad per metre, map frame) taken out of each odometry edge (Z -> R_i^T
-    exp(-drift d) R_i Z, d its length, R_i the poses' rotation of its first keyframe; its translation is unchanged:
+    exp(-drift d) R_i Z, d its length in the map's units, R_i the poses' rotation of its first keyframe; its translation is unchanged:
     the drift turns the path after i, not the step as seen from i) and its rotation sigma set to
     ``calibrated_sigma_rot_per_m``; segment and loop edges unchanged."""
     out = []
@@ -488,8 +489,8 @@ def calibrated_edges(edges, poses: dict[int, np.ndarray], drift: np.ndarray, con
             out.append(e)
             continue
         R, t, s = S3.decompose(e.S_i_j)
-        Ri = S3.decompose(poses[e.i])[0]
-        d = float(np.linalg.norm(t))
+        Ri, _, si = S3.decompose(poses[e.i])
+        d = si * float(np.linalg.norm(t))  # in the map's units: the drift is per metre travelled
         out.append(replace(e, S_i_j=S3.sim3(Ri.T @ rotation_from_vector(-drift * d) @ Ri @ R, t, s),
                            sigma_rot=float(np.hypot(config.odom_sigma_rot, config.calibrated_sigma_rot_per_m * d))))
     return out
