@@ -192,6 +192,7 @@ class LoopDetector:
         self.config = config or LoopConfig()
         self.descriptor_fn = descriptor_fn
         self.views: list[KeyframeView] = []
+        self._index: dict[int, int] = {}  # keyframe id -> its position in views
         self._desc = np.zeros((0, 0), np.float32)
         self.stats = {"candidates": 0, "accepted": 0, "rejected": 0, "held": 0, "released": 0,
                       "keyframes without a model descriptor": 0}
@@ -226,6 +227,7 @@ class LoopDetector:
         if self.views:
             prev = self.views[-1]
             view.path_s = prev.path_s + float(np.linalg.norm(view.S_odom_kf[:3, 3] - prev.S_odom_kf[:3, 3]))
+        self._index[view.id] = len(self.views)
         self.views.append(view)
         self._in_memory.append(view)
         while len(self._in_memory) > self.config.max_views_in_memory:
@@ -257,11 +259,11 @@ class LoopDetector:
             radius = c.search_radius_m + c.search_drift_fraction * (view.path_s - o.path_s)
             if np.linalg.norm(o.S_odom_kf[:3, 3] - view.S_odom_kf[:3, 3]) <= radius:
                 out.append(LoopCandidate(o.id, view.id, float(sim[k])))
-        index = {v.id: k for k, v in enumerate(self.views[:old])}
         have = {x.i for x in out}
         extra = [i for i in self.sequence(view, n, old) if i not in have]
-        extra += [i for i in dict.fromkeys(near) if i in index and i not in have and i not in extra][:c.max_candidates]
-        out += [LoopCandidate(i, view.id, float(sim[index[i]])) for i in extra]
+        extra += [i for i in dict.fromkeys(near) if self._index.get(i, old) < old and i not in have
+                  and i not in extra][:c.max_candidates]
+        out += [LoopCandidate(i, view.id, float(sim[self._index[i]])) for i in extra]
         return out
 
     def sequence(self, view: KeyframeView, n: int, old: int) -> list[int]:
@@ -272,8 +274,7 @@ class LoopDetector:
         c = self.config
         if c.sequence_window == 0 or c.sequence_candidates == 0 or self._last_loop is None:
             return []
-        index = {v.id: k for k, v in enumerate(self.views)}
-        ki, kj = index.get(self._last_loop[0]), index.get(self._last_loop[1])
+        ki, kj = self._index.get(self._last_loop[0]), self._index.get(self._last_loop[1])
         if ki is None or kj is None or not 0 < n - kj <= c.sequence_window:
             return []
         target = self.views[ki].path_s + (view.path_s - self.views[kj].path_s)
@@ -287,11 +288,10 @@ class LoopDetector:
         first. ``gate`` (the back-end's check against the map, PoseGraph.loop_gate) sees each verified loop: a
         non-empty answer holds it back (not accepted, ``held``, the answer its reason; counted in stats "held" and
         "rejected")."""
-        by_id = {v.id: v for v in self.views}
         res = []
         for cand in self.candidates(view, near):
             self.stats["candidates"] += 1
-            r = self.verify(by_id[cand.i], by_id[cand.j])
+            r = self.verify(self.views[self._index[cand.i]], self.views[self._index[cand.j]])
             r.similarity = cand.similarity
             if r.accepted and gate is not None:
                 why = gate(r)

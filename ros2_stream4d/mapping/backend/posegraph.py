@@ -538,19 +538,19 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
         agreed = _agree_without(rejected, active, initial, odometry, config, t0)
         if agreed is not None:
             return agreed
-    res = _solve_rounds(prior, values, lambda: [e for e in active if (e.i, e.j, e.kind) not in rejected], rejected,
-                        order, config, t0)
+    def kept() -> list[Edge]:  # the edges not rejected so far (the rounds add to rejected)
+        return [e for e in active if (e.i, e.j, e.kind) not in rejected]
+
+    res = _solve_rounds(prior, values, kept, rejected, order, config, t0)
     if res.ok and config.drift_calibration:
         first = res.poses
-        drift = rotation_drift(order, [e for e in active if (e.i, e.j, e.kind) not in rejected], first,
-                               config.calibration_min_path_m)
+        drift = rotation_drift(order, kept(), first, config.calibration_min_path_m)
         if drift is not None:
             values = gtsam.Values()
             for k in order:
                 values.insert(k, to_gtsam(first[k]))
-            res = _solve_rounds(prior, values, lambda: calibrated_edges(
-                [e for e in active if (e.i, e.j, e.kind) not in rejected], first, drift, config), rejected, order,
-                config, t0)
+            res = _solve_rounds(prior, values, lambda: calibrated_edges(kept(), first, drift, config), rejected, order,
+                                config, t0)
             res.drift_rad_per_m = drift
     if not res.ok:
         return res
