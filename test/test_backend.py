@@ -633,6 +633,35 @@ def test_the_gate_holds_a_loop_that_disagrees_with_the_loops_around_it_before_an
     assert g.loop_gate(3, 23, narrow) == "disagrees with 2 of the 2 loops around it"
 
 
+def test_when_the_solve_left_the_loops_around_out_the_gate_weighs_every_verified_loop_there():
+    """The first loops of a revisit are the noisiest, and the graph's pairwise test can leave them all out (live
+    realistic office loop seed 0: four true loops 0.25-0.28 m off switched off by one solve); a look-alike loop then
+    met no loop in force around it and passed. With fewer than pcm_min_neighbours loops in force around a new loop,
+    every verified (active) loop edge around it counts, the ones the solve left out included; with enough in force
+    those alone count (a look-alike the graph rejected never holds a true loop back)."""
+    g, truth = _line_graph()
+    for i in range(3):
+        g.add_edge(i, i + 20, _true(truth, i, i + 20, dx=-0.25), LOOP)  # true, noisy
+    wrong = _true(truth, 3, 23, dx=2.5)  # a look-alike beyond 3 x (0.15 m + 5 % of the loop's 10 m) from them
+    assert g.loop_gate(3, 23, wrong) == "disagrees with 3 of the 3 loops around it"
+    for e in g.edges[-3:]:
+        e.inlier = False  # a solve left them out
+    assert g.loop_gate(3, 23, wrong) == "disagrees with 3 of the 3 loops around it"
+    assert g.loop_gate(3, 23, _true(truth, 3, 23)) == ""
+    g.edges[-1].active = False  # withdrawn: no longer evidence
+    assert g.loop_gate(3, 23, wrong) == "disagrees with 2 of the 2 loops around it"
+    g.edges[-2].active = False
+    assert "loops around it" not in g.loop_gate(3, 23, wrong), "one verified loop around it: too few to judge"
+    # enough loops in force around it: those alone count, the ones left out do not (here: look-alikes)
+    h, truth = _line_graph()
+    for i in range(3):
+        h.add_edge(i, i + 20, _true(truth, i, i + 20, dx=2.5), LOOP).inlier = False
+    for i in (4, 5):
+        h.add_edge(i, i + 20, _true(truth, i, i + 20), LOOP)
+    assert h.loop_gate(3, 23, _true(truth, 3, 23)) == ""
+    assert h.loop_gate(3, 23, wrong) == "disagrees with 2 of the 2 loops around it"
+
+
 def test_loops_that_disagree_with_the_map_are_held_until_enough_of_them_agree():
     """A held loop is not in the graph and not accepted; when release_after held loops agree with each other
     (pairwise, through the odometry between their ends) they are released together (accepted, recorded again) and
@@ -782,6 +811,38 @@ def test_held_loops_are_released_only_when_they_outnumber_the_loops_around_them_
         assert sorted(x.i for x in released) == [5, 6, 7, 8, 9] and not backend._held
         assert released[0].reason == "released: 5 held loops agree, more than the 4 loops around them they contradict"
         # without the true loops around them, three agreeing held loops are released (test above)
+    finally:
+        backend.close()
+
+
+def test_held_loops_are_weighed_against_the_verified_loops_a_solve_left_out_when_none_is_in_force():
+    """Live realistic office loop seed 0: one solve switched the revisit's first five true loops off (the noisiest
+    of it, two 0.25-0.28 m off); four look-alikes of the corridor bay, held by the gate, then agreed with each other
+    and met no loop in force to outnumber: all four were released. With fewer than pcm_min_neighbours loops in force
+    around them, the verified loops around them that the solve left out count against them (evidence_around)."""
+    from ros2_stream4d.mapping.backend.loops import LoopResult
+    from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
+
+    backend = LongRunBackend(BackendConfig(optimise_in_subprocess=False, release_wait=0))
+    try:
+        g, truth = _line_graph(backend.graph)
+        for i in range(5):  # five true loops, 0-20 .. 4-24, none kept by the last solve
+            g.add_edge(i, i + 20, _true(truth, i, i + 20, dx=-0.25), LOOP).inlier = False
+        assert not g.loops_in_force()
+        for i in (5, 6, 7, 8):  # within pcm_window (8) of all five: 4 agreeing look-alikes <= 5 against them
+            r = LoopResult(i, i + 20, True, _true(truth, i, i + 20, 2.5))
+            r.reason = backend._gate(r)
+            assert r.reason == "disagrees with 5 of the 5 loops around it", r.reason
+            r.accepted, r.held = False, True
+            assert backend._hold(r) == [], f"{i}: outnumbered by the loops the solve left out"
+        assert len(backend._held) == 4 and backend.detector.stats["released"] == 0
+        for e in g.edges[-5:-2]:
+            e.active = False  # three of them withdrawn: two left, the four held outnumber them
+        r = LoopResult(9, 29, True, _true(truth, 9, 29, 2.5))
+        r.accepted, r.held = False, True
+        released = backend._hold(r)
+        assert sorted(x.i for x in released) == [5, 6, 7, 8, 9]
+        assert released[0].reason == "released: 5 held loops agree, more than the 2 loops around them they contradict"
     finally:
         backend.close()
 
