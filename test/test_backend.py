@@ -815,34 +815,37 @@ def test_held_loops_are_released_only_when_they_outnumber_the_loops_around_them_
         backend.close()
 
 
-def test_held_loops_are_weighed_against_the_verified_loops_a_solve_left_out_when_none_is_in_force():
-    """Live realistic office loop seed 0: one solve switched the revisit's first five true loops off (the noisiest
-    of it, two 0.25-0.28 m off); four look-alikes of the corridor bay, held by the gate, then agreed with each other
-    and met no loop in force to outnumber: all four were released. With fewer than pcm_min_neighbours loops in force
-    around them, the verified loops around them that the solve left out count against them (evidence_around)."""
+def test_held_loops_are_weighed_against_every_verified_loop_around_them_kept_by_the_last_solve_or_not():
+    """Live realistic office loop seed 0: the graph's pairwise test had switched off the revisit's first true loops
+    (the noisiest, up to 0.28 m off), three later ones were in force, and four look-alikes of the corridor bay, held
+    by the gate and agreeing with each other, outnumbered those three and were released. A held group is weighed
+    against every verified (active) loop edge around it, the ones a solve left out included."""
     from ros2_stream4d.mapping.backend.loops import LoopResult
     from ros2_stream4d.mapping.backend.service import BackendConfig, LongRunBackend
 
     backend = LongRunBackend(BackendConfig(optimise_in_subprocess=False, release_wait=0))
     try:
-        g, truth = _line_graph(backend.graph)
-        for i in range(5):  # five true loops, 0-20 .. 4-24, none kept by the last solve
-            g.add_edge(i, i + 20, _true(truth, i, i + 20, dx=-0.25), LOOP).inlier = False
-        assert not g.loops_in_force()
-        for i in (5, 6, 7, 8):  # within pcm_window (8) of all five: 4 agreeing look-alikes <= 5 against them
+        g, truth = _line_graph(backend.graph, n=40)
+        for i in range(8):  # eight true loops 0-20 .. 7-27: the last solve kept 5-25 .. 7-27 only
+            g.add_edge(i, i + 20, _true(truth, i, i + 20, dx=-0.25), LOOP).inlier = i >= 5
+        assert len(g.loops_in_force()) == 3 and len(g.verified_loops()) == 8
+
+        def hold(i):  # a look-alike 2.5 m off, held by the gate
             r = LoopResult(i, i + 20, True, _true(truth, i, i + 20, 2.5))
             r.reason = backend._gate(r)
-            assert r.reason == "disagrees with 5 of the 5 loops around it", r.reason
+            assert r.reason == "disagrees with 3 of the 3 loops around it", r.reason  # the gate: those in force
             r.accepted, r.held = False, True
-            assert backend._hold(r) == [], f"{i}: outnumbered by the loops the solve left out"
+            return backend._hold(r)
+
+        for i in (8, 9, 10, 11):  # 11-31: 4 agreeing held loops, 3 in force around it, 5 verified (3-23 .. 7-27)
+            assert hold(i) == [], f"{i}: outnumbered by the verified loops around it"
         assert len(backend._held) == 4 and backend.detector.stats["released"] == 0
-        for e in g.edges[-5:-2]:
-            e.active = False  # three of them withdrawn: two left, the four held outnumber them
-        r = LoopResult(9, 29, True, _true(truth, 9, 29, 2.5))
-        r.accepted, r.held = False, True
-        released = backend._hold(r)
-        assert sorted(x.i for x in released) == [5, 6, 7, 8, 9]
-        assert released[0].reason == "released: 5 held loops agree, more than the 2 loops around them they contradict"
+        for e in g.edges[-8:-5]:
+            e.active = False  # 0-20 .. 2-22 withdrawn: no longer evidence
+        g.edges[-4].active = False  # and 4-24: around 12-32, 5-25 .. 7-27 are left, five held loops outnumber them
+        released = hold(12)
+        assert sorted(x.i for x in released) == [8, 9, 10, 11, 12]
+        assert released[0].reason == "released: 5 held loops agree, more than the 3 loops around them they contradict"
     finally:
         backend.close()
 

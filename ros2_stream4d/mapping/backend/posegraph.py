@@ -293,12 +293,15 @@ class PoseGraph:
         pcm_min_neighbours of those are around, every verified (active) loop edge around it, those a solve left
         out included. The first loops of a revisit are the noisiest and the graph's pairwise test can leave them
         all out (live realistic office loop seed 0: five true loops, two of them 0.25-0.28 m off, switched off by
-        one solve); a look-alike loop 1.04 m off in truth then met nothing to disagree with, and four such loops
-        agreeing with each other were released (the back-end's release weighs them against this as well)."""
+        one solve); a look-alike loop 1.04 m off in truth then met nothing to disagree with."""
         near, agree = self.loops_around(e, self.loops_in_force())
         if len(near) < self.config.pcm_min_neighbours:
-            near, agree = self.loops_around(e, [x for x in self.edges if x.kind == LOOP and x.active])
+            near, agree = self.loops_around(e, self.verified_loops())
         return near, agree
+
+    def verified_loops(self) -> list[Edge]:
+        """Every loop edge in the graph (active), whether the last optimisation kept it or not."""
+        return [e for e in self.edges if e.kind == LOOP and e.active]
 
     def rigid_poses(self) -> dict[int, np.ndarray]:
         return {k: S3.to_se3(S) for k, S in self.solution.items()}
