@@ -320,10 +320,11 @@ class LongRunBackend:
         """Held loops that join the graph now (accepted, no longer held): each held loop is weighed once, when it is
         due (release_wait keyframes of the revisit past its newer end); when it and at least release_after - 1 held
         loops agree, and they outnumber the loop edges around it that it disagrees with (every verified one, kept
-        by the last solve or not), all of them are released. The majority: a repeated corridor bay gives look-alike loops that agree with each other (live
-        realistic office loop seed 0 at aa81ed8: three, 1.04 m off in truth, released beside the true loops they
-        contradict); a map bent by look-alikes is outnumbered by the true revisit's loops as they keep coming. One
-        that loses stays held (it still counts for a later group) until max_held newer ones push it out."""
+        by the last solve or not: _weigh), all of them are released. The majority: a repeated corridor bay gives
+        look-alike loops that agree with each other (live realistic office loop seed 0 at aa81ed8: three, 1.04 m
+        off in truth, released beside the true loops they contradict); a map bent by look-alikes is outnumbered by
+        the true revisit's loops as they keep coming. One that loses stays held (it still counts for a later group)
+        until max_held newer ones push it out."""
         c = self.config
         with self._lock:
             newest = len(self.graph.order) - 1
@@ -342,7 +343,7 @@ class LongRunBackend:
         outnumber the loop edges around r that it contradicts: every verified one (PoseGraph.verified_loops), kept
         by the last solve or not. Live realistic office loop seed 0: the graph's pairwise test had switched off
         eight true loops of the revisit's start (the noisiest, up to 0.28 m off), three later ones were in force,
-        and four agreeing look-alikes 1.04 m off in truth outnumbered those three; the eleven say otherwise.
+        and four agreeing look-alikes 1.04 m off in truth outnumbered those three (all eleven contradict them).
         [] otherwise (they stay held)."""
         c = self.config
         others = [h for h in self._held if h is not r]
