@@ -478,8 +478,8 @@ def rotation_drift(order, edges, poses: dict[int, np.ndarray], min_path_m: float
     first and last keyframe a loop edge touches of the rotation (map frame, rotation vector) between the odometry's
     relative rotation and the poses', per metre (sum of rotation vectors over the sum of the edges' lengths in the
     map's units, each scaled by its first keyframe's scale in the poses: a drifting scale would otherwise bias the
-    rate); None when those edges span less than min_path_m. An odometry edge i -> j measures R_i^T E R_j, E the drift over it
-    in the map frame, so E = R_i Z R_j^T with the poses' R_i, R_j."""
+    rate); None when those edges span less than min_path_m. An odometry edge i -> j measures R_i^T E R_j, E the
+    drift over it in the map frame, so E = R_i Z R_j^T with the poses' R_i, R_j."""
     pos = {k: n for n, k in enumerate(order)}
     ends = [pos[x] for e in edges if e.kind == LOOP for x in (e.i, e.j) if x in pos]
     if not ends:
@@ -497,9 +497,9 @@ def rotation_drift(order, edges, poses: dict[int, np.ndarray], min_path_m: float
 
 def calibrated_edges(edges, poses: dict[int, np.ndarray], drift: np.ndarray, config: PoseGraphConfig) -> list[Edge]:
     """The edges with the rotation drift (rad per metre, map frame) taken out of each odometry edge (Z -> R_i^T
-    exp(-drift d) R_i Z, d its length in the map's units, R_i the poses' rotation of its first keyframe; its translation is unchanged:
-    the drift turns the path after i, not the step as seen from i) and its rotation sigma set to
-    ``calibrated_sigma_rot_per_m``; segment and loop edges unchanged."""
+    exp(-drift d) R_i Z, d its length in the map's units, R_i the poses' rotation of its first keyframe; its
+    translation is unchanged: the drift turns the path after i, not the step as seen from i) and its rotation sigma
+    set to ``calibrated_sigma_rot_per_m``; segment and loop edges unchanged."""
     out = []
     for e in edges:
         if e.kind != ODOMETRY:
@@ -555,8 +555,8 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
         agreed = _agree_without(rejected, active, initial, odometry, config, t0)
         if agreed is not None:
             return agreed
-    def kept() -> list[Edge]:  # the edges not rejected so far (the rounds add to rejected)
-        return [e for e in active if (e.i, e.j, e.kind) not in rejected]
+    def kept(edges=active) -> list[Edge]:  # the edges not rejected so far (the rounds add to rejected)
+        return [e for e in edges if (e.i, e.j, e.kind) not in rejected]
 
     res = _solve_rounds(prior, values, kept, rejected, order, config, t0)
     if res.ok and config.drift_calibration:
@@ -566,8 +566,8 @@ def optimise_snapshot(snap, config: PoseGraphConfig) -> OptimisationResult:
             values = gtsam.Values()
             for k in order:
                 values.insert(k, to_gtsam(first[k]))
-            res = _solve_rounds(prior, values, lambda: calibrated_edges(kept(), first, drift, config), rejected, order,
-                                config, t0)
+            calibrated = calibrated_edges(active, first, drift, config)  # once; the rounds filter it as they reject
+            res = _solve_rounds(prior, values, lambda: kept(calibrated), rejected, order, config, t0)
             res.drift_rad_per_m = drift
     if not res.ok:
         return res
