@@ -607,6 +607,23 @@ def test_the_loop_gate_is_wide_before_a_correction_and_tight_beside_the_loops_th
     assert "deg" in g.loop_gate(3, 23, wrong_rot) and g.loop_gate(9, 29, wrong_rot) == ""
 
 
+def test_a_map_resting_on_one_loop_does_not_tighten_the_gate():
+    """Lockstep realistic office figure-eight seed 5: the revisit's first loop, a true place measured 1.07 m / 7 deg
+    off, bent the map; judged against that map alone, the true loops that came next were held and the map stayed
+    bent (ATE 0.35 m). While the solution rests on fewer than pcm_min_neighbours loops, a new loop is judged against
+    the odometry between its own ends, as before any correction; from two loops on, beside them, against the map."""
+    g, truth = _line_graph(config=PoseGraphConfig(pcm_window=0))
+    g.add_edge(4, 24, _true(truth, 4, 24, 1.0), LOOP)  # the first loop, 1 m off
+    assert g.optimise().ok and len(g.loops_in_force()) == 1
+    assert g.loop_gate(3, 23, _true(truth, 3, 23)) == "", "one loop: the odometry's tolerance (0.5 + 0.1 x 10.4 m)"
+    g2, truth = _line_graph(config=PoseGraphConfig(pcm_window=0))
+    for i in (4, 5):
+        g2.add_edge(i, i + 20, _true(truth, i, i + 20, 1.0), LOOP)  # two loops agreeing with each other
+    assert g2.optimise().ok and len(g2.loops_in_force()) == 2
+    why = g2.loop_gate(3, 23, _true(truth, 3, 23))
+    assert why.startswith("disagrees with the map by ") and "1.0 m of odometry" in why, why
+
+
 def test_the_gate_holds_a_loop_that_disagrees_with_the_loops_around_it_before_any_solve():
     """The first loops of a revisit arrive faster than the optimisations that use them (realistic office loop seed 0:
     a look-alike loop 1.03 m off in truth passed while the map was still uncorrected): a loop whose ends lie within
