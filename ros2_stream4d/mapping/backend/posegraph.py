@@ -120,7 +120,7 @@ class PoseGraphConfig:
     # ends must agree with it through the short odometry between them; a loop that disagrees with most of its
     # (at least pcm_min_neighbours) neighbours is an outlier before any solve. 0 = off
     pcm_window: int = 8
-    pcm_min_neighbours: int = 2
+    pcm_min_neighbours: int = 2  # (also the loops a solution rests on before the loop gate tightens: loop_gate)
     pcm_trans_m: float = 0.15  # m, + pcm_trans_fraction x the loop's length
     pcm_trans_fraction: float = 0.05
     pcm_rot_deg: float = 3.0
