@@ -261,8 +261,8 @@ class LoopDetector:
                 out.append(LoopCandidate(o.id, view.id, float(sim[k])))
         have = {x.i for x in out}
         extra = [i for i in self.sequence(view, n, old) if i not in have]
-        extra += [i for i in dict.fromkeys(near) if self._index.get(i, old) < old and i not in have
-                  and i not in extra][:c.max_candidates]
+        old_enough = [i for i in dict.fromkeys(near) if i in self._index and self._index[i] < old]
+        extra += [i for i in old_enough if i not in have and i not in extra][:c.max_candidates]
         out += [LoopCandidate(i, view.id, float(sim[self._index[i]])) for i in extra]
         return out
 
