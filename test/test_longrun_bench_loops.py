@@ -29,6 +29,28 @@ def test_loops_are_judged_against_the_ground_truth_and_the_final_graph():
     assert "in_final_graph" not in loop_truth(history[:1], stamp, gt.__getitem__)[0]  # no graph given: not judged
 
 
+def test_a_loops_error_is_split_along_and_across_the_view():
+    """A loop measured 0.4 m too far along keyframe i's view (its camera's z) and 0.1 m across it: the error's parts
+    per loop, and over the true loops the median and the RMS of each part (what tells a depth error from a lateral
+    one)."""
+    from ros2_stream4d.bench.longrun_bench import loop_error_split
+
+    gt = {10: S3.sim3(rot_z(0.3), [1.0, 2.0, 0.0]), 20: S3.sim3(rot_z(0.4), [1.2, 2.0, 0.0])}
+    stamp = {0: 10, 5: 20}
+    true_05 = np.linalg.inv(gt[10]) @ gt[20]
+    off = S3.sim3(true_05[:3, :3], true_05[:3, 3] + [0.1, 0.0, 0.4])  # the error in i's axes
+    out = loop_truth([(0, 5, True, true_05, "ok"), (0, 5, True, off, "ok")], stamp, gt.__getitem__)
+    assert out[0]["trans_error_m"] < 1e-12 and out[0]["rot_error_deg"] < 1e-6
+    assert out[1]["trans_error_along_view_m"] == pytest.approx(0.4)
+    assert out[1]["trans_error_across_view_m"] == pytest.approx(0.1)
+    assert out[1]["trans_error_m"] == pytest.approx(np.hypot(0.1, 0.4))
+    split = loop_error_split(out)
+    assert split["trans_error_along_view_rms_m"] == pytest.approx(np.sqrt(0.4**2 / 2))
+    assert split["trans_error_across_view_rms_m"] == pytest.approx(np.sqrt(0.1**2 / 2))
+    assert split["trans_error_median_m"] == pytest.approx(np.hypot(0.1, 0.4) / 2)
+    assert loop_error_split([])["trans_error_median_m"] is None
+
+
 def test_final_loop_edges_says_which_loops_the_final_solve_holds():
     from ros2_stream4d.mapping.backend.posegraph import LOOP, PoseGraph
 

@@ -245,12 +245,30 @@ def loop_truth(loops, kf_stamp: dict, gt_by_stamp, loop_edges: dict | None = Non
                "same_place": bool(dist < SAME_PLACE_M and S3.rotation_angle_deg(rel[:3, :3]) < SAME_PLACE_DEG)}
         if accepted:
             R, t, _ = S3.decompose(S)
-            rec["accurate"] = bool(S3.rotation_angle_deg(R.T @ rel[:3, :3]) < TRUE_ROT_DEG
-                                   and np.linalg.norm(t - rel[:3, 3]) < TRUE_TRANS_M + TRUE_TRANS_FRAC * dist)
+            err = t - rel[:3, 3]  # in keyframe i's camera axes: z is its view
+            rec["rot_error_deg"] = S3.rotation_angle_deg(R.T @ rel[:3, :3])
+            rec["trans_error_m"] = float(np.linalg.norm(err))
+            rec["trans_error_along_view_m"] = float(err[2])  # signed
+            rec["trans_error_across_view_m"] = float(np.hypot(err[0], err[1]))
+            rec["accurate"] = bool(rec["rot_error_deg"] < TRUE_ROT_DEG
+                                   and rec["trans_error_m"] < TRUE_TRANS_M + TRUE_TRANS_FRAC * dist)
             if loop_edges is not None:
                 rec["in_final_graph"] = bool(loop_edges.get((int(i), int(j)), False))
         out.append(rec)
     return out
+
+
+def loop_error_split(loops: list[dict]) -> dict:
+    """Median translation error and RMS of its parts along and across the view of loop_truth's accepted loops (None
+    without any)."""
+    if not loops:
+        return {"trans_error_median_m": None, "trans_error_along_view_rms_m": None,
+                "trans_error_across_view_rms_m": None}
+    along = np.array([x["trans_error_along_view_m"] for x in loops])
+    across = np.array([x["trans_error_across_view_m"] for x in loops])
+    return {"trans_error_median_m": float(np.median([x["trans_error_m"] for x in loops])),
+            "trans_error_along_view_rms_m": float(np.sqrt(np.mean(along**2))),
+            "trans_error_across_view_rms_m": float(np.sqrt(np.mean(across**2)))}
 
 
 def _reasons(reasons: list[str]) -> dict[str, int]:
@@ -297,7 +315,10 @@ def evaluate(rec: dict, gt_T: np.ndarray, stamps, surface, mesh_vf, threshold: f
                     "held": sum(x["reason"].startswith("held") for x in loops),
                     "released": sum(x["reason"].startswith("released") for x in loops),
                     "held_same_place": sum(x["reason"].startswith("held") and x["same_place"] for x in loops),
-                    "false_in_final_graph": sum(not x["same_place"] and x.get("in_final_graph", False) for x in acc)}
+                    "false_in_final_graph": sum(not x["same_place"] and x.get("in_final_graph", False) for x in acc),
+                    # the true loops' measurement error (m), along keyframe i's view (its camera's z) and across it:
+                    # a depth-based measurement errs most along the view (docs/longrun/README.md)
+                    **loop_error_split([x for x in acc if x["same_place"]])}
     res["accepted_frames"] = [(index[rec["kf_stamp"][x["i"]]], index[rec["kf_stamp"][x["j"]]]) for x in acc]
     b = np.asarray(rec["backend_s"]) * 1e3
     res["cost"] = {"frame_ms_median": 1e3 * float(np.median(rec["frame_s"])),
