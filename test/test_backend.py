@@ -610,7 +610,7 @@ def test_the_loop_gate_is_wide_before_a_correction_and_tight_beside_the_loops_th
 def test_a_map_resting_on_one_loop_does_not_tighten_the_gate():
     """Lockstep realistic office figure-eight seed 5: the revisit's first loop, a true place measured 1.07 m / 7 deg
     off, bent the map; judged against that map alone, the true loops that came next were held and the map stayed
-    bent (ATE 0.35 m). While the solution rests on fewer than pcm_min_neighbours loops, a new loop is judged against
+    bent (ATE 0.35 m). While the solution rests on fewer than gate_min_anchors (2) loops, a new loop is judged against
     the odometry between its own ends, as before any correction; from two loops on, beside them, against the map."""
     g, truth = _line_graph(config=PoseGraphConfig(pcm_window=0))
     g.add_edge(4, 24, _true(truth, 4, 24, 1.0), LOOP)  # the first loop, 1 m off

@@ -120,7 +120,7 @@ class PoseGraphConfig:
     # ends must agree with it through the short odometry between them; a loop that disagrees with most of its
     # (at least pcm_min_neighbours) neighbours is an outlier before any solve. 0 = off
     pcm_window: int = 8
-    pcm_min_neighbours: int = 2  # (also the loops a solution rests on before the loop gate tightens: loop_gate)
+    pcm_min_neighbours: int = 2
     pcm_trans_m: float = 0.15  # m, + pcm_trans_fraction x the loop's length
     pcm_trans_fraction: float = 0.05
     pcm_rot_deg: float = 3.0
@@ -137,6 +137,10 @@ class PoseGraphConfig:
     gate_trans_fraction: float = 0.1
     gate_rot_deg: float = 10.0  # true loops disagreed by up to 6.2 deg in rotation (loop seed 2), look-alikes by <= 2
     gate_rot_deg_per_m: float = 0.5
+    # ... the nearest loop counts only once the solution rests on this many loops; before, d is the path between the
+    # loop's own ends: one loop is no authority (lockstep realistic figure-eight seed 5: a first loop 1.07 m off bent
+    # the map, and the gate then held the true loops after it)
+    gate_min_anchors: int = 2
     # the gate's pairwise check is this much wider than the graph's (pcm_*): a held loop stays out of the graph, while
     # the graph re-decides its pairwise outliers at every solve. At 1 (480686b) it held true loops whose measurements
     # differ from the first loops of a revisit by more than 0.15 m / 3 deg (realistic loop seed 0: 5 of the first 8;
@@ -234,7 +238,7 @@ class PoseGraph:
         - with the poses the map holds: within gate_trans_m + gate_trans_fraction x d (and the rotation's
           counterpart), d the odometry path the prediction of (i, j) rests on: from i and j to the two ends of the
           nearest loop the solution holds, or from i to j when that is shorter. While the solution rests on fewer
-          than pcm_min_neighbours loops, d is the path from i to j (the gate as wide as the odometry's drift
+          than gate_min_anchors loops, d is the path from i to j (the gate as wide as the odometry's drift
           allows): one loop is no authority, it can itself be wrong (lockstep realistic office figure-eight seed 5:
           the revisit's first loop, a true place measured 1.07 m / 7 deg off, bent the map, and the gate then held
           the true loops that came next as disagreeing with it)."""
@@ -247,7 +251,7 @@ class PoseGraph:
                 return f"disagrees with {len(near) - len(agree)} of the {len(near)} loops around it"
         pi, pj = self.path_at[i], self.path_at[j]
         d = abs(pj - pi)
-        if len(self._anchors) >= max(c.pcm_min_neighbours, 1):
+        if len(self._anchors) >= max(c.gate_min_anchors, 1):
             d = min(d, float(np.min(np.abs(self._anchors[:, 0] - pi) + np.abs(self._anchors[:, 1] - pj))))
         D = S3.inverse(S_i_j) @ S3.inverse(self.solution[i]) @ self.solution[j]
         R, t, _ = S3.decompose(D)
