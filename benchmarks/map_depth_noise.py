@@ -7,8 +7,9 @@ Every frame of a long office sim bag (the one `stream4d bench longrun` uses, cac
 per-pixel errors of ``--noise`` (sim/oracle_noise.py: depth noise growing with depth, outliers, a confidence that is
 lower where the depth is wrong; its pose terms are not used: the ground-truth poses are) and is fused into one
 ``MapProducts`` per map confidence percentile (the keyframe map's products, fed exactly as the map feeds them).
-For each, the cloud's F-score at --threshold with and without the surface filter (``cloud_surface_voxels``), and the
-TSDF mesh's, against the surface the ground-truth depth observed. Progress every 200 frames.
+For each, the cloud's F-score at --threshold with and without the surface filter (``cloud_surface_voxels``) and
+the pull toward the surface (``cloud_surface_pull``, --pulls), and the TSDF mesh's, against the surface the
+ground-truth depth observed. Progress every 200 frames.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--noise", default="realistic", help="oracle_noise: realistic, none or a YAML file")
     p.add_argument("--percentiles", type=float, nargs="+", default=[0.0, 30.0, 50.0, 70.0, 85.0])
     p.add_argument("--surface-voxels", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    p.add_argument("--pulls", type=float, nargs="+", default=[0.0, 0.75],
+                   help="cloud_surface_pull values (with a surface filter > 0)")
     p.add_argument("--threshold", type=float, default=0.05)
     p.add_argument("--max-points", type=int, default=2_000_000, help="the cloud's voxel cap (the longrun bench's)")
     p.add_argument("--cache", default="/tmp/stream4d_longrun")
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
     from ros2_stream4d.bench.env import environment
     from ros2_stream4d.bench.longrun_bench import ground_truth_in_map, read_inputs, sim_bag
     from ros2_stream4d.eval.metrics import map_metrics, mesh_metrics
-    from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig, MapProducts, leave_out_contradicted
+    from ros2_stream4d.mapping.keyframe_map import KeyframeMapConfig, MapProducts, fit_to_surface
     from ros2_stream4d.sim.oracle_noise import load_noise, perturb_depth
 
     bag = sim_bag(Path(a.cache), a.scene, a.trajectory, a.frames, 224, 168, a.seed)
@@ -70,22 +73,22 @@ def main(argv=None) -> int:
     for pct, pr in products.items():
         v, f, _ = pr.tsdf.mesh()
         mm = mesh_metrics(v.astype(np.float64), f, Vm, F, threshold=a.threshold, surface_samples=surface)
-        for sv in a.surface_voxels:
-            pr.config.cloud_surface_voxels = sv
+        for sv, pull in [(v_, p_) for v_ in a.surface_voxels for p_ in (a.pulls if v_ > 0 else [0.0])]:
+            pr.config.cloud_surface_voxels, pr.config.cloud_surface_pull = sv, pull
             t1 = time.perf_counter()
-            xyz = leave_out_contradicted(*pr.cloud_snapshot(), pr.config)[0].astype(np.float64)
+            xyz = fit_to_surface(*pr.cloud_snapshot(), pr.config)[0].astype(np.float64)
             query_s = time.perf_counter() - t1
             m = map_metrics(xyz, Vm, F, threshold=a.threshold, surface_samples=surface)
-            row = {"conf_percentile": pct, "cloud_surface_voxels": sv, "cloud_points": len(xyz),
-                   "cloud_precision": m["map_precision"], "cloud_recall": m["map_recall"],
+            row = {"conf_percentile": pct, "cloud_surface_voxels": sv, "cloud_surface_pull": pull,
+                   "cloud_points": len(xyz), "cloud_precision": m["map_precision"], "cloud_recall": m["map_recall"],
                    "cloud_fscore": m["map_fscore"], "cloud_query_s": query_s,
                    "mesh_precision": mm["mesh_precision"], "mesh_recall": mm["mesh_recall"],
                    "mesh_fscore": mm["mesh_fscore"]}
             rows.append(row)
-            print(f"map_conf_percentile {pct:4.0f}  surface filter {sv:3.1f} voxel(s): cloud F {m['map_fscore']:.3f} "
-                  f"(P {m['map_precision']:.3f} R {m['map_recall']:.3f}, {len(xyz)} points, query {query_s:.2f} s); "
-                  f"mesh F {mm['mesh_fscore']:.3f} (P {mm['mesh_precision']:.3f} R {mm['mesh_recall']:.3f})",
-                  flush=True)
+            print(f"map_conf_percentile {pct:4.0f}  surface filter {sv:3.1f} voxel(s), pull {pull:.2f}: cloud F "
+                  f"{m['map_fscore']:.3f} (P {m['map_precision']:.3f} R {m['map_recall']:.3f}, {len(xyz)} points, "
+                  f"query {query_s:.2f} s); mesh F {mm['mesh_fscore']:.3f} (P {mm['mesh_precision']:.3f} "
+                  f"R {mm['mesh_recall']:.3f})", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps({"schema": "stream4d.bench.map_depth_noise/1", "environment":
                                            environment("cpu"), "scene": a.scene, "trajectory": a.trajectory,

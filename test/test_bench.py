@@ -206,9 +206,11 @@ def test_map_depth_noise_study_runs_and_its_surface_filter_leaves_points_out(tmp
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "study.json"
-    assert mod.main(["--frames", "30", "--percentiles", "50", "--surface-voxels", "0", "1", "--cache",
-                     str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert mod.main(["--frames", "30", "--percentiles", "50", "--surface-voxels", "0", "1", "--pulls", "0", "1",
+                     "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["conf_percentile"], r["cloud_surface_voxels"]) for r in rows] == [(50.0, 0.0), (50.0, 1.0)]
+    assert [(r["conf_percentile"], r["cloud_surface_voxels"], r["cloud_surface_pull"]) for r in rows] == [
+        (50.0, 0.0, 0.0), (50.0, 1.0, 0.0), (50.0, 1.0, 1.0)]
     assert rows[1]["cloud_points"] < rows[0]["cloud_points"]
+    assert rows[2]["cloud_points"] == rows[1]["cloud_points"]  # the pull moves points, it leaves none out
     assert all(0.0 < r["cloud_fscore"] <= 1.0 and 0.0 < r["mesh_fscore"] <= 1.0 for r in rows)

@@ -1012,3 +1012,50 @@ def test_a_failed_background_rebuild_is_reported_not_waited_on_forever(tmp_path)
     m.update_poses({0: _pose(t=(0.0, 0.0, 0.3))})
     assert m.wait_rebuilt(timeout=60.0) and m.rebuilds == 1 and m.stats()["map rebuild error"] == "none"
     m.close()
+
+
+def test_surface_snapshot_pulls_the_points_it_keeps_toward_the_local_plane_of_its_surface():
+    """A tilted plane (normal not along an axis) sampled by surface points 5 cm apart, each a few mm off it, and
+    cloud points up to 4 cm off it: with pull p a kept point's offset from the plane shrinks to (1 - p) of what it
+    was (the plane through twenty surface points, not the nearest point's own position), along the plane's normal
+    only; pull 0 moves nothing; points beyond `distance` are left out, points outside fused space stay as they are."""
+    from ros2_stream4d.mapping.fusion import pack_voxel_keys
+    from ros2_stream4d.mapping.tsdf import SurfaceSnapshot
+
+    rng = np.random.default_rng(3)
+    n = np.array([0.3, -0.2, 1.0])
+    n /= np.linalg.norm(n)
+    u = np.cross(n, [1.0, 0.0, 0.0])
+    u /= np.linalg.norm(u)
+    v = np.cross(n, u)
+    origin = np.array([1.0, 1.0, 1.0])
+    g = np.stack(np.meshgrid(np.arange(-0.5, 0.5, 0.05), np.arange(-0.5, 0.5, 0.05)), -1).reshape(-1, 2)
+    surface = origin + g[:, :1] * u + g[:, 1:] * v + rng.normal(0, 0.003, (len(g), 1)) * n
+    blocks = np.unique(np.floor(surface / 0.4).astype(np.int64), axis=0)
+    snap = SurfaceSnapshot(surface, np.sort(pack_voxel_keys(blocks)), 0.4, np.zeros(3))
+    a = rng.uniform(-0.4, 0.4, (500, 2))
+    off = rng.uniform(-0.04, 0.04, 500)
+    pts = origin + a[:, :1] * u + a[:, 1:] * v + off[:, None] * n
+    pts = pts[snap.allocated(pts)]
+    off = (pts - origin) @ n
+    keep0, same = snap.fit(pts, 0.1, 0.0)
+    assert keep0.all() and np.array_equal(same, pts)
+    for pull in (0.5, 0.75, 1.0):
+        keep, moved = snap.fit(pts, 0.1, pull)
+        assert keep.all()
+        new_off = (moved - origin) @ n
+        # the fitted plane is off the true one by 1-2 mm (the surface points' 3 mm noise, twenty at a time)
+        np.testing.assert_allclose(new_off, (1 - pull) * off, atol=0.003)
+        step = moved - pts
+        # along the normal (the fitted one is within a few degrees of the true one)
+        assert (np.linalg.norm(np.cross(step, n), axis=1) <= 0.06 * np.linalg.norm(step, axis=1) + 1e-12).all()
+    far = pts + 0.2 * n  # 16-24 cm off: contradicted in fused space, kept where the snapshot cannot judge
+    keep, moved = snap.fit(far, 0.1, 0.75)
+    judged = snap.allocated(far)
+    assert judged.sum() > 50 and not keep[judged].any() and keep[~judged].all()
+    assert np.array_equal(moved[~judged], far[~judged])
+    outside = np.array([[5.0, 5.0, 5.0]])
+    keep, moved = snap.fit(outside, 0.1, 0.75)
+    assert keep.tolist() == [True] and np.array_equal(moved, outside)
+    with pytest.raises(ValueError, match="pull"):
+        snap.fit(pts, 0.1, 1.5)

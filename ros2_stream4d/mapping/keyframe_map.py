@@ -15,7 +15,9 @@ Products are caches: every integrated frame goes into them at once (cheap: one T
 one set of grid votes), and a pose update marks them stale and rebuilds them from all keyframes in the original
 order, so a rebuilt map equals the one a stream with the corrected poses would have built. The cloud a query
 returns leaves out the voxels the fused TSDF surface contradicts (``cloud_surface_voxels``; noisy depth and outliers
-fall in space the TSDF has fused yet far from its surface); what lies beyond the TSDF's reach is kept.
+fall in space the TSDF has fused yet far from its surface) and moves the ones it keeps part of the way to that
+surface (``cloud_surface_pull``: the TSDF averaged every frame that saw the place); what lies beyond the TSDF's reach
+is kept as fused.
 
 Memory: at most ``max_keyframes_in_memory`` keyframes keep their frames in RAM; older ones are spilled to
 ``spill_dir`` (one .npz each, no pickle) and read back only for a rebuild or a save. Their poses stay in memory.
@@ -61,7 +63,10 @@ class KeyframeMapConfig:
     cloud_depth_max: float = 0.0  # m: depth of the points fused into the cloud; 0 = no limit (as ~/map was)
     # ~/map leaves out the cloud's voxels the fused TSDF surface contradicts (in fused space, farther than this many
     # TSDF voxels from its surface: noisy depth, outliers); 0 = every voxel; nothing is dropped without the TSDF
-    cloud_surface_voxels: float = 1.0
+    cloud_surface_voxels: float = 2.0
+    # ... and moves the voxels it keeps this fraction of their distance to the surface's local plane (0 = not at all,
+    # 1 = onto it): the TSDF averaged every frame that saw the place, a 2 cm cloud voxel a few samples
+    cloud_surface_pull: float = 0.75
     # the products fuse each stored frame's pixels whose confidence is at or above this percentile of the frame's
     # (pixels with confidence > 0; 0 = every stored pixel). The stored frames keep what the node's cloud keeps (the
     # back-end measures on them); fusion cannot undo a wrong depth, so the products take the most confident ones
@@ -92,6 +97,8 @@ class KeyframeMapConfig:
             raise ValueError("keyframe_distance, keyframe_angle_deg and depth_max must be > 0")
         if not self.cloud_surface_voxels >= 0:
             raise ValueError(f"cloud_surface_voxels must be >= 0, got {self.cloud_surface_voxels}")
+        if not 0 <= self.cloud_surface_pull <= 1:
+            raise ValueError(f"cloud_surface_pull must be in [0, 1], got {self.cloud_surface_pull}")
         if not 0 <= self.conf_percentile < 100:
             raise ValueError(f"conf_percentile must be in [0, 100), got {self.conf_percentile}")
         self.occupancy_options()  # validates the band and resolution
@@ -318,20 +325,21 @@ class MapProducts:
 
     def cloud_snapshot(self):
         """(the cloud's (xyz, rgb, conf), the TSDF's SurfaceSnapshot or None when the filter is off), copied: what
-        leave_out_contradicted filters, taken under the map's lock; the filtering itself needs no lock."""
+        fit_to_surface filters, taken under the map's lock; the filtering itself needs no lock."""
         self.flush_cloud()
         cloud = self.cloud.points()
         return cloud, (self.tsdf.snapshot() if self.surface_filtered and len(cloud[0]) else None)
 
 
-def leave_out_contradicted(cloud, surface, config: KeyframeMapConfig):
+def fit_to_surface(cloud, surface, config: KeyframeMapConfig):
     """The cloud (xyz, rgb, conf) without the points the surface snapshot contradicts (cloud_surface_voxels TSDF
-    voxels); all of it when there is no snapshot."""
+    voxels), the rest moved cloud_surface_pull of the way to the fused surface (SurfaceSnapshot.fit); all of it, where
+    it was, when there is no snapshot."""
     xyz, rgb, conf = cloud
     if surface is None:
         return xyz, rgb, conf
-    keep = ~surface.contradicted(xyz, config.cloud_surface_voxels * config.tsdf_voxel_size)
-    return xyz[keep], rgb[keep], conf[keep]
+    keep, moved = surface.fit(xyz, config.cloud_surface_voxels * config.tsdf_voxel_size, config.cloud_surface_pull)
+    return moved[keep].astype(xyz.dtype), rgb[keep], conf[keep]
 
 
 class KeyframeMap:
@@ -555,12 +563,13 @@ class KeyframeMap:
 
     def points(self):
         """(xyz float32 (M, 3), rgb uint8 (M, 3), conf float32 (M,)) of the fused cloud in map, without what the TSDF
-        surface contradicts. The cloud and the surface are copied under the lock; the KD-tree query (about a second
-        for 2 M points here) runs outside it, so the frame thread is not held up by a ~/map query."""
+        surface contradicts and pulled toward it (fit_to_surface). The cloud and the surface are copied under the
+        lock; the KD-tree queries and plane fits (a few seconds for 2 M points here) run outside it, so the frame
+        thread is not held up by a ~/map query."""
         with self._lock:
             self._refresh()
             cloud, surface = self.products.cloud_snapshot()
-        return leave_out_contradicted(cloud, surface, self.config)
+        return fit_to_surface(cloud, surface, self.config)
 
     @_locked
     def mesh(self):

@@ -54,7 +54,8 @@ class PipelineConfig:
     map_depth_max: float = 5.0  # m: depth fused into the TSDF
     map_cloud_depth_max: float = 0.0  # m: depth fused into the ~/map cloud; 0 = no limit
     map_conf_percentile: float = 50.0  # %: the map's products fuse each frame's pixels at or above this percentile
-    map_cloud_surface_voxels: float = 1.0  # ~/map leaves out what the TSDF surface contradicts (voxels); 0 = off
+    map_cloud_surface_voxels: float = 2.0  # ~/map leaves out what the TSDF surface contradicts (voxels); 0 = off
+    map_cloud_surface_pull: float = 0.75  # ... and moves what it keeps this fraction of the way to the surface
     map_max_keyframes_in_memory: int = 50  # older keyframes are spilled to map_spill_dir
     map_spill_dir: str = ""  # "" = a private temporary directory
     map_load_path: str = ""  # a saved map directory to continue from (start pose map_start_pose)
@@ -500,6 +501,7 @@ def map_config(cfg: PipelineConfig) -> KeyframeMapConfig:
         cloud_voxel_size=cfg.map_voxel_size, cloud_max_points=cfg.map_max_points, tsdf=cfg.mesh_enabled,
         tsdf_voxel_size=cfg.tsdf_voxel_size, tsdf_trunc_voxels=cfg.tsdf_trunc_voxels, depth_max=cfg.map_depth_max,
         cloud_depth_max=cfg.map_cloud_depth_max, cloud_surface_voxels=cfg.map_cloud_surface_voxels,
+        cloud_surface_pull=cfg.map_cloud_surface_pull,
         conf_percentile=cfg.map_conf_percentile,
         tsdf_device=cfg.tsdf_device, occupancy=cfg.occupancy_enabled, occupancy_resolution=cfg.occupancy_resolution,
         occupancy_floor_z=cfg.occupancy_floor_z, occupancy_min_height=cfg.occupancy_min_height,

@@ -30,6 +30,8 @@ from ros2_stream4d.mapping.fusion import pack_voxel_keys
 
 o3c = o3d.core
 
+SURFACE_PLANE_NEIGHBOURS = 20  # surface points (about a voxel apart) a local plane of the fused surface is fitted to
+
 
 @dataclass(frozen=True)
 class SurfaceSnapshot:
@@ -53,15 +55,69 @@ class SurfaceSnapshot:
     def contradicted(self, points: np.ndarray, distance: float) -> np.ndarray:
         """(N,) bool: the fused surface contradicts the point: it lies in an allocated block and farther than
         ``distance`` (m) from every surface point (spaced about a voxel apart)."""
-        pts = np.asarray(points, np.float64).reshape(-1, 3)
+        return self._nearest(np.asarray(points, np.float64).reshape(-1, 3), distance)[0]
+
+    def _nearest(self, pts: np.ndarray, distance: float, tree: cKDTree | None = None):
+        """(contradicted (N,) bool, the index of the nearest surface point of each point in fused space that is not
+        contradicted (-1 elsewhere))."""
         judged = self.allocated(pts)
+        nearest = np.full(len(pts), -1, np.int64)
         if not judged.any() or len(self.surface) == 0:
-            return judged
+            return judged, nearest
+        tree = cKDTree(self.surface) if tree is None else tree
         # the bound is exclusive in scipy: a point exactly `distance` away must come back (it is not "farther")
-        gap, _ = cKDTree(self.surface).query(pts[judged], k=1, distance_upper_bound=np.nextafter(distance, np.inf))
+        gap, idx = tree.query(pts[judged], k=1, distance_upper_bound=np.nextafter(distance, np.inf))
+        near = gap <= distance
         out = np.zeros(len(pts), bool)
-        out[np.flatnonzero(judged)] = ~(gap <= distance)
-        return out
+        at = np.flatnonzero(judged)
+        out[at] = ~near
+        nearest[at[near]] = idx[near]
+        return out, nearest
+
+    def local_planes(self, which: np.ndarray | None = None, tree: cKDTree | None = None):
+        """(centroids (M, 3), unit normals (M, 3)) at the surface points ``which`` (indices; None = all): the plane
+        through each one's SURFACE_PLANE_NEIGHBOURS nearest surface points (their centroid, the direction of least
+        spread). The surface points are the voxel edges' zero crossings, each a few mm to cm off the surface; a plane
+        through twenty of them is not."""
+        n = len(self.surface)
+        if n < 3:
+            raise ValueError(f"a local plane needs >= 3 surface points, the snapshot has {n}")
+        which = np.arange(n) if which is None else np.asarray(which, np.int64)
+        k = min(SURFACE_PLANE_NEIGHBOURS, n)
+        tree = cKDTree(self.surface) if tree is None else tree
+        centroids, normals = np.empty((len(which), 3)), np.empty((len(which), 3))
+        for lo in range(0, len(which), 50_000):  # bounded temporaries: (chunk, k, 3) at a time
+            _, idx = tree.query(self.surface[which[lo:lo + 50_000]], k=k)
+            nb = self.surface[idx]
+            c = nb.mean(axis=1)
+            d = nb - c[:, None]
+            _, vec = np.linalg.eigh(np.einsum("nki,nkj->nij", d, d))
+            centroids[lo:lo + len(c)], normals[lo:lo + len(c)] = c, vec[:, :, 0]
+        return centroids, normals
+
+    def fit(self, points: np.ndarray, distance: float, pull: float) -> tuple[np.ndarray, np.ndarray]:
+        """(keep (N,) bool, points (N, 3) float64): the points the surface does not contradict (as
+        ``contradicted``), those it judged moved ``pull`` (0-1) of their distance to the fused surface's local plane
+        at their nearest surface point (``local_planes``); points outside fused space are kept where they are.
+
+        Why: a cloud voxel (2 cm) holds the few depth samples that fell in it, each with the frame's depth error; the
+        TSDF's surface is the weighted mean of every frame that saw the place. Pulling a point part of the way to it
+        averages the two; a pull of 1 puts every point on the TSDF's surface and takes the TSDF's own errors with it
+        (docs/longrun/README.md: 0.75 against 1 on the long runs' maps)."""
+        if not 0.0 <= pull <= 1.0:
+            raise ValueError(f"pull must be in [0, 1], got {pull}")
+        pts = np.asarray(points, np.float64).reshape(-1, 3)
+        tree = cKDTree(self.surface) if len(self.surface) else None
+        contradicted, nearest = self._nearest(pts, distance, tree)
+        out = pts.copy()
+        at = np.flatnonzero(nearest >= 0)
+        if pull > 0 and len(at) and len(self.surface) >= 3:
+            used, inverse_idx = np.unique(nearest[at], return_inverse=True)
+            centroids, normals = self.local_planes(used, tree)
+            c, nrm = centroids[inverse_idx], normals[inverse_idx]
+            off = np.einsum("ni,ni->n", out[at] - c, nrm)
+            out[at] -= (pull * off)[:, None] * nrm
+        return ~contradicted, out
 
 
 class TsdfVolume:

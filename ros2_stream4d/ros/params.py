@@ -114,9 +114,12 @@ PARAMS: tuple[Param, ...] = (
     Param("map_conf_percentile", 50.0, "%",
           "the map's cloud, mesh and grid fuse each frame's pixels at or above this percentile of its confidence "
           "(0 = all the node's cloud keeps; the keyframes store those for the back-end)", low=0.0, high=99.9),
-    Param("map_cloud_surface_voxels", 1.0, "voxels",
+    Param("map_cloud_surface_voxels", 2.0, "voxels",
           "~/map leaves out the points the TSDF surface contradicts: in fused space, farther than this many TSDF "
           "voxels from the surface (0 = keep all; needs mesh_enabled)", low=0.0, high=100.0),
+    Param("map_cloud_surface_pull", 0.75, "fraction",
+          "... and moves the points it keeps this fraction of their distance to the surface's local plane (0 = where "
+          "they were fused, 1 = onto the TSDF surface)", low=0.0, high=1.0),
     Param("map_max_keyframes_in_memory", 50, "keyframes", "older keyframes are spilled to map_spill_dir",
           low=1, high=1000000),
     Param("map_spill_dir", "", "path", "where spilled keyframes go; empty = a private temporary directory"),
