@@ -66,7 +66,7 @@ class SurfaceSnapshot:
             return judged, nearest
         tree = cKDTree(self.surface) if tree is None else tree
         # the bound is exclusive in scipy: a point exactly `distance` away must come back (it is not "farther")
-        gap, idx = tree.query(pts[judged], k=1, distance_upper_bound=np.nextafter(distance, np.inf))
+        gap, idx = tree.query(pts[judged], k=1, distance_upper_bound=np.nextafter(distance, np.inf), workers=-1)
         near = gap <= distance
         out = np.zeros(len(pts), bool)
         at = np.flatnonzero(judged)
@@ -74,24 +74,23 @@ class SurfaceSnapshot:
         nearest[at[near]] = idx[near]
         return out, nearest
 
-    def local_planes(self, which: np.ndarray | None = None, tree: cKDTree | None = None):
-        """(centroids (M, 3), unit normals (M, 3)) at the surface points ``which`` (indices; None = all): the plane
-        through each one's SURFACE_PLANE_NEIGHBOURS nearest surface points (their centroid, the direction of least
-        spread). The surface points are the voxel edges' zero crossings, each a few mm to cm off the surface; a plane
-        through twenty of them is not."""
+    def local_planes(self, tree: cKDTree | None = None):
+        """(centroids (N, 3), unit normals (N, 3)), one per surface point: the plane through its
+        SURFACE_PLANE_NEIGHBOURS nearest surface points (their centroid, the direction of least spread). The surface
+        points are the voxel edges' zero crossings, each a few mm to cm off the surface; a plane through twenty of
+        them is not."""
         n = len(self.surface)
         if n < 3:
             raise ValueError(f"a local plane needs >= 3 surface points, the snapshot has {n}")
-        which = np.arange(n) if which is None else np.asarray(which, np.int64)
         k = min(SURFACE_PLANE_NEIGHBOURS, n)
         tree = cKDTree(self.surface) if tree is None else tree
-        centroids, normals = np.empty((len(which), 3)), np.empty((len(which), 3))
-        for lo in range(0, len(which), 50_000):  # bounded temporaries: (chunk, k, 3) at a time
-            _, idx = tree.query(self.surface[which[lo:lo + 50_000]], k=k)
+        centroids, normals = np.empty((n, 3)), np.empty((n, 3))
+        for lo in range(0, n, 50_000):  # bounded temporaries: (chunk, k, 3) at a time
+            _, idx = tree.query(self.surface[lo:lo + 50_000], k=k, workers=-1)
             nb = self.surface[idx]
             c = nb.mean(axis=1)
             d = nb - c[:, None]
-            _, vec = np.linalg.eigh(np.einsum("nki,nkj->nij", d, d))
+            _, vec = np.linalg.eigh(np.matmul(d.transpose(0, 2, 1), d))
             centroids[lo:lo + len(c)], normals[lo:lo + len(c)] = c, vec[:, :, 0]
         return centroids, normals
 
@@ -112,9 +111,8 @@ class SurfaceSnapshot:
         out = pts.copy()
         at = np.flatnonzero(nearest >= 0)
         if pull > 0 and len(at) and len(self.surface) >= 3:
-            used, inverse_idx = np.unique(nearest[at], return_inverse=True)
-            centroids, normals = self.local_planes(used, tree)
-            c, nrm = centroids[inverse_idx], normals[inverse_idx]
+            centroids, normals = self.local_planes(tree)
+            c, nrm = centroids[nearest[at]], normals[nearest[at]]
             off = np.einsum("ni,ni->n", out[at] - c, nrm)
             out[at] -= (pull * off)[:, None] * nrm
         return ~contradicted, out
