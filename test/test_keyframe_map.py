@@ -334,23 +334,23 @@ def test_confident_depth_cuts_at_the_percentile_of_the_rated_pixels():
 
 
 def test_a_map_query_filters_the_cloud_outside_the_maps_lock(monkeypatch):
-    """The frame thread integrates under the map's lock; the surface filter's KD-tree query (about a second for a
-    large map) must not hold it."""
+    """The frame thread integrates under the map's lock; the surface filter's KD-tree queries and plane fits (1-3 s
+    for a large map) must not hold it."""
     import threading
 
     from ros2_stream4d.mapping.tsdf import SurfaceSnapshot
 
     m = build(_wall_frames(), cloud_surface_voxels=1.0)
     free = []
-    real = SurfaceSnapshot.contradicted
+    real = SurfaceSnapshot.fit
 
-    def probe(self, points, distance):
+    def probe(self, points, distance, pull):
         t = threading.Thread(target=lambda: free.append(m._lock.acquire(timeout=0) and (m._lock.release() or True)))
         t.start()
         t.join()
-        return real(self, points, distance)
+        return real(self, points, distance, pull)
 
-    monkeypatch.setattr(SurfaceSnapshot, "contradicted", probe)
+    monkeypatch.setattr(SurfaceSnapshot, "fit", probe)
     kept = m.points()[0]
     assert free == [True]  # another thread could take the lock while the query ran
     assert not (np.abs(kept[:, 2] - 1.2) < 0.3).any()  # and the query still filtered

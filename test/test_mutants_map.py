@@ -1059,3 +1059,11 @@ def test_surface_snapshot_pulls_the_points_it_keeps_toward_the_local_plane_of_it
     assert keep.tolist() == [True] and np.array_equal(moved, outside)
     with pytest.raises(ValueError, match="pull"):
         snap.fit(pts, 0.1, 1.5)
+    two = SurfaceSnapshot(surface[:2], snap.block_keys, 0.4, np.zeros(3))  # no plane: kept, not moved
+    near = surface[:2] + 0.02 * n
+    keep, moved = two.fit(near, 0.1, 0.75)
+    assert keep.all() and np.array_equal(moved, near)
+    with pytest.raises(ValueError, match=">= 3 surface points"):
+        two.local_planes()
+    keep32, moved32 = snap.fit(pts.astype(np.float32), 0.1, 0.75)  # float32 in: judged and moved the same
+    assert keep32.all() and np.abs(moved32 - snap.fit(pts, 0.1, 0.75)[1]).max() < 1e-5

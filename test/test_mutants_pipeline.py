@@ -717,7 +717,8 @@ def test_map_config_takes_every_map_setting():
                           occupancy_min_height=0.15, occupancy_max_height=1.7, occupancy_max_range=6.6,
                           occupancy_slab_height=0.3, map_keyframe_distance=0.45, map_keyframe_angle=12.0,
                           map_keyframe_max_frames=7, map_stride=3, map_cloud_stride=4, map_max_keyframes_in_memory=9,
-                          map_spill_dir="/tmp/spill-x", backend=True)
+                          map_spill_dir="/tmp/spill-x", backend=True, map_cloud_surface_voxels=1.5,
+                          map_cloud_surface_pull=0.4, map_conf_percentile=40.0)
     m = pl.map_config(c)
     assert m.to_dict() == dict(
         m.to_dict(), cloud_voxel_size=0.07, cloud_max_points=1234, tsdf=False, tsdf_voxel_size=0.09,
@@ -725,7 +726,7 @@ def test_map_config_takes_every_map_setting():
         occupancy_resolution=0.11, occupancy_floor_z=-0.2, occupancy_min_height=0.15, occupancy_max_height=1.7,
         occupancy_max_range=6.6, occupancy_slab_height=0.3, keyframe_distance=0.45, keyframe_angle_deg=12.0,
         keyframe_max_frames=7, stride=3, cloud_stride=4, max_keyframes_in_memory=9, spill_dir="/tmp/spill-x",
-        background_rebuild=True)
+        background_rebuild=True, cloud_surface_voxels=1.5, cloud_surface_pull=0.4, conf_percentile=40.0)
     assert pl.map_config(pl.PipelineConfig()).background_rebuild is False
 
 

@@ -41,7 +41,8 @@ SAME_PLACE_M, SAME_PLACE_DEG = 1.0, 30.0
 
 # the cloud's voxel cap: the office figure-eight's cloud under the realistic depth noise (noisy pixels fill voxels off
 # the surface until ~/map's surface filter leaves them out) outgrew 2 M, and the oldest voxels, true surface among
-# them, were evicted: with exact poses its cloud F was 0.815 at 2 M and 0.923 at 8 M (benchmarks/map_depth_noise.py)
+# them, were evicted: with exact poses its cloud F was 0.815 at 2 M and 0.923 at 8 M (benchmarks/map_depth_noise.py,
+# the 1-voxel filter of the time, no pull)
 MAP_MAX_POINTS = 8_000_000
 
 

@@ -11,6 +11,8 @@ hash map grows by itself when full (block_count is the initial capacity).
 ``contradicted(points, distance)`` tells which points of another product (the ~/map cloud) the fused surface
 contradicts: they lie in space the volume has fused (an allocated block) yet farther than ``distance`` from its
 surface; points outside every allocated block (never within depth_max of a camera) are not judged.
+``fit(points, distance, pull)`` also moves the points it keeps part of the way to the surface's local plane (the
+plane through the SURFACE_PLANE_NEIGHBOURS surface points nearest to their nearest one).
 
 The voxel lattice is shifted by half a voxel from ``map`` (samples at (k + 1/2) voxel_size): a plane lying exactly on
 a lattice plane (the floor at z = 0 under a robot's map origin) has sdf exactly 0 at the samples, which marching
@@ -97,7 +99,8 @@ class SurfaceSnapshot:
     def fit(self, points: np.ndarray, distance: float, pull: float) -> tuple[np.ndarray, np.ndarray]:
         """(keep (N,) bool, points (N, 3) float64): the points the surface does not contradict (as
         ``contradicted``), those it judged moved ``pull`` (0-1) of their distance to the fused surface's local plane
-        at their nearest surface point (``local_planes``); points outside fused space are kept where they are.
+        at their nearest surface point (``local_planes``); points outside fused space are kept where they are, and
+        so is every point when the surface has fewer than 3 points (no plane to pull toward).
 
         Why: a cloud voxel (2 cm) holds the few depth samples that fell in it, each with the frame's depth error; the
         TSDF's surface is the weighted mean of every frame that saw the place. Pulling a point part of the way to it

@@ -119,7 +119,7 @@ PARAMS: tuple[Param, ...] = (
           "voxels from the surface (0 = keep all; needs mesh_enabled)", low=0.0, high=100.0),
     Param("map_cloud_surface_pull", 0.75, "fraction",
           "... and moves the points it keeps this fraction of their distance to the surface's local plane (0 = where "
-          "they were fused, 1 = onto the TSDF surface)", low=0.0, high=1.0),
+          "they were fused, 1 = onto the TSDF surface; acts with that filter only)", low=0.0, high=1.0),
     Param("map_max_keyframes_in_memory", 50, "keyframes", "older keyframes are spilled to map_spill_dir",
           low=1, high=1000000),
     Param("map_spill_dir", "", "path", "where spilled keyframes go; empty = a private temporary directory"),
