@@ -69,11 +69,13 @@ def main(argv=None) -> int:
         if i % 200 == 0 or i == len(stamps) - 1:
             print(f"frame {i + 1}/{len(stamps)}  {time.perf_counter() - t0:.0f} s  load {os.getloadavg()[0]:.1f}",
                   flush=True)
+    # the pull acts only with a surface filter: without one, a single row (no pull)
+    settings = [(sv, pull) for sv in a.surface_voxels for pull in (a.pulls if sv > 0 else [0.0])]
     rows = []
     for pct, pr in products.items():
         v, f, _ = pr.tsdf.mesh()
         mm = mesh_metrics(v.astype(np.float64), f, Vm, F, threshold=a.threshold, surface_samples=surface)
-        for sv, pull in [(v_, p_) for v_ in a.surface_voxels for p_ in (a.pulls if v_ > 0 else [0.0])]:
+        for sv, pull in settings:
             pr.config.cloud_surface_voxels, pr.config.cloud_surface_pull = sv, pull
             t1 = time.perf_counter()
             xyz = fit_to_surface(*pr.cloud_snapshot(), pr.config)[0].astype(np.float64)
